@@ -1,0 +1,242 @@
+"""Plane clients: one Python interface, in-process or over gRPC.
+
+Both clients expose one method per RPC of a plane, named as in the plane's
+contract, taking the request (or, for client streaming, an async iterator of
+requests) and an optional ``timeout`` in seconds. They run the same admission
+(roles, tenant scope, contract version) and raise the same
+:mod:`~planes.kernel.errors` exceptions, so a caller cannot tell whether the
+plane lives in its process or on another host.
+
+Correlation id, trace context and the remaining deadline of the call being
+served (if any) flow into every outgoing call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from . import errors
+from .call import CallContext, _reset_current, _set_current, current_call
+from .contract import ContractVersion, PlaneContract, PlaneSpec, Rpc
+from .errors import PlanesError
+from .guard import CONTRACT_KEY, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
+from .identity import Identity
+
+C = TypeVar("C", bound=PlaneContract)
+log = logging.getLogger("planes.kernel.clients")
+
+
+class PlaneClient(Generic[C]):
+    """Base of both clients; ``spec`` tells which plane and contract version."""
+
+    def __init__(self, spec: PlaneSpec):
+        self.spec = spec
+
+    @property
+    def plane(self) -> str:
+        return self.spec.plane
+
+
+def _effective_deadline(timeout: float | None) -> float | None:
+    deadlines = []
+    if timeout is not None:
+        deadlines.append(time.monotonic() + timeout)
+    ambient = current_call()
+    if ambient is not None and ambient.deadline is not None:
+        deadlines.append(ambient.deadline)
+    return min(deadlines) if deadlines else None
+
+
+class LocalPlaneClient(PlaneClient[C]):
+    """Calls a plane implemented in this process, through the same admission."""
+
+    def __init__(self, spec: PlaneSpec, implementation: C, guard: CallGuard, identity: Identity,
+                 client_version: ContractVersion | None = None):
+        super().__init__(spec)
+        self.identity = identity
+        version = client_version or spec.version
+        for rpc in spec.rpcs.values():
+            method = MethodGuard.for_rpc(rpc, spec.plane, spec.version)
+            target = getattr(implementation, rpc.attribute)
+            setattr(self, rpc.attribute, _local_method(rpc, method, target, guard, identity, version))
+
+
+def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, identity: Identity,
+                  version: ContractVersion) -> Callable[..., Any]:
+    def admit(request: Any, timeout: float | None) -> tuple[Any, CallContext]:
+        call = guard.admit_local(method, identity, version)
+        deadline = _effective_deadline(timeout)
+        if deadline is not None:
+            call = CallContext(call.identity, call.correlation_id, call.trace, call.request_id,
+                               deadline, call.method)
+        if rpc.tenant_scoped:
+            if rpc.client_streaming:
+                request = _scoped(request, identity)
+            else:
+                guard.scope_tenant(request, identity)
+        return request, call
+
+    def translate(exc: BaseException) -> PlanesError:
+        if isinstance(exc, PlanesError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return errors.DeadlineExceeded(f"{method.path} ran past its deadline")
+        log.error("unhandled error in %s", method.path, exc_info=exc)
+        return errors.Internal(f"internal error in {method.path}")
+
+    if rpc.server_streaming:
+        async def stream(request, *, timeout: float | None = None):
+            request, call = admit(request, timeout)
+            token = _set_current(call)
+            try:
+                async with asyncio.timeout(call.time_remaining()):
+                    async for item in target(request, call):
+                        yield item
+            except Exception as exc:
+                raise translate(exc) from None
+            finally:
+                _reset_current(token)
+        stream.__name__ = rpc.attribute
+        return stream
+
+    async def unary(request, *, timeout: float | None = None):
+        request, call = admit(request, timeout)
+        token = _set_current(call)
+        try:
+            async with asyncio.timeout(call.time_remaining()):
+                return await target(request, call)
+        except Exception as exc:
+            raise translate(exc) from None
+        finally:
+            _reset_current(token)
+    unary.__name__ = rpc.attribute
+    return unary
+
+
+async def _scoped(requests: AsyncIterator[Any], identity: Identity) -> AsyncIterator[Any]:
+    async for request in requests:
+        CallGuard.scope_tenant(request, identity)
+        yield request
+
+
+class TokenSource:
+    """The bearer token a remote client sends: fixed, or minted and renewed."""
+
+    def __init__(self, token: str | None = None, mint: Callable[[], tuple[str, float]] | None = None):
+        self._token = token
+        self._mint = mint
+        self._expires = float("inf") if token else 0.0
+
+    def __call__(self) -> str | None:
+        if self._mint is not None and time.time() > self._expires - 60:
+            self._token, self._expires = self._mint()
+        return self._token
+
+
+class RemotePlaneClient(PlaneClient[C]):
+    """Calls a plane over gRPC; errors come back as the same typed exceptions."""
+
+    def __init__(self, spec: PlaneSpec, channel: grpc.aio.Channel, token: TokenSource | str | None,
+                 client_version: ContractVersion | None = None):
+        super().__init__(spec)
+        self.channel = channel
+        tokens = token if isinstance(token, TokenSource) else TokenSource(token)
+        version = str(client_version or spec.version)
+        for rpc in spec.rpcs.values():
+            setattr(self, rpc.attribute, _remote_method(channel, rpc, tokens, version))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _outgoing(tokens: TokenSource, version: str, timeout: float | None):
+    metadata = [(CONTRACT_KEY, version)]
+    token = tokens()
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    ambient = current_call()
+    if ambient is not None:
+        metadata.append((CORRELATION_KEY, ambient.correlation_id))
+        metadata.append((TRACEPARENT_KEY, ambient.trace.child().header()))
+        if ambient.request_id:
+            metadata.append((REQUEST_ID_KEY, ambient.request_id))
+    deadline = _effective_deadline(timeout)
+    return tuple(metadata), (None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, tokens: TokenSource, version: str):
+    serialize = rpc.request_type.SerializeToString
+    deserialize = rpc.response_type.FromString
+    factory = getattr(channel, rpc.shape)
+    multicallable = factory(rpc.path, request_serializer=serialize, response_deserializer=deserialize)
+
+    if rpc.server_streaming:
+        async def stream(request, *, timeout: float | None = None):
+            metadata, remaining = _outgoing(tokens, version, timeout)
+            try:
+                async for item in multicallable(request, metadata=metadata, timeout=remaining):
+                    yield item
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(exc) from None
+        stream.__name__ = rpc.attribute
+        return stream
+
+    async def unary(request, *, timeout: float | None = None):
+        metadata, remaining = _outgoing(tokens, version, timeout)
+        try:
+            return await multicallable(request, metadata=metadata, timeout=remaining)
+        except grpc.RpcError as exc:
+            raise errors.from_rpc_error(exc) from None
+    unary.__name__ = rpc.attribute
+    return unary
+
+
+def plane_handlers(spec: PlaneSpec, implementation: PlaneContract, guard: CallGuard) -> dict[str, grpc.RpcMethodHandler]:
+    """The guarded gRPC handlers serving ``implementation``: decode, call, encode."""
+    handlers = {}
+    for rpc in spec.rpcs.values():
+        target = getattr(implementation, rpc.attribute)
+        raw = getattr(grpc, f"{rpc.shape}_rpc_method_handler")(
+            _never_called, rpc.request_type.FromString, rpc.response_type.SerializeToString)
+        handlers[rpc.name] = guard.wrap(MethodGuard.for_rpc(rpc, spec.plane, spec.version), raw,
+                                        target=_bind(target))
+    return handlers
+
+
+def _bind(target):
+    return lambda request, call, context: target(request, call)
+
+
+def _never_called(request, context):  # pragma: no cover - replaced by the guarded target
+    raise AssertionError("unguarded handler called")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def connect(address: str, contract: type[C], *, token: str | None = None,
+            root_certificates: bytes | None = None, client_certificate: tuple[bytes, bytes] | None = None,
+            max_message_bytes: int = 64 * 1024 * 1024, client_version: ContractVersion | None = None) -> C:
+    """A remote client for ``contract`` at ``address`` (``host:port``).
+
+    With ``root_certificates`` the channel uses TLS; ``client_certificate`` is
+    ``(private_key_pem, certificate_chain_pem)`` for mTLS.
+    """
+    options = channel_options(max_message_bytes)
+    if root_certificates is not None:
+        key, chain = client_certificate or (None, None)
+        credentials = grpc.ssl_channel_credentials(root_certificates, key, chain)
+        channel = grpc.aio.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(address, options=options)
+    return RemotePlaneClient(PlaneSpec(contract), channel, token, client_version)  # type: ignore[return-value]

@@ -1,0 +1,173 @@
+"""The kernel at run time: state directory, keys, plugins and plane clients."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from .auth import Authenticator
+from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options
+from .contract import PlaneContract, PlaneSpec
+from .errors import FailedPrecondition, PluginError
+from .guard import CallGuard
+from .host import PluginHost, check_implementation
+from .identity import ALL_TENANTS, Identity
+from .secrets import ensure_private_dir, read_secret, write_secret
+from .settings import Settings
+from .tokens import SigningKey, TokenVerifier, issue_token, load_public_key
+
+C = TypeVar("C", bound=PlaneContract)
+log = logging.getLogger("planes.kernel")
+
+SIGNING_KEY_FILE = "keys/kernel-signing.pem"
+PUBLIC_KEY_FILE = "keys/kernel-signing.pub.pem"
+ADMIN_TOKEN_FILE = "admin.token"
+#: The bootstrap admin token lives 30 days; `planes token issue` makes others.
+ADMIN_TOKEN_TTL = 30 * 24 * 3600
+
+
+class Kernel:
+    """Owns the state directory, the signing key, the plugins and the plane clients.
+
+    ``open()`` prepares everything synchronously (and fails with a clear error
+    on a bad plugin or setting); ``start()``/``stop()`` run the plugins'
+    async hooks.
+    """
+
+    def __init__(self, settings: Settings, host: PluginHost | None = None):
+        self.settings = settings
+        self._host = host
+        self.signing_key: SigningKey | None = None
+        self.verifier: TokenVerifier | None = None
+        self.guard: CallGuard | None = None
+        self.created: list[Path] = []
+        self._clients: dict[str, Any] = {}
+        self._started: list[Any] = []
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    @property
+    def host(self) -> PluginHost:
+        if self._host is None:
+            raise FailedPrecondition("kernel is not open")
+        return self._host
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> Kernel:
+        ensure_private_dir(self.state_dir)
+        self.signing_key, created = SigningKey.load_or_create(self.state_dir / SIGNING_KEY_FILE)
+        if created:
+            self.created.append(self.state_dir / SIGNING_KEY_FILE)
+        public = self.state_dir / PUBLIC_KEY_FILE
+        if not public.exists():
+            public.write_bytes(self.signing_key.public_pem())
+        admin = self.state_dir / ADMIN_TOKEN_FILE
+        if not admin.exists():
+            token = issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
+                                roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL)
+            if write_secret(admin, token.encode() + b"\n"):
+                self.created.append(admin)
+        self.verifier = TokenVerifier({self.signing_key.kid: self.signing_key.public_key},
+                                      cache_size=self.settings.auth.token_cache_size)
+        for path in self.settings.auth.trusted_public_keys:
+            self.verifier.trust(load_public_key(Path(path)))
+        self.guard = CallGuard(Authenticator(self.verifier, mtls=bool(self.settings.tls.client_ca_file)))
+        if self._host is None:
+            self._host = PluginHost.load(self.settings)
+        for loaded in self._host.plugins:
+            try:
+                loaded.plugin.setup(self)
+                for provision in loaded.plugin.provides:
+                    implementation = loaded.plugin.implementation(provision)
+                    check_implementation(loaded.plugin, provision, implementation)
+                    loaded.implementations[provision.key] = implementation
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(loaded.name, f"setup failed: {type(exc).__name__}: {exc}") from exc
+            loaded.status = "ready"
+        return self
+
+    async def start(self) -> None:
+        for loaded in self.host.plugins:
+            try:
+                await loaded.plugin.start()
+            except Exception as exc:
+                await self.stop()
+                raise PluginError(loaded.name, f"start failed: {type(exc).__name__}: {exc}") from exc
+            loaded.status = "running"
+            self._started.append(loaded)
+
+    async def stop(self) -> None:
+        while self._started:
+            loaded = self._started.pop()
+            try:
+                await loaded.plugin.stop()
+                loaded.status = "stopped"
+            except Exception:
+                loaded.status = "stop failed"
+                log.exception("plugin %s failed to stop", loaded.name)
+        for client in self._clients.values():
+            if isinstance(client, RemotePlaneClient):
+                await client.close()
+        self._clients.clear()
+
+    # -- plane clients -----------------------------------------------------
+
+    def service_identity(self, principal: str = "kernel", roles: tuple[str, ...] = ("service",)) -> Identity:
+        """The identity a plugin's in-process calls run under (all tenants)."""
+        return Identity(principal=principal, tenant=ALL_TENANTS, roles=frozenset(roles), source="kernel")
+
+    def client(self, contract: type[C], identity: Identity | None = None) -> C:
+        """The plane's interface: in-process if a plugin here provides it, else remote.
+
+        A remote plane is configured with ``[planes.<plane>] endpoint``; its
+        token comes from ``token_file`` or is minted with this host's signing
+        key for ``identity``.
+        """
+        identity = identity or self.service_identity()
+        key = (contract.plane, identity)
+        if key in self._clients:
+            return self._clients[key]
+        spec = PlaneSpec(contract)
+        provider = self.host.providers.get(contract.plane)
+        endpoint = self.settings.planes.get(contract.plane)
+        if provider is not None and not (endpoint and endpoint.endpoint):
+            loaded, provision = provider
+            client = LocalPlaneClient(spec, loaded.implementations[provision.key], self.guard, identity)
+        elif endpoint and endpoint.endpoint:
+            client = RemotePlaneClient(spec, self._channel(endpoint), self._token_source(endpoint, identity))
+        else:
+            raise FailedPrecondition(
+                f"no {contract.plane} plane here: enable a plugin that provides it "
+                f"or set [planes.{contract.plane}] endpoint"
+            )
+        self._clients[key] = client
+        return client  # type: ignore[return-value]
+
+    def _channel(self, endpoint) -> grpc.aio.Channel:
+        options = channel_options(self.settings.server.max_message_bytes)
+        if endpoint.ca_file:
+            credentials = grpc.ssl_channel_credentials(Path(endpoint.ca_file).read_bytes())
+            return grpc.aio.secure_channel(endpoint.endpoint, credentials, options=options)
+        return grpc.aio.insecure_channel(endpoint.endpoint, options=options)
+
+    def _token_source(self, endpoint, identity: Identity) -> TokenSource:
+        if endpoint.token_file:
+            return TokenSource(read_secret(Path(endpoint.token_file)).decode().strip())
+
+        def mint() -> tuple[str, float]:
+            import time
+            ttl = self.settings.auth.default_token_ttl_seconds
+            token = issue_token(self.signing_key, principal=f"{identity.principal}@{socket.gethostname()}",
+                                tenant=identity.tenant, roles=sorted(identity.roles), ttl_seconds=ttl)
+            return token, time.time() + ttl
+
+        return TokenSource(mint=mint)

@@ -1,0 +1,150 @@
+"""Server assembly: one grpc.aio server with the planes this host runs.
+
+It registers each plane's guarded handlers, gRPC health checking (per service,
+no token needed) and server reflection (any valid token), binds loopback
+unless told otherwise, and on SIGTERM/SIGINT stops taking calls, drains the
+ones in flight for up to ``server.grace_seconds`` and stops the plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from .clients import channel_options, plane_handlers
+from .contract import PlaneSpec
+from .errors import SettingsError
+from .guard import MethodGuard
+from .identity import ROLES
+from .kernel import Kernel
+
+log = logging.getLogger("planes.kernel.server")
+
+
+def is_loopback(bind: str) -> bool:
+    host = bind.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _HandlerCollector:
+    """Stands in for a server to collect a generated servicer's handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_registered_method_handlers(self, service: str, handlers) -> None:
+        self.services[service] = dict(handlers)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # every generated servicer registers its methods above too
+
+
+class KernelServer:
+    """The running gRPC server of one kernel host."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.services: list[str] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        settings = self.kernel.settings
+        bind = settings.server.bind
+        if not is_loopback(bind) and not settings.tls.enabled and not settings.server.allow_insecure_remote:
+            raise SettingsError(
+                f"refusing to serve {bind} without TLS: tokens would cross the network in clear text. "
+                "Configure [tls] cert_file and key_file, or set server.allow_insecure_remote = true"
+            )
+        server = grpc.aio.server(options=channel_options(settings.server.max_message_bytes))
+        guard = self.kernel.guard
+        for loaded, provision in self.kernel.host.plane_provisions():
+            spec = PlaneSpec(provision.contract)
+            handlers = plane_handlers(spec, loaded.implementations[provision.key], guard)
+            self._register(server, spec.contract.service, handlers)
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        collector = _HandlerCollector()
+        reflected = [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection_aio.ReflectionServicer(reflected), collector)
+        for service, handlers in collector.services.items():
+            guarded = {
+                name: guard.wrap(MethodGuard(f"/{service}/{name}", frozenset(ROLES)), handler)
+                for name, handler in handlers.items()
+            }
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+
+        if settings.tls.enabled:
+            self.port = server.add_secure_port(bind, self._credentials())
+        else:
+            self.port = server.add_insecure_port(bind)
+        await self.kernel.start()
+        await server.start()
+        self.server = server
+        for service in self.services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def _register(self, server: grpc.aio.Server, service: str, handlers) -> None:
+        if hasattr(server, "add_registered_method_handlers"):
+            # The registered-method path skips the generic handler lookup on every call.
+            server.add_registered_method_handlers(service, handlers)
+        else:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.services.append(service)
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        tls = self.kernel.settings.tls
+        try:
+            key = Path(tls.key_file).read_bytes()
+            chain = Path(tls.cert_file).read_bytes()
+            client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+        except OSError as exc:
+            raise SettingsError(f"cannot read TLS files: {exc}") from None
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish up to ``grace`` seconds, stop plugins."""
+        if self.server is None:
+            return
+        grace = self.kernel.settings.server.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.kernel.stop()
+        self.server = None
+        self._stopped.set()
+
+    async def serve_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task] = []
+
+        def on_signal(signum: int) -> None:
+            if not stopping:
+                log.info("received %s, draining in-flight calls", signal.Signals(signum).name)
+                stopping.append(loop.create_task(self.stop()))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await self._stopped.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,206 @@
+"""Settings: defaults, then one TOML file, then ``PLANES_*`` environment overrides.
+
+The defaults need no file: bind 127.0.0.1:50051, state under ``./var``.
+
+The file is named by ``--config`` or ``PLANES_CONFIG``. An environment
+variable ``PLANES_<SECTION>__<KEY>=value`` overrides ``[section] key`` (double
+underscore between levels; ``PLANES_STATE_DIR`` overrides the top-level
+``state_dir``). Values are read as TOML values when they parse as one
+(``30``, ``true``, ``["a", "b"]``) and as plain strings otherwise. Unknown keys
+are errors, so a typo never silently falls back to a default.
+
+Sections:
+
+* ``[server]`` bind, grace_seconds, max_message_bytes, allow_insecure_remote
+* ``[tls]`` cert_file, key_file, client_ca_file (mTLS when set)
+* ``[auth]`` default_token_ttl_seconds, trusted_public_keys, token_cache_size
+* ``[planes.<plane>]`` endpoint, token_file, ca_file: reach that plane remotely
+* ``[plugins]`` disabled, modules (extra ``module:attribute`` plugins)
+* ``[plugin.<name>]`` free-form settings handed to that plugin
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SettingsError
+
+ENV_PREFIX = "PLANES_"
+#: Environment variables with the prefix that are not setting overrides.
+RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    bind: str = "127.0.0.1:50051"
+    #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Binding a non-loopback address without TLS is refused unless this is true.
+    allow_insecure_remote: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str = ""
+    key_file: str = ""
+    #: When set, clients must present a certificate signed by this CA (mTLS).
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    default_token_ttl_seconds: int = 3600
+    #: PEM files of other hosts' public keys whose tokens this host accepts.
+    trusted_public_keys: tuple[str, ...] = ()
+    token_cache_size: int = 4096
+
+
+@dataclass(frozen=True)
+class PlaneEndpoint:
+    """Where a plane served by another host is reached."""
+
+    endpoint: str = ""
+    token_file: str = ""
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    disabled: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path("var")
+    log_level: str = "info"
+    server: ServerSettings = field(default_factory=ServerSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    planes: Mapping[str, PlaneEndpoint] = field(default_factory=dict)
+    plugins: PluginSettings = field(default_factory=PluginSettings)
+    plugin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Where the settings came from, for error messages.
+    source: str = "defaults"
+
+    def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        return self.plugin.get(name, {})
+
+    def state_path(self, *parts: str) -> Path:
+        return self.state_dir.joinpath(*parts)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from defaults < file < environment < ``overrides`` (CLI flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    sources = ["defaults"]
+    path = path or env.get("PLANES_CONFIG") or None
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError:
+            raise SettingsError(f"settings file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+        sources.append(str(path))
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(keys):
+            raise SettingsError(f"environment variable {name}: empty key segment")
+        _assign(raw, keys, _env_value(value), origin=name)
+        sources.append(name)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _assign(raw, dotted.split("."), value, origin=f"--{dotted}")
+    return _build(Settings, raw, "", source=" < ".join(sources))
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assign(raw: dict[str, Any], keys: list[str], value: Any, origin: str) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SettingsError(f"{origin}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str, **extra: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise SettingsError(f"[{where}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting {_join(where, unknown[0])}; known here: {', '.join(sorted(known))}"
+        )
+    values = dict(extra)
+    for name in raw:
+        values[name] = _coerce(hints[name], raw[name], _join(where, name))
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is Mapping:
+        _, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise SettingsError(f"{where} must be a table")
+        return {key: _coerce(value_hint, item, f"{where}.{key}") for key, item in value.items()}
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise SettingsError(f"{where} must be a list of strings")
+        return tuple(value)
+    if hint is Any:
+        return value
+    if hint is Path:
+        if not isinstance(value, str):
+            raise SettingsError(f"{where} must be a path string")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise SettingsError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name

@@ -1,0 +1,145 @@
+"""Shared fixtures: a real kernel on a real loopback port, real tokens, real files."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from planes.kernel import errors
+from planes.kernel.call import CallContext
+from planes.kernel.clients import connect
+from planes.kernel.contracts.diagnostics import DiagnosticsPlane, pb
+from planes.kernel.host import Candidate, PluginHost
+from planes.kernel.kernel import Kernel
+from planes.kernel.plugin import Plugin, Provision
+from planes.kernel.runtime import run as run_on_uvloop
+from planes.kernel.server import KernelServer
+from planes.kernel.settings import ServerSettings, Settings
+from planes.kernel.tokens import issue_token
+
+
+@pytest.fixture
+def run():
+    """Run a coroutine on a fresh uvloop loop (the loop planes runs on)."""
+    return run_on_uvloop
+
+
+class RecordingDiagnostics(DiagnosticsPlane):
+    """A diagnostics plane that records calls and fails on request.
+
+    Payload markers: ``b"missing"`` -> NotFound, ``b"too-big"`` -> LimitExceeded,
+    ``b"crash:<secret>"`` -> an unexpected exception whose text must never reach
+    the caller, ``b"slow:<seconds>"`` -> sleeps first.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, CallContext]] = []
+        self.finished: list[str] = []
+
+    async def _behave(self, payload: bytes) -> None:
+        if payload == b"missing":
+            raise errors.NotFound("payload ref-1 not found")
+        if payload == b"too-big":
+            raise errors.LimitExceeded("chunk_bytes", 1024, 1025, retry_after=2.5)
+        if payload.startswith(b"crash:"):
+            raise RuntimeError(payload.decode())
+        if payload.startswith(b"slow:"):
+            await asyncio.sleep(float(payload[5:]))
+
+    async def echo(self, request, call):
+        self.calls.append(("echo", call))
+        await self._behave(request.payload)
+        self.finished.append("echo")
+        return pb.EchoResponse(tenant=request.tenant, payload=request.payload)
+
+    async def stream_echo(self, request, call):
+        self.calls.append(("stream_echo", call))
+        for index in range(request.count):
+            if index == 2:
+                await self._behave(request.payload)
+            yield pb.StreamEchoResponse(index=index, payload=request.payload)
+
+    async def collect_echo(self, requests, call):
+        self.calls.append(("collect_echo", call))
+        messages = size = 0
+        async for request in requests:
+            await self._behave(request.payload)
+            messages += 1
+            size += len(request.payload)
+        return pb.CollectEchoResponse(messages=messages, bytes=size)
+
+    async def who_am_i(self, request, call):
+        self.calls.append(("who_am_i", call))
+        return pb.WhoAmIResponse(
+            principal=call.identity.principal,
+            tenant=call.identity.tenant,
+            source=call.identity.source,
+            correlation={"correlation_id": call.correlation_id, "trace_id": call.trace.trace_id,
+                         "span_id": call.trace.span_id, "request_id": call.request_id},
+            deadline_seconds=call.time_remaining() or 0.0,
+        )
+
+
+class RecordingPlugin(Plugin):
+    name = "recording-diagnostics"
+    version = "1.0.0"
+    provides = (Provision(DiagnosticsPlane, supports=("1.0", "2.0")),)
+
+    def __init__(self) -> None:
+        self.plane = RecordingDiagnostics()
+
+    def implementation(self, provision):
+        return self.plane
+
+
+def candidates(*plugins: Plugin) -> list[Candidate]:
+    return [Candidate(p.name, "test", p) for p in plugins]
+
+
+@dataclass
+class RunningKernel:
+    kernel: Kernel
+    server: KernelServer
+    port: int
+    plane: RecordingDiagnostics
+    clients: list = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def token(self, *, roles=("service",), tenant="acme", principal="svc", ttl=600, now=None) -> str:
+        return issue_token(self.kernel.signing_key, principal=principal, tenant=tenant, roles=list(roles),
+                           ttl_seconds=ttl, now=now)
+
+    def client(self, token: str | None = None, **kwargs) -> DiagnosticsPlane:
+        client = connect(self.address, DiagnosticsPlane, token=token, **kwargs)
+        self.clients.append(client)
+        return client
+
+
+def make_settings(state_dir: Path, **changes) -> Settings:
+    settings = Settings(state_dir=state_dir, server=ServerSettings(bind="127.0.0.1:0", grace_seconds=5))
+    return replace(settings, **changes)
+
+
+@asynccontextmanager
+async def running_kernel(state_dir: Path, *, settings: Settings | None = None,
+                         plugin: RecordingPlugin | None = None) -> AsyncIterator[RunningKernel]:
+    plugin = plugin or RecordingPlugin()
+    settings = settings or make_settings(state_dir)
+    kernel = Kernel(settings, PluginHost.load(settings, candidates(plugin))).open()
+    server = KernelServer(kernel)
+    port = await server.start()
+    running = RunningKernel(kernel, server, port, plugin.plane)
+    try:
+        yield running
+    finally:
+        for client in running.clients:
+            await client.close()
+        await server.stop(grace=1)
