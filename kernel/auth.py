@@ -28,8 +28,10 @@ class Authenticator:
 
     def identify(self, authorization: str | None, auth_context: Any = None) -> Identity:
         if authorization:
+            if authorization.startswith("Bearer "):
+                return self.verifier.verify(authorization[7:])
             scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token:
+            if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
             return self.verifier.verify(token.strip())
         if self.mtls and auth_context is not None:

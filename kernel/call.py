@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import os
+import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .identity import Identity
 
@@ -14,20 +16,23 @@ _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
 )
 
 
-def new_trace_id() -> str:
-    return os.urandom(16).hex()
+# Trace and span ids must be unique, not secret: a PRNG seeded from the OS
+# avoids a getrandom() system call on every call (about 10 us under load).
+_ids = random.Random(os.urandom(32))
 
 
 def new_span_id() -> str:
-    return os.urandom(8).hex()
+    return f"{_ids.getrandbits(64):016x}"
 
 
-def new_correlation_id() -> str:
-    return os.urandom(16).hex()
+def _reseed_after_fork() -> None:
+    _ids.seed(os.urandom(32))
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+class TraceContext(NamedTuple):
     """W3C trace context (https://www.w3.org/TR/trace-context/), version 00."""
 
     trace_id: str
@@ -58,6 +63,12 @@ class TraceContext:
             return None
         return cls(trace_id.lower(), span_id.lower(), bool(flag_bits & 1))
 
+    @classmethod
+    def new(cls) -> TraceContext:
+        """A new trace with its first span (one random draw for both ids)."""
+        ids = f"{_ids.getrandbits(192):048x}"
+        return cls(ids[:32], ids[32:])
+
     def header(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
@@ -65,11 +76,13 @@ class TraceContext:
         return TraceContext(self.trace_id, new_span_id(), self.sampled)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallContext:
-    """One call of a plane operation, in-process or over gRPC.
+    """One call of a plane operation, in-process or over gRPC. Treat it as read-only.
 
     ``deadline`` is an absolute ``time.monotonic()`` value, or None for none.
+    (Not a frozen dataclass: frozen construction costs several microseconds
+    on every call.)
     """
 
     identity: Identity
@@ -78,7 +91,6 @@ class CallContext:
     request_id: str = ""
     deadline: float | None = None
     method: str = ""
-    extras: dict[str, str] = field(default_factory=dict)
 
     @property
     def tenant(self) -> str:

@@ -22,10 +22,10 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from . import errors
-from .call import CallContext, _reset_current, _set_current, current_call
+from .call import CallContext, _current, _reset_current, _set_current, current_call
 from .contract import ContractVersion, PlaneContract, PlaneSpec, Rpc
 from .errors import PlanesError
-from .guard import CONTRACT_KEY, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
+from .guard import AUTHORIZATION_KEY, CONTRACT_KEY, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
 from .identity import Identity
 
 C = TypeVar("C", bound=PlaneContract)
@@ -138,6 +138,10 @@ class TokenSource:
             self._token, self._expires = self._mint()
         return self._token
 
+    @property
+    def fixed(self) -> bool:
+        return self._mint is None
+
 
 class RemotePlaneClient(PlaneClient[C]):
     """Calls a plane over gRPC; errors come back as the same typed exceptions."""
@@ -147,30 +151,44 @@ class RemotePlaneClient(PlaneClient[C]):
         super().__init__(spec)
         self.channel = channel
         tokens = token if isinstance(token, TokenSource) else TokenSource(token)
-        version = str(client_version or spec.version)
+        outgoing = _Outgoing(tokens, str(client_version or spec.version))
         for rpc in spec.rpcs.values():
-            setattr(self, rpc.attribute, _remote_method(channel, rpc, tokens, version))
+            setattr(self, rpc.attribute, _remote_method(channel, rpc, outgoing))
 
     async def close(self) -> None:
         await self.channel.close()
 
 
-def _outgoing(tokens: TokenSource, version: str, timeout: float | None):
-    metadata = [(CONTRACT_KEY, version)]
-    token = tokens()
-    if token:
-        metadata.append(("authorization", f"Bearer {token}"))
-    ambient = current_call()
-    if ambient is not None:
-        metadata.append((CORRELATION_KEY, ambient.correlation_id))
-        metadata.append((TRACEPARENT_KEY, ambient.trace.child().header()))
+class _Outgoing:
+    """Builds each call's metadata and timeout; the fixed part is built once."""
+
+    __slots__ = ("tokens", "version", "_fixed")
+
+    def __init__(self, tokens: TokenSource, version: str):
+        self.tokens = tokens
+        self.version = version
+        self._fixed = self._base() if tokens.fixed else None
+
+    def _base(self) -> tuple[tuple[str, str], ...]:
+        token = self.tokens()
+        auth = ((AUTHORIZATION_KEY, f"Bearer {token}"),) if token else ()
+        return ((CONTRACT_KEY, self.version), *auth)
+
+    def __call__(self, timeout: float | None):
+        metadata = self._fixed or self._base()
+        ambient = _current.get()
+        if ambient is None:
+            if timeout is None:
+                return metadata, None
+            return metadata, timeout
+        extra = [(CORRELATION_KEY, ambient.correlation_id), (TRACEPARENT_KEY, ambient.trace.child().header())]
         if ambient.request_id:
-            metadata.append((REQUEST_ID_KEY, ambient.request_id))
-    deadline = _effective_deadline(timeout)
-    return tuple(metadata), (None if deadline is None else max(0.0, deadline - time.monotonic()))
+            extra.append((REQUEST_ID_KEY, ambient.request_id))
+        deadline = _effective_deadline(timeout)
+        return metadata + tuple(extra), (None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, tokens: TokenSource, version: str):
+def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing):
     serialize = rpc.request_type.SerializeToString
     deserialize = rpc.response_type.FromString
     factory = getattr(channel, rpc.shape)
@@ -178,7 +196,7 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, tokens: TokenSource, ver
 
     if rpc.server_streaming:
         async def stream(request, *, timeout: float | None = None):
-            metadata, remaining = _outgoing(tokens, version, timeout)
+            metadata, remaining = outgoing(timeout)
             try:
                 async for item in multicallable(request, metadata=metadata, timeout=remaining):
                     yield item
@@ -188,7 +206,7 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, tokens: TokenSource, ver
         return stream
 
     async def unary(request, *, timeout: float | None = None):
-        metadata, remaining = _outgoing(tokens, version, timeout)
+        metadata, remaining = outgoing(timeout)
         try:
             return await multicallable(request, metadata=metadata, timeout=remaining)
         except grpc.RpcError as exc:

@@ -23,12 +23,13 @@ import grpc
 
 from . import errors
 from .auth import Authenticator
-from .call import CallContext, TraceContext, _reset_current, _set_current, current_call, new_correlation_id, new_span_id, new_trace_id
+from .call import CallContext, TraceContext, _current, current_call
 from .contract import ContractVersion, Rpc
 from .errors import InvalidArgument, PermissionDenied, PlanesError, VersionMismatch
 from .identity import ALL_TENANTS, Identity
 
 log = logging.getLogger("planes.kernel.guard")
+_UNSEEN = object()
 
 CORRELATION_KEY = "x-correlation-id"
 REQUEST_ID_KEY = "x-request-id"
@@ -43,7 +44,7 @@ MAX_ID_LENGTH = 128
 class MethodGuard:
     """Admission rules of one method: roles, tenant scope and contract version."""
 
-    __slots__ = ("path", "roles", "tenant_scoped", "plane", "version", "public")
+    __slots__ = ("path", "roles", "tenant_scoped", "plane", "version", "public", "_negotiated")
 
     def __init__(
         self,
@@ -61,6 +62,9 @@ class MethodGuard:
         self.plane = plane
         self.version = version
         self.public = public
+        #: Contract header value -> None (compatible) or the error to raise.
+        #: Callers send a handful of distinct values, so parse each once.
+        self._negotiated: dict[str, PlanesError | None] = {}
 
     @classmethod
     def for_rpc(cls, rpc: Rpc, plane: str, version: ContractVersion) -> MethodGuard:
@@ -91,11 +95,20 @@ class CallGuard:
         identity = self.authenticator.identify(authorization, context.auth_context)
         self._authorize(method, identity)
         if contract is not None and method.version is not None:
-            self._negotiate(method, contract)
+            refusal = method._negotiated.get(contract, _UNSEEN)
+            if refusal is _UNSEEN:
+                refusal = self._negotiate(method, contract)
+            if refusal is not None:
+                raise refusal
         trace = TraceContext.parse(traceparent) if traceparent else None
-        trace = trace.child() if trace else TraceContext(new_trace_id(), new_span_id())
+        if trace is None:
+            trace = TraceContext.new()
+        else:
+            trace = trace.child()
         if not correlation or len(correlation) > MAX_ID_LENGTH:
-            correlation = new_correlation_id()
+            # A new correlation starts with the trace it belongs to.
+            correlation = trace.trace_id
+            context.set_trailing_metadata(((CORRELATION_KEY, correlation),))
         remaining = context.time_remaining()
         return CallContext(
             identity=identity,
@@ -121,8 +134,8 @@ class CallGuard:
                 deadline=ambient.deadline,
                 method=method.path,
             )
-        return CallContext(identity, new_correlation_id(), TraceContext(new_trace_id(), new_span_id()),
-                           method=method.path)
+        trace = TraceContext.new()
+        return CallContext(identity, trace.trace_id, trace, method=method.path)
 
     @staticmethod
     def _authorize(method: MethodGuard, identity: Identity) -> None:
@@ -133,13 +146,18 @@ class CallGuard:
             )
 
     @staticmethod
-    def _negotiate(method: MethodGuard, header: str) -> None:
+    def _negotiate(method: MethodGuard, header: str) -> PlanesError | None:
         try:
             client = ContractVersion.parse(header)
         except ValueError:
-            raise InvalidArgument(f"{CONTRACT_KEY} must look like '1.0', got {header[:32]!r}") from None
+            # Not cached: arbitrary garbage must not grow the cache.
+            return InvalidArgument(f"{CONTRACT_KEY} must look like '1.0', got {header[:32]!r}")
+        refusal = None
         if not method.version.serves(client):
-            raise VersionMismatch(method.plane, str(client), str(method.version))
+            refusal = VersionMismatch(method.plane, str(client), str(method.version))
+        if len(method._negotiated) < 64:
+            method._negotiated[header] = refusal
+        return refusal
 
     @staticmethod
     def scope_tenant(request: Any, identity: Identity) -> None:
@@ -189,12 +207,11 @@ class CallGuard:
             token = None
             try:
                 call = self.admit(method, context)
-                context.set_trailing_metadata(((CORRELATION_KEY, call.correlation_id),))
                 if streaming_request:
                     request = _scoped_stream(request, call.identity) if scoped else request
                 elif scoped:
                     self.scope_tenant(request, call.identity)
-                token = _set_current(call)
+                token = _current.set(call)
                 if call.deadline is None:
                     return await inner(request, call, context)
                 async with asyncio.timeout(call.time_remaining()):
@@ -207,7 +224,7 @@ class CallGuard:
                 failure = _internal(method)
             finally:
                 if token is not None:
-                    _reset_current(token)
+                    _current.reset(token)
             await context.abort(*errors.to_status(failure))
 
         return behaviour
@@ -220,12 +237,11 @@ class CallGuard:
             token = None
             try:
                 call = self.admit(method, context)
-                context.set_trailing_metadata(((CORRELATION_KEY, call.correlation_id),))
                 if streaming_request:
                     request = _scoped_stream(request, call.identity) if scoped else request
                 elif scoped:
                     self.scope_tenant(request, call.identity)
-                token = _set_current(call)
+                token = _current.set(call)
                 if call.deadline is None:
                     async for item in inner(request, call, context):
                         yield item
@@ -241,7 +257,7 @@ class CallGuard:
                 failure = _internal(method)
             finally:
                 if token is not None:
-                    _reset_current(token)
+                    _current.reset(token)
             if failure is not None:
                 await context.abort(*errors.to_status(failure))
 

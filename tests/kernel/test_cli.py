@@ -1,0 +1,124 @@
+"""The `planes` command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def planes(*args: str, state=None, stdin: str | None = None, env: dict | None = None, timeout: float = 60):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
+    environment.update(env or {})
+    if state is not None:
+        environment["PLANES_STATE_DIR"] = str(state)
+    return subprocess.run([sys.executable, "-m", "planes.kernel.cli", *args], capture_output=True, text=True,
+                          input=stdin, env=environment, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real `planes serve` on a free loopback port."""
+    state = tmp_path_factory.mktemp("served")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
+    environment.update(PLANES_STATE_DIR=str(state), PLANES_SERVER__BIND=f"127.0.0.1:{port}")
+    process = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve"], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "serving on" in line or not line:
+            break
+    yield state, f"127.0.0.1:{port}"
+    process.terminate()
+    process.communicate(timeout=30)
+
+
+def test_version_lists_contracts():
+    result = planes("version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("planes 0.1.0")
+    assert "diagnostics contract 1.0" in result.stdout
+
+
+def test_plugins_lists_versions_and_status(tmp_path):
+    result = planes("plugins", "--json", state=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["diagnostics"]["status"] == "ok" and rows["diagnostics"]["version"] == "0.1.0"
+
+
+def test_token_issue_then_inspect(served, tmp_path):
+    state, _ = served
+    out = tmp_path / "svc.token"
+    issued = planes("token", "issue", "--principal", "svc", "--tenant", "acme", "--role", "service",
+                    "--role", "worker", "--ttl", "120", "--out", str(out), state=state)
+    assert issued.returncode == 0, issued.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text().strip() not in issued.stdout, "the token is written, not printed"
+    inspected = planes("token", "inspect", state=state, stdin=out.read_text())
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["verdict"] == "valid"
+    assert report["claims"]["sub"] == "svc" and report["claims"]["roles"] == ["service", "worker"]
+
+
+def test_inspect_reports_a_forged_token(served):
+    state, _ = served
+    token = planes("token", "issue", "--principal", "x", "--tenant", "t", "--role", "service", state=state).stdout
+    forged = token.strip()[:-6] + "AAAAAA"
+    result = planes("token", "inspect", forged, state=state)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["verdict"] == "invalid: token signature is invalid"
+
+
+def test_ping_whoami_and_health_against_a_real_server(served):
+    state, address = served
+    ping = planes("ping", "--address", address, "--count", "5", state=state)
+    assert ping.returncode == 0, ping.stderr
+    assert "5 echoes of 64 bytes" in ping.stdout
+    who = planes("whoami", "--address", address, state=state)
+    assert json.loads(who.stdout)["principal"] == "admin"
+    health = planes("health", "--address", address, state=state)
+    assert health.returncode == 0 and "SERVING" in health.stdout
+
+
+def test_bad_token_is_a_one_line_error(served, tmp_path):
+    state, address = served
+    bad = tmp_path / "bad.token"
+    bad.write_text("pt1.e30.AAAA")
+    bad.chmod(0o600)
+    result = planes("ping", "--address", address, "--token-file", str(bad), state=state)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["planes: error: token claims are incomplete"] or \
+        result.stderr.strip().startswith("planes: error: token")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    ((), 2, "usage"),
+    (("token", "issue", "--principal", "p", "--tenant", "t", "--role", "root"), 2, "invalid choice"),
+    (("token", "issue", "--principal", "p", "--tenant", "t", "--role", "admin"), 1, "secret file"),
+    (("health", "--address", "127.0.0.1:9", "--timeout", "1"), 1, "health check of 127.0.0.1:9 failed"),
+    (("serve", "--config", "/nonexistent/planes.toml"), 1, "settings file /nonexistent/planes.toml does not exist"),
+])
+def test_failures_exit_non_zero_with_one_line(tmp_path, args, code, message):
+    result = planes(*args, state=tmp_path / "empty")
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_public_bind_without_tls(tmp_path):
+    result = planes("serve", "--bind", "0.0.0.0:0", state=tmp_path)
+    assert result.returncode == 1
+    assert "refusing to serve 0.0.0.0:0 without TLS" in result.stderr

@@ -1,0 +1,72 @@
+"""Settings precedence: defaults < TOML file < PLANES_* environment < CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from planes.kernel.errors import SettingsError
+from planes.kernel.settings import load_settings
+
+
+def test_defaults_need_no_file():
+    settings = load_settings(env={})
+    assert settings.server.bind == "127.0.0.1:50051"
+    assert settings.state_dir == Path("var")
+    assert not settings.tls.enabled
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    config = tmp_path / "planes.toml"
+    config.write_text(
+        'state_dir = "/srv/planes"\n[server]\nbind = "127.0.0.1:6000"\ngrace_seconds = 3\n'
+        '[planes.evidence]\nendpoint = "127.0.0.1:7000"\n[plugin.diagnostics]\ncolour = "blue"\n'
+    )
+    from_file = load_settings(config, env={})
+    assert (from_file.server.bind, from_file.server.grace_seconds) == ("127.0.0.1:6000", 3.0)
+    assert from_file.planes["evidence"].endpoint == "127.0.0.1:7000"
+    assert from_file.plugin_settings("diagnostics") == {"colour": "blue"}
+
+    env = {"PLANES_SERVER__BIND": "127.0.0.1:6001", "PLANES_STATE_DIR": "/tmp/x",
+           "PLANES_PLUGINS__DISABLED": '["a", "b"]', "PLANES_SERVER__GRACE_SECONDS": "7.5"}
+    from_env = load_settings(config, env=env)
+    assert from_env.server.bind == "127.0.0.1:6001"
+    assert from_env.state_dir == Path("/tmp/x")
+    assert from_env.plugins.disabled == ("a", "b")
+    assert from_env.server.grace_seconds == 7.5
+    assert from_env.planes["evidence"].endpoint == "127.0.0.1:7000", "untouched keys keep the file's value"
+
+    flagged = load_settings(config, env=env, overrides={"server.bind": "127.0.0.1:6002", "state_dir": None})
+    assert flagged.server.bind == "127.0.0.1:6002"
+    assert flagged.state_dir == Path("/tmp/x"), "a flag left unset does not override"
+
+
+def test_config_path_from_environment(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text('log_level = "debug"\n')
+    assert load_settings(env={"PLANES_CONFIG": str(config)}).log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[server]\nbnd = 'x'\n", {}, "unknown setting server.bnd"),
+        ("[server]\ngrace_seconds = 'soon'\n", {}, "server.grace_seconds must be float"),
+        ("[server\n", {}, "not valid TOML"),
+        ("", {"PLANES_SERVER__ALLOW_INSECURE_REMOTE": "yes"}, "must be true or false"),
+        ("", {"PLANES_NOPE": "1"}, "unknown setting nope"),
+        ("server = 3\n", {}, "[server] must be a table"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path, text, env, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as raised:
+        load_settings(config, env=env)
+    assert message in raised.value.message
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "absent.toml", env={})
