@@ -23,13 +23,14 @@ class Authenticator:
 
     def __init__(self, verifier: TokenVerifier, *, mtls: bool = False):
         self.verifier = verifier
+        self._verify = verifier.verify
         self.mtls = mtls
         self._certificates: dict[bytes, Identity] = {}
 
     def identify(self, authorization: str | None, auth_context: Any = None) -> Identity:
         if authorization:
             if authorization.startswith("Bearer "):
-                return self.verifier.verify(authorization[7:])
+                return self._verify(authorization[7:])
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("authorization metadata must be 'Bearer <token>'")

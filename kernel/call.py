@@ -6,7 +6,6 @@ import contextvars
 import os
 import random
 import time
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .identity import Identity
@@ -76,21 +75,51 @@ class TraceContext(NamedTuple):
         return TraceContext(self.trace_id, new_span_id(), self.sampled)
 
 
-@dataclass(slots=True)
 class CallContext:
     """One call of a plane operation, in-process or over gRPC. Treat it as read-only.
 
     ``deadline`` is an absolute ``time.monotonic()`` value, or None for none.
-    (Not a frozen dataclass: frozen construction costs several microseconds
-    on every call.)
+    The trace context and correlation id are made on first use: most calls
+    never read them, and making them costs more than the rest of admission.
+    A new correlation starts with the id of the trace it belongs to.
     """
 
-    identity: Identity
-    correlation_id: str
-    trace: TraceContext
-    request_id: str = ""
-    deadline: float | None = None
-    method: str = ""
+    __slots__ = ("identity", "request_id", "deadline", "method", "_correlation_id", "_trace", "_traceparent")
+
+    def __init__(
+        self,
+        identity: Identity,
+        correlation_id: str | None = None,
+        trace: TraceContext | None = None,
+        request_id: str = "",
+        deadline: float | None = None,
+        method: str = "",
+        *,
+        traceparent: str | None = None,
+    ) -> None:
+        self.identity = identity
+        self.request_id = request_id
+        self.deadline = deadline
+        self.method = method
+        self._correlation_id = correlation_id
+        self._trace = trace
+        self._traceparent = traceparent
+
+    @property
+    def trace(self) -> TraceContext:
+        """This call's span: a child of the caller's ``traceparent``, or a new trace."""
+        trace = self._trace
+        if trace is None:
+            parent = TraceContext.parse(self._traceparent) if self._traceparent else None
+            trace = self._trace = parent.child() if parent is not None else TraceContext.new()
+        return trace
+
+    @property
+    def correlation_id(self) -> str:
+        correlation = self._correlation_id
+        if correlation is None:
+            correlation = self._correlation_id = self.trace.trace_id
+        return correlation
 
     @property
     def tenant(self) -> str:
@@ -102,7 +131,11 @@ class CallContext:
         return max(0.0, self.deadline - time.monotonic())
 
     def with_identity(self, identity: Identity) -> CallContext:
-        return replace(self, identity=identity)
+        return CallContext(identity, self.correlation_id, self.trace, self.request_id, self.deadline, self.method)
+
+    def __repr__(self) -> str:
+        return (f"CallContext(principal={self.identity.principal!r}, tenant={self.identity.tenant!r}, "
+                f"method={self.method!r}, correlation_id={self.correlation_id!r})")
 
 
 def current_call() -> CallContext | None:

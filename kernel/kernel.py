@@ -143,7 +143,8 @@ class Kernel:
             loaded, provision = provider
             client = LocalPlaneClient(spec, loaded.implementations[provision.key], self.guard, identity)
         elif endpoint and endpoint.endpoint:
-            client = RemotePlaneClient(spec, self._channel(endpoint), self._token_source(endpoint, identity))
+            client = RemotePlaneClient(spec, self._channel(endpoint, spec), self._token_source(endpoint, identity),
+                                       version_in_user_agent=True)
         else:
             raise FailedPrecondition(
                 f"no {contract.plane} plane here: enable a plugin that provides it "
@@ -152,8 +153,8 @@ class Kernel:
         self._clients[key] = client
         return client  # type: ignore[return-value]
 
-    def _channel(self, endpoint) -> grpc.aio.Channel:
-        options = channel_options(self.settings.server.max_message_bytes)
+    def _channel(self, endpoint, spec: PlaneSpec) -> grpc.aio.Channel:
+        options = channel_options(self.settings.server.max_message_bytes, (spec.plane, spec.version))
         if endpoint.ca_file:
             credentials = grpc.ssl_channel_credentials(Path(endpoint.ca_file).read_bytes())
             return grpc.aio.secure_channel(endpoint.endpoint, credentials, options=options)

@@ -45,9 +45,29 @@ def test_malformed_traceparent_starts_a_new_trace(run, tmp_path, bad):
         async with running_kernel(tmp_path) as k:
             return await _raw_call(k, WHO, pb.WhoAmIRequest(), pb.WhoAmIResponse, (("traceparent", bad),))
 
-    reply, trailers = run(scenario())
+    reply, _ = run(scenario())
     assert len(reply.correlation.trace_id) == 32 and reply.correlation.trace_id != "0" * 32
-    assert len(trailers["x-correlation-id"]) == 32, "a correlation id is made when none came"
+    assert reply.correlation.correlation_id == reply.correlation.trace_id, "a new correlation starts with the trace"
+
+
+def test_failed_call_returns_its_correlation_id(run, tmp_path):
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            async with grpc.aio.insecure_channel(k.address) as channel:
+                echo = channel.unary_unary(ECHO, request_serializer=pb.EchoRequest.SerializeToString,
+                                           response_deserializer=pb.EchoResponse.FromString)
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await echo(pb.EchoRequest(tenant="acme", payload=b"missing"), timeout=5,
+                               metadata=(("authorization", f"Bearer {k.token()}"),
+                                         ("x-correlation-id", "order-77")))
+                with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                    await echo(pb.EchoRequest(tenant="acme", payload=b"missing"), timeout=5,
+                               metadata=(("authorization", f"Bearer {k.token()}"),))
+            return dict(raised.value.trailing_metadata()), dict(anonymous.value.trailing_metadata())
+
+    chosen, made = run(scenario())
+    assert chosen["x-correlation-id"] == "order-77"
+    assert len(made["x-correlation-id"]) == 32
 
 
 def test_oversized_correlation_id_is_replaced(run, tmp_path):

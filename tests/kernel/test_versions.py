@@ -40,3 +40,45 @@ def test_serves_rule():
     assert not server.serves(ContractVersion(1, 4)) and not server.serves(ContractVersion(2, 0))
     with pytest.raises(ValueError):
         ContractVersion.parse("1")
+
+
+def _raw_echo(k, metadata, options=None):
+    import grpc
+
+    async def call():
+        async with grpc.aio.insecure_channel(k.address, options=options) as channel:
+            echo = channel.unary_unary("/planes.diagnostics.v1.DiagnosticsService/Echo",
+                                       request_serializer=pb.EchoRequest.SerializeToString,
+                                       response_deserializer=pb.EchoResponse.FromString)
+            try:
+                await echo(pb.EchoRequest(tenant="acme"), timeout=5,
+                           metadata=(("authorization", f"Bearer {k.token()}"), *metadata))
+            except grpc.aio.AioRpcError as exc:
+                return errors.from_rpc_error(exc)
+            return None
+    return call()
+
+
+def test_foreign_client_negotiates_with_the_header(run, tmp_path):
+    """A client with only proto/ sends x-planes-contract; the header wins over the user-agent."""
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            refused = await _raw_echo(k, (("x-planes-contract", "2.0"),),
+                                      options=[("grpc.primary_user_agent", "planes-contract/diagnostics=1.0")])
+            accepted = await _raw_echo(k, (("x-planes-contract", "1.0"),))
+            return refused, accepted
+
+    refused, accepted = run(scenario())
+    assert isinstance(refused, errors.VersionMismatch)
+    assert (refused.client_version, refused.server_version) == ("2.0", "1.0")
+    assert accepted is None
+
+
+def test_client_that_does_not_negotiate_is_served(run, tmp_path):
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            plain = await _raw_echo(k, ())
+            other_plane = await _raw_echo(k, (), options=[("grpc.primary_user_agent", "planes-contract/control=9.0")])
+            return plain, other_plane
+
+    assert run(scenario()) == (None, None)
