@@ -49,12 +49,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         server = KernelServer(kernel)
+        server.stop_on_signals()
         port = await server.start()
         host = settings.server.bind.rsplit(":", 1)[0]
         planes = ", ".join(f"{lp.name} {lp.plugin.version}" for lp in kernel.host.plugins) or "none"
         print(f"planes {__version__} serving on {host}:{port} (plugins: {planes}); "
               f"state in {settings.state_dir}; Ctrl-C or SIGTERM drains and stops", flush=True)
-        await server.serve_until_signalled()
+        await server.wait_stopped()
         print("stopped", flush=True)
 
     _run(serve())

@@ -62,6 +62,7 @@ class KernelServer:
         self.port: int | None = None
         self.services: list[str] = []
         self._stopped = asyncio.Event()
+        self._stop_requested = False
 
     async def start(self) -> int:
         settings = self.kernel.settings
@@ -132,19 +133,27 @@ class KernelServer:
         self.server = None
         self._stopped.set()
 
-    async def serve_until_signalled(self) -> None:
+    def stop_on_signals(self) -> None:
+        """Stop gracefully on SIGTERM or SIGINT; call before :meth:`start`.
+
+        A signal that arrives while the server is still starting stops it as
+        soon as it has started.
+        """
         loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task] = []
 
         def on_signal(signum: int) -> None:
-            if not stopping:
-                log.info("received %s, draining in-flight calls", signal.Signals(signum).name)
-                stopping.append(loop.create_task(self.stop()))
+            if self._stop_requested:
+                return
+            self._stop_requested = True
+            log.info("received %s, draining in-flight calls", signal.Signals(signum).name)
+            if self.server is not None:
+                loop.create_task(self.stop())
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        try:
-            await self._stopped.wait()
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+
+    async def wait_stopped(self) -> None:
+        """Return once the server has stopped (after a signal or :meth:`stop`)."""
+        if self._stop_requested and self.server is not None:
+            await self.stop()
+        await self._stopped.wait()
