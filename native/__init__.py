@@ -12,7 +12,10 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["extensions_disabled", "load"]
+__all__ = ["NATIVE_MODULES", "extensions_disabled", "load"]
+
+#: The compiled modules a build must produce (each with a ``<name>_py`` twin).
+NATIVE_MODULES = ("chain",)
 
 
 def extensions_disabled() -> bool:

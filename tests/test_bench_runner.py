@@ -28,3 +28,12 @@ def test_kernel_overhead_breakdown_names_every_side():
     assert result.returncode == 0, result.stderr
     sides = [line.split()[0] for line in result.stdout.splitlines()[2:]]
     assert sides == ["bare", "bare+metadata", "kernel-server", "kernel"]
+
+
+def test_chain_runner_compares_native_with_hashlib():
+    result = subprocess.run([sys.executable, "-m", "bench.chain_runner", "--events", "2000", "--log", "3000",
+                             "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sides = {line.split()[0] for line in result.stdout.splitlines() if line and not line[0].isspace()}
+    assert {"native-1-thread", "native-2-threads", "twin"} <= sides
+    assert "inclusion proof" in result.stdout
