@@ -1,0 +1,133 @@
+"""The evidence plane plugin: a hash-chained, Merkle-checkpointed, append-only log.
+
+Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
+``checkpoint_seconds`` (default 5), ``synchronous`` (SQLite, default ``FULL``),
+``retention`` (a table of event type -> seconds after which raw values are
+pruned, until the control plane provides retention rules).
+State: ``<state_dir>/evidence/log.sqlite3`` and the checkpoint signing key
+``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from planes.kernel.contracts.evidence import EvidencePlane
+from planes.kernel.errors import PlanesError
+from planes.kernel.plugin import Plugin, Provision
+from planes.kernel.tokens import SigningKey
+
+from .log import EvidenceLog
+from .plane import Evidence
+from .store import SqliteEvidenceStore
+
+__all__ = ["Evidence", "EvidenceLog", "EvidencePlugin", "SqliteEvidenceStore"]
+
+KEY_FILE = "keys/evidence-signing.pem"
+PUBLIC_KEY_FILE = "keys/evidence-signing.pub.pem"
+STORE_FILE = "evidence/log.sqlite3"
+
+
+def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
+    settings = settings or {}
+    key, _ = SigningKey.load_or_create(state_dir / KEY_FILE)
+    public = state_dir / PUBLIC_KEY_FILE
+    if not public.exists():
+        public.write_bytes(key.public_pem())
+    store = SqliteEvidenceStore(state_dir / STORE_FILE, synchronous=str(settings.get("synchronous", "FULL")))
+    log_id = store.meta("log_id")
+    if log_id is None:
+        log_id = os.urandom(16).hex().encode()
+        store.set_meta("log_id", log_id)
+    return EvidenceLog(store, key, log_id=log_id.decode(),
+                       checkpoint_every=int(settings.get("checkpoint_every", 1000)),
+                       checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)))
+
+
+class EvidencePlugin(Plugin):
+    name = "evidence"
+    version = "0.1.0"
+    provides = (Provision(EvidencePlane, supports=("1.0", "2.0")),)
+
+    def setup(self, kernel) -> None:
+        settings = dict(kernel.settings.plugin_settings(self.name))
+        self.log = open_log(kernel.state_dir, settings)
+        self.retention = {str(k): float(v) for k, v in dict(settings.get("retention", {})).items()}
+        self.plane = Evidence(self.log)
+        self._ticker: asyncio.Task | None = None
+
+    def implementation(self, provision: Provision) -> Evidence:
+        return self.plane
+
+    async def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.log.checkpoint_seconds)
+            await self.plane._run(self.log.tick)
+            if self.retention:
+                await self.plane._run(self.log.prune, self.retention)
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        self.plane.close()
+        self.log.store.close()
+
+    def add_cli_commands(self, commands) -> None:
+        evidence = commands.add_parser("evidence", help="verify evidence bundles and check the evidence log")
+        actions = evidence.add_subparsers(dest="evidence_command", metavar="ACTION")
+        verify = actions.add_parser("verify", help="check an exported bundle offline (no server, no state)")
+        verify.add_argument("bundle", help="the bundle file, or - for standard input")
+        verify.add_argument("--public-key", help="PEM file of the evidence key the bundle must be signed with")
+        verify.add_argument("--key-id", default="", help="the key id the bundle must be signed with")
+        verify.set_defaults(handler=_cmd_verify)
+        check = actions.add_parser("fsck", help="recompute the chain and tree of this host's log")
+        check.add_argument("--config", help="settings TOML file")
+        check.add_argument("--state-dir", help="state directory (default: ./var)")
+        check.set_defaults(handler=_cmd_fsck)
+        evidence.set_defaults(handler=lambda args: (evidence.print_usage(sys.stderr), 2)[1])
+
+
+def _cmd_verify(args) -> int:
+    from . import bundle
+
+    data = sys.stdin.buffer.read() if args.bundle == "-" else Path(args.bundle).read_bytes()
+    pinned = Path(args.public_key).read_bytes() if args.public_key else None
+    verdict = bundle.verify(data, public_key_pem=pinned, expected_key_id=args.key_id)
+    if not verdict.ok:
+        print(f"planes: evidence bundle INVALID: {verdict.problem}", file=sys.stderr)
+        return 1
+    print(f"evidence bundle OK: {verdict.events} events proven against a checkpoint of tree size "
+          f"{verdict.tree_size}, signed by key {verdict.key_id}")
+    for note in verdict.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_fsck(args) -> int:
+    from planes.kernel.settings import load_settings
+    from planes.kernel.tokens import load_public_key
+
+    from .fsck import fsck
+
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    path = settings.state_dir / STORE_FILE
+    if not path.exists():
+        raise PlanesError(f"no evidence log at {path}")
+    store = SqliteEvidenceStore(path)
+    report = fsck(store, load_public_key(settings.state_dir / PUBLIC_KEY_FILE))
+    store.close()
+    if not report.ok:
+        print(f"planes: evidence log DAMAGED: {report.problems[0]}", file=sys.stderr)
+        return 1
+    print(f"evidence log OK: {report.events} events, {report.values} raw values, "
+          f"{report.checkpoints} checkpoints verified")
+    return 0

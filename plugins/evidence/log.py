@@ -1,0 +1,391 @@
+"""The evidence log: append-only, hash-chained, Merkle-checkpointed.
+
+Each event becomes a leaf (:mod:`.leaf`); leaves are hashed and chained in
+native code (``h_i = H(h_{i-1} || leaf_hash_i)``, RFC 6962 leaf hashes) and a
+Merkle frontier gives each checkpoint's root in O(log n). Checkpoints are
+signed with the evidence key every ``checkpoint_every`` events or
+``checkpoint_seconds`` seconds. Corrections and redactions are events
+themselves; the original leaf never changes.
+
+Methods are synchronous and not thread-safe: the plugin runs them all on one
+thread, so appends are serialized without locks.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+
+from planes.common.v1 import common_pb2
+from planes.evidence.v1 import evidence_service_pb2 as pb
+from planes.kernel.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
+from planes.kernel.identity import Identity
+from planes.kernel.tokens import SigningKey
+from planes.native import load
+
+from . import leaf as leaves
+from .store import SqliteEvidenceStore, StoredEvent, StoredValue
+
+chain = load("chain")
+
+ZERO_HEAD = bytes(32)
+CHECKPOINT_CONTEXT = b"planes.evidence.v1.Checkpoint\x00"
+EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
+
+
+@dataclass(frozen=True)
+class Limits:
+    events_per_batch: int = 10_000
+    fields_per_event: int = 64
+    field_value_bytes: int = 64 * 1024
+    id_chars: int = 128
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    sequences: list[int]
+    appended: int
+    duplicates: int
+    chain_head: bytes
+
+
+def _ns(stamp: timestamp_pb2.Timestamp) -> int:
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def _stamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def sign_checkpoint(key: SigningKey, body: bytes) -> bytes:
+    return key.private_key.sign(CHECKPOINT_CONTEXT + body)
+
+
+class EvidenceLog:
+    def __init__(self, store: SqliteEvidenceStore, key: SigningKey, *, log_id: str,
+                 checkpoint_every: int = 1000, checkpoint_seconds: float = 5.0,
+                 limits: Limits | None = None, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.key = key
+        self.log_id = log_id
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.size, head = store.head()
+        self.head = head or ZERO_HEAD
+        self.frontier = self._load_frontier()
+        last = store.checkpoint()
+        self._checkpointed_size = last[0] if last else 0
+        self._checkpointed_at = clock()
+
+    def _load_frontier(self):
+        saved = self.store.meta("frontier")
+        if saved is not None:
+            frontier = chain.MerkleFrontier.from_bytes(saved)
+            if frontier.size == self.size:
+                return frontier
+        frontier = chain.MerkleFrontier()  # rebuilt from the stored leaf hashes
+        if self.size:
+            frontier.append(self.store.leaf_hashes(self.size))
+        return frontier
+
+    # -- append ---------------------------------------------------------------
+
+    def append(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
+        """Validate, commit, chain and store a batch; durable when this returns."""
+        limits = self.limits
+        if len(events) > limits.events_per_batch:
+            raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+        known = self.store.known_event_ids(e.event_id for e in events)
+        prepared: list[tuple[leaves.Leaf, list[StoredValue]]] = []
+        sequences: list[int] = []
+        seen: dict[str, int] = {}
+        now_ns = int(self.clock() * 1e9)
+        for index, event in enumerate(events):
+            self._check(index, event, tenant)
+            if event.event_id in known or event.event_id in seen:
+                sequences.append(known.get(event.event_id) or seen[event.event_id])
+                continue
+            sequence = self.size + len(prepared) + 1
+            seen[event.event_id] = sequence
+            sequences.append(sequence)
+            prepared.append(self._leaf(sequence, event, tenant, appender, now_ns))
+        duplicates = len(events) - len(prepared)
+        if not prepared:
+            return AppendResult(sequences, 0, duplicates, self.head)
+        self._commit(prepared)
+        self._maybe_checkpoint()
+        return AppendResult(sequences, len(prepared), duplicates, self.head)
+
+    def _check(self, index: int, event: pb.Event, tenant: str) -> None:
+        where = f"event {index}"
+        limits = self.limits
+        if not event.event_id:
+            raise InvalidArgument(f"{where}: event_id is required (it makes a replayed append harmless)")
+        if len(event.event_id) > limits.id_chars:
+            raise InvalidArgument(f"{where}: event_id longer than {limits.id_chars} characters")
+        if not EVENT_TYPE.fullmatch(event.event_type) or len(event.event_type) > limits.id_chars:
+            raise InvalidArgument(f"{where}: event_type must be a dotted lower-case name such as "
+                                  f"'tool.invoked', got {event.event_type[:40]!r}")
+        if event.sequence:
+            raise InvalidArgument(f"{where}: sequence is assigned by the log; leave it 0")
+        if event.correlation.tenant and event.correlation.tenant != tenant:
+            raise PermissionDenied(f"{where}: correlation tenant {event.correlation.tenant!r} is not "
+                                   f"the request's tenant {tenant!r}")
+        if len(event.fields) > limits.fields_per_event:
+            raise LimitExceeded("fields_per_event", limits.fields_per_event, len(event.fields),
+                                message=f"{where}: {len(event.fields)} fields > {limits.fields_per_event}")
+        names = set()
+        for field in event.fields:
+            if not field.name or len(field.name) > limits.id_chars:
+                raise InvalidArgument(f"{where}: field names must be 1 to {limits.id_chars} characters")
+            if field.name in names:
+                raise InvalidArgument(f"{where}: field {field.name!r} appears twice")
+            names.add(field.name)
+            size = len(field.string_value.encode()) if field.HasField("string_value") else len(field.bytes_value)
+            if size > limits.field_value_bytes:
+                raise LimitExceeded("field_value_bytes", limits.field_value_bytes, size,
+                                    message=f"{where}: field {field.name!r} holds {size} bytes > "
+                                            f"{limits.field_value_bytes}")
+
+    def _leaf(self, sequence: int, event: pb.Event, tenant: str, appender: Identity,
+              now_ns: int) -> tuple[leaves.Leaf, list[StoredValue]]:
+        committed, values = [], []
+        for field in event.fields:
+            kind, value = _value(field)
+            if value is None:  # withheld at the source: only a commitment travels
+                if len(field.commitment.value) != 32:
+                    raise InvalidArgument(f"field {field.name!r} has neither a value nor a 32-byte commitment")
+                committed.append(leaves.CommittedField(field.name, field.classification,
+                                                       kind or leaves.KIND_BYTES, field.commitment.value))
+                continue
+            salt = field.salt or leaves.new_salt()
+            digest = leaves.commitment(salt, field.name, kind, value)
+            if field.commitment.value and field.commitment.value != digest:
+                raise InvalidArgument(f"field {field.name!r}: the commitment sent does not match its value and salt")
+            committed.append(leaves.CommittedField(field.name, field.classification, kind, digest))
+            values.append(StoredValue(sequence, field.name, salt, value))
+        correlation = event.correlation
+        leaf = leaves.Leaf(
+            sequence=sequence, event_id=event.event_id, tenant=tenant,
+            correlation_id=correlation.correlation_id, request_id=correlation.request_id,
+            trace_id=correlation.trace_id, span_id=correlation.span_id,
+            actor=correlation.actor or appender.principal,
+            time_ns=_ns(event.time) if event.HasField("time") else now_ns,
+            event_type=event.event_type, config_revision=event.config.revision,
+            config_digest=event.config.digest, corrects_event_id=event.corrects_event_id,
+            fields=tuple(committed),
+        )
+        return leaf, values
+
+    def _commit(self, prepared: list[tuple[leaves.Leaf, list[StoredValue]]]) -> None:
+        encoded = [leaves.encode(leaf) for leaf, _ in prepared]
+        offsets = array("Q", [0])
+        for blob in encoded:
+            offsets.append(offsets[-1] + len(blob))
+        hashes, heads = chain.hash_and_chain(self.head, b"".join(encoded), offsets)
+        stored = []
+        for index, ((leaf, _), blob) in enumerate(zip(prepared, encoded)):
+            at = index * 32
+            stored.append(StoredEvent(leaf.sequence, leaf.event_id, leaf.tenant, leaf.correlation_id,
+                                      leaf.event_type, leaf.time_ns, blob, hashes[at:at + 32], heads[at:at + 32]))
+        frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
+        frontier.append(hashes)
+        self.store.append(stored, [v for _, values in prepared for v in values],
+                          {"frontier": frontier.to_bytes()})
+        self.frontier = frontier
+        self.size += len(prepared)
+        self.head = heads[-32:]
+
+    # -- checkpoints --------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        due = (self.size - self._checkpointed_size >= self.checkpoint_every
+               or self.clock() - self._checkpointed_at >= self.checkpoint_seconds)
+        if due and self.size > self._checkpointed_size:
+            self.checkpoint_now()
+
+    def tick(self) -> None:
+        """Make a checkpoint if one is due by time (the plugin calls this periodically)."""
+        self._maybe_checkpoint()
+
+    def checkpoint_now(self) -> pb.SignedCheckpoint:
+        """Sign a checkpoint at the current size (idempotent per size)."""
+        existing = self.store.checkpoint(self.size) if self.size else None
+        if existing is not None:
+            return _signed(existing)
+        body = pb.Checkpoint(log_id=self.log_id, tree_size=self.size, root_hash=self.frontier.root(),
+                             chain_head=self.head, time=_stamp(int(self.clock() * 1e9)),
+                             key_id=self.key.kid).SerializeToString(deterministic=True)
+        signature = sign_checkpoint(self.key, body)
+        self.store.put_checkpoint(self.size, body, signature, self.key.kid)
+        self._checkpointed_size = self.size
+        self._checkpointed_at = self.clock()
+        return pb.SignedCheckpoint(checkpoint=body, signature=signature, key_id=self.key.kid)
+
+    def checkpoint(self, tree_size: int = 0) -> pb.SignedCheckpoint:
+        row = self.store.checkpoint(tree_size)
+        if row is None:
+            if tree_size:
+                raise NotFound(f"no checkpoint at tree size {tree_size}")
+            if not self.size:
+                raise FailedPrecondition("the evidence log is empty: no checkpoint yet")
+            return self.checkpoint_now()
+        return _signed(row)
+
+    def _covering_checkpoint(self, sequence: int, tree_size: int) -> tuple[int, pb.SignedCheckpoint]:
+        """A checkpoint that includes ``sequence``: at ``tree_size``, or the first at or after it."""
+        if tree_size:
+            return tree_size, self.checkpoint(tree_size)
+        row = self.store.checkpoint_at_or_after(sequence)
+        if row is None:
+            signed = self.checkpoint_now()
+            return self.size, signed
+        return row[0], _signed(row)
+
+    # -- proofs -----------------------------------------------------------------
+
+    def prove_inclusion(self, tenant: str, event_id: str, tree_size: int = 0) -> pb.ProveInclusionResponse:
+        stored = self._own_event(tenant, event_id)
+        size, signed = self._covering_checkpoint(stored.sequence, tree_size)
+        if stored.sequence > size:
+            raise FailedPrecondition(f"event {event_id} is not in the tree of size {size}")
+        index = stored.sequence - 1
+        path = chain.inclusion_proof(self.store.leaf_hashes(size), index, size)
+        return pb.ProveInclusionResponse(leaf_index=index, leaf_hash=stored.leaf_hash, audit_path=path,
+                                         checkpoint=signed)
+
+    def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
+        if not 0 < first <= second:
+            raise InvalidArgument(f"need 0 < first_tree_size <= second_tree_size, got {first} and {second}")
+        first_checkpoint, second_checkpoint = self.checkpoint(first), self.checkpoint(second)
+        proof = chain.consistency_proof(self.store.leaf_hashes(second), first, second)
+        return pb.ProveConsistencyResponse(proof=proof, first=first_checkpoint, second=second_checkpoint)
+
+    # -- reads ----------------------------------------------------------------
+
+    def _own_event(self, tenant: str, event_id: str) -> StoredEvent:
+        stored = self.store.event(event_id)
+        if stored is None or stored.tenant != tenant:
+            # Another tenant's event is reported exactly like a missing one.
+            raise NotFound(f"event {event_id!r} not found in tenant {tenant!r}")
+        return stored
+
+    def query(self, tenant: str, *, correlation_id: str = "", event_types: tuple[str, ...] = (),
+              start_ns: int | None = None, end_ns: int | None = None, after_sequence: int = 0,
+              limit: int = 1000) -> list[pb.Event]:
+        rows = self.store.query(tenant, correlation_id=correlation_id, event_types=event_types, start_ns=start_ns,
+                                end_ns=end_ns, after_sequence=after_sequence, limit=limit)
+        return self.to_events(rows)
+
+    def to_events(self, rows: list[StoredEvent]) -> list[pb.Event]:
+        values = self.store.values([row.sequence for row in rows])
+        return [to_event(leaves.decode(row.leaf), values.get(row.sequence, {})) for row in rows]
+
+    # -- corrections and redactions ------------------------------------------
+
+    def correct(self, tenant: str, event_id: str, fields: list[pb.EventField], reason: str,
+                actor: Identity) -> pb.Event:
+        original = self._own_event(tenant, event_id)
+        if not reason:
+            raise InvalidArgument("a correction needs a reason")
+        correction = pb.Event(event_id=f"correction:{event_id}:{int(self.clock() * 1e6)}",
+                              event_type="correction", corrects_event_id=event_id,
+                              correlation=common_pb2.Correlation(correlation_id=original.correlation_id,
+                                                                 tenant=tenant, actor=actor.principal))
+        correction.fields.extend(fields)
+        correction.fields.add(name="reason", string_value=reason)
+        result = self.append(tenant, [correction], actor)
+        return self.to_events([self.store.event_at(result.sequences[0])])[0]
+
+    def redact(self, tenant: str, event_id: str, field_name: str, reason: str,
+               actor: Identity) -> tuple[pb.Event, pb.Event]:
+        target = self._own_event(tenant, event_id)
+        if not reason:
+            raise InvalidArgument("a redaction needs a reason")
+        if leaves.decode(target.leaf).field(field_name) is None:
+            raise NotFound(f"event {event_id!r} has no field {field_name!r}")
+        redaction = pb.Event(event_id=f"redaction:{event_id}:{field_name}:{int(self.clock() * 1e6)}",
+                             event_type="redaction", corrects_event_id=event_id,
+                             correlation=common_pb2.Correlation(correlation_id=target.correlation_id,
+                                                                tenant=tenant, actor=actor.principal))
+        redaction.fields.add(name="field", string_value=field_name)
+        redaction.fields.add(name="reason", string_value=reason)
+        # Record first, then delete: a crash in between leaves the value and a
+        # redaction event that says it should be gone, never a silent deletion.
+        result = self.append(tenant, [redaction], actor)
+        self.store.delete_values(target.sequence, [field_name])
+        recorded = self.to_events([self.store.event_at(result.sequences[0])])[0]
+        return recorded, self.to_events([target])[0]
+
+
+    # -- retention -------------------------------------------------------------
+
+    def prune(self, rules: dict[str, float]) -> list[pb.Event]:
+        """Delete raw values of events older than their type's retention period.
+
+        ``rules`` maps an event type to a period in seconds. Each tenant whose
+        values were pruned gets a ``retention.pruned`` event saying which type,
+        up to when and how many events; leaves and proofs are untouched.
+        """
+        recorded = []
+        now = self.clock()
+        for event_type, period in sorted(rules.items()):
+            before_ns = int((now - period) * 1e9)
+            for tenant, sequences in sorted(self.store.expired_values(event_type, before_ns).items()):
+                notice = pb.Event(event_id=f"retention:{tenant}:{event_type}:{before_ns}",
+                                  event_type="retention.pruned",
+                                  correlation=common_pb2.Correlation(tenant=tenant, actor="evidence-retention"))
+                notice.fields.add(name="event_type", string_value=event_type)
+                notice.fields.add(name="before_ns", string_value=str(before_ns))
+                notice.fields.add(name="events", string_value=str(len(sequences)))
+                notice.fields.add(name="first_sequence", string_value=str(sequences[0]))
+                notice.fields.add(name="last_sequence", string_value=str(sequences[-1]))
+                # As with redaction: record first, then delete.
+                result = self.append(tenant, [notice], Identity("evidence-retention", tenant, frozenset()))
+                self.store.delete_all_values(sequences)
+                recorded.append(self.to_events([self.store.event_at(result.sequences[0])])[0])
+        return recorded
+
+
+def _value(field: pb.EventField) -> tuple[int, bytes | None]:
+    which = field.WhichOneof("value")
+    if which == "string_value":
+        return leaves.KIND_STRING, field.string_value.encode()
+    if which == "bytes_value":
+        return leaves.KIND_BYTES, field.bytes_value
+    return 0, None
+
+
+def to_event(leaf: leaves.Leaf, values: dict[str, StoredValue]) -> pb.Event:
+    event = pb.Event(
+        event_id=leaf.event_id, sequence=leaf.sequence, event_type=leaf.event_type, time=_stamp(leaf.time_ns),
+        correlation=common_pb2.Correlation(correlation_id=leaf.correlation_id, request_id=leaf.request_id,
+                                           trace_id=leaf.trace_id, span_id=leaf.span_id, tenant=leaf.tenant,
+                                           actor=leaf.actor),
+        config=common_pb2.ConfigStamp(revision=leaf.config_revision, digest=leaf.config_digest),
+        corrects_event_id=leaf.corrects_event_id,
+    )
+    for committed in leaf.fields:
+        field = event.fields.add(name=committed.name, classification=committed.classification,
+                                 commitment=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
+                                                              value=committed.commitment))
+        stored = values.get(committed.name)
+        if stored is None:
+            field.redacted = True
+        elif committed.kind == leaves.KIND_STRING:
+            field.string_value, field.salt = stored.value.decode(), stored.salt
+        else:
+            field.bytes_value, field.salt = stored.value, stored.salt
+    return event
+
+
+def _signed(row: tuple[int, bytes, bytes, str]) -> pb.SignedCheckpoint:
+    _, body, signature, key_id = row
+    return pb.SignedCheckpoint(checkpoint=body, signature=signature, key_id=key_id)

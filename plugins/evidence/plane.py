@@ -1,0 +1,124 @@
+"""The evidence plane's servicer: thin, over :class:`~.log.EvidenceLog`.
+
+Every log operation runs on one dedicated thread, so SQLite commits never
+block the event loop and appends are serialized without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from planes.common.v1 import common_pb2
+from planes.evidence.v1 import evidence_service_pb2 as pb
+from planes.kernel.call import CallContext
+from planes.kernel.contracts.evidence import EvidencePlane
+from planes.kernel.errors import InvalidArgument, LimitExceeded
+
+from . import bundle
+from .log import EvidenceLog, _ns
+
+PAGE = 500
+EXPORT_CHUNK = 1024 * 1024
+MAX_EXPORT_EVENTS = 100_000
+
+
+class Evidence(EvidencePlane):
+    def __init__(self, log: EvidenceLog):
+        self.log = log
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-log")
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    async def append_events(self, request: pb.AppendEventsRequest, call: CallContext) -> pb.AppendEventsResponse:
+        result = await self._run(self.log.append, request.tenant, list(request.events), call.identity)
+        return pb.AppendEventsResponse(sequences=result.sequences, chain_head=result.chain_head)
+
+    async def append_event_stream(self, requests: AsyncIterator[pb.AppendEventStreamRequest],
+                                  call: CallContext) -> pb.AppendEventStreamResponse:
+        appended = duplicates = last = 0
+        head = b""
+        async for request in requests:
+            if not request.events:
+                continue
+            result = await self._run(self.log.append, request.tenant, list(request.events), call.identity)
+            appended += result.appended
+            duplicates += result.duplicates
+            last = max(last, *result.sequences)
+            head = result.chain_head
+        return pb.AppendEventStreamResponse(appended=appended, duplicates=duplicates, last_sequence=last,
+                                            chain_head=head)
+
+    async def query_events(self, request: pb.QueryEventsRequest, call: CallContext) -> AsyncIterator[pb.QueryEventsResponse]:
+        remaining = request.limit or None
+        after = request.after_sequence
+        start = _ns(request.start_time) if request.HasField("start_time") else None
+        end = _ns(request.end_time) if request.HasField("end_time") else None
+        while remaining is None or remaining > 0:
+            page = PAGE if remaining is None else min(PAGE, remaining)
+            events = await self._run(lambda: self.log.query(
+                request.tenant, correlation_id=request.correlation_id, event_types=tuple(request.event_types),
+                start_ns=start, end_ns=end, after_sequence=after, limit=page))
+            if not events:
+                return
+            yield pb.QueryEventsResponse(events=events)
+            after = events[-1].sequence
+            if remaining is not None:
+                remaining -= len(events)
+            if len(events) < page:
+                return
+
+    async def get_checkpoint(self, request: pb.GetCheckpointRequest, call: CallContext) -> pb.GetCheckpointResponse:
+        return pb.GetCheckpointResponse(checkpoint=await self._run(self.log.checkpoint, request.tree_size))
+
+    async def prove_inclusion(self, request: pb.ProveInclusionRequest, call: CallContext) -> pb.ProveInclusionResponse:
+        return await self._run(self.log.prove_inclusion, request.tenant, request.event_id, request.tree_size)
+
+    async def prove_consistency(self, request: pb.ProveConsistencyRequest,
+                                call: CallContext) -> pb.ProveConsistencyResponse:
+        return await self._run(self.log.prove_consistency, request.first_tree_size, request.second_tree_size)
+
+    async def correct_event(self, request: pb.CorrectEventRequest, call: CallContext) -> pb.CorrectEventResponse:
+        correction = await self._run(self.log.correct, request.tenant, request.event_id, list(request.fields),
+                                     request.reason, call.identity)
+        return pb.CorrectEventResponse(correction=correction)
+
+    async def redact_field(self, request: pb.RedactFieldRequest, call: CallContext) -> pb.RedactFieldResponse:
+        redaction, event = await self._run(self.log.redact, request.tenant, request.event_id, request.field_name,
+                                           request.reason, call.identity)
+        return pb.RedactFieldResponse(redaction=redaction, event=event)
+
+    async def export_bundle(self, request: pb.ExportBundleRequest, call: CallContext) -> AsyncIterator[pb.ExportBundleResponse]:
+        data, count, size = await self._run(self._export, request)
+        for offset in range(0, len(data), EXPORT_CHUNK):
+            yield pb.ExportBundleResponse(offset=offset, data=data[offset:offset + EXPORT_CHUNK])
+        yield pb.ExportBundleResponse(offset=len(data), summary=pb.BundleSummary(
+            event_count=count, tree_size=size,
+            digest=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
+                                     value=hashlib.sha256(data).digest())))
+
+    def _export(self, request: pb.ExportBundleRequest) -> tuple[bytes, int, int]:
+        log = self.log
+        if not request.correlation_id and not request.HasField("start_time") and not request.HasField("end_time"):
+            raise InvalidArgument("export needs a correlation_id or a time range")
+        start = _ns(request.start_time) if request.HasField("start_time") else None
+        end = _ns(request.end_time) if request.HasField("end_time") else None
+        rows = log.store.query(request.tenant, correlation_id=request.correlation_id, start_ns=start, end_ns=end,
+                               limit=MAX_EXPORT_EVENTS + 1)
+        if len(rows) > MAX_EXPORT_EVENTS:
+            raise LimitExceeded("export_events", MAX_EXPORT_EVENTS, len(rows),
+                                message=f"more than {MAX_EXPORT_EVENTS} events selected; narrow the time range")
+        signed = log.checkpoint(request.tree_size) if request.tree_size else log.checkpoint_now()
+        from planes.evidence.v1 import evidence_service_pb2
+        size = evidence_service_pb2.Checkpoint.FromString(signed.checkpoint).tree_size
+        rows = [row for row in rows if row.sequence <= size]
+        selection = {"correlation_id": request.correlation_id, "start_ns": start, "end_ns": end}
+        data = bundle.build(log=log, tenant=request.tenant, selection=selection, rows=rows, tree_size=size,
+                            signed=signed)
+        return data, len(rows), size

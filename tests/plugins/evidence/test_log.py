@@ -1,0 +1,204 @@
+"""The evidence log: appends, limits, checkpoints, proofs, corrections, redactions, isolation."""
+
+from __future__ import annotations
+
+import pytest
+
+from planes.kernel import errors
+from planes.kernel.identity import Identity
+from planes.native import load
+from planes.plugins.evidence import open_log
+from tests.plugins.evidence.conftest import SERVICE, event
+
+chain = load("chain")
+
+
+def test_append_assigns_sequences_and_chains(log):
+    result = log.append("acme", [event("e1", prompt="hi"), event("e2", output=b"\x00\x01")], SERVICE)
+    assert result.sequences == [1, 2] and result.appended == 2 and result.duplicates == 0
+    assert log.size == 2 and result.chain_head == log.head
+    stored = [log.store.event_at(s) for s in (1, 2)]
+    assert chain.verify_chain(bytes(32), b"".join(e.leaf_hash for e in stored),
+                              b"".join(e.chain_head for e in stored)) == -1
+    events = log.query("acme")
+    assert [e.event_id for e in events] == ["e1", "e2"]
+    assert events[0].fields[0].string_value == "hi" and len(events[0].fields[0].commitment.value) == 32
+    assert events[0].correlation.actor == "billing-svc", "the appender is the actor when none is named"
+
+
+def test_replayed_batch_is_not_appended_twice(log):
+    first = log.append("acme", [event("e1"), event("e2")], SERVICE)
+    again = log.append("acme", [event("e2"), event("e3"), event("e3")], SERVICE)
+    assert again.sequences == [2, 3, 3]
+    assert (again.appended, again.duplicates) == (1, 2)
+    assert log.size == 3
+    assert first.sequences == [1, 2]
+
+
+@pytest.mark.parametrize(("bad", "error", "message"), [
+    (lambda: event(""), errors.InvalidArgument, "event_id is required"),
+    (lambda: event("x", event_type="Not A Type"), errors.InvalidArgument, "dotted lower-case"),
+    (lambda: event("x", tenant="globex"), errors.PermissionDenied, "not the request's tenant"),
+])
+def test_invalid_event_is_refused_and_nothing_is_appended(log, bad, error, message):
+    log.append("acme", [event("ok-1")], SERVICE)
+    with pytest.raises(error, match=message):
+        log.append("acme", [event("ok-2"), bad()], SERVICE)
+    assert log.size == 1, "the whole batch is refused; nothing from it was stored"
+    assert [e.event_id for e in log.query("acme")] == ["ok-1"]
+
+
+def test_sequence_is_assigned_by_the_log(log):
+    bad = event("x")
+    bad.sequence = 7
+    with pytest.raises(errors.InvalidArgument, match="assigned by the log"):
+        log.append("acme", [bad], SERVICE)
+
+
+def test_duplicate_field_names_are_refused(log):
+    bad = event("x", a="1")
+    bad.fields.add(name="a", string_value="2")
+    with pytest.raises(errors.InvalidArgument, match="appears twice"):
+        log.append("acme", [bad], SERVICE)
+
+
+@pytest.mark.parametrize("size,accepted", [(64 * 1024 - 1, True), (64 * 1024, True), (64 * 1024 + 1, False)])
+def test_field_value_limit(log, size, accepted):
+    attempt = event("big", blob=b"x" * size)
+    if accepted:
+        assert log.append("acme", [attempt], SERVICE).appended == 1
+    else:
+        with pytest.raises(errors.LimitExceeded) as raised:
+            log.append("acme", [attempt], SERVICE)
+        assert (raised.value.limit, raised.value.actual) == (64 * 1024, size)
+        assert log.size == 0
+
+
+def test_batch_and_field_count_limits(tmp_path):
+    from dataclasses import replace
+    opened = open_log(tmp_path)
+    opened.limits = replace(opened.limits, events_per_batch=3, fields_per_event=2)
+    assert opened.append("acme", [event(f"e{i}") for i in range(3)], SERVICE).appended == 3
+    with pytest.raises(errors.LimitExceeded) as batch:
+        opened.append("acme", [event(f"f{i}") for i in range(4)], SERVICE)
+    assert (batch.value.name, batch.value.limit, batch.value.actual) == ("events_per_batch", 3, 4)
+    with pytest.raises(errors.LimitExceeded) as fields:
+        opened.append("acme", [event("g", a="1", b="2", c="3")], SERVICE)
+    assert (fields.value.limit, fields.value.actual) == (2, 3)
+    assert opened.size == 3
+
+
+def test_supplied_commitment_must_match(log):
+    from planes.plugins.evidence import leaf as leaves
+    good = event("c1", secret="v")
+    good.fields[0].salt = b"s" * 16
+    good.fields[0].commitment.value = leaves.commitment(b"s" * 16, "secret", leaves.KIND_STRING, b"v")
+    assert log.append("acme", [good], SERVICE).appended == 1
+    bad = event("c2", secret="v")
+    bad.fields[0].salt = b"s" * 16
+    bad.fields[0].commitment.value = b"\x00" * 32
+    with pytest.raises(errors.InvalidArgument, match="does not match"):
+        log.append("acme", [bad], SERVICE)
+
+
+def test_checkpoint_every_n_events_and_proofs(log):
+    log.append("acme", [event(f"e{i}", n=str(i)) for i in range(10)], SERVICE)
+    sizes = [row[0] for row in log.store.checkpoints()]
+    assert sizes == [10], "one checkpoint after the batch crossed the threshold"
+    log.append("acme", [event("e10")], SERVICE)
+    signed = log.checkpoint_now()
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    checkpoint = pb.Checkpoint.FromString(signed.checkpoint)
+    assert checkpoint.tree_size == 11 and checkpoint.chain_head == log.head
+    for index in range(11):
+        proof = log.prove_inclusion("acme", f"e{index}", 11)
+        assert proof.leaf_index == index
+        assert chain.verify_inclusion(proof.leaf_hash, index, 11, list(proof.audit_path), checkpoint.root_hash)
+    consistency = log.prove_consistency(10, 11)
+    first = pb.Checkpoint.FromString(consistency.first.checkpoint)
+    assert chain.verify_consistency(10, 11, first.root_hash, checkpoint.root_hash, list(consistency.proof))
+
+
+def test_correction_links_to_the_original_which_never_changes(log):
+    log.append("acme", [event("e1", amount="100")], SERVICE)
+    before = log.store.event("e1")
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    correction = log.correct("acme", "e1", [pb.EventField(name="amount", string_value="110")], "typo", SERVICE)
+    assert correction.event_type == "correction" and correction.corrects_event_id == "e1"
+    assert {f.name: f.string_value for f in correction.fields} == {"amount": "110", "reason": "typo"}
+    assert log.store.event("e1") == before
+
+
+def test_redaction_removes_the_value_keeps_the_commitment_and_proofs(log):
+    log.append("acme", [event("e1", prompt="my card is 4111", model="m1")], SERVICE)
+    signed_before = log.checkpoint_now()
+    redaction, redacted = log.redact("acme", "e1", "prompt", "PII", Identity("rev", "acme", frozenset({"reviewer"})))
+    field = {f.name: f for f in redacted.fields}["prompt"]
+    assert field.redacted and not field.string_value and not field.salt and len(field.commitment.value) == 32
+    assert {f.name: f for f in redacted.fields}["model"].string_value == "m1"
+    assert redaction.event_type == "redaction" and redaction.correlation.actor == "rev"
+    assert {f.name: f.string_value for f in redaction.fields} == {"field": "prompt", "reason": "PII"}
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    checkpoint = pb.Checkpoint.FromString(signed_before.checkpoint)
+    proof = log.prove_inclusion("acme", "e1", checkpoint.tree_size)
+    assert chain.verify_inclusion(proof.leaf_hash, 0, 1, list(proof.audit_path), checkpoint.root_hash)
+    from planes.plugins.evidence.fsck import fsck
+    assert fsck(log.store, log.key.public_key).ok
+
+
+def test_tenants_are_isolated(log):
+    log.append("acme", [event("a1")], SERVICE)
+    log.append("globex", [event("g1")], Identity("g", "globex", frozenset({"service"})))
+    assert [e.event_id for e in log.query("acme")] == ["a1"]
+    assert [e.event_id for e in log.query("globex")] == ["g1"]
+    with pytest.raises(errors.NotFound):
+        log.prove_inclusion("acme", "g1")
+    with pytest.raises(errors.NotFound):
+        log.redact("acme", "g1", "x", "r", SERVICE)
+
+
+def test_query_filters(log):
+    from google.protobuf import timestamp_pb2
+    events = [event("e1", correlation="c1", event_type="tool.invoked"),
+              event("e2", correlation="c2", event_type="tool.completed"),
+              event("e3", correlation="c1", event_type="tool.completed")]
+    for index, item in enumerate(events):
+        item.time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_000 + index))
+    log.append("acme", events, SERVICE)
+    assert [e.event_id for e in log.query("acme", correlation_id="c1")] == ["e1", "e3"]
+    assert [e.event_id for e in log.query("acme", event_types=("tool.completed",))] == ["e2", "e3"]
+    window = log.query("acme", start_ns=1_001 * 10**9, end_ns=1_002 * 10**9)
+    assert [e.event_id for e in window] == ["e2"]
+    assert [e.event_id for e in log.query("acme", after_sequence=1, limit=1)] == ["e2"]
+
+
+def test_reopen_continues_the_chain(tmp_path):
+    first = open_log(tmp_path)
+    first.append("acme", [event("e1"), event("e2")], SERVICE)
+    head, root = first.head, first.frontier.root()
+    first.store.close()
+    second = open_log(tmp_path)
+    assert (second.size, second.head, second.frontier.root()) == (2, head, root)
+    second.append("acme", [event("e3")], SERVICE)
+    from planes.plugins.evidence.fsck import fsck
+    assert fsck(second.store, second.key.public_key).ok
+
+
+def test_retention_prunes_values_and_records_it(log):
+    from google.protobuf import timestamp_pb2
+    old = event("old", prompt="stale", event_type="model.called")
+    old.time.CopyFrom(timestamp_pb2.Timestamp(seconds=int(log.clock()) - 10_000))
+    fresh = event("fresh", prompt="new", event_type="model.called")
+    other = event("kept", prompt="other type", event_type="tool.invoked")
+    other.time.CopyFrom(timestamp_pb2.Timestamp(seconds=int(log.clock()) - 10_000))
+    log.append("acme", [old, fresh, other], SERVICE)
+    notices = log.prune({"model.called": 3600})
+    assert len(notices) == 1 and notices[0].event_type == "retention.pruned"
+    assert {f.name: f.string_value for f in notices[0].fields}["events"] == "1"
+    by_id = {e.event_id: e for e in log.query("acme")}
+    assert by_id["old"].fields[0].redacted and not by_id["old"].fields[0].string_value
+    assert by_id["fresh"].fields[0].string_value == "new"
+    assert by_id["kept"].fields[0].string_value == "other type"
+    assert log.prune({"model.called": 3600}) == [], "a second prune finds nothing left"
+    from planes.plugins.evidence.fsck import fsck
+    assert fsck(log.store, log.key.public_key).ok

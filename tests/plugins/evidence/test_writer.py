@@ -1,0 +1,152 @@
+"""The evidence writer during a store outage: fail closed, or spool and replay, with gap events."""
+
+from __future__ import annotations
+
+import pytest
+
+from planes.evidence.v1 import evidence_service_pb2 as pb
+from planes.kernel import errors
+from planes.kernel.identity import Identity
+from planes.plugins.evidence.plane import Evidence
+from planes.plugins.evidence.writer import EvidenceUnavailable, EvidenceWriter, Spool, SpoolCorrupted
+from tests.plugins.evidence.conftest import event
+
+
+class Switchable:
+    """A real evidence plane behind a switch that makes it unreachable, like a store outage."""
+
+    def __init__(self, log):
+        self.plane = Evidence(log)
+        self.up = True
+
+    async def append_events(self, request, *, timeout=None):
+        if not self.up:
+            raise errors.Unavailable("connection refused")
+        from planes.kernel.call import CallContext, TraceContext
+        call = CallContext(Identity("svc", request.tenant or "*", frozenset({"service"})), "c",
+                           TraceContext("a" * 32, "b" * 16))
+        return await self.plane.append_events(request, call)
+
+
+@pytest.fixture
+def plane(log):
+    switchable = Switchable(log)
+    yield switchable
+    switchable.plane.close()
+
+
+def test_required_event_fails_closed_before_the_side_effect(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool", required=lambda kind: kind.startswith("effect."))
+    side_effects = []
+
+    async def governed_action():
+        await writer.record("acme", [event("intent-1", event_type="effect.intent")])
+        side_effects.append("charged the card")
+
+    plane.up = False
+    with pytest.raises(EvidenceUnavailable) as raised:
+        run(governed_action())
+    assert side_effects == []
+    assert "effect.intent" in raised.value.message
+    assert writer.spool.size == 0 and log.size == 0
+
+
+def test_outage_buffers_then_replays_in_order(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+
+    async def scenario():
+        await writer.record("acme", [event("a1")])
+        plane.up = False
+        await writer.record("acme", [event("a2"), event("a3")])
+        await writer.record("globex", [event("g1")])
+        plane.up = True
+        await writer.record("acme", [event("a4")])  # still spooled: order is kept behind the backlog
+        return await writer.replay()
+
+    assert run(scenario()) == 4
+    assert [e.event_id for e in log.query("acme")] == ["a1", "a2", "a3", "a4"]
+    assert [e.event_id for e in log.query("globex")] == ["g1"]
+    assert not writer.backlog and writer.spool.size == 0
+
+
+def test_spool_holds_no_plaintext(run, plane, tmp_path):
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+    plane.up = False
+    run(writer.record("acme", [event("secret-event", prompt="the patient's diagnosis")]))
+    raw = (tmp_path / "spool" / "spool.log").read_bytes()
+    assert b"diagnosis" not in raw and b"secret-event" not in raw
+    assert oct((tmp_path / "spool" / "spool.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_overflow_writes_exactly_one_gap_event_per_tenant_with_counts(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=400)
+
+    async def scenario():
+        plane.up = False
+        for index in range(6):
+            await writer.record("acme", [event(f"a{index}", blob=b"x" * 60), event(f"b{index}")])
+        spooled = sum(1 for _ in writer.spool.records())
+        plane.up = True
+        sent = await writer.replay()
+        return spooled, sent
+
+    spooled, sent = run(scenario())
+    assert 0 < spooled < 6
+    events = log.query("acme")
+    gaps = [e for e in events if e.event_type == "gap"]
+    assert len(gaps) == 1
+    fields = {f.name: f.string_value for f in gaps[0].fields}
+    assert fields["lost_events"] == str(12 - sent) and fields["lost_batches"] == str(6 - spooled)
+    assert fields["cause"].startswith("Unavailable") or "unavailable" in fields["cause"]
+    assert events[-1].event_type == "gap", "the gap is recorded after the replayed events"
+    assert [e.event_id for e in events[:-1]] == [f"{p}{i}" for i in range(spooled) for p in "ab"]
+
+
+def test_tampered_spool_is_refused_by_record(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    for index in range(3):
+        spool.append(f"record {index}".encode())
+    data = bytearray(spool.path.read_bytes())
+    data[-1] ^= 1
+    spool.path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupted, match="record 2 was altered"):
+        Spool(tmp_path, max_bytes=10_000)
+
+
+def test_removed_spool_record_breaks_the_chain(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.append(b"first")
+    first_size = spool.size
+    spool.append(b"second")
+    spool.append(b"third")
+    data = spool.path.read_bytes()
+    spool.path.write_bytes(data[:0] + data[first_size:])  # drop the first record
+    with pytest.raises(SpoolCorrupted, match="record 0"):
+        Spool(tmp_path, max_bytes=10_000)
+
+
+def test_replay_after_a_second_outage_is_safe(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+
+    async def scenario():
+        plane.up = False
+        await writer.record("acme", [event("x1")])
+        await writer.record("acme", [event("x2")])
+        plane.up = True
+        first = await writer.replay()
+        return first, await writer.replay()
+
+    assert run(scenario()) == (2, 0)
+    assert [e.event_id for e in log.query("acme")] == ["x1", "x2"]
+
+
+def test_record_torn_by_a_crash_is_cut_and_the_rest_kept(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.append(b"acknowledged")
+    with open(spool.path, "ab") as handle:
+        handle.write(b"\x00\x00\x01\x00" + b"n" * 12 + b"half a record")  # the crash hit mid-write
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert reopened.torn_bytes == 4 + 12 + 13
+    assert list(reopened.records()) == [b"acknowledged"]
+    reopened.append(b"next")
+    assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"acknowledged", b"next"]
