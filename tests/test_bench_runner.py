@@ -37,3 +37,10 @@ def test_chain_runner_compares_native_with_hashlib():
     sides = {line.split()[0] for line in result.stdout.splitlines() if line and not line[0].isspace()}
     assert {"native-1-thread", "native-2-threads", "twin"} <= sides
     assert "inclusion proof" in result.stdout
+
+
+def test_evidence_append_runner_reports_each_path():
+    result = subprocess.run([sys.executable, "-m", "bench.evidence_append", "--events", "200", "--batch", "100",
+                             "--unary", "20", "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "in-process, batched" in result.stdout and "gRPC unary, one event" in result.stdout
