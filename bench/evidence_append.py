@@ -10,7 +10,6 @@ transaction per batch). Events carry two fields (a 64-byte string and a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile

@@ -26,7 +26,6 @@ from __future__ import annotations
 import operator
 import os
 import sys
-from array import array
 from collections.abc import Iterable
 from hashlib import sha256
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
@@ -62,9 +63,9 @@ class Evidence(EvidencePlane):
         end = _ns(request.end_time) if request.HasField("end_time") else None
         while remaining is None or remaining > 0:
             page = PAGE if remaining is None else min(PAGE, remaining)
-            events = await self._run(lambda: self.log.query(
-                request.tenant, correlation_id=request.correlation_id, event_types=tuple(request.event_types),
-                start_ns=start, end_ns=end, after_sequence=after, limit=page))
+            events = await self._run(partial(
+                self.log.query, request.tenant, correlation_id=request.correlation_id,
+                event_types=tuple(request.event_types), start_ns=start, end_ns=end, after_sequence=after, limit=page))
             if not events:
                 return
             yield pb.QueryEventsResponse(events=events)
@@ -115,8 +116,7 @@ class Evidence(EvidencePlane):
             raise LimitExceeded("export_events", MAX_EXPORT_EVENTS, len(rows),
                                 message=f"more than {MAX_EXPORT_EVENTS} events selected; narrow the time range")
         signed = log.checkpoint(request.tree_size) if request.tree_size else log.checkpoint_now()
-        from planes.evidence.v1 import evidence_service_pb2
-        size = evidence_service_pb2.Checkpoint.FromString(signed.checkpoint).tree_size
+        size = pb.Checkpoint.FromString(signed.checkpoint).tree_size
         rows = [row for row in rows if row.sequence <= size]
         selection = {"correlation_id": request.correlation_id, "start_ns": start, "end_ns": end}
         data = bundle.build(log=log, tenant=request.tenant, selection=selection, rows=rows, tree_size=size,

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from planes.kernel import errors
-from planes.kernel.contracts.diagnostics import DiagnosticsPlane, pb
+from planes.kernel.contracts.diagnostics import pb
 from planes.kernel.tokens import SigningKey, issue_token
 from tests.conftest import running_kernel
 

@@ -6,11 +6,10 @@ import textwrap
 
 import pytest
 
-from planes.kernel.contracts.diagnostics import DiagnosticsPlane
 from planes.kernel.errors import PluginError
 from planes.kernel.host import PluginHost, discover
 from planes.kernel.kernel import Kernel
-from planes.kernel.plugin import Plugin, Provision
+from planes.kernel.plugin import Plugin
 from tests.conftest import RecordingDiagnostics, RecordingPlugin, candidates, make_settings
 
 PLUGIN_MODULE = textwrap.dedent('''

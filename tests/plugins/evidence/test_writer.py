@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.identity import Identity
 from planes.plugins.evidence.plane import Evidence
