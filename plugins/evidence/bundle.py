@@ -32,6 +32,7 @@ from planes.native import load
 
 from . import leaf as leaves
 from .log import CHECKPOINT_CONTEXT
+from .proofs import InclusionProofs
 
 chain = load("chain")
 
@@ -55,15 +56,14 @@ def canonical(document: dict) -> bytes:
 
 def build(*, log, tenant: str, selection: dict, rows, tree_size: int, signed: pb.SignedCheckpoint) -> bytes:
     """The bundle for ``rows`` (StoredEvents of one tenant) proven against ``signed``."""
-    hashes = log.store.leaf_hashes(tree_size)
+    proofs = InclusionProofs(log.store.leaf_hashes(tree_size), tree_size)
     values = log.store.values([row.sequence for row in rows])
     events = []
     for row in rows:
-        index = row.sequence - 1
         events.append({
             "sequence": row.sequence,
             "leaf": _b64(row.leaf),
-            "audit_path": [_b64(node) for node in chain.inclusion_proof(hashes, index, tree_size)],
+            "audit_path": [_b64(node) for node in proofs.path(row.sequence - 1)],
             "values": {name: {"salt": _b64(v.salt), "value": _b64(v.value)}
                        for name, v in sorted(values.get(row.sequence, {}).items())},
         })
