@@ -90,28 +90,31 @@ def _str(value: str) -> bytes:
     return _U32.pack(len(encoded)) + encoded
 
 
-def _bytes(value: bytes) -> bytes:
-    return _U32.pack(len(value)) + value
+def encode_header(sequence: int, event_id: str, tenant: str, correlation_id: str, request_id: str,
+                  trace_id: str, span_id: str, actor: str, time_ns: int, event_type: str, config_revision: int,
+                  config_digest: bytes, corrects_event_id: str, field_count: int) -> bytes:
+    """Everything before the fields. With :func:`encode_field`, the one encoder:
+    the log's append path calls them directly, :func:`encode` through a Leaf."""
+    return b"".join((
+        MAGIC, _U64.pack(sequence),
+        _str(event_id), _str(tenant), _str(correlation_id), _str(request_id), _str(trace_id), _str(span_id),
+        _str(actor), _I64.pack(time_ns), _str(event_type),
+        _U64.pack(config_revision), _U32.pack(len(config_digest)), config_digest,
+        _str(corrects_event_id), _U32.pack(field_count),
+    ))
+
+
+def encode_field(name: str, classification: int, kind: int, committed: bytes) -> bytes:
+    if len(committed) != 32:
+        raise InvalidArgument(f"field {name!r}: commitment must be 32 bytes, got {len(committed)}")
+    return _str(name) + _FIELD_TAIL.pack(classification, kind, committed)
 
 
 def encode(leaf: Leaf) -> bytes:
-    parts = [
-        MAGIC,
-        _U64.pack(leaf.sequence),
-        _str(leaf.event_id), _str(leaf.tenant), _str(leaf.correlation_id), _str(leaf.request_id),
-        _str(leaf.trace_id), _str(leaf.span_id), _str(leaf.actor),
-        _I64.pack(leaf.time_ns),
-        _str(leaf.event_type),
-        _U64.pack(leaf.config_revision), _bytes(leaf.config_digest),
-        _str(leaf.corrects_event_id),
-        _U32.pack(len(leaf.fields)),
-    ]
-    for f in leaf.fields:
-        if len(f.commitment) != 32:
-            raise InvalidArgument(f"field {f.name!r}: commitment must be 32 bytes, got {len(f.commitment)}")
-        parts.append(_str(f.name))
-        parts.append(_FIELD_TAIL.pack(f.classification, f.kind, f.commitment))
-    return b"".join(parts)
+    header = encode_header(leaf.sequence, leaf.event_id, leaf.tenant, leaf.correlation_id, leaf.request_id,
+                           leaf.trace_id, leaf.span_id, leaf.actor, leaf.time_ns, leaf.event_type,
+                           leaf.config_revision, leaf.config_digest, leaf.corrects_event_id, len(leaf.fields))
+    return header + b"".join(encode_field(f.name, f.classification, f.kind, f.commitment) for f in leaf.fields)
 
 
 class _Reader:

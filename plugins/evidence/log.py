@@ -13,6 +13,7 @@ thread, so appends are serialized without locks.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from array import array
@@ -66,6 +67,21 @@ def sign_checkpoint(key: SigningKey, body: bytes) -> bytes:
     return key.private_key.sign(CHECKPOINT_CONTEXT + body)
 
 
+class _SaltPool:
+    """Random salts for one batch, drawn with one system call."""
+
+    __slots__ = ("_data", "_at")
+
+    def __init__(self, count: int):
+        self._data = os.urandom(leaves.SALT_BYTES * count)
+        self._at = 0
+
+    def take(self) -> bytes:
+        at = self._at
+        self._at = at + leaves.SALT_BYTES
+        return self._data[at:self._at]
+
+
 class EvidenceLog:
     def __init__(self, store: SqliteEvidenceStore, key: SigningKey, *, log_id: str,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 5.0,
@@ -82,6 +98,7 @@ class EvidenceLog:
         self.frontier = self._load_frontier()
         last = store.checkpoint()
         self._checkpointed_size = last[0] if last else 0
+        self._valid_types: set[str] = set()
         self._checkpointed_at = clock()
 
     def _load_frontier(self):
@@ -98,109 +115,127 @@ class EvidenceLog:
     # -- append ---------------------------------------------------------------
 
     def append(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
-        """Validate, commit, chain and store a batch; durable when this returns."""
+        """Validate, commit, chain and store a batch; durable when this returns.
+
+        The whole batch is checked before anything is stored: one bad event
+        refuses the batch, and nothing of it is kept.
+        """
         limits = self.limits
         if len(events) > limits.events_per_batch:
             raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
         known = self.store.known_event_ids(e.event_id for e in events)
-        prepared: list[tuple[leaves.Leaf, list[StoredValue]]] = []
         sequences: list[int] = []
         seen: dict[str, int] = {}
+        blobs: list[bytes] = []
+        rows: list[tuple] = []
+        values: list[StoredValue] = []
         now_ns = int(self.clock() * 1e9)
+        salts = _SaltPool(sum(len(e.fields) for e in events))
         for index, event in enumerate(events):
-            self._check(index, event, tenant)
-            if event.event_id in known or event.event_id in seen:
-                sequences.append(known.get(event.event_id) or seen[event.event_id])
+            event_id = event.event_id
+            earlier = known.get(event_id) or seen.get(event_id)
+            if earlier:
+                self._check(index, event, tenant)
+                sequences.append(earlier)
                 continue
-            sequence = self.size + len(prepared) + 1
-            seen[event.event_id] = sequence
+            sequence = self.size + len(blobs) + 1
+            blob, row = self._encode(index, sequence, event, tenant, appender, now_ns, salts, values)
+            seen[event_id] = sequence
             sequences.append(sequence)
-            prepared.append(self._leaf(sequence, event, tenant, appender, now_ns))
-        duplicates = len(events) - len(prepared)
-        if not prepared:
+            blobs.append(blob)
+            rows.append(row)
+        duplicates = len(events) - len(blobs)
+        if not blobs:
             return AppendResult(sequences, 0, duplicates, self.head)
-        self._commit(prepared)
+        self._commit(blobs, rows, values)
         self._maybe_checkpoint()
-        return AppendResult(sequences, len(prepared), duplicates, self.head)
+        return AppendResult(sequences, len(blobs), duplicates, self.head)
 
     def _check(self, index: int, event: pb.Event, tenant: str) -> None:
-        where = f"event {index}"
-        limits = self.limits
-        if not event.event_id:
-            raise InvalidArgument(f"{where}: event_id is required (it makes a replayed append harmless)")
-        if len(event.event_id) > limits.id_chars:
-            raise InvalidArgument(f"{where}: event_id longer than {limits.id_chars} characters")
-        if not EVENT_TYPE.fullmatch(event.event_type) or len(event.event_type) > limits.id_chars:
-            raise InvalidArgument(f"{where}: event_type must be a dotted lower-case name such as "
-                                  f"'tool.invoked', got {event.event_type[:40]!r}")
+        """The event-level rules; field rules are checked while encoding."""
+        event_type = event.event_type
+        if event_type not in self._valid_types:
+            if not EVENT_TYPE.fullmatch(event_type) or len(event_type) > self.limits.id_chars:
+                raise InvalidArgument(f"event {index}: event_type must be a dotted lower-case name such as "
+                                      f"'tool.invoked', got {event_type[:40]!r}")
+            if len(self._valid_types) < 10_000:
+                self._valid_types.add(event_type)
+        event_id = event.event_id
+        if not event_id:
+            raise InvalidArgument(f"event {index}: event_id is required (it makes a replayed append harmless)")
+        if len(event_id) > self.limits.id_chars:
+            raise InvalidArgument(f"event {index}: event_id longer than {self.limits.id_chars} characters")
         if event.sequence:
-            raise InvalidArgument(f"{where}: sequence is assigned by the log; leave it 0")
-        if event.correlation.tenant and event.correlation.tenant != tenant:
-            raise PermissionDenied(f"{where}: correlation tenant {event.correlation.tenant!r} is not "
+            raise InvalidArgument(f"event {index}: sequence is assigned by the log; leave it 0")
+        claimed = event.correlation.tenant
+        if claimed and claimed != tenant:
+            raise PermissionDenied(f"event {index}: correlation tenant {claimed!r} is not "
                                    f"the request's tenant {tenant!r}")
-        if len(event.fields) > limits.fields_per_event:
-            raise LimitExceeded("fields_per_event", limits.fields_per_event, len(event.fields),
-                                message=f"{where}: {len(event.fields)} fields > {limits.fields_per_event}")
+        if len(event.fields) > self.limits.fields_per_event:
+            raise LimitExceeded("fields_per_event", self.limits.fields_per_event, len(event.fields),
+                                message=f"event {index}: {len(event.fields)} fields > {self.limits.fields_per_event}")
+
+    def _encode(self, index: int, sequence: int, event: pb.Event, tenant: str, appender: Identity, now_ns: int,
+                salts: _SaltPool, values: list[StoredValue]) -> tuple[bytes, tuple]:
+        """Check one event, commit its fields and encode its leaf (one pass)."""
+        self._check(index, event, tenant)
+        limits = self.limits
+        parts = []
         names = set()
         for field in event.fields:
-            if not field.name or len(field.name) > limits.id_chars:
-                raise InvalidArgument(f"{where}: field names must be 1 to {limits.id_chars} characters")
-            if field.name in names:
-                raise InvalidArgument(f"{where}: field {field.name!r} appears twice")
-            names.add(field.name)
-            size = len(field.string_value.encode()) if field.HasField("string_value") else len(field.bytes_value)
-            if size > limits.field_value_bytes:
-                raise LimitExceeded("field_value_bytes", limits.field_value_bytes, size,
-                                    message=f"{where}: field {field.name!r} holds {size} bytes > "
-                                            f"{limits.field_value_bytes}")
-
-    def _leaf(self, sequence: int, event: pb.Event, tenant: str, appender: Identity,
-              now_ns: int) -> tuple[leaves.Leaf, list[StoredValue]]:
-        committed, values = [], []
-        for field in event.fields:
-            kind, value = _value(field)
-            if value is None:  # withheld at the source: only a commitment travels
-                if len(field.commitment.value) != 32:
-                    raise InvalidArgument(f"field {field.name!r} has neither a value nor a 32-byte commitment")
-                committed.append(leaves.CommittedField(field.name, field.classification,
-                                                       kind or leaves.KIND_BYTES, field.commitment.value))
+            name = field.name
+            if not name or len(name) > limits.id_chars:
+                raise InvalidArgument(f"event {index}: field names must be 1 to {limits.id_chars} characters")
+            if name in names:
+                raise InvalidArgument(f"event {index}: field {name!r} appears twice")
+            names.add(name)
+            which = field.WhichOneof("value")
+            if which is None:  # withheld at the source: only a commitment travels
+                committed = field.commitment.value
+                if len(committed) != 32:
+                    raise InvalidArgument(f"event {index}: field {name!r} has neither a value nor a 32-byte "
+                                          "commitment")
+                parts.append(leaves.encode_field(name, field.classification, leaves.KIND_BYTES, committed))
                 continue
-            salt = field.salt or leaves.new_salt()
-            digest = leaves.commitment(salt, field.name, kind, value)
-            if field.commitment.value and field.commitment.value != digest:
-                raise InvalidArgument(f"field {field.name!r}: the commitment sent does not match its value and salt")
-            committed.append(leaves.CommittedField(field.name, field.classification, kind, digest))
-            values.append(StoredValue(sequence, field.name, salt, value))
+            if which == "string_value":
+                kind, value = leaves.KIND_STRING, field.string_value.encode()
+            else:
+                kind, value = leaves.KIND_BYTES, field.bytes_value
+            if len(value) > limits.field_value_bytes:
+                raise LimitExceeded("field_value_bytes", limits.field_value_bytes, len(value),
+                                    message=f"event {index}: field {name!r} holds {len(value)} bytes > "
+                                            f"{limits.field_value_bytes}")
+            salt = field.salt or salts.take()
+            digest = leaves.commitment(salt, name, kind, value)
+            sent = field.commitment.value
+            if sent and sent != digest:
+                raise InvalidArgument(f"event {index}: field {name!r}: the commitment sent does not match its "
+                                      "value and salt")
+            parts.append(leaves.encode_field(name, field.classification, kind, digest))
+            values.append(StoredValue(sequence, name, salt, value))
         correlation = event.correlation
-        leaf = leaves.Leaf(
-            sequence=sequence, event_id=event.event_id, tenant=tenant,
-            correlation_id=correlation.correlation_id, request_id=correlation.request_id,
-            trace_id=correlation.trace_id, span_id=correlation.span_id,
-            actor=correlation.actor or appender.principal,
-            time_ns=_ns(event.time) if event.HasField("time") else now_ns,
-            event_type=event.event_type, config_revision=event.config.revision,
-            config_digest=event.config.digest, corrects_event_id=event.corrects_event_id,
-            fields=tuple(committed),
-        )
-        return leaf, values
+        time_ns = _ns(event.time) if event.HasField("time") else now_ns
+        header = leaves.encode_header(
+            sequence, event.event_id, tenant, correlation.correlation_id, correlation.request_id,
+            correlation.trace_id, correlation.span_id, correlation.actor or appender.principal, time_ns,
+            event.event_type, event.config.revision, event.config.digest, event.corrects_event_id, len(parts))
+        return header + b"".join(parts), (sequence, event.event_id, tenant, correlation.correlation_id,
+                                          event.event_type, time_ns)
 
-    def _commit(self, prepared: list[tuple[leaves.Leaf, list[StoredValue]]]) -> None:
-        encoded = [leaves.encode(leaf) for leaf, _ in prepared]
+    def _commit(self, blobs: list[bytes], rows: list[tuple], values: list[StoredValue]) -> None:
         offsets = array("Q", [0])
-        for blob in encoded:
-            offsets.append(offsets[-1] + len(blob))
-        hashes, heads = chain.hash_and_chain(self.head, b"".join(encoded), offsets)
-        stored = []
-        for index, ((leaf, _), blob) in enumerate(zip(prepared, encoded)):
-            at = index * 32
-            stored.append(StoredEvent(leaf.sequence, leaf.event_id, leaf.tenant, leaf.correlation_id,
-                                      leaf.event_type, leaf.time_ns, blob, hashes[at:at + 32], heads[at:at + 32]))
+        total = 0
+        for blob in blobs:
+            total += len(blob)
+            offsets.append(total)
+        hashes, heads = chain.hash_and_chain(self.head, b"".join(blobs), offsets)
+        stored = [StoredEvent(*row, blob, hashes[at:at + 32], heads[at:at + 32])
+                  for row, blob, at in zip(rows, blobs, range(0, len(hashes), 32))]
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
         frontier.append(hashes)
-        self.store.append(stored, [v for _, values in prepared for v in values],
-                          {"frontier": frontier.to_bytes()})
+        self.store.append(stored, values, {"frontier": frontier.to_bytes()})
         self.frontier = frontier
-        self.size += len(prepared)
+        self.size += len(blobs)
         self.head = heads[-32:]
 
     # -- checkpoints --------------------------------------------------------
@@ -352,15 +387,6 @@ class EvidenceLog:
                 self.store.delete_all_values(sequences)
                 recorded.append(self.to_events([self.store.event_at(result.sequences[0])])[0])
         return recorded
-
-
-def _value(field: pb.EventField) -> tuple[int, bytes | None]:
-    which = field.WhichOneof("value")
-    if which == "string_value":
-        return leaves.KIND_STRING, field.string_value.encode()
-    if which == "bytes_value":
-        return leaves.KIND_BYTES, field.bytes_value
-    return 0, None
 
 
 def to_event(leaf: leaves.Leaf, values: dict[str, StoredValue]) -> pb.Event:
