@@ -78,6 +78,10 @@ class EvidencePlugin(Plugin):
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self.log.size:
+            # Every acknowledged event is covered by a signed checkpoint when
+            # the host stops, not only after the next start.
+            await self.plane._run(self.log.checkpoint_now)
         self.plane.close()
         self.log.store.close()
 

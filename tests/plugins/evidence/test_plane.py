@@ -113,3 +113,14 @@ def test_export_over_grpc_then_verify_offline_with_the_cli(run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "verify", str(path)],
                          capture_output=True, text=True, cwd="/")
     assert bad.returncode == 1 and "INVALID" in bad.stderr
+
+
+def test_stopping_signs_a_checkpoint_covering_every_event(run, tmp_path):
+    async def scenario(client):
+        await client(("service",)).append_events(pb.AppendEventsRequest(events=[event("last-1"), event("last-2")]),
+                                                 timeout=5)
+
+    _serve(run, tmp_path, scenario)
+    from planes.plugins.evidence import open_log
+    reopened = open_log(tmp_path)
+    assert reopened.store.checkpoint()[0] == 2
