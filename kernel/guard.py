@@ -51,7 +51,7 @@ MAX_ID_LENGTH = 128
 class MethodGuard:
     """Admission rules of one method: roles, tenant scope and contract version."""
 
-    __slots__ = ("path", "roles", "tenant_scoped", "plane", "version", "public", "_negotiated")
+    __slots__ = ("path", "roles", "tenant_scoped", "plane", "version", "public", "_by_header", "_by_agent")
 
     def __init__(
         self,
@@ -69,9 +69,13 @@ class MethodGuard:
         self.plane = plane
         self.version = version
         self.public = public
-        #: Contract header value -> None (compatible) or the error to raise.
-        #: Callers send a handful of distinct values, so parse each once.
-        self._negotiated: dict[str, PlanesError | None] = {}
+        #: Offered version text -> None (compatible) or the client version to
+        #: refuse, one cache for the header and one for the user-agent.
+        #: Callers send a handful of distinct values, so each is parsed once.
+        #: (A refusal is cached as data, not as an exception object: raising
+        #: one instance again and again would grow its traceback each time.)
+        self._by_header: dict[str, str | None] = {}
+        self._by_agent: dict[str, str | None] = {}
 
     @classmethod
     def for_rpc(cls, rpc: Rpc, plane: str, version: ContractVersion) -> MethodGuard:
@@ -103,14 +107,17 @@ class CallGuard:
                 request_id = value
         identity = self.authenticator.identify(authorization, context.auth_context)
         self._authorize(method, identity)
-        if method.version is not None:
-            offered = contract if contract is not None else user_agent
-            if offered is not None:
-                refusal = method._negotiated.get(offered, _UNSEEN)
-                if refusal is _UNSEEN:
-                    refusal = self._negotiate(method, offered, from_header=contract is not None)
-                if refusal is not None:
-                    raise refusal
+        if method.version is not None and (contract is not None or user_agent is not None):
+            if contract is not None:
+                refused = method._by_header.get(contract, _UNSEEN)
+                if refused is _UNSEEN:
+                    refused = self._negotiate(method, contract, from_header=True)
+            else:
+                refused = method._by_agent.get(user_agent, _UNSEEN)
+                if refused is _UNSEEN:
+                    refused = self._negotiate(method, user_agent, from_header=False)
+            if refused is not None:
+                raise VersionMismatch(method.plane, refused, str(method.version))
         if correlation is not None and len(correlation) > MAX_ID_LENGTH:
             correlation = None
         remaining = context.time_remaining()
@@ -151,27 +158,27 @@ class CallGuard:
             )
 
     @staticmethod
-    def _negotiate(method: MethodGuard, offered: str, *, from_header: bool) -> PlanesError | None:
+    def _negotiate(method: MethodGuard, offered: str, *, from_header: bool) -> str | None:
+        """Parse an offered version; the client version to refuse, or None to serve it."""
+        cache = method._by_header if from_header else method._by_agent
         if from_header:
             text = offered
         else:
             prefix = f"{USER_AGENT_CONTRACT}{method.plane}="
             text = next((part[len(prefix):] for part in offered.split() if part.startswith(prefix)), None)
             if text is None:  # a client that does not negotiate: serve it as is
-                if len(method._negotiated) < 64:
-                    method._negotiated[offered] = None
+                if len(cache) < 64:
+                    cache[offered] = None
                 return None
         try:
             client = ContractVersion.parse(text)
         except ValueError:
             # Not cached: arbitrary garbage must not grow the cache.
-            return InvalidArgument(f"contract version must look like '1.0', got {text[:32]!r}")
-        refusal = None
-        if not method.version.serves(client):
-            refusal = VersionMismatch(method.plane, str(client), str(method.version))
-        if len(method._negotiated) < 64:
-            method._negotiated[offered] = refusal
-        return refusal
+            raise InvalidArgument(f"contract version must look like '1.0', got {text[:32]!r}") from None
+        refused = None if method.version.serves(client) else str(client)
+        if len(cache) < 64:
+            cache[offered] = refused
+        return refused
 
     @staticmethod
     def scope_tenant(request: Any, identity: Identity) -> None:

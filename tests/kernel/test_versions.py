@@ -82,3 +82,48 @@ def test_client_that_does_not_negotiate_is_served(run, tmp_path):
             return plain, other_plane
 
     assert run(scenario()) == (None, None)
+
+
+def test_repeated_refusals_are_fresh_errors():
+    """A misconfigured client refused many times must not grow one error's traceback."""
+    from planes.kernel.auth import Authenticator
+    from planes.kernel.contract import PlaneSpec
+    from planes.kernel.guard import CallGuard, MethodGuard
+    from planes.kernel.tokens import SigningKey, TokenVerifier, issue_token
+
+    key = SigningKey.generate()
+    token = issue_token(key, principal="p", tenant="acme", roles=["service"], ttl_seconds=60)
+    guard = CallGuard(Authenticator(TokenVerifier({key.kid: key.public_key})))
+    spec = PlaneSpec(DiagnosticsPlane)
+    method = MethodGuard.for_rpc(spec.rpcs["echo"], spec.plane, spec.version)
+
+    class Context:
+        def invocation_metadata(self):
+            return (("authorization", f"Bearer {token}"), ("x-planes-contract", "2.0"))
+
+        def auth_context(self):
+            return {}
+
+        def time_remaining(self):
+            return None
+
+    raised = []
+    for _ in range(3):
+        with pytest.raises(errors.VersionMismatch) as refusal:
+            guard.admit(method, Context())
+        raised.append(refusal.value)
+    assert len({id(error) for error in raised}) == 3
+    assert all(error.client_version == "2.0" for error in raised)
+
+
+def test_header_and_user_agent_are_judged_separately(run, tmp_path):
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            agent = "planes-contract/other=1.0"
+            as_agent = await _raw_echo(k, (), options=[("grpc.primary_user_agent", agent)])
+            as_header = await _raw_echo(k, (("x-planes-contract", "nonsense"),))
+            return as_agent, as_header
+
+    as_agent, as_header = run(scenario())
+    assert as_agent is None
+    assert isinstance(as_header, errors.InvalidArgument)
