@@ -1,0 +1,231 @@
+"""Bounded cached configuration: what a host runs under, and for how long.
+
+A subscriber (an execution host, a worker) applies only snapshots that
+verify: the Ed25519 signature over the header bytes exactly as sent, the
+content digest, the validity window, a revision above every one it has
+applied (anti-rollback, kept in a high-water file that survives restarts),
+and the plane contracts it serves. It keeps the last good snapshot on disk,
+written atomically, so a restart works offline.
+
+While it hears from the control plane (a watch message, a status reply) it
+renews its lease; the lease length comes from the snapshot. When the lease
+runs out it moves to the state the snapshot's policy names (degraded, or stop
+admitting); past the snapshot's expiry it always stops admitting. It never
+switches to an unverified or unknown configuration. The clock is injectable,
+so every path is tested deterministically.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from planes.common.v1 import common_pb2
+from planes.control.v1 import control_service_pb2 as pb
+from planes.kernel.contract import ContractVersion
+
+SNAPSHOT_CONTEXT = b"planes.control.v1.Snapshot\x00"
+SNAPSHOT_FILE = "snapshot.bin"
+STATE_FILE = "subscriber.json"
+
+
+class ConfigState(enum.Enum):
+    #: No verified snapshot yet: nothing is admitted.
+    EMPTY = "empty"
+    #: Running under a verified snapshot within its lease.
+    ACTIVE = "active"
+    #: Lease ran out; the snapshot's policy says keep serving, reported degraded.
+    DEGRADED = "degraded"
+    #: Lease ran out (or the snapshot expired): finish admitted work, admit nothing new.
+    STOP_ADMITTING = "stop_admitting"
+
+
+class SnapshotRejected(Exception):
+    """A snapshot was refused; ``reason`` is the NackReason to report."""
+
+    def __init__(self, reason: int, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    @property
+    def reason_name(self) -> str:
+        return pb.NackReason.Name(self.reason)
+
+
+@dataclass(frozen=True)
+class VerifiedSnapshot:
+    header: pb.Snapshot
+    signed: pb.SignedSnapshot
+
+    @property
+    def revision(self) -> int:
+        return self.header.revision
+
+    def content(self) -> pb.SnapshotContent:
+        return pb.SnapshotContent.FromString(self.signed.content)
+
+
+def _seconds(stamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def verify_snapshot(signed: pb.SignedSnapshot, keys: dict[str, Ed25519PublicKey], now: float | None,
+                    served: dict[str, ContractVersion] | None = None) -> VerifiedSnapshot:
+    """Check a snapshot before parsing what it says; SnapshotRejected otherwise.
+
+    ``now`` None skips the validity window (for reloading the cache, whose
+    window :meth:`CachedConfig.state` judges).
+    """
+    key = keys.get(signed.key_id)
+    if key is None:
+        raise SnapshotRejected(pb.NACK_REASON_UNKNOWN_KEY, f"snapshot signed by unknown key {signed.key_id!r}")
+    try:
+        key.verify(signed.signature, SNAPSHOT_CONTEXT + signed.snapshot)
+    except InvalidSignature:
+        raise SnapshotRejected(pb.NACK_REASON_BAD_SIGNATURE, "snapshot signature does not verify") from None
+    header = pb.Snapshot.FromString(signed.snapshot)
+    if header.key_id != signed.key_id:
+        raise SnapshotRejected(pb.NACK_REASON_BAD_SIGNATURE, "snapshot key id differs from its signature's")
+    digest = header.content_digest
+    if (digest.algorithm != common_pb2.DIGEST_ALGORITHM_SHA256
+            or hashlib.sha256(signed.content).digest() != digest.value):
+        raise SnapshotRejected(pb.NACK_REASON_DIGEST_MISMATCH,
+                               f"content of revision {header.revision} does not match its digest")
+    if now is not None and now < _seconds(header.not_before):
+        raise SnapshotRejected(pb.NACK_REASON_NOT_YET_VALID, f"revision {header.revision} is not valid yet")
+    if now is not None and now >= _seconds(header.expires_at):
+        raise SnapshotRejected(pb.NACK_REASON_EXPIRED, f"revision {header.revision} has expired")
+    for needed in header.required_contracts:
+        have = (served or {}).get(needed.plane)
+        want = ContractVersion(needed.major, needed.minor)
+        if have is None or not have.serves(want):
+            raise SnapshotRejected(
+                pb.NACK_REASON_MISSING_CONTRACT,
+                f"revision {header.revision} needs the {needed.plane} contract {want}; "
+                f"this host serves {have if have is not None else 'none'}")
+    return VerifiedSnapshot(header, signed)
+
+
+class CachedConfig:
+    """The subscriber's current configuration, its lease, and its disk cache."""
+
+    def __init__(self, directory: Path, keys: dict[str, Ed25519PublicKey], *,
+                 served: dict[str, ContractVersion] | None = None, clock: Callable[[], float] = time.time):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = directory
+        self.keys = dict(keys)
+        self.served = dict(served or {})
+        self.clock = clock
+        self.current: VerifiedSnapshot | None = None
+        self.last_contact = 0.0
+        self.high_water = 0
+        self.load_problem = ""
+        self._load()
+
+    # -- persistence ----------------------------------------------------------
+
+    def _load(self) -> None:
+        state_path = self.directory / STATE_FILE
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            self.high_water = int(state.get("high_water", 0))
+            self.last_contact = float(state.get("last_contact", 0.0))
+        snapshot_path = self.directory / SNAPSHOT_FILE
+        if not snapshot_path.exists():
+            return
+        try:
+            signed = pb.SignedSnapshot.FromString(snapshot_path.read_bytes())
+            # The window is not checked here: an expired cached snapshot is
+            # kept, but never admits work; state() says so.
+            verified = verify_snapshot(signed, self.keys, None, self.served)
+        except Exception as exc:  # a damaged or foreign cache: run with nothing rather than with it
+            self.load_problem = f"cached snapshot refused: {exc}"
+            return
+        if verified.revision < self.high_water:
+            self.load_problem = (f"cached snapshot revision {verified.revision} is older than revision "
+                                 f"{self.high_water} applied before: refused (rollback)")
+            return
+        self.current = verified
+
+    def _write_atomically(self, name: str, data: bytes) -> None:
+        path = self.directory / name
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _save_state(self) -> None:
+        self._write_atomically(STATE_FILE, json.dumps(
+            {"high_water": self.high_water, "last_contact": self.last_contact}).encode())
+
+    # -- applying ---------------------------------------------------------------
+
+    def offer(self, signed: pb.SignedSnapshot) -> VerifiedSnapshot:
+        """Verify and apply a snapshot atomically; SnapshotRejected with the NACK reason otherwise.
+
+        Offering the snapshot already applied (same bytes) is a no-op, not a
+        NACK: a watch that reconnects may deliver it again.
+        """
+        now = self.clock()
+        if self.current is not None and signed.snapshot == self.current.signed.snapshot \
+                and signed.content == self.current.signed.content:
+            self.heard_from_control()
+            return self.current
+        verified = verify_snapshot(signed, self.keys, now, self.served)
+        floor = max(self.high_water, self.current.revision if self.current else 0)
+        if verified.revision <= floor:
+            raise SnapshotRejected(pb.NACK_REASON_STALE_REVISION,
+                                   f"revision {verified.revision} is not newer than revision {floor} "
+                                   "already applied (rollback or replay)")
+        self._write_atomically(SNAPSHOT_FILE, signed.SerializeToString())
+        self.current = verified
+        self.high_water = verified.revision
+        self.last_contact = now
+        self._save_state()
+        return verified
+
+    def heard_from_control(self) -> None:
+        """The control plane answered: the lease starts again from now."""
+        self.last_contact = self.clock()
+        self._save_state()
+
+    # -- state --------------------------------------------------------------------
+
+    def state(self) -> tuple[ConfigState, str]:
+        current = self.current
+        if current is None:
+            return ConfigState.EMPTY, self.load_problem or "no verified configuration yet"
+        now = self.clock()
+        header = current.header
+        if now >= _seconds(header.expires_at):
+            return ConfigState.STOP_ADMITTING, f"revision {header.revision} expired"
+        if now < _seconds(header.not_before):
+            return ConfigState.STOP_ADMITTING, f"revision {header.revision} is not valid yet (clock moved back?)"
+        lease = header.lease.seconds + header.lease.nanos / 1e9
+        if now < self.last_contact + lease:
+            return ConfigState.ACTIVE, f"revision {header.revision}"
+        if header.on_lease_expiry == pb.LEASE_EXPIRY_POLICY_DEGRADED:
+            return ConfigState.DEGRADED, f"revision {header.revision}: control plane silent past the lease"
+        return ConfigState.STOP_ADMITTING, f"revision {header.revision}: control plane silent past the lease"
+
+    def admitting(self) -> bool:
+        return self.state()[0] in (ConfigState.ACTIVE, ConfigState.DEGRADED)
