@@ -1,0 +1,143 @@
+"""Desired-state store: validation, optimistic concurrency, signed snapshots, rollback, degraded mode."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from planes.control.v1 import control_service_pb2 as pb
+from planes.kernel import errors
+from planes.kernel.tokens import SigningKey
+from planes.plugins.control.store import ControlStore
+from planes.plugins.control.subscriber import CachedConfig, ConfigState, verify_snapshot
+
+ROUTE = pb.RESOURCE_KIND_MODEL_ROUTE
+
+
+def spec(**fields) -> struct_pb2.Struct:
+    return json_format.ParseDict(fields, struct_pb2.Struct())
+
+
+GOOD_ROUTE = spec(adapter="echo", allowed_classifications=["public", "internal"])
+
+
+class Clock:
+    now = 1_800_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    opened = ControlStore(tmp_path / "control.sqlite3", clock=clock)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def key():
+    return SigningKey.generate()
+
+
+def test_create_replace_and_delete_with_versions(store):
+    before, created = store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    assert before is None and created.resource_version == 1 and created.updated_by == "alice"
+    changed = spec(adapter="openai", allowed_classifications=["public"])
+    before, replaced = store.put(ROUTE, "acme", "gpt", changed, 1, "bob")
+    assert before.resource_version == 1 and replaced.resource_version == 2
+    assert before.spec_digest.value != replaced.spec_digest.value
+    assert store.delete(ROUTE, "acme", "gpt", 2, "bob").resource_version == 2
+    with pytest.raises(errors.NotFound):
+        store.get(ROUTE, "acme", "gpt")
+    operations = store.db.execute("SELECT operation, version FROM history ORDER BY rowid").fetchall()
+    assert operations == [("put", 1), ("put", 2), ("delete", 2)]
+
+
+def test_stale_writes_are_aborted_and_change_nothing(store):
+    store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 1, "alice")
+    with pytest.raises(errors.Conflict) as stale:
+        store.put(ROUTE, "acme", "gpt", spec(adapter="x", allowed_classifications=[]), 1, "mallory")
+    assert stale.value.code.name == "ABORTED"
+    assert "expected version 1, current is 2" in stale.value.message
+    with pytest.raises(errors.AlreadyExists):
+        store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "mallory")
+    with pytest.raises(errors.Conflict):
+        store.delete(ROUTE, "acme", "gpt", 1, "mallory")
+    current = store.get(ROUTE, "acme", "gpt")
+    assert current.resource_version == 2 and current.spec.fields["adapter"].string_value == "echo"
+
+
+@pytest.mark.parametrize(("kind", "tenant", "name", "body", "message"), [
+    (ROUTE, "acme", "gpt", spec(adapter="echo"), "field 'allowed_classifications' is required"),
+    (ROUTE, "acme", "gpt", spec(adapter=3, allowed_classifications=[]), "field 'adapter' must be a string"),
+    (ROUTE, "acme", "gpt", spec(adapter="e", allowed_classifications=["secret"]),
+     "has 'secret'; allowed: public, internal, confidential, restricted"),
+    (ROUTE, "acme", "gpt", spec(adapter="e", allowed_classifications=[], colour="red"),
+     "unknown field 'colour'; fields of a model_route:"),
+    (ROUTE, "acme", "bad name!", GOOD_ROUTE, "name must be"),
+    (ROUTE, "*", "gpt", GOOD_ROUTE, "belongs to one tenant"),
+    (pb.RESOURCE_KIND_TENANT, "acme", "acme", spec(), "is global; write it with tenant '*'"),
+    (pb.RESOURCE_KIND_IDENTITY_MAPPING, "acme", "m1", spec(principal="p", roles=["root"]), "has 'root'"),
+    (pb.RESOURCE_KIND_QUOTA, "acme", "q", spec(), "set at least one of tasks, tokens, bytes"),
+    (pb.RESOURCE_KIND_RETENTION_RULE, "acme", "r", spec(event_type="x", seconds=-1), "must not be negative"),
+    (pb.RESOURCE_KIND_UNSPECIFIED, "acme", "x", spec(), "kind must be one of"),
+])
+def test_validation_errors_say_what_to_fix(store, kind, tenant, name, body, message):
+    with pytest.raises(errors.InvalidArgument) as refused:
+        store.put(kind, tenant, name, body, 0, "alice")
+    assert message in refused.value.message
+    assert store.list() == []
+
+
+def test_publish_signs_a_snapshot_the_subscriber_accepts(store, key, clock, tmp_path):
+    store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    store.put(pb.RESOURCE_KIND_TENANT, "*", "acme", spec(display_name="Acme"), 0, "alice")
+    first = store.publish(key, expected_revision=0, actor="alice", lease=60, message="initial")
+    header = verify_snapshot(first, {key.kid: key.public_key}, clock.now).header
+    assert (header.revision, header.resource_count, header.created_by) == (1, 2, "alice")
+    names = [r.name for r in pb.SnapshotContent.FromString(first.content).resources]
+    assert names == ["acme", "gpt"], "ordered by kind, tenant, name"
+    cache = CachedConfig(tmp_path / "sub", {key.kid: key.public_key}, clock=clock)
+    assert cache.offer(first).revision == 1 and cache.state()[0] is ConfigState.ACTIVE
+    with pytest.raises(errors.Conflict, match="latest is 1"):
+        store.publish(key, expected_revision=0, actor="bob")
+
+
+def test_rollback_publishes_a_new_revision_with_old_content(store, key, clock, tmp_path):
+    store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    store.publish(key, expected_revision=0, actor="alice")
+    store.put(ROUTE, "acme", "gpt", spec(adapter="broken", allowed_classifications=[]), 1, "alice")
+    store.publish(key, expected_revision=1, actor="alice")
+    rolled = store.rollback(key, 1, expected_revision=2, actor="alice")
+    header = verify_snapshot(rolled, {key.kid: key.public_key}, clock.now).header
+    assert (header.revision, header.source_revision) == (3, 1)
+    assert rolled.content == store.snapshot(1).content
+    assert store.latest_revision() == 3
+    cache = CachedConfig(tmp_path / "sub", {key.kid: key.public_key}, clock=clock)
+    cache.offer(store.snapshot(2))
+    assert cache.offer(rolled).revision == 3, "a rollback is a newer revision, so subscribers take it"
+
+
+def test_degraded_store_blocks_privileged_changes_but_reads_work(tmp_path, key, clock):
+    path = tmp_path / "control.sqlite3"
+    writable = ControlStore(path, clock=clock)
+    writable.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    writable.publish(key, expected_revision=0, actor="alice")
+    writable.close()
+    degraded = ControlStore(path, clock=clock, read_only=True)
+    for attempt in (lambda: degraded.put(ROUTE, "acme", "x", GOOD_ROUTE, 0, "a"),
+                    lambda: degraded.delete(ROUTE, "acme", "gpt", 1, "a"),
+                    lambda: degraded.publish(key, expected_revision=1, actor="a")):
+        with pytest.raises(errors.FailedPrecondition, match="read-only"):
+            attempt()
+    assert degraded.get(ROUTE, "acme", "gpt").resource_version == 1
+    assert degraded.snapshot().key_id == key.kid
+    with pytest.raises(errors.FailedPrecondition, match="signing key is unavailable"):
+        ControlStore(path, clock=clock).publish(None, expected_revision=1, actor="a")
