@@ -93,6 +93,16 @@ class EvidencePlugin(Plugin):
         verify.add_argument("--public-key", help="PEM file of the evidence key the bundle must be signed with")
         verify.add_argument("--key-id", default="", help="the key id the bundle must be signed with")
         verify.set_defaults(handler=_cmd_verify)
+        export = actions.add_parser("export", help="export a bundle from a running kernel (reviewer token)")
+        export.add_argument("--correlation-id", default="", help="the correlation to export")
+        export.add_argument("--tenant", default="", help="tenant (default: the token's)")
+        export.add_argument("--out", required=True, help="bundle file to create")
+        export.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+        export.add_argument("--token-file", help="reviewer token file (default: $PLANES_TOKEN)")
+        export.add_argument("--config", help="settings TOML file")
+        export.add_argument("--state-dir", help="state directory (default: ./var)")
+        export.add_argument("--timeout", type=float, default=60.0)
+        export.set_defaults(handler=_cmd_export)
         check = actions.add_parser("fsck", help="recompute the chain and tree of this host's log")
         check.add_argument("--config", help="settings TOML file")
         check.add_argument("--state-dir", help="state directory (default: ./var)")
@@ -113,6 +123,53 @@ def _cmd_verify(args) -> int:
           f"{verdict.tree_size}, signed by key {verdict.key_id}")
     for note in verdict.notes:
         print(f"note: {note}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import hashlib
+
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import EvidencePlane
+    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.runtime import run
+    from planes.kernel.secrets import read_secret
+    from planes.kernel.settings import load_settings
+
+    if not args.correlation_id:
+        raise InvalidArgument("give --correlation-id (time-range export: use the ExportBundle RPC)")
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    address = args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
+    if args.token_file:
+        token = read_secret(Path(args.token_file)).decode().strip()
+    elif os.environ.get("PLANES_TOKEN"):
+        token = os.environ["PLANES_TOKEN"].strip()
+    else:
+        raise InvalidArgument("export needs a reviewer token: --token-file or PLANES_TOKEN")
+    out = Path(args.out)
+    if out.exists():
+        raise InvalidArgument(f"{out} exists; choose another path")
+
+    async def export() -> tuple[bytes, pb.BundleSummary]:
+        client = connect(address, EvidencePlane, token=token)
+        chunks, summary = [], pb.BundleSummary()
+        try:
+            request = pb.ExportBundleRequest(tenant=args.tenant, correlation_id=args.correlation_id)
+            async for part in client.export_bundle(request, timeout=args.timeout):
+                if part.data:
+                    chunks.append(part.data)
+                if part.HasField("summary"):
+                    summary = part.summary
+        finally:
+            await client.close()
+        return b"".join(chunks), summary
+
+    data, summary = run(export())
+    if hashlib.sha256(data).digest() != summary.digest.value:
+        raise PlanesError("the bundle received does not match the digest the server sent; nothing written")
+    out.write_bytes(data)
+    print(f"wrote {out}: {summary.event_count} events, checkpoint tree size {summary.tree_size}")
     return 0
 
 

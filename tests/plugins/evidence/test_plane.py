@@ -124,3 +124,58 @@ def test_stopping_signs_a_checkpoint_covering_every_event(run, tmp_path):
     from planes.plugins.evidence import open_log
     reopened = open_log(tmp_path)
     assert reopened.store.checkpoint()[0] == 2
+
+
+def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
+    """A reviewer's whole path as commands: serve, export, verify."""
+    import os
+    import socket
+    import time
+
+    state = tmp_path / "state"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PLANES_")},
+           "PLANES_STATE_DIR": str(state), "PLANES_SERVER__BIND": f"127.0.0.1:{port}"}
+    cli = [sys.executable, "-m", "planes.kernel.cli"]
+    server = subprocess.Popen([*cli, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "serving on" not in server.stdout.readline():
+            pass
+        tokens = {}
+        for role in ("service", "reviewer"):
+            path = tmp_path / f"{role}.token"
+            issued = subprocess.run([*cli, "token", "issue", "--principal", role, "--tenant", "acme", "--role", role,
+                                     "--out", str(path)], env=env, capture_output=True, text=True)
+            assert issued.returncode == 0, issued.stderr
+            tokens[role] = path.read_text().strip()
+
+        async def append():
+            client = connect(f"127.0.0.1:{port}", EvidencePlane, token=tokens["service"])
+            try:
+                await client.append_events(pb.AppendEventsRequest(events=[event("x1", correlation="case-7")]),
+                                           timeout=10)
+            finally:
+                await client.close()
+
+        from planes.kernel.runtime import run as run_loop
+        run_loop(append())
+        bundle = tmp_path / "case-7.json"
+        exported = subprocess.run([*cli, "evidence", "export", "--correlation-id", "case-7", "--out", str(bundle),
+                                   "--token-file", str(tmp_path / "reviewer.token")], env=env,
+                                  capture_output=True, text=True)
+        assert exported.returncode == 0, exported.stderr
+        assert "1 events" in exported.stdout
+        denied = subprocess.run([*cli, "evidence", "export", "--correlation-id", "case-7", "--out",
+                                 str(tmp_path / "no.json"), "--token-file", str(tmp_path / "service.token")],
+                                env=env, capture_output=True, text=True)
+        assert denied.returncode == 1 and "needs one of the roles reviewer" in denied.stderr
+        assert not (tmp_path / "no.json").exists()
+        verified = subprocess.run([*cli, "evidence", "verify", str(bundle), "--public-key",
+                                   str(state / "keys" / "evidence-signing.pub.pem")], capture_output=True, text=True)
+        assert verified.returncode == 0, verified.stderr
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
