@@ -94,6 +94,25 @@ class ControlStore:
         return [self._row_to_resource(row) for row in
                 self.db.execute(f"SELECT * FROM resources {where} ORDER BY kind, tenant, name", params)]
 
+    def check_version(self, kind: int, tenant: str, name: str, expected_version: int) -> pb.Resource | None:
+        """The current resource (None if absent) if ``expected_version`` matches it; else the error.
+
+        0 means "create": an existing resource is ALREADY_EXISTS. Writes call
+        it inside their transaction; callers may call it first to refuse early.
+        """
+        row = self.db.execute("SELECT * FROM resources WHERE kind = ? AND tenant = ? AND name = ?",
+                              (kind, tenant, name)).fetchone()
+        before = self._row_to_resource(row) if row else None
+        current = before.resource_version if before else 0
+        label = f"{kind_name(kind)} {name!r} in tenant {tenant!r}"
+        if expected_version == 0 and before is not None:
+            raise AlreadyExists(f"{label} exists at version {current}; send expected_resource_version "
+                                f"{current} to replace it")
+        if expected_version != current:
+            raise Conflict(f"{label}: expected version {expected_version}, current is {current}; "
+                           "read it again and retry")
+        return before
+
     def put(self, kind: int, tenant: str, name: str, spec: struct_pb2.Struct, expected_version: int,
             actor: str) -> tuple[pb.Resource | None, pb.Resource]:
         """Create (expected_version 0) or replace at ``expected_version``; returns (before, after)."""
@@ -103,18 +122,8 @@ class ControlStore:
         now = int(self.clock() * 1e9)
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            row = self.db.execute("SELECT * FROM resources WHERE kind = ? AND tenant = ? AND name = ?",
-                                  (kind, tenant, name)).fetchone()
-            before = self._row_to_resource(row) if row else None
-            current = before.resource_version if before else 0
-            label = f"{kind_name(kind)} {name!r} in tenant {tenant!r}"
-            if expected_version == 0 and before is not None:
-                raise AlreadyExists(f"{label} exists at version {current}; send expected_resource_version "
-                                    f"{current} to replace it")
-            if expected_version != current:
-                raise Conflict(f"{label}: expected version {expected_version}, current is {current}; "
-                               "read it again and retry")
-            version = current + 1
+            before = self.check_version(kind, tenant, name, expected_version)
+            version = (before.resource_version if before else 0) + 1
             self.db.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (kind, tenant, name, version, body, now, actor))
             self.db.execute("INSERT INTO history VALUES (?, ?, ?, ?, 'put', ?, ?, ?)",
@@ -130,9 +139,7 @@ class ControlStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             before = self.get(kind, tenant, name)
-            if expected_version != before.resource_version:
-                raise Conflict(f"{kind_name(kind)} {name!r}: expected version {expected_version}, current is "
-                               f"{before.resource_version}; read it again and retry")
+            self.check_version(kind, tenant, name, expected_version)
             self.db.execute("DELETE FROM resources WHERE kind = ? AND tenant = ? AND name = ?", (kind, tenant, name))
             self.db.execute("INSERT INTO history VALUES (?, ?, ?, ?, 'delete', NULL, ?, ?)",
                             (kind, tenant, name, before.resource_version, int(self.clock() * 1e9), actor))

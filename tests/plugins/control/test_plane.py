@@ -1,0 +1,242 @@
+"""The control plane over real gRPC: audited administration, publish, watch, reports, staged rollout."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from planes.common.v1 import common_pb2
+from planes.control.v1 import control_service_pb2 as pb
+from planes.evidence.v1 import evidence_service_pb2 as epb
+from planes.kernel import errors
+from planes.kernel.clients import connect
+from planes.kernel.contracts import ControlPlane, EvidencePlane
+from planes.kernel.host import Candidate, PluginHost
+from planes.kernel.kernel import Kernel
+from planes.kernel.server import KernelServer
+from planes.kernel.tokens import issue_token, load_public_key
+from planes.plugins.control import ControlPlugin
+from planes.plugins.control.subscriber import CachedConfig
+from planes.plugins.evidence import EvidencePlugin
+from tests.conftest import make_settings
+
+ROUTE = pb.RESOURCE_KIND_MODEL_ROUTE
+GOOD = json_format.ParseDict({"adapter": "echo", "allowed_classifications": ["public"]}, struct_pb2.Struct())
+
+
+def _serve(run, tmp_path, scenario):
+    async def main():
+        settings = make_settings(tmp_path)
+        plugins = [EvidencePlugin(), ControlPlugin()]
+        kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "t", p) for p in plugins])).open()
+        server = KernelServer(kernel)
+        port = await server.start()
+        made = []
+
+        def client(contract, roles, tenant="*", principal=None):
+            token = issue_token(kernel.signing_key, principal=principal or roles[0], tenant=tenant,
+                                roles=list(roles), ttl_seconds=120)
+            made.append(connect(f"127.0.0.1:{port}", contract, token=token))
+            return made[-1]
+
+        try:
+            return await scenario(client, kernel, plugins[1])
+        finally:
+            for item in made:
+                await item.close()
+            await server.stop(grace=1)
+    return run(main())
+
+
+async def _events(client, tenant="*"):
+    reviewer = client(EvidencePlane, ("reviewer",), tenant=tenant)
+    return [e async for page in reviewer.query_events(epb.QueryEventsRequest(tenant=tenant)) for e in page.events]
+
+
+def test_every_mutation_is_authorized_versioned_and_recorded(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        created = await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD),
+                                           timeout=5)
+        with pytest.raises(errors.Conflict):
+            await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD,
+                                                           expected_resource_version=7), timeout=5)
+        with pytest.raises(errors.PermissionDenied):
+            await client(ControlPlane, ("service",), tenant="acme").put_resource(
+                pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="x", spec=GOOD), timeout=5)
+        tenant_admin = client(ControlPlane, ("admin",), tenant="acme", principal="acme-admin")
+        await tenant_admin.put_resource(pb.PutResourceRequest(kind=ROUTE, name="own", spec=GOOD), timeout=5)
+        with pytest.raises(errors.PermissionDenied):
+            await tenant_admin.put_resource(pb.PutResourceRequest(tenant="globex", kind=ROUTE, name="x", spec=GOOD),
+                                            timeout=5)
+        with pytest.raises(errors.InvalidArgument, match="field 'allowed_classifications' is required"):
+            await admin.put_resource(pb.PutResourceRequest(
+                tenant="acme", kind=ROUTE, name="bad", spec=json_format.ParseDict({"adapter": "x"},
+                                                                                   struct_pb2.Struct())), timeout=5)
+        removed = await admin.delete_resource(pb.DeleteResourceRequest(tenant="acme", kind=ROUTE, name="gpt",
+                                                                       expected_resource_version=1), timeout=5)
+        return created, removed, await _events(client, "acme")
+
+    created, removed, events = _serve(run, tmp_path, scenario)
+    assert created.resource.resource_version == 1 and removed.resource.name == "gpt"
+    kinds = [(e.event_type, {f.name: f.string_value for f in e.fields}.get("name"), e.correlation.actor)
+             for e in events]
+    assert kinds == [("config.resource.put", "gpt", "admin"), ("config.resource.put", "own", "acme-admin"),
+                     ("config.resource.deleted", "gpt", "admin")], "refused mutations leave no record"
+    put = {f.name: f.string_value for f in events[0].fields}
+    assert put["digest_before"] == "" and len(put["digest_after"]) == 64
+
+
+def test_mutation_refused_when_evidence_cannot_record_it(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        async def outage(tenant, events):
+            raise errors.Unavailable("evidence store down")
+
+        plugin.plane._record_events = outage
+        admin = client(ControlPlane, ("admin",))
+        with pytest.raises(errors.Unavailable):
+            await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD),
+                                     timeout=5)
+        return plugin.store.list()
+
+    assert _serve(run, tmp_path, scenario) == []
+
+
+def test_publish_watch_apply_report_and_status(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        worker = client(ControlPlane, ("worker",), tenant="*")
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        from planes.kernel.tokens import key_id
+        cache = CachedConfig(tmp_path / "host-1", {key_id(key): key})
+        stream = worker.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="host-1"))
+        published = await admin.publish_snapshot(pb.PublishSnapshotRequest(
+            expected_revision=0, lease=duration_pb2.Duration(seconds=60)), timeout=5)
+        pushed = await asyncio.wait_for(stream.__anext__(), 5)
+        applied = cache.offer(pushed.snapshot)
+        reply = await worker.report_status(pb.ReportStatusRequest(
+            subscriber_id="host-1", applied_revision=applied.revision, revision=applied.revision,
+            outcome=pb.APPLY_OUTCOME_ACK,
+            health=common_pb2.HealthSummary(state=common_pb2.HealthSummary.STATE_HEALTHY)), timeout=5)
+        status = await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)
+        await stream.aclose()
+        return published, applied, reply, status
+
+    published, applied, reply, status = _serve(run, tmp_path, scenario)
+    assert published.snapshot.revision == 1 and applied.revision == 1
+    assert applied.content().resources[0].name == "gpt"
+    assert reply.target_revision == 1 and status.fleet_revision == 1
+    host = status.subscribers[0]
+    assert (host.subscriber_id, host.applied_revision, host.last_outcome) == ("host-1", 1, pb.APPLY_OUTCOME_ACK)
+
+
+def test_canary_nack_rolls_the_rollout_back_automatically(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        worker = client(ControlPlane, ("worker",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        for host in ("host-a", "host-b"):
+            await worker.report_status(pb.ReportStatusRequest(subscriber_id=host, applied_revision=1), timeout=5)
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD,
+                                                       expected_resource_version=1), timeout=5)
+        staged = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        started = await admin.start_rollout(pb.StartRolloutRequest(
+            revision=staged.snapshot.revision, cohort=pb.CanaryCohort(fraction=0.5),
+            window=duration_pb2.Duration(seconds=600)), timeout=5)
+        targets = [(await worker.report_status(pb.ReportStatusRequest(subscriber_id=h, applied_revision=1),
+                                               timeout=5)).target_revision for h in ("host-a", "host-b")]
+        nack = await worker.report_status(pb.ReportStatusRequest(
+            subscriber_id="host-a", applied_revision=1, revision=2, outcome=pb.APPLY_OUTCOME_NACK,
+            nack_reason=pb.NACK_REASON_MISSING_CONTRACT, error="needs execution 1.2"), timeout=5)
+        status = await admin.get_rollout_status(pb.GetRolloutStatusRequest(rollout_id=started.rollout.rollout_id),
+                                                timeout=5)
+        rolled = await admin.get_snapshot(pb.GetSnapshotRequest(revision=status.rollout.rollback_revision), timeout=5)
+        base = await admin.get_snapshot(pb.GetSnapshotRequest(revision=1), timeout=5)
+        events = await _events(client)
+        return started, targets, nack, status, rolled, base, events
+
+    started, targets, nack, status, rolled, base, events = _serve(run, tmp_path, scenario)
+    assert started.rollout.canary_subscribers == ["host-a"]
+    assert targets == [2, 1], "only the canary is targeted at the staged revision"
+    assert status.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
+    assert "host-a NACKed revision 2: NACK_REASON_MISSING_CONTRACT" in status.rollout.reason
+    assert status.rollout.rollback_revision == 3 and nack.target_revision == 3 and status.fleet_revision == 3
+    assert rolled.snapshot.content == base.snapshot.content, "the rollback republishes the base content"
+    assert [e.event_type for e in events] == ["config.published", "config.published", "rollout.started",
+                                              "rollout.rolled_back"]
+
+
+def test_promote_and_abort(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        worker = client(ControlPlane, ("worker",))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await worker.report_status(pb.ReportStatusRequest(subscriber_id="h1", applied_revision=1), timeout=5)
+        staged = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        rollout = (await admin.start_rollout(pb.StartRolloutRequest(
+            revision=staged.snapshot.revision, cohort=pb.CanaryCohort(subscriber_ids=["h1"])), timeout=5)).rollout
+        promoted = await admin.promote_rollout(pb.PromoteRolloutRequest(rollout_id=rollout.rollout_id), timeout=5)
+        with pytest.raises(errors.FailedPrecondition, match="not in canary"):
+            await admin.abort_rollout(pb.AbortRolloutRequest(rollout_id=rollout.rollout_id), timeout=5)
+        fleet = (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).fleet_revision
+        staged = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=2, staged=True), timeout=5)
+        second = (await admin.start_rollout(pb.StartRolloutRequest(
+            revision=staged.snapshot.revision, cohort=pb.CanaryCohort(subscriber_ids=["h1"])), timeout=5)).rollout
+        aborted = await admin.abort_rollout(pb.AbortRolloutRequest(rollout_id=second.rollout_id,
+                                                                   reason="latency"), timeout=5)
+        return promoted, fleet, aborted
+
+    promoted, fleet, aborted = _serve(run, tmp_path, scenario)
+    assert promoted.rollout.state == pb.ROLLOUT_STATE_PROMOTED and fleet == 2
+    assert aborted.rollout.state == pb.ROLLOUT_STATE_ABORTED and aborted.rollout.rollback_revision == 4
+
+
+def test_diff_list_and_rollback(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="a", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="b", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1), timeout=5)
+        diff = await admin.diff_snapshots(pb.DiffSnapshotsRequest(tenant="*", from_revision=1, to_revision=2),
+                                          timeout=5)
+        back = await admin.rollback_snapshot(pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2),
+                                             timeout=5)
+        listed = await admin.list_snapshots(pb.ListSnapshotsRequest(), timeout=5)
+        with pytest.raises(errors.FailedPrecondition, match="every tenant"):
+            await client(ControlPlane, ("admin",), tenant="acme").publish_snapshot(
+                pb.PublishSnapshotRequest(expected_revision=3), timeout=5)
+        return diff, back, listed
+
+    diff, back, listed = _serve(run, tmp_path, scenario)
+    assert [(c.change, c.after.name) for c in diff.changes] == [(pb.CHANGE_TYPE_ADDED, "b")]
+    assert (back.snapshot.revision, back.snapshot.source_revision) == (3, 1)
+    assert [s.revision for s in listed.snapshots] == [3, 2, 1]
+
+
+def test_get_and_list_are_tenant_scoped_and_paged(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        for tenant, name in (("acme", "a"), ("acme", "b"), ("acme", "c"), ("globex", "g")):
+            await admin.put_resource(pb.PutResourceRequest(tenant=tenant, kind=ROUTE, name=name, spec=GOOD),
+                                     timeout=5)
+        acme = client(ControlPlane, ("admin",), tenant="acme")
+        first = await acme.list_resources(pb.ListResourcesRequest(page=common_pb2.PageRequest(page_size=2)),
+                                          timeout=5)
+        second = await acme.list_resources(pb.ListResourcesRequest(
+            page=common_pb2.PageRequest(page_size=2, page_token=first.page.next_page_token)), timeout=5)
+        got = await acme.get_resource(pb.GetResourceRequest(kind=ROUTE, name="b"), timeout=5)
+        with pytest.raises(errors.PermissionDenied):
+            await acme.get_resource(pb.GetResourceRequest(tenant="globex", kind=ROUTE, name="g"), timeout=5)
+        with pytest.raises(errors.NotFound):
+            await acme.get_resource(pb.GetResourceRequest(kind=ROUTE, name="g"), timeout=5)
+        return first, second, got
+
+    first, second, got = _serve(run, tmp_path, scenario)
+    assert [r.name for r in first.resources] == ["a", "b"] and first.page.next_page_token
+    assert [r.name for r in second.resources] == ["c"] and not second.page.next_page_token
+    assert got.resource.name == "b" and got.resource.tenant == "acme"
