@@ -229,3 +229,77 @@ class CachedConfig:
 
     def admitting(self) -> bool:
         return self.state()[0] in (ConfigState.ACTIVE, ConfigState.DEGRADED)
+
+
+class SnapshotSubscriber:
+    """Keeps a :class:`CachedConfig` in step with the control plane.
+
+    Watches for snapshots, offers each to the cache (verify, then apply
+    atomically), and reports ACK or NACK with health and capacity (never
+    payloads). Every message from the control plane renews the lease; when
+    the stream breaks it retries with capped backoff, running on the cache
+    meanwhile. ``control`` is a control-plane client (in-process or remote).
+    """
+
+    def __init__(self, control, cache: CachedConfig, subscriber_id: str, *,
+                 contracts: list[common_pb2.ContractVersion] | None = None,
+                 health: Callable[[], common_pb2.HealthSummary] | None = None,
+                 capacity: Callable[[], common_pb2.CapacitySummary] | None = None,
+                 on_applied: Callable[[VerifiedSnapshot], None] | None = None,
+                 max_backoff: float = 10.0):
+        self.control = control
+        self.cache = cache
+        self.subscriber_id = subscriber_id
+        self.contracts = list(contracts or [])
+        self.health = health or (lambda: common_pb2.HealthSummary(state=common_pb2.HealthSummary.STATE_HEALTHY))
+        self.capacity = capacity or common_pb2.CapacitySummary
+        self.on_applied = on_applied
+        self.max_backoff = max_backoff
+        self.last_error = ""
+
+    async def report(self, revision: int = 0, rejected: SnapshotRejected | None = None) -> int:
+        request = pb.ReportStatusRequest(
+            subscriber_id=self.subscriber_id,
+            applied_revision=self.cache.current.revision if self.cache.current else 0,
+            revision=revision, health=self.health(), capacity=self.capacity(), contract_versions=self.contracts)
+        if revision:
+            request.outcome = pb.APPLY_OUTCOME_NACK if rejected else pb.APPLY_OUTCOME_ACK
+        if rejected is not None:
+            request.nack_reason = rejected.reason
+            request.error = rejected.message
+        reply = await self.control.report_status(request, timeout=10)
+        self.cache.heard_from_control()
+        return reply.target_revision
+
+    async def handle(self, message: pb.WatchSnapshotsResponse) -> None:
+        """Verify and apply one pushed snapshot, then report the outcome."""
+        self.cache.heard_from_control()
+        revision = message.target_revision
+        try:
+            applied = self.cache.offer(message.snapshot)
+        except SnapshotRejected as rejected:
+            await self.report(revision, rejected)
+            return
+        if self.on_applied is not None:
+            self.on_applied(applied)
+        await self.report(applied.revision)
+
+    async def run(self) -> None:
+        """Watch until cancelled."""
+        import asyncio
+
+        backoff = 0.1
+        while True:
+            known = self.cache.current.revision if self.cache.current else 0
+            request = pb.WatchSnapshotsRequest(subscriber_id=self.subscriber_id, known_revision=known,
+                                               contract_versions=self.contracts)
+            try:
+                async for message in self.control.watch_snapshots(request):
+                    backoff = 0.1
+                    await self.handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the control plane is unreachable: run on the cache, retry
+                self.last_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            await asyncio.sleep(backoff)
+            backoff = min(self.max_backoff, backoff * 2)

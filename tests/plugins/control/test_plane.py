@@ -240,3 +240,48 @@ def test_get_and_list_are_tenant_scoped_and_paged(run, tmp_path):
     assert [r.name for r in first.resources] == ["a", "b"] and first.page.next_page_token
     assert [r.name for r in second.resources] == ["c"] and not second.page.next_page_token
     assert got.resource.name == "b" and got.resource.tenant == "acme"
+
+
+def test_subscriber_agent_applies_and_acks_and_nacks_what_it_cannot_serve(run, tmp_path):
+    from planes.kernel.tokens import key_id
+    from planes.plugins.control.subscriber import SnapshotSubscriber
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        cache = CachedConfig(tmp_path / "agent", {key_id(key): key}, served={"execution": kernel_version()})
+        applied = []
+        agent = SnapshotSubscriber(client(ControlPlane, ("worker",)), cache, "host-9", on_applied=applied.append,
+                                   contracts=[common_pb2.ContractVersion(plane="execution", major=1, minor=0)])
+        task = asyncio.create_task(agent.run())
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await _until(lambda: applied)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(
+            expected_revision=1, required_contracts=[common_pb2.ContractVersion(plane="execution", major=1,
+                                                                                minor=5)]), timeout=5)
+        status = None
+        for _ in range(100):
+            status = (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0]
+            if status.last_outcome_revision == 2:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        return [a.revision for a in applied], status, cache.current.revision
+
+    applied, status, current = _serve(run, tmp_path, scenario)
+    assert applied == [1] and current == 1
+    assert (status.last_outcome, status.nack_reason) == (pb.APPLY_OUTCOME_NACK, pb.NACK_REASON_MISSING_CONTRACT)
+    assert "needs the execution contract 1.5; this host serves 1.0" in status.error
+    assert status.applied_revision == 1
+
+
+def kernel_version():
+    from planes.kernel.contract import ContractVersion
+    return ContractVersion(1, 0)
+
+
+async def _until(condition, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
