@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from .call import CallContext, TraceContext, current_call
 from .clients import LocalPlaneClient, PlaneClient, RemotePlaneClient, connect
-from .contract import ContractVersion, PlaneContract, PlaneSpec
+from .contract import ContractVersion, Encoded, PlaneContract, PlaneSpec
 from .errors import (
     AlreadyExists,
     Cancelled,
@@ -32,7 +32,7 @@ from .settings import Settings, load_settings
 
 __all__ = [
     "ALL_TENANTS", "ROLES", "AlreadyExists", "CallContext", "Cancelled", "Conflict", "ContractVersion",
-    "DeadlineExceeded", "FailedPrecondition", "Identity", "Internal", "InvalidArgument", "Kernel",
+    "DeadlineExceeded", "Encoded", "FailedPrecondition", "Identity", "Internal", "InvalidArgument", "Kernel",
     "LimitExceeded", "LocalPlaneClient", "NotFound", "PermissionDenied", "PlaneClient", "PlaneContract",
     "PlaneSpec", "PlanesError", "Plugin", "PluginError", "Provision", "RemotePlaneClient", "Settings",
     "SettingsError", "TraceContext", "Unauthenticated", "Unavailable", "Unimplemented", "VersionMismatch",

@@ -148,4 +148,9 @@ def _set_current(call: CallContext | None) -> contextvars.Token:
 
 
 def _reset_current(token: contextvars.Token) -> None:
-    _current.reset(token)
+    try:
+        _current.reset(token)
+    except ValueError:
+        # An async generator finalized from another context (its stream was
+        # dropped): that context is discarded anyway, nothing to restore.
+        pass

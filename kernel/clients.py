@@ -23,7 +23,7 @@ import grpc
 
 from . import errors
 from .call import CallContext, _current, _reset_current, _set_current, current_call
-from .contract import ContractVersion, PlaneContract, PlaneSpec, Rpc
+from .contract import ContractVersion, Encoded, PlaneContract, PlaneSpec, Rpc
 from .errors import PlanesError
 from .guard import AUTHORIZATION_KEY, CONTRACT_KEY, USER_AGENT_CONTRACT, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
 from .identity import Identity
@@ -89,6 +89,8 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
         log.error("unhandled error in %s", method.path, exc_info=exc)
         return errors.Internal(f"internal error in {method.path}")
 
+    parse = rpc.response_type.FromString
+
     if rpc.server_streaming:
         async def stream(request, *, timeout: float | None = None):
             request, call = admit(request, timeout)
@@ -96,7 +98,7 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
             try:
                 async with asyncio.timeout(call.time_remaining()):
                     async for item in target(request, call):
-                        yield item
+                        yield parse(item.data) if type(item) is Encoded else item
             except Exception as exc:
                 raise translate(exc) from None
             finally:
@@ -109,7 +111,8 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
         token = _set_current(call)
         try:
             async with asyncio.timeout(call.time_remaining()):
-                return await target(request, call)
+                result = await target(request, call)
+                return parse(result.data) if type(result) is Encoded else result
         except Exception as exc:
             raise translate(exc) from None
         finally:
@@ -217,13 +220,22 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing):
     return unary
 
 
+def _serializer(response_type):
+    serialize = response_type.SerializeToString
+
+    def encode(message) -> bytes:
+        # A handler may hand over wire bytes it encoded itself (see Encoded).
+        return message.data if type(message) is Encoded else serialize(message)
+    return encode
+
+
 def plane_handlers(spec: PlaneSpec, implementation: PlaneContract, guard: CallGuard) -> dict[str, grpc.RpcMethodHandler]:
     """The guarded gRPC handlers serving ``implementation``: decode, call, encode."""
     handlers = {}
     for rpc in spec.rpcs.values():
         target = getattr(implementation, rpc.attribute)
         raw = getattr(grpc, f"{rpc.shape}_rpc_method_handler")(
-            _never_called, rpc.request_type.FromString, rpc.response_type.SerializeToString)
+            _never_called, rpc.request_type.FromString, _serializer(rpc.response_type))
         handlers[rpc.name] = guard.wrap(MethodGuard.for_rpc(rpc, spec.plane, spec.version), raw, target=target)
     return handlers
 

@@ -115,6 +115,24 @@ def resolve_rpcs(service: ServiceDescriptor) -> dict[str, Rpc]:
     return rpcs
 
 
+class Encoded:
+    """A response already in wire form: the server sends its bytes as they are.
+
+    A handler may return (or yield) ``Encoded(message.SerializeToString())``
+    instead of the message, for example to encode a large message once and
+    send it to many subscribers, or to build it straight from Arrow memory.
+    In-process callers still receive the message: the local client parses it.
+    (A wrapper, not a bytes subclass: grpc accepts only exact ``bytes``.)
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        if type(data) is not bytes:
+            raise TypeError(f"Encoded takes bytes, got {type(data).__name__}")
+        self.data = data
+
+
 class PlaneContract(abc.ABC):
     """Base class of a plane's in-process contract.
 

@@ -23,7 +23,7 @@ import grpc
 
 from . import errors
 from .auth import Authenticator
-from .call import CallContext, TraceContext, _current, current_call
+from .call import CallContext, TraceContext, _current, _reset_current, current_call
 from .contract import ContractVersion, Rpc
 from .errors import InvalidArgument, PermissionDenied, PlanesError, VersionMismatch
 from .identity import ALL_TENANTS, Identity
@@ -243,7 +243,7 @@ class CallGuard:
                 failure = _internal(method)
             finally:
                 if token is not None:
-                    _current.reset(token)
+                    _reset_current(token)
             await _abort(context, failure, call)
 
         return behaviour
@@ -277,7 +277,7 @@ class CallGuard:
                 failure = _internal(method)
             finally:
                 if token is not None:
-                    _current.reset(token)
+                    _reset_current(token)
             if failure is not None:
                 await _abort(context, failure, call)
 

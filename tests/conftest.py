@@ -12,6 +12,7 @@ import pytest
 
 from planes.kernel import errors
 from planes.kernel.call import CallContext
+from planes.kernel.contract import Encoded
 from planes.kernel.clients import connect
 from planes.kernel.contracts.diagnostics import DiagnosticsPlane, pb
 from planes.kernel.host import Candidate, PluginHost
@@ -55,14 +56,18 @@ class RecordingDiagnostics(DiagnosticsPlane):
         self.calls.append(("echo", call))
         await self._behave(request.payload)
         self.finished.append("echo")
-        return pb.EchoResponse(tenant=request.tenant, payload=request.payload)
+        reply = pb.EchoResponse(tenant=request.tenant, payload=request.payload)
+        if request.payload == b"pre-encoded":
+            return Encoded(reply.SerializeToString())
+        return reply
 
     async def stream_echo(self, request, call):
         self.calls.append(("stream_echo", call))
         for index in range(request.count):
             if index == 2:
                 await self._behave(request.payload)
-            yield pb.StreamEchoResponse(index=index, payload=request.payload)
+            reply = pb.StreamEchoResponse(index=index, payload=request.payload)
+            yield Encoded(reply.SerializeToString()) if request.payload == b"pre-encoded" else reply
 
     async def collect_echo(self, requests, call):
         self.calls.append(("collect_echo", call))

@@ -24,6 +24,7 @@ from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.call import CallContext
+from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from planes.kernel.identity import ALL_TENANTS
@@ -56,6 +57,10 @@ class Control(ControlPlane):
         self.rollouts: dict[str, pb.Rollout] = {}
         self._changed = asyncio.Condition()
         self._fleet_revision = store.latest_revision()
+        #: The push message of recent revisions: a publish reaches every
+        #: watcher, and reading and parsing a large snapshot once per watcher
+        #: was most of the distribution time.
+        self._pushes: dict[int, Encoded] = {}
 
     # -- evidence ---------------------------------------------------------------
 
@@ -233,11 +238,21 @@ class Control(ControlPlane):
                         lambda known=known: self.target_for(request.subscriber_id) > known)
                     target = self.target_for(request.subscriber_id)
                 status.target_revision = target
-                yield pb.WatchSnapshotsResponse(snapshot=self.store.snapshot(target), target_revision=target,
-                                                sent_at=_stamp(self.clock()))
+                yield self._push(target)
                 known = target
         finally:
             status.watching = False
+
+    def _push(self, revision: int) -> Encoded:
+        message = self._pushes.get(revision)
+        if message is None:
+            message = Encoded(pb.WatchSnapshotsResponse(
+                snapshot=self.store.snapshot(revision), target_revision=revision,
+                sent_at=_stamp(self.clock())).SerializeToString())
+            if len(self._pushes) >= 4:
+                del self._pushes[min(self._pushes)]
+            self._pushes[revision] = message
+        return message
 
     async def report_status(self, request: pb.ReportStatusRequest, call: CallContext) -> pb.ReportStatusResponse:
         status = self._status(request.subscriber_id)

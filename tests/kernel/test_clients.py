@@ -129,3 +129,18 @@ def test_in_process_calls_inherit_correlation_and_trace(run, tmp_path):
     assert reply.correlation.trace_id == "a" * 32
     assert reply.correlation.span_id != "b" * 16
     assert reply.principal == "kernel"
+
+
+def test_pre_encoded_responses_arrive_as_messages(run, tmp_path, mode):
+    """A handler may return wire bytes (Encoded); every caller still gets the message."""
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            client = _client(k, mode)
+            reply = await client.echo(pb.EchoRequest(payload=b"pre-encoded"), timeout=5)
+            streamed = [r async for r in client.stream_echo(pb.StreamEchoRequest(payload=b"pre-encoded", count=3))]
+            return reply, streamed
+
+    reply, streamed = run(scenario())
+    assert isinstance(reply, pb.EchoResponse) and (reply.tenant, reply.payload) == ("acme", b"pre-encoded")
+    assert [type(r) for r in streamed] == [pb.StreamEchoResponse] * 3
+    assert [r.index for r in streamed] == [0, 1, 2]
