@@ -53,3 +53,8 @@ class ControlPlugin(Plugin):
 
     async def stop(self) -> None:
         self.store.close()
+
+    def add_cli_commands(self, commands) -> None:
+        from .cli import add_commands
+
+        add_commands(commands)

@@ -1,0 +1,256 @@
+"""``planes config``: desired state from files, through the control plane's RPCs.
+
+A resource file (TOML or YAML) lists resources::
+
+    [[resource]]
+    kind = "model_route"          # tenant, identity_mapping, model_route, tool_contract, policy,
+    tenant = "acme"               # quota, retention_rule, egress_rule, deployment_profile
+    name = "gpt"
+    [resource.spec]
+    adapter = "echo"
+    allowed_classifications = ["public", "internal"]
+
+``apply`` creates what is missing, replaces what changed (at the version it
+just read, so a concurrent change is refused, not overwritten) and leaves the
+rest alone. The commands use an admin token (``--token-file``,
+``PLANES_TOKEN``, else the state directory's ``admin.token``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+from google.protobuf import json_format, struct_pb2
+
+from planes.common.v1 import common_pb2
+from planes.control.v1 import control_service_pb2 as pb
+from planes.kernel.errors import InvalidArgument, NotFound, PlanesError
+
+from .schema import kind_name
+from .store import canonical_spec, digest_of
+
+
+def add_commands(commands) -> None:
+    config = commands.add_parser("config", help="manage desired state through the control plane")
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION")
+
+    def action(name: str, help_text: str, handler):
+        parser = actions.add_parser(name, help=help_text)
+        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+        parser.add_argument("--token-file", help="admin token file (default: $PLANES_TOKEN, else admin.token)")
+        parser.add_argument("--config", help="settings TOML file")
+        parser.add_argument("--state-dir", help="state directory (default: ./var)")
+        parser.add_argument("--timeout", type=float, default=30.0)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    action("apply", "create or update the resources of a TOML or YAML file", _apply).add_argument(
+        "-f", "--file", required=True, help="resource file (.toml, .yaml or .yml), or - for TOML on stdin")
+    get = action("get", "print one resource as JSON", _get)
+    get.add_argument("kind")
+    get.add_argument("name")
+    get.add_argument("--tenant", default="")
+    listing = action("list", "list resources", _list)
+    listing.add_argument("--tenant", default="")
+    listing.add_argument("--kind", default="")
+    diff = action("diff", "what changed between two published revisions", _diff)
+    diff.add_argument("from_revision", type=int)
+    diff.add_argument("to_revision", type=int)
+    diff.add_argument("--tenant", default="*")
+    publish = action("publish", "sign and publish the current desired state", _publish)
+    publish.add_argument("--message", default="")
+    publish.add_argument("--staged", action="store_true", help="publish for a canary rollout, not to everyone")
+    action("history", "published revisions, newest first", _history)
+    rollback = action("rollback", "publish an earlier revision's content as a new revision", _rollback)
+    rollback.add_argument("revision", type=int)
+    rollback.add_argument("--message", default="")
+    config.set_defaults(handler=lambda args: (config.print_usage(sys.stderr), 2)[1])
+
+
+def _kind(text: str) -> int:
+    try:
+        return pb.ResourceKind.Value(f"RESOURCE_KIND_{text.upper()}")
+    except ValueError:
+        known = ", ".join(k.removeprefix("RESOURCE_KIND_").lower() for k in pb.ResourceKind.keys()[1:])
+        raise InvalidArgument(f"unknown kind {text!r}; kinds: {known}") from None
+
+
+def load_resources(path: str) -> list[pb.Resource]:
+    """Parse a resource file; InvalidArgument naming the entry and the problem."""
+    if path == "-":
+        raw, suffix = sys.stdin.buffer.read(), ".toml"
+    else:
+        raw, suffix = Path(path).read_bytes(), Path(path).suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            document = yaml.safe_load(raw) or {}
+        else:
+            document = tomllib.loads(raw.decode())
+    except Exception as exc:
+        raise InvalidArgument(f"{path}: not valid {'YAML' if suffix in ('.yaml', '.yml') else 'TOML'}: {exc}") from None
+    entries = document.get("resource") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument(f"{path}: expected a list named 'resource' ([[resource]] tables in TOML)")
+    resources = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: resource #{index + 1}"
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"{where}: must be a table")
+        unknown = sorted(set(entry) - {"kind", "tenant", "name", "spec"})
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown key {unknown[0]!r} (keys: kind, tenant, name, spec)")
+        for key in ("kind", "tenant", "name"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise InvalidArgument(f"{where}: {key!r} must be a non-empty string")
+        spec = entry.get("spec", {})
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"{where}: 'spec' must be a table")
+        resources.append(pb.Resource(kind=_kind(entry["kind"]), tenant=entry["tenant"], name=entry["name"],
+                                     spec=json_format.ParseDict(spec, struct_pb2.Struct())))
+    return resources
+
+
+def _client(args):
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import ControlPlane
+    from planes.kernel.kernel import ADMIN_TOKEN_FILE
+    from planes.kernel.secrets import read_secret
+    from planes.kernel.settings import load_settings
+
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    address = args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
+    if args.token_file:
+        token = read_secret(Path(args.token_file)).decode().strip()
+    elif os.environ.get("PLANES_TOKEN"):
+        token = os.environ["PLANES_TOKEN"].strip()
+    else:
+        token = read_secret(settings.state_dir / ADMIN_TOKEN_FILE).decode().strip()
+    return connect(address, ControlPlane, token=token)
+
+
+def _run(args, work) -> int:
+    from planes.kernel.runtime import run
+
+    async def main():
+        client = _client(args)
+        try:
+            return await work(client)
+        finally:
+            await client.close()
+
+    return run(main())
+
+
+def _apply(args) -> int:
+    resources = load_resources(args.file)
+
+    async def work(client):
+        counts = {"created": 0, "updated": 0, "unchanged": 0}
+        for resource in resources:
+            label = f"{kind_name(resource.kind)} {resource.tenant}/{resource.name}"
+            try:
+                current = (await client.get_resource(pb.GetResourceRequest(
+                    tenant=resource.tenant, kind=resource.kind, name=resource.name), timeout=args.timeout)).resource
+            except NotFound:
+                current = None
+            if current is not None and current.spec_digest.value == digest_of(canonical_spec(resource.spec)).value:
+                counts["unchanged"] += 1
+                continue
+            try:
+                await client.put_resource(pb.PutResourceRequest(
+                    tenant=resource.tenant, kind=resource.kind, name=resource.name, spec=resource.spec,
+                    expected_resource_version=current.resource_version if current else 0), timeout=args.timeout)
+            except PlanesError as exc:
+                exc.message = f"{label}: {exc.message}"  # the CLI prints the message; say which resource
+                raise
+            counts["updated" if current else "created"] += 1
+            print(f"{'updated' if current else 'created'} {label}")
+        print(f"{counts['created']} created, {counts['updated']} updated, {counts['unchanged']} unchanged")
+        return 0
+
+    return _run(args, work)
+
+
+def _get(args) -> int:
+    async def work(client):
+        reply = await client.get_resource(pb.GetResourceRequest(tenant=args.tenant, kind=_kind(args.kind),
+                                                                 name=args.name), timeout=args.timeout)
+        print(json_format.MessageToJson(reply.resource, indent=2))
+        return 0
+    return _run(args, work)
+
+
+def _list(args) -> int:
+    async def work(client):
+        kinds = [_kind(args.kind)] if args.kind else []
+        token = ""
+        while True:
+            reply = await client.list_resources(pb.ListResourcesRequest(
+                tenant=args.tenant, kinds=kinds, page=common_pb2.PageRequest(page_token=token)), timeout=args.timeout)
+            for resource in reply.resources:
+                print(f"{kind_name(resource.kind):<20} {resource.tenant:<16} {resource.name:<32} "
+                      f"v{resource.resource_version}")
+            token = reply.page.next_page_token
+            if not token:
+                return 0
+    return _run(args, work)
+
+
+def _latest(client, timeout):
+    async def latest():
+        reply = await client.list_snapshots(pb.ListSnapshotsRequest(page=common_pb2.PageRequest(page_size=1)),
+                                            timeout=timeout)
+        return reply.snapshots[0].revision if reply.snapshots else 0
+    return latest()
+
+
+def _publish(args) -> int:
+    async def work(client):
+        reply = await client.publish_snapshot(pb.PublishSnapshotRequest(
+            expected_revision=await _latest(client, args.timeout), message=args.message, staged=args.staged),
+            timeout=args.timeout)
+        snapshot = reply.snapshot
+        print(f"published revision {snapshot.revision} ({snapshot.resource_count} resources"
+              f"{', staged' if args.staged else ''})")
+        return 0
+    return _run(args, work)
+
+
+def _history(args) -> int:
+    async def work(client):
+        reply = await client.list_snapshots(pb.ListSnapshotsRequest(), timeout=args.timeout)
+        for snapshot in reply.snapshots:
+            source = f" (content of {snapshot.source_revision})" if snapshot.source_revision else ""
+            print(f"{snapshot.revision:>6} {snapshot.created_at.ToJsonString()} {snapshot.created_by:<16} "
+                  f"{snapshot.resource_count:>6} resources{source} {snapshot.message}")
+        return 0
+    return _run(args, work)
+
+
+def _diff(args) -> int:
+    async def work(client):
+        reply = await client.diff_snapshots(pb.DiffSnapshotsRequest(
+            tenant=args.tenant, from_revision=args.from_revision, to_revision=args.to_revision), timeout=args.timeout)
+        marks = {pb.CHANGE_TYPE_ADDED: "+", pb.CHANGE_TYPE_REMOVED: "-", pb.CHANGE_TYPE_MODIFIED: "~"}
+        for change in reply.changes:
+            resource = change.after if change.change != pb.CHANGE_TYPE_REMOVED else change.before
+            print(f"{marks[change.change]} {kind_name(resource.kind)} {resource.tenant}/{resource.name}")
+        print(json.dumps({"changes": len(reply.changes)}))
+        return 0
+    return _run(args, work)
+
+
+def _rollback(args) -> int:
+    async def work(client):
+        reply = await client.rollback_snapshot(pb.RollbackSnapshotRequest(
+            to_revision=args.revision, expected_revision=await _latest(client, args.timeout),
+            message=args.message), timeout=args.timeout)
+        print(f"published revision {reply.snapshot.revision} with the content of revision {args.revision}")
+        return 0
+    return _run(args, work)
