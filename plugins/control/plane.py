@@ -56,7 +56,10 @@ class Control(ControlPlane):
         self.subscribers: dict[str, pb.SubscriberStatus] = {}
         self.rollouts: dict[str, pb.Rollout] = {}
         self._changed = asyncio.Condition()
-        self._fleet_revision = store.latest_revision()
+        # The revision everyone runs, kept on disk: after a restart the fleet
+        # must not jump to a staged (canary) revision just because it is the
+        # latest published one.
+        self._fleet_revision = store.counter("fleet")
         #: The push message of recent revisions: a publish reaches every
         #: watcher, and reading and parsing a large snapshot once per watcher
         #: was most of the distribution time.
@@ -212,6 +215,7 @@ class Control(ControlPlane):
         return self._fleet_revision
 
     async def _target_fleet(self, revision: int) -> None:
+        self.store.set_counter("fleet", revision)
         async with self._changed:
             self._fleet_revision = revision
             self._changed.notify_all()

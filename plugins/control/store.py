@@ -151,6 +151,13 @@ class ControlStore:
 
     # -- snapshots ----------------------------------------------------------------
 
+    def counter(self, name: str, default: int = 0) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else default
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
+
     def latest_revision(self) -> int:
         row = self.db.execute("SELECT value FROM counters WHERE name = 'revision'").fetchone()
         return row[0] if row else 0

@@ -285,3 +285,18 @@ async def _until(condition, timeout=5.0):
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def test_restart_keeps_the_fleet_off_a_staged_revision(run, tmp_path):
+    async def publish(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+
+    async def after_restart(client, kernel, plugin):
+        worker = client(ControlPlane, ("worker",))
+        return (await worker.report_status(pb.ReportStatusRequest(subscriber_id="h", applied_revision=1),
+                                           timeout=5)).target_revision
+
+    _serve(run, tmp_path, publish)
+    assert _serve(run, tmp_path, after_restart) == 1
