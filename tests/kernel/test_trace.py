@@ -97,7 +97,8 @@ def test_deadline_reaches_the_handler(run, tmp_path):
         async with running_kernel(tmp_path) as k:
             return await k.client(k.token()).who_am_i(pb.WhoAmIRequest(), timeout=3)
 
-    assert 0 < run(scenario()).deadline_seconds <= 3
+    # gRPC rounds the grpc-timeout header up, so the handler may see a little more than 3 s.
+    assert 2 < run(scenario()).deadline_seconds < 3.5
 
 
 def test_trace_context_header_round_trip():
