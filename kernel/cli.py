@@ -102,7 +102,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # -- health / ping / whoami ----------------------------------------------------
 
-def _address(args: argparse.Namespace, settings: Settings) -> str:
+def client_address(args: argparse.Namespace, settings: Settings) -> str:
+    """The kernel a client command talks to: --address, $PLANES_ADDRESS, else server.bind."""
     return args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
 
 
@@ -111,7 +112,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     settings = _settings(args)
-    address = _address(args, settings)
+    address = client_address(args, settings)
 
     async def check() -> str:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -127,14 +128,21 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _token(args: argparse.Namespace, settings: Settings) -> str:
+def client_token(args: argparse.Namespace, settings: Settings, *, admin_fallback: bool = True) -> str:
+    """The token a client command sends: --token-file, $PLANES_TOKEN, else the state dir's admin.token.
+
+    ``admin_fallback=False`` for commands an admin token cannot run anyway.
+    """
+    from .secrets import read_secret
+
     if args.token_file:
-        from .secrets import read_secret
         return read_secret(Path(args.token_file)).decode().strip()
     if os.environ.get("PLANES_TOKEN"):
         return os.environ["PLANES_TOKEN"].strip()
+    if not admin_fallback:
+        from .errors import InvalidArgument
+        raise InvalidArgument("this command needs a token: --token-file or PLANES_TOKEN")
     from .kernel import ADMIN_TOKEN_FILE
-    from .secrets import read_secret
     return read_secret(settings.state_dir / ADMIN_TOKEN_FILE).decode().strip()
 
 
@@ -145,7 +153,7 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     from .contracts.diagnostics import DiagnosticsPlane, pb
 
     settings = _settings(args)
-    address, token = _address(args, settings), _token(args, settings)
+    address, token = client_address(args, settings), client_token(args, settings)
 
     async def ask():
         client = connect(address, DiagnosticsPlane, token=token)
@@ -164,7 +172,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from .tokens import decode_claims
 
     settings = _settings(args)
-    address, token = _address(args, settings), _token(args, settings)
+    address, token = client_address(args, settings), client_token(args, settings)
 
     async def ping() -> list[float]:
         client = connect(address, DiagnosticsPlane, token=token)

@@ -19,7 +19,6 @@ rest alone. The commands use an admin token (``--token-file``,
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -117,21 +116,13 @@ def load_resources(path: str) -> list[pb.Resource]:
 
 
 def _client(args):
+    from planes.kernel.cli import client_address, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contracts import ControlPlane
-    from planes.kernel.kernel import ADMIN_TOKEN_FILE
-    from planes.kernel.secrets import read_secret
     from planes.kernel.settings import load_settings
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
-    address = args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
-    if args.token_file:
-        token = read_secret(Path(args.token_file)).decode().strip()
-    elif os.environ.get("PLANES_TOKEN"):
-        token = os.environ["PLANES_TOKEN"].strip()
-    else:
-        token = read_secret(settings.state_dir / ADMIN_TOKEN_FILE).decode().strip()
-    return connect(address, ControlPlane, token=token)
+    return connect(client_address(args, settings), ControlPlane, token=client_token(args, settings))
 
 
 def _run(args, work) -> int:

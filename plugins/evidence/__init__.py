@@ -133,20 +133,16 @@ def _cmd_export(args) -> int:
     from planes.kernel.clients import connect
     from planes.kernel.contracts import EvidencePlane
     from planes.kernel.errors import InvalidArgument
+    from planes.kernel.cli import client_address, client_token
     from planes.kernel.runtime import run
-    from planes.kernel.secrets import read_secret
     from planes.kernel.settings import load_settings
 
     if not args.correlation_id:
         raise InvalidArgument("give --correlation-id (time-range export: use the ExportBundle RPC)")
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
-    address = args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
-    if args.token_file:
-        token = read_secret(Path(args.token_file)).decode().strip()
-    elif os.environ.get("PLANES_TOKEN"):
-        token = os.environ["PLANES_TOKEN"].strip()
-    else:
-        raise InvalidArgument("export needs a reviewer token: --token-file or PLANES_TOKEN")
+    address = client_address(args, settings)
+    # Export needs a reviewer: the state directory's admin token is never tried.
+    token = client_token(args, settings, admin_fallback=False)
     out = Path(args.out)
     if out.exists():
         raise InvalidArgument(f"{out} exists; choose another path")

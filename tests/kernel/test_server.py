@@ -66,16 +66,14 @@ def test_shutdown_cancels_calls_past_the_grace_period(run, tmp_path):
             in_flight = asyncio.create_task(client.echo(pb.EchoRequest(payload=b"slow:30"), timeout=60))
             while not k.plane.calls:
                 await asyncio.sleep(0.01)
-            started = time.monotonic()
             await k.server.stop(grace=0.3)
             with pytest.raises(errors.PlanesError) as cut:
                 await in_flight
-            return time.monotonic() - started, cut.value, k.plane.finished
+            return cut.value, k.plane.finished
 
-    elapsed, cut, finished = run(scenario())
+    cut, finished = run(scenario())
     assert isinstance(cut, (errors.Unavailable, errors.Cancelled))
-    assert finished == []
-    assert elapsed < 20, "stop did not wait for the 30 s handler"
+    assert finished == [], "the 30 s handler was cut off at the grace period, not awaited"
 
 
 @pytest.mark.parametrize(("bind", "loopback"), [
