@@ -61,14 +61,24 @@ class LocalPlaneClient(PlaneClient[C]):
         super().__init__(spec)
         self.identity = identity
         version = client_version or spec.version
+        self._wire: dict[str, Callable[..., Any]] = {}
         for rpc in spec.rpcs.values():
             method = MethodGuard.for_rpc(rpc, spec.plane, spec.version)
             target = getattr(implementation, rpc.attribute)
             setattr(self, rpc.attribute, _local_method(rpc, method, target, guard, identity, version))
+            self._wire[rpc.attribute] = _local_method(rpc, method, target, guard, identity, version, wire=True)
+
+    def wire(self, attribute: str) -> Callable[..., Any]:
+        """The RPC ``attribute`` answering in wire form: ``bytes`` instead of messages.
+
+        Requests may be messages or :class:`~planes.kernel.contract.Encoded`.
+        A response the plane produced already encoded is passed on as it is.
+        """
+        return self._wire[attribute]
 
 
 def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, identity: Identity,
-                  version: ContractVersion) -> Callable[..., Any]:
+                  version: ContractVersion, *, wire: bool = False) -> Callable[..., Any]:
     def admit(request: Any, timeout: float | None) -> tuple[Any, CallContext]:
         call = guard.admit_local(method, identity, version)
         deadline = _effective_deadline(timeout)
@@ -89,7 +99,12 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
         log.error("unhandled error in %s", method.path, exc_info=exc)
         return errors.Internal(f"internal error in {method.path}")
 
-    parse = rpc.response_type.FromString
+    if wire:
+        def parse(item):
+            return item.data if type(item) is Encoded else item.SerializeToString()
+    else:
+        def parse(item):
+            return rpc.response_type.FromString(item.data) if type(item) is Encoded else item
 
     if rpc.server_streaming:
         async def stream(request, *, timeout: float | None = None):
@@ -98,7 +113,7 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
             try:
                 async with asyncio.timeout(call.time_remaining()):
                     async for item in target(request, call):
-                        yield parse(item.data) if type(item) is Encoded else item
+                        yield parse(item)
             except Exception as exc:
                 raise translate(exc) from None
             finally:
@@ -111,8 +126,7 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
         token = _set_current(call)
         try:
             async with asyncio.timeout(call.time_remaining()):
-                result = await target(request, call)
-                return parse(result.data) if type(result) is Encoded else result
+                return parse(await target(request, call))
         except Exception as exc:
             raise translate(exc) from None
         finally:
@@ -157,8 +171,19 @@ class RemotePlaneClient(PlaneClient[C]):
         tokens = token if isinstance(token, TokenSource) else TokenSource(token)
         version = None if version_in_user_agent else str(client_version or spec.version)
         outgoing = _Outgoing(tokens, version)
+        self._wire: dict[str, Callable[..., Any]] = {}
         for rpc in spec.rpcs.values():
             setattr(self, rpc.attribute, _remote_method(channel, rpc, outgoing))
+            self._wire[rpc.attribute] = _remote_method(channel, rpc, outgoing, wire=True)
+
+    def wire(self, attribute: str) -> Callable[..., Any]:
+        """The RPC ``attribute`` answering in wire form: the received ``bytes``, undecoded.
+
+        Requests may be messages or :class:`~planes.kernel.contract.Encoded`
+        (sent as they are), so a native codec can both build and read the
+        messages without protobuf copies.
+        """
+        return self._wire[attribute]
 
     async def close(self) -> None:
         await self.channel.close()
@@ -193,9 +218,9 @@ class _Outgoing:
         return tuple(metadata), (None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing):
-    serialize = rpc.request_type.SerializeToString
-    deserialize = rpc.response_type.FromString
+def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing, *, wire: bool = False):
+    serialize = _serializer(rpc.request_type)
+    deserialize = None if wire else rpc.response_type.FromString
     factory = getattr(channel, rpc.shape)
     multicallable = factory(rpc.path, request_serializer=serialize, response_deserializer=deserialize)
 
@@ -234,8 +259,9 @@ def plane_handlers(spec: PlaneSpec, implementation: PlaneContract, guard: CallGu
     handlers = {}
     for rpc in spec.rpcs.values():
         target = getattr(implementation, rpc.attribute)
+        deserialize = Encoded if rpc.attribute in implementation.wire_requests else rpc.request_type.FromString
         raw = getattr(grpc, f"{rpc.shape}_rpc_method_handler")(
-            _never_called, rpc.request_type.FromString, _serializer(rpc.response_type))
+            _never_called, deserialize, _serializer(rpc.response_type))
         handlers[rpc.name] = guard.wrap(MethodGuard.for_rpc(rpc, spec.plane, spec.version), raw, target=target)
     return handlers
 

@@ -144,6 +144,12 @@ class PlaneContract(abc.ABC):
     plane: ClassVar[str]
     service: ClassVar[str]
     version: ClassVar[ContractVersion]
+    #: RPCs (by attribute name) whose requests the server hands to the plane
+    #: undecoded, as :class:`Encoded` wire bytes, so a native codec can read
+    #: them without a protobuf copy. In-process callers may still pass
+    #: messages, so such a method accepts both. Not for tenant-scoped RPCs:
+    #: the kernel cannot read the tenant of bytes it does not decode.
+    wire_requests: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True)
