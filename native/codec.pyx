@@ -457,9 +457,10 @@ cdef class PayloadAssembler:
     cdef readonly Py_ssize_t chunks
     cdef uint64_t _size, _received
     cdef SHA256_CTX _running
+    cdef bint _hash_content
     cdef object _out, _whole, _result
 
-    def __init__(self, declared_size, *, max_total_bytes, max_chunks, max_chunk_bytes):
+    def __init__(self, declared_size, *, max_total_bytes, max_chunks, max_chunk_bytes, content_digest=True):
         self.declared_size = _twin._size_arg(declared_size, "declared_size")
         self.max_total_bytes = _twin._size_arg(max_total_bytes, "max_total_bytes")
         self.max_chunks = _twin._size_arg(max_chunks, "max_chunks")
@@ -473,6 +474,7 @@ cdef class PayloadAssembler:
         self.offset = 0
         self.chunks = 0
         self._out = self._whole = self._result = None
+        self._hash_content = bool(content_digest)
         if not SHA256_Init(&self._running):
             _raise(FAILED_DIGEST, NULL)
 
@@ -510,6 +512,7 @@ cdef class PayloadAssembler:
             out = memoryview(self._out).cast("B")
             dst = &out[0] + self._received
         cdef SHA256_CTX running = self._running
+        cdef SHA256_CTX *content = &running if self._hash_content else NULL
         cdef SHA256_CTX own
         cdef uint8_t actual[H]
         cdef int status = OK
@@ -517,16 +520,18 @@ cdef class PayloadAssembler:
         cdef HashJob job
         job.data, job.size, job.status = src, size, OK
         with nogil:
-            if whole:
+            if whole and (check or content != NULL):
                 # One chunk is the whole payload: its digest is the content digest, hashed once.
                 status = OK if SHA256_Update(&running, src, size) else FAILED_DIGEST
                 if status == OK and check:
                     own = running
                     status = OK if SHA256_Final(actual, &own) else FAILED_DIGEST
-            elif check and TWO_THREADS and size >= PARALLEL_BYTES and pthread_create(&helper, NULL, hash_job,
+            elif whole:
+                pass
+            elif check and content != NULL and TWO_THREADS and size >= PARALLEL_BYTES and pthread_create(&helper, NULL, hash_job,
                                                                                      &job) == 0:
                 # The chunk's digest on a helper, from the source; the copy and running digest here.
-                status = copy_and_hash(dst, src, size, &running, NULL)
+                status = copy_and_hash(dst, src, size, content, NULL)
                 pthread_join(helper, NULL)
                 if status == OK:
                     status = job.status
@@ -534,11 +539,11 @@ cdef class PayloadAssembler:
             elif check:
                 status = OK if SHA256_Init(&own) else FAILED_DIGEST
                 if status == OK:
-                    status = copy_and_hash(dst, src, size, &own, &running)
+                    status = copy_and_hash(dst, src, size, &own, content)
                 if status == OK and not SHA256_Final(actual, &own):
                     status = FAILED_DIGEST
             else:
-                status = copy_and_hash(dst, src, size, &running, NULL)
+                status = copy_and_hash(dst, src, size, content, NULL)
         _raise(status, NULL)
         if check and memcmp(actual, PyBytes_AS_STRING(sent), H) != 0:
             raise ChunkFormatError(f"chunk {index} at offset {offset} ({size} bytes): digest does not "
@@ -561,6 +566,9 @@ cdef class PayloadAssembler:
             payload = self._whole if self._whole is not None else self._out
             if payload is None:
                 payload = pa.py_buffer(b"")
+            if not self._hash_content:
+                self._result = (payload, b"")
+                return self._result
             final = self._running
             if not SHA256_Final(out, &final):
                 _raise(FAILED_DIGEST, NULL)

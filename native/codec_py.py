@@ -352,10 +352,12 @@ class PayloadAssembler:
     chunk copied into it once; that copy is the one a contiguous result needs,
     since the chunks arrive in separate messages. A single chunk covering the
     whole payload is returned as it is, without a copy. The content digest is
-    updated as each chunk arrives, so :meth:`finish` reads no byte again.
+    updated as each chunk arrives, so :meth:`finish` reads no byte again;
+    ``content_digest=False`` skips it (``finish`` then returns ``b""`` for it),
+    for a stream already authenticated otherwise (TLS, an AEAD tag).
     """
 
-    def __init__(self, declared_size, *, max_total_bytes, max_chunks, max_chunk_bytes):
+    def __init__(self, declared_size, *, max_total_bytes, max_chunks, max_chunk_bytes, content_digest=True):
         self.declared_size = _size_arg(declared_size, "declared_size")
         self.max_total_bytes = _size_arg(max_total_bytes, "max_total_bytes")
         self.max_chunks = _size_arg(max_chunks, "max_chunks")
@@ -366,7 +368,7 @@ class PayloadAssembler:
             raise ChunkLimitError("declared size", MAX_OFFSET, self.declared_size)
         self.offset = 0
         self.chunks = 0
-        self._running = sha256()
+        self._running = sha256() if content_digest else None
         self._out: pa.Buffer | None = None
         self._whole: pa.Buffer | None = None
         self._result: tuple[pa.Buffer, bytes] | None = None
@@ -403,7 +405,8 @@ class PayloadAssembler:
             if self._out is None:
                 self._out = pa.allocate_buffer(self.declared_size)
             memoryview(self._out).cast("B")[offset:offset + size] = view
-        self._running.update(view)
+        if self._running is not None:
+            self._running.update(view)
         self.offset += size
         self.chunks += 1
 
@@ -416,7 +419,7 @@ class PayloadAssembler:
             payload = self._whole if self._whole is not None else self._out
             if payload is None:
                 payload = pa.py_buffer(b"")
-            self._result = (payload, self._running.digest())
+            self._result = (payload, self._running.digest() if self._running is not None else b"")
         return self._result
 
     def __repr__(self) -> str:
