@@ -1,0 +1,510 @@
+"""The data plane: puts and gets of classified payloads, egress decisions and quarantine.
+
+Put runs as a pipeline: the event loop reads a chunk message, checks it with
+the native codec (limits before anything is allocated; the data stays a
+zero-copy slice of the received bytes) and hands it to the stream's writer
+thread, which hashes it, encrypts it when the class asks for it and writes it
+to disk while the loop reads the next one. Memory stays bounded twice over:
+at most ``stream_inflight_bytes`` per stream and ``tenant_inflight_bytes`` per
+tenant are received and not yet written; beyond that the loop stops reading,
+so gRPC flow control makes the producer wait.
+
+Where the digest is computed, and why: once, at ingest, on the writer thread
+(SHA-256 through OpenSSL, which releases the GIL, so it runs beside the
+receiving loop on the second core); the result is stored in the payload's
+info. Get does not hash: the info carries the content digest for a reader that
+wants to check it (``DataClient.get(verify=True)``), chunk digests are sent
+only on request, and the transport protects the stream (TLS off loopback). An
+encrypted payload is authenticated on every read by its AES-GCM tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from planes.common.v1 import common_pb2
+from planes.evidence.v1 import evidence_service_pb2 as epb
+from planes.kernel import errors
+from planes.kernel.call import CallContext
+from planes.kernel.contract import Encoded
+from planes.kernel.contracts.data import DataPlane, pb
+from planes.kernel.identity import ALL_TENANTS
+from planes.native import codec
+
+from .limits import DESTINATION_KINDS, ENCRYPTED, ByteBudget, DataSettings, classification_name
+from .store import ObjectWriter, PayloadStore, StoredPayload
+
+__all__ = ["Data"]
+
+log = logging.getLogger("planes.plugins.data")
+
+_ID = re.compile(r"pl_[0-9a-f]{32}")
+_HEADER_TAG, _CHUNK_TAG, _TRAILER_TAG = 0x0A, 0x12, 0x1A
+SHA256 = common_pb2.DIGEST_ALGORITHM_SHA256
+
+
+def _timestamp(ns: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp
+
+
+def _short(digest: bytes) -> str:
+    return digest.hex()[:16] if digest else "none"
+
+
+class _Ingest:
+    """One put's state: offsets and counts checked on the loop, bytes written on a thread."""
+
+    def __init__(self, plane: Data, header: pb.PayloadHeader, writer: ObjectWriter):
+        self.plane = plane
+        self.header = header
+        self.writer = writer
+        self.received = 0
+        self.chunks = 0
+        self.bad_chunk: int | None = None
+        self.trailer_digest: common_pb2.Digest | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-put")
+        self._pending: deque[tuple[asyncio.Future, int, int]] = deque()
+        self._pending_bytes = 0
+        self._budget = plane.tenant_budget(header.tenant)
+
+    async def chunk(self, offset: int, data, digest: bytes) -> None:
+        settings = self.plane.settings
+        size = len(data)
+        index = self.chunks
+        if self.trailer_digest is not None:
+            raise errors.InvalidArgument(f"chunk {index} arrived after the trailer")
+        if index + 1 > settings.max_chunks:
+            raise errors.LimitExceeded("chunk count", settings.max_chunks, index + 1)
+        if size > settings.max_chunk_bytes:
+            raise errors.LimitExceeded("chunk size", settings.max_chunk_bytes, size)
+        if offset != self.received:
+            problem = "overlaps" if offset < self.received else "leaves a gap after"
+            raise errors.InvalidArgument(f"chunk {index} at offset {offset} {problem} the {self.received} bytes "
+                                         "already received")
+        if self.received + size > self.header.declared_size:
+            raise errors.LimitExceeded("payload size", self.header.declared_size, self.received + size,
+                                       message=f"chunk {index} runs past the declared size: "
+                                               f"{self.received + size} > {self.header.declared_size}")
+        self.received += size
+        self.chunks += 1
+        # Per stream: wait for older writes while this stream holds too much.
+        while self._pending and self._pending_bytes + size > settings.stream_inflight_bytes:
+            await self._settle_oldest()
+        granted = await self._budget.acquire(size)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, self.writer.write, data, digest)
+        future.add_done_callback(lambda _: self._budget.release(granted))
+        self._pending.append((future, size, index))
+        self._pending_bytes += size
+
+    async def _settle_oldest(self) -> None:
+        future, size, index = self._pending.popleft()
+        self._pending_bytes -= size
+        if not await future and self.bad_chunk is None:
+            self.bad_chunk = index
+
+    async def finish(self) -> bytes:
+        while self._pending:
+            await self._settle_oldest()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.writer.finish)
+
+    async def abandon(self) -> None:
+        for future, _, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.writer.discard)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class Data(DataPlane):
+    """The data plane over a :class:`~.store.PayloadStore`."""
+
+    wire_requests = frozenset({"put_payload"})
+
+    def __init__(self, store: PayloadStore, settings: DataSettings, record: Callable, *,
+                 clock: Callable[[], int] = time.time_ns):
+        self.store = store
+        self.settings = settings
+        self._record_events = record
+        self.clock = clock
+        self._budgets: dict[str, ByteBudget] = {}
+        #: Bytes declared by puts in progress, per tenant (counted against the quota).
+        self._reserved: dict[str, int] = {}
+
+    def tenant_budget(self, tenant: str) -> ByteBudget:
+        budget = self._budgets.get(tenant)
+        if budget is None:
+            budget = self._budgets[tenant] = ByteBudget(self.settings.tenant_inflight_bytes)
+        return budget
+
+    async def _record(self, call: CallContext, tenant: str, event_type: str, **fields) -> None:
+        event = epb.Event(
+            event_id=f"data:{event_type}:{os.urandom(12).hex()}", event_type=event_type,
+            correlation=common_pb2.Correlation(correlation_id=call.correlation_id, request_id=call.request_id,
+                                               trace_id=call.trace.trace_id, tenant=tenant,
+                                               actor=call.identity.principal))
+        for name, value in fields.items():
+            event.fields.add(name=name, string_value=str(value), classification=common_pb2.CLASSIFICATION_INTERNAL)
+        await self._record_events(tenant, [event])
+
+    # -- put ---------------------------------------------------------------------
+
+    @staticmethod
+    def _part(message) -> tuple[str, object]:
+        """``(kind, value)`` of a request: ``chunk`` -> (offset, data, digest) decoded zero-copy."""
+        if type(message) is Encoded:
+            raw = message.data
+            tag = raw[0] if raw else None
+            if tag == _CHUNK_TAG:
+                return "chunk", raw
+            if tag in (_HEADER_TAG, _TRAILER_TAG):
+                try:
+                    message = pb.PutPayloadRequest.FromString(raw)
+                except Exception:
+                    raise errors.InvalidArgument("a PutPayload message is not valid protobuf") from None
+            else:
+                raise errors.InvalidArgument("a PutPayload message carries no header, chunk or trailer")
+        which = message.WhichOneof("part")
+        if which is None:
+            raise errors.InvalidArgument("a PutPayload message carries no header, chunk or trailer")
+        return which, getattr(message, which)
+
+    def _decode(self, raw) -> tuple[int, object, bytes]:
+        try:
+            if isinstance(raw, bytes):
+                return codec.decode_chunk(raw, max_chunk_bytes=self.settings.max_chunk_bytes)
+            return raw.offset, raw.data, raw.digest
+        except codec.ChunkLimitError as exc:
+            raise errors.LimitExceeded(exc.name, exc.limit, exc.actual) from None
+        except codec.ChunkFormatError as exc:
+            raise errors.InvalidArgument(f"malformed chunk: {exc}") from None
+
+    def _admit_header(self, header: pb.PayloadHeader, call: CallContext) -> None:
+        if not header.tenant:
+            raise errors.InvalidArgument("the payload header names no tenant")
+        if not call.identity.may_act_for(header.tenant):
+            raise errors.PermissionDenied(f"{call.identity.principal} may not store payloads for tenant "
+                                          f"{header.tenant}")
+        if header.classification not in (1, 2, 3, 4):
+            raise errors.InvalidArgument("the payload header needs a classification: public, internal, "
+                                         "confidential or restricted")
+        if header.kind == pb.CONTENT_KIND_UNSPECIFIED:
+            raise errors.InvalidArgument("the payload header needs a kind: blob, file, tensor or arrow_ipc")
+        if header.kind == pb.CONTENT_KIND_TENSOR:
+            _check_tensor(header)
+        if header.HasField("declared_digest"):
+            _check_digest(header.declared_digest, "declared_digest")
+        name, limit = self.settings.payload_limit(header.tenant, header.classification)
+        if header.declared_size > limit:
+            raise errors.LimitExceeded(name, limit, header.declared_size)
+        if header.declared_chunk_count > self.settings.max_chunks:
+            raise errors.LimitExceeded("chunk count", self.settings.max_chunks, header.declared_chunk_count)
+        now = self.clock()
+        quota = self.settings.quota(header.tenant)
+        held = self.store.held_bytes(header.tenant, now) + self._reserved.get(header.tenant, 0)
+        if held + header.declared_size > quota:
+            expiry = self.store.next_expiry(header.tenant, now)
+            retry = (expiry - now) / 1e9 if expiry else (1.0 if self._reserved.get(header.tenant) else 60.0)
+            raise errors.LimitExceeded(
+                "tenant byte quota", quota, held + header.declared_size, retry_after=max(retry, 0.001),
+                message=f"tenant {header.tenant} would hold {held + header.declared_size} bytes, over its quota "
+                        f"of {quota}; retry after {retry:.0f} s or delete payloads")
+
+    async def put_payload(self, requests: AsyncIterator, call: CallContext) -> pb.PutPayloadResponse:
+        stream = requests.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise errors.InvalidArgument("PutPayload ended before its header") from None
+        kind, header = self._part(first)
+        if kind != "header":
+            raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
+        self._admit_header(header, call)
+        tenant = header.tenant
+        payload_id = f"pl_{os.urandom(16).hex()}"
+        encrypted = header.classification in ENCRYPTED
+        writer, wrapped = self.store.begin(payload_id, encrypted=encrypted)
+        ingest = _Ingest(self, header, writer)
+        self._reserved[tenant] = self._reserved.get(tenant, 0) + header.declared_size
+        committed = False
+        try:
+            async for message in stream:
+                kind, value = self._part(message)
+                if kind == "chunk":
+                    await ingest.chunk(*self._decode(value))
+                elif kind == "trailer":
+                    if ingest.trailer_digest is not None:
+                        raise errors.InvalidArgument("PutPayload carries a second trailer")
+                    ingest.trailer_digest = _check_digest(value.declared_digest, "trailer declared_digest")
+                else:
+                    raise errors.InvalidArgument("PutPayload carries a second header")
+            declared = _declared_digest(header, ingest.trailer_digest)
+            digest = await ingest.finish()
+            record = await self._conclude(call, header, payload_id, ingest, digest, declared, wrapped)
+            committed = True
+        finally:
+            self._reserved[tenant] -= header.declared_size
+            if not committed:
+                await ingest.abandon()
+            ingest.close()
+        if record.state == pb.PAYLOAD_STATE_QUARANTINED:
+            entry = record.quarantine
+            raise errors.InvalidArgument(
+                f"payload {payload_id} quarantined: {entry.detail}",
+                metadata={"payload_id": payload_id,
+                          "quarantine_reason": pb.QuarantineReason.Name(entry.reason)})
+        return pb.PutPayloadResponse(payload=record.info)
+
+    async def _conclude(self, call: CallContext, header: pb.PayloadHeader, payload_id: str, ingest: _Ingest,
+                        digest: bytes, declared: bytes, wrapped: bytes | None) -> StoredPayload:
+        now = self.clock()
+        ttl = header.ttl.ToNanoseconds() if header.HasField("ttl") else int(self.settings.default_ttl_seconds * 1e9)
+        info = pb.PayloadInfo(
+            ref=common_pb2.PayloadRef(payload_id=payload_id, size=ingest.received,
+                                      digest=common_pb2.Digest(algorithm=SHA256, value=digest),
+                                      classification=header.classification, tenant=header.tenant),
+            state=pb.PAYLOAD_STATE_AVAILABLE, correlation=header.correlation, kind=header.kind,
+            tensor=header.tensor, media_type=header.media_type, name=header.name, chunk_count=ingest.chunks,
+            created_at=_timestamp(now), encrypted_at_rest=wrapped is not None)
+        if ttl > 0:
+            info.expires_at.CopyFrom(_timestamp(now + ttl))
+        if not info.correlation.correlation_id:
+            info.correlation.correlation_id = call.correlation_id
+        quarantine = self._mismatch(header, ingest, digest, declared)
+        if quarantine is not None:
+            info.state = pb.PAYLOAD_STATE_QUARANTINED
+            quarantine.payload_id, quarantine.tenant = payload_id, header.tenant
+            quarantine.declared.CopyFrom(header)
+            quarantine.received_size, quarantine.received_chunk_count = ingest.received, ingest.chunks
+            quarantine.received_digest.CopyFrom(info.ref.digest)
+            quarantine.quarantined_at.CopyFrom(info.created_at)
+        record = self.store.commit(ingest.writer, info, wrapped, quarantine)
+        fields = {"payload_id": payload_id, "size": ingest.received, "digest": digest.hex(),
+                  "classification": classification_name(header.classification),
+                  "encrypted_at_rest": wrapped is not None}
+        if quarantine is not None:
+            log.warning("payload %s quarantined (%s): %s", payload_id, pb.QuarantineReason.Name(quarantine.reason),
+                        quarantine.detail)
+            await self._record(call, header.tenant, "data.quarantined", **fields,
+                               reason=pb.QuarantineReason.Name(quarantine.reason), detail=quarantine.detail)
+        else:
+            await self._record(call, header.tenant, "data.stored", **fields)
+        return record
+
+    @staticmethod
+    def _mismatch(header: pb.PayloadHeader, ingest: _Ingest, digest: bytes,
+                  declared: bytes) -> pb.QuarantinedPayload | None:
+        entry = pb.QuarantinedPayload
+        if ingest.bad_chunk is not None:
+            return entry(reason=pb.QUARANTINE_REASON_CHUNK_DIGEST_MISMATCH,
+                         detail=f"chunk {ingest.bad_chunk}'s digest does not match its bytes")
+        if ingest.received != header.declared_size:
+            return entry(reason=pb.QUARANTINE_REASON_SIZE_MISMATCH,
+                         detail=f"declared {header.declared_size} bytes, received {ingest.received}")
+        if header.declared_chunk_count and ingest.chunks != header.declared_chunk_count:
+            return entry(reason=pb.QUARANTINE_REASON_CHUNK_COUNT_MISMATCH,
+                         detail=f"declared {header.declared_chunk_count} chunks, received {ingest.chunks}")
+        if digest != declared:
+            return entry(reason=pb.QUARANTINE_REASON_DIGEST_MISMATCH,
+                         detail=f"declared digest {_short(declared)}..., received {_short(digest)}...")
+        return None
+
+    # -- get, stat, delete -------------------------------------------------------------
+
+    def _find(self, tenant: str, payload_id: str) -> StoredPayload:
+        if not _ID.fullmatch(payload_id):
+            raise errors.InvalidArgument("a payload id is 'pl_' and 32 hex digits")
+        record = self.store.get(payload_id)
+        if record is None or record.tenant != tenant:
+            raise errors.NotFound(f"payload {payload_id} not found in tenant {tenant}",
+                                  metadata={"payload_id": payload_id})
+        if record.state in (pb.PAYLOAD_STATE_AVAILABLE, pb.PAYLOAD_STATE_QUARANTINED) and \
+                record.expired(self.clock()):
+            record.state = record.info.state = pb.PAYLOAD_STATE_EXPIRED
+        return record
+
+    def _readable(self, tenant: str, payload_id: str) -> StoredPayload:
+        record = self._find(tenant, payload_id)
+        if record.state == pb.PAYLOAD_STATE_DELETED:
+            raise errors.NotFound(f"payload {payload_id} was deleted", metadata={"payload_id": payload_id})
+        if record.state == pb.PAYLOAD_STATE_EXPIRED:
+            raise errors.NotFound(f"payload {payload_id} expired at {record.info.expires_at.ToJsonString()}",
+                                  metadata={"payload_id": payload_id})
+        if record.state == pb.PAYLOAD_STATE_QUARANTINED:
+            raise errors.FailedPrecondition(f"payload {payload_id} is quarantined: {record.quarantine.detail}",
+                                            metadata={"payload_id": payload_id})
+        return record
+
+    async def get_payload(self, request: pb.GetPayloadRequest, call: CallContext):
+        record = self._readable(request.tenant, request.payload_id)
+        if request.HasField("max_age") and request.max_age.ToNanoseconds() > 0:
+            age = self.clock() - record.created_ns
+            if age > request.max_age.ToNanoseconds():
+                raise errors.FailedPrecondition(
+                    f"payload {request.payload_id} is {age / 1e9:.3f} s old, older than the "
+                    f"{request.max_age.ToNanoseconds() / 1e9:.3f} s required", metadata={"payload_id": record.payload_id})
+        if request.HasField("expected_digest"):
+            if request.expected_digest.value != record.info.ref.digest.value:
+                raise errors.FailedPrecondition(
+                    f"payload {request.payload_id} has digest {_short(record.info.ref.digest.value)}..., not the "
+                    f"expected {_short(request.expected_digest.value)}... (a stale reference)",
+                    metadata={"payload_id": record.payload_id})
+        chunk = min(request.chunk_size or self.settings.get_chunk_bytes, self.settings.max_chunk_bytes)
+        digests = request.chunk_digests
+        yield Encoded(pb.GetPayloadResponse(header=record.info).SerializeToString())
+        if record.wrapped_key is None:
+            buffer = self.store.mapped(record)
+            for offset in range(0, record.size, chunk):
+                piece = buffer.slice(offset, min(chunk, record.size - offset))
+                yield Encoded(codec.encode_chunk(piece, offset, digest=digests))
+            return
+        offset = 0
+        for plain in self.store.segments(record):
+            for start in range(0, len(plain), chunk):
+                piece = memoryview(plain)[start:start + chunk]
+                yield Encoded(codec.encode_chunk(piece, offset, digest=digests))
+                offset += len(piece)
+
+    async def stat_payload(self, request: pb.StatPayloadRequest, call: CallContext) -> pb.StatPayloadResponse:
+        return pb.StatPayloadResponse(payload=self._find(request.tenant, request.payload_id).info)
+
+    async def delete_payload(self, request: pb.DeletePayloadRequest, call: CallContext) -> pb.DeletePayloadResponse:
+        record = self._find(request.tenant, request.payload_id)
+        if record.state == pb.PAYLOAD_STATE_DELETED:
+            return pb.DeletePayloadResponse(payload=record.info)
+        await self._retire(record, call, "data.deleted", request.reason)
+        return pb.DeletePayloadResponse(payload=record.info)
+
+    async def _retire(self, record: StoredPayload, call: CallContext | None, event_type: str, reason: str) -> None:
+        self.store.remove_bytes(record)
+        record.state = record.info.state = (pb.PAYLOAD_STATE_EXPIRED if event_type == "data.expired"
+                                            else pb.PAYLOAD_STATE_DELETED)
+        record.quarantine = None
+        self.store.update(record)
+        if call is not None:
+            await self._record(call, record.tenant, event_type, payload_id=record.payload_id, size=record.size,
+                               digest=record.info.ref.digest.value.hex(), reason=reason)
+
+    async def sweep(self, call: CallContext) -> int:
+        """Remove the bytes of every payload past its expiry; returns how many."""
+        done = 0
+        while batch := self.store.due_for_expiry(self.clock()):
+            for record in batch:
+                await self._retire(record, call, "data.expired", "time to live elapsed")
+                done += 1
+        return done
+
+    # -- egress ------------------------------------------------------------------
+
+    async def transfer_payload(self, request: pb.TransferPayloadRequest,
+                               call: CallContext) -> pb.TransferPayloadResponse:
+        kind = DESTINATION_KINDS.get(request.destination.kind)
+        if kind is None or not request.destination.name:
+            raise errors.InvalidArgument("a transfer needs a destination: a tool, model route or sink, by name")
+        record = self._readable(request.tenant, request.payload_id)
+        classification = record.info.ref.classification
+        rule = self.settings.egress.decide(classification, kind, request.destination.name)
+        transfer_id = f"tr_{os.urandom(12).hex()}"
+        fields = {"payload_id": record.payload_id, "transfer_id": transfer_id, "destination": f"{kind}:"
+                  f"{request.destination.name}", "classification": classification_name(classification),
+                  "size": record.size, "digest": record.info.ref.digest.value.hex()}
+        if rule is None:
+            reason = (f"{classification_name(classification)} data may not go to {kind} "
+                      f"{request.destination.name!r}: no egress rule allows it")
+            await self._record(call, record.tenant, "data.denied", **fields, reason=reason)
+            return pb.TransferPayloadResponse(allowed=False, refusal_reason=reason, payload=record.info.ref,
+                                              transfer_id=transfer_id)
+        await self._record(call, record.tenant, "data.transferred", **fields, rule=rule)
+        return pb.TransferPayloadResponse(allowed=True, rule=rule, payload=record.info.ref, transfer_id=transfer_id)
+
+    # -- quarantine ----------------------------------------------------------------
+
+    async def list_quarantine(self, request: pb.ListQuarantineRequest,
+                              call: CallContext) -> pb.ListQuarantineResponse:
+        size = min(request.page.page_size or 100, 1000)
+        after = request.page.page_token
+        if after and not _ID.fullmatch(after):
+            raise errors.InvalidArgument("malformed page token")
+        records = self.store.quarantined(None if request.tenant == ALL_TENANTS else request.tenant, after, size + 1)
+        response = pb.ListQuarantineResponse(payloads=[r.quarantine for r in records[:size]])
+        if len(records) > size:
+            response.page.next_page_token = records[size - 1].payload_id
+        return response
+
+    def _quarantined(self, tenant: str, payload_id: str) -> StoredPayload:
+        record = self._find(tenant, payload_id)
+        if record.state != pb.PAYLOAD_STATE_QUARANTINED:
+            raise errors.NotFound(f"payload {payload_id} is not in quarantine", metadata={"payload_id": payload_id})
+        return record
+
+    async def release_quarantine(self, request: pb.ReleaseQuarantineRequest,
+                                 call: CallContext) -> pb.ReleaseQuarantineResponse:
+        record = self._quarantined(request.tenant, request.payload_id)
+        reason = pb.QuarantineReason.Name(record.quarantine.reason)
+        await self._record(call, record.tenant, "data.released", payload_id=record.payload_id, size=record.size,
+                           digest=record.info.ref.digest.value.hex(), quarantine_reason=reason,
+                           reason=request.reason)
+        record.state = record.info.state = pb.PAYLOAD_STATE_AVAILABLE
+        record.quarantine = None
+        self.store.update(record)
+        return pb.ReleaseQuarantineResponse(payload=record.info)
+
+    async def delete_quarantined(self, request: pb.DeleteQuarantinedRequest,
+                                 call: CallContext) -> pb.DeleteQuarantinedResponse:
+        record = self._quarantined(request.tenant, request.payload_id)
+        entry = record.quarantine
+        await self._retire(record, call, "data.deleted", request.reason or "deleted from quarantine")
+        return pb.DeleteQuarantinedResponse(payload=entry)
+
+
+def _check_digest(digest: common_pb2.Digest, where: str) -> common_pb2.Digest:
+    if digest.algorithm != SHA256 or len(digest.value) != 32:
+        raise errors.InvalidArgument(f"{where} must be a 32-byte SHA-256 (DIGEST_ALGORITHM_SHA256)")
+    return digest
+
+
+def _declared_digest(header: pb.PayloadHeader, trailer: common_pb2.Digest | None) -> bytes:
+    in_header = header.declared_digest.value if header.HasField("declared_digest") else None
+    in_trailer = trailer.value if trailer is not None else None
+    if in_header is None and in_trailer is None:
+        raise errors.InvalidArgument("the content digest must be declared, in the header or in a trailer")
+    if in_header is not None and in_trailer is not None and in_header != in_trailer:
+        raise errors.InvalidArgument("the header and the trailer declare different content digests")
+    return in_header if in_header is not None else in_trailer
+
+
+def _check_tensor(header: pb.PayloadHeader) -> None:
+    import numpy as np
+
+    tensor = header.tensor
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        raise errors.InvalidArgument(f"tensor dtype {tensor.dtype[:32]!r} is not a NumPy/Arrow type name") from None
+    if any(d < 0 for d in tensor.shape):
+        raise errors.InvalidArgument("tensor shape has a negative dimension")
+    count = 1
+    for d in tensor.shape:
+        count *= d
+    if tensor.strides:
+        if len(tensor.strides) != len(tensor.shape):
+            raise errors.InvalidArgument("tensor strides and shape differ in length")
+        span = itemsize + sum((d - 1) * abs(s) for d, s in zip(tensor.shape, tensor.strides) if d > 0) if count else 0
+        if span > header.declared_size:
+            raise errors.InvalidArgument(f"tensor strides reach {span} bytes, past the declared {header.declared_size}")
+    elif count * itemsize != header.declared_size:
+        raise errors.InvalidArgument(f"a C-contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)} is "
+                                     f"{count * itemsize} bytes, not the declared {header.declared_size}")

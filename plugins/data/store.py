@@ -1,0 +1,287 @@
+"""Where payloads live: one file per payload and an SQLite catalogue, under the state directory.
+
+Layout (``<state>/data``, mode 0700)::
+
+    payloads.sqlite3     catalogue: state, tenant, size, expiry, wrapped key, info
+    incoming/<id>        a payload being received; removed if the put fails
+    objects/<id>         a stored payload (plain, or sealed segments; see crypto)
+
+A put writes ``incoming/<id>``, fsyncs it, renames it into ``objects/`` and
+fsyncs the directory before the catalogue row commits (SQLite WAL,
+``synchronous=FULL``), so an acknowledged payload survives a crash and a
+crash before the acknowledgement leaves only an ``incoming`` file, removed at
+the next start. Plain payloads are read by memory-mapping their file.
+
+The catalogue keeps each payload's ``PayloadInfo`` as protobuf bytes beside
+the columns it is queried by; quarantined payloads also keep their
+``QuarantinedPayload`` record. This class is the storage interface: another
+backend (an object store with PostgreSQL) implements the same methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from planes.data.v1 import data_service_pb2 as pb
+from planes.kernel.secrets import ensure_private_dir
+
+from .crypto import SEGMENT, TAG, MasterKey, SegmentCipher, StoredDataCorrupt
+
+__all__ = ["ObjectWriter", "PayloadStore", "StoredPayload"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS payloads (
+    payload_id  TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    state       INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    created_ns  INTEGER NOT NULL,
+    expires_ns  INTEGER NOT NULL,      -- 0: never
+    wrapped_key BLOB,                  -- NULL for plain payloads and once deleted
+    info        BLOB NOT NULL,         -- PayloadInfo
+    quarantine  BLOB                   -- QuarantinedPayload, while quarantined
+);
+CREATE INDEX IF NOT EXISTS payloads_by_tenant ON payloads (tenant, state);
+CREATE INDEX IF NOT EXISTS payloads_by_expiry ON payloads (expires_ns) WHERE expires_ns > 0;
+"""
+
+#: States whose bytes count against the tenant's quota.
+_HELD = (pb.PAYLOAD_STATE_AVAILABLE, pb.PAYLOAD_STATE_QUARANTINED)
+
+
+@dataclass
+class StoredPayload:
+    payload_id: str
+    tenant: str
+    state: int
+    size: int
+    created_ns: int
+    expires_ns: int
+    wrapped_key: bytes | None
+    info: pb.PayloadInfo
+    quarantine: pb.QuarantinedPayload | None
+
+    def expired(self, now_ns: int) -> bool:
+        return self.expires_ns > 0 and now_ns >= self.expires_ns
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectWriter:
+    """Writes one payload's bytes to ``incoming/`` as they arrive, hashing them in the same pass.
+
+    Not thread-safe: one stream feeds it, from one thread at a time.
+    """
+
+    def __init__(self, path: Path, payload_id: str, cipher: SegmentCipher | None, durable: bool):
+        self.path = path
+        self.payload_id = payload_id
+        self.size = 0
+        self._cipher = cipher
+        self._durable = durable
+        self._hash = hashlib.sha256()
+        self._pending = bytearray()
+        self._segment = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, data, chunk_digest: bytes = b"") -> bool:
+        """Append ``data``; False when ``chunk_digest`` is set and does not match it (stored anyway)."""
+        view = memoryview(data).cast("B")
+        matches = True
+        if chunk_digest:
+            matches = hashlib.sha256(view).digest() == chunk_digest
+        self._hash.update(view)
+        self.size += view.nbytes
+        if self._cipher is None:
+            self._write_all(view)
+        else:
+            self._pending += view
+            while len(self._pending) >= SEGMENT + 1:
+                # Keep at least one byte back: the final record is sealed in finish().
+                self._write_all(self._cipher.seal(self._segment, self._pending[:SEGMENT], final=False))
+                del self._pending[:SEGMENT]
+                self._segment += 1
+        return matches
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def finish(self) -> bytes:
+        """Seal the last record, make the file durable and return the content's SHA-256."""
+        if self._cipher is not None:
+            self._write_all(self._cipher.seal(self._segment, self._pending, final=True))
+            self._pending.clear()
+        if self._durable:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        return self._hash.digest()
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+class PayloadStore:
+    def __init__(self, root: Path, master: MasterKey, *, durable: bool = True):
+        self.root = ensure_private_dir(root)
+        self.incoming = ensure_private_dir(root / "incoming")
+        self.objects = ensure_private_dir(root / "objects")
+        self.master = master
+        self.durable = durable
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(root / "payloads.sqlite3", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.executescript(_SCHEMA)
+        #: Partial puts a crash left behind; never acknowledged, so removed.
+        self.removed_partial = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink()
+            self.removed_partial += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing -----------------------------------------------------------------
+
+    def begin(self, payload_id: str, *, encrypted: bool) -> tuple[ObjectWriter, bytes | None]:
+        """A writer for a new payload, and its wrapped data key when encrypted."""
+        cipher = wrapped = None
+        if encrypted:
+            data_key = os.urandom(32)
+            cipher = SegmentCipher(data_key, payload_id)
+            wrapped = self.master.wrap(data_key, payload_id)
+        return ObjectWriter(self.incoming / payload_id, payload_id, cipher, self.durable), wrapped
+
+    def commit(self, writer: ObjectWriter, info: pb.PayloadInfo, wrapped_key: bytes | None,
+               quarantine: pb.QuarantinedPayload | None = None) -> StoredPayload:
+        """Move a finished writer's file into place and catalogue it (available or quarantined)."""
+        final = self.objects / writer.payload_id
+        os.replace(writer.path, final)
+        if self.durable:
+            _fsync_dir(self.objects)
+        record = StoredPayload(
+            payload_id=writer.payload_id, tenant=info.ref.tenant, state=info.state, size=info.ref.size,
+            created_ns=info.created_at.ToNanoseconds(),
+            expires_ns=info.expires_at.ToNanoseconds() if info.HasField("expires_at") else 0,
+            wrapped_key=wrapped_key, info=info, quarantine=quarantine)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.payload_id, record.tenant, record.state, record.size, record.created_ns,
+                 record.expires_ns, wrapped_key, info.SerializeToString(),
+                 quarantine.SerializeToString() if quarantine is not None else None))
+        return record
+
+    def update(self, record: StoredPayload) -> None:
+        """Write back a record's state, info and quarantine entry."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE payloads SET state = ?, size = ?, wrapped_key = ?, info = ?, quarantine = ? "
+                "WHERE payload_id = ?",
+                (record.state, record.size, record.wrapped_key, record.info.SerializeToString(),
+                 record.quarantine.SerializeToString() if record.quarantine is not None else None,
+                 record.payload_id))
+
+    def remove_bytes(self, record: StoredPayload) -> None:
+        """Delete a payload's file and its data key; its catalogue row stays, for Stat."""
+        (self.objects / record.payload_id).unlink(missing_ok=True)
+        record.wrapped_key = None
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(self, payload_id: str) -> StoredPayload | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload_id, tenant, state, size, created_ns, expires_ns, wrapped_key, info, quarantine "
+                "FROM payloads WHERE payload_id = ?", (payload_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def held_bytes(self, tenant: str, now_ns: int) -> int:
+        """Bytes the tenant keeps stored (available or quarantined, not expired)."""
+        with self._lock:
+            (total,) = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM payloads WHERE tenant = ? AND state IN (?, ?) "
+                "AND (expires_ns = 0 OR expires_ns > ?)", (tenant, *_HELD, now_ns)).fetchone()
+        return int(total)
+
+    def next_expiry(self, tenant: str, now_ns: int) -> int | None:
+        with self._lock:
+            (first,) = self._db.execute(
+                "SELECT MIN(expires_ns) FROM payloads WHERE tenant = ? AND state IN (?, ?) AND expires_ns > ?",
+                (tenant, *_HELD, now_ns)).fetchone()
+        return first
+
+    def due_for_expiry(self, now_ns: int, limit: int = 1000) -> list[StoredPayload]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT payload_id, tenant, state, size, created_ns, expires_ns, wrapped_key, info, quarantine "
+                "FROM payloads WHERE expires_ns > 0 AND expires_ns <= ? AND state IN (?, ?) LIMIT ?",
+                (now_ns, *_HELD, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def quarantined(self, tenant: str | None, after: str, limit: int) -> list[StoredPayload]:
+        query = ("SELECT payload_id, tenant, state, size, created_ns, expires_ns, wrapped_key, info, quarantine "
+                 "FROM payloads WHERE state = ? AND payload_id > ?")
+        args: list = [pb.PAYLOAD_STATE_QUARANTINED, after]
+        if tenant is not None:
+            query += " AND tenant = ?"
+            args.append(tenant)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY payload_id LIMIT ?", (*args, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+    def mapped(self, record: StoredPayload) -> pa.Buffer:
+        """A plain payload's bytes, memory-mapped: slice it for zero-copy ``pyarrow.Buffer`` pieces.
+
+        The mapping lives as long as any slice of it; a payload deleted
+        meanwhile stays readable through it until then, as a file would.
+        """
+        if record.size == 0:
+            return pa.py_buffer(b"")
+        with pa.memory_map(str(self.objects / record.payload_id), "r") as mapped:
+            if mapped.size() != record.size:
+                raise StoredDataCorrupt(f"payload {record.payload_id}: stored file holds {mapped.size()} "
+                                        f"bytes, catalogue says {record.size}")
+            return mapped.read_buffer(record.size)
+
+    def segments(self, record: StoredPayload) -> Iterator[bytes]:
+        """An encrypted payload's plaintext, one opened segment at a time."""
+        cipher = SegmentCipher(self.master.unwrap(record.wrapped_key, record.payload_id), record.payload_id)
+        records = -(-record.size // SEGMENT) if record.size else 0
+        last = max(records - 1, 0)
+        with open(self.objects / record.payload_id, "rb") as file:
+            for index in range(last + 1):
+                sealed = file.read(SEGMENT + TAG)
+                yield cipher.open(index, sealed, index == last, record.payload_id)
+            if file.read(1):
+                raise StoredDataCorrupt(f"payload {record.payload_id}: stored file is longer than its records")
+
+
+def _record(row) -> StoredPayload:
+    payload_id, tenant, state, size, created_ns, expires_ns, wrapped_key, info, quarantine = row
+    return StoredPayload(
+        payload_id=payload_id, tenant=tenant, state=state, size=size, created_ns=created_ns,
+        expires_ns=expires_ns, wrapped_key=wrapped_key, info=pb.PayloadInfo.FromString(info),
+        quarantine=pb.QuarantinedPayload.FromString(quarantine) if quarantine is not None else None)
