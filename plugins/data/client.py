@@ -22,9 +22,10 @@ Copies, and why each remains:
   is the received message's bytes, with no copy. The returned numpy array,
   ``pyarrow.Tensor`` or table is a zero-copy view of that buffer.
 
-The content digest is computed on a thread beside the sending loop (hashlib
-releases the GIL) and declared in the trailer, so a put reads its payload
-once. A get checks it only with ``verify=True`` (see :mod:`.plane` for why).
+The content digest (BLAKE3 unless ``digest_algorithm="sha256"``) is computed
+on a thread beside the sending loop (both hashes release the GIL) and
+declared in the trailer, so a put reads its payload once. A get checks it
+only with ``verify=True`` (see :mod:`.plane` for why).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow as pa
 
@@ -52,6 +54,8 @@ __all__ = ["DataClient", "EgressDenied", "IntegrityError"]
 MiB = 1 << 20
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SHA256 = common_pb2.DIGEST_ALGORITHM_SHA256
+BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
+_ALGORITHMS = {"sha256": SHA256, "blake3": BLAKE3}
 _KINDS = {name: value for value, name in DESTINATION_KINDS.items()}
 
 
@@ -83,7 +87,11 @@ def _buffer(data) -> pa.Buffer:
 class DataClient:
     """Puts and gets payloads of one tenant through a data plane client (local or remote)."""
 
-    def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB):
+    def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB,
+                 digest_algorithm: str = "blake3"):
+        if digest_algorithm not in _ALGORITHMS:
+            raise ValueError(f"digest_algorithm must be one of {', '.join(_ALGORITHMS)}")
+        self.algorithm = _ALGORITHMS[digest_algorithm]
         self.client = client
         self.tenant = tenant
         self.chunk_bytes = chunk_bytes
@@ -100,8 +108,9 @@ class DataClient:
                   timeout: float | None = None) -> pb.PayloadInfo:
         """Store ``data`` (anything with the buffer protocol, read in place); returns its info.
 
-        ``digest``: the SHA-256 when already known; otherwise it is computed
-        while the chunks go out and sent in the trailer.
+        ``digest``: the content digest (under the client's algorithm) when
+        already known; otherwise it is computed while the chunks go out and
+        sent in the trailer.
         """
         buffer = _buffer(data)
         size = buffer.size
@@ -115,19 +124,18 @@ class DataClient:
             header.correlation.CopyFrom(correlation)
         if ttl is not None:
             header.ttl.FromNanoseconds(int(ttl * 1e9))
-        if digest is not None:
-            header.declared_digest.CopyFrom(common_pb2.Digest(algorithm=SHA256, value=digest))
+        header.declared_digest.CopyFrom(common_pb2.Digest(algorithm=self.algorithm, value=digest or b""))
 
         async def requests() -> AsyncIterator:
             yield Encoded(pb.PutPayloadRequest(header=header).SerializeToString())
             hashing = None
             if digest is None:
-                hashing = asyncio.get_running_loop().run_in_executor(None, _sha256, buffer)
+                hashing = asyncio.get_running_loop().run_in_executor(None, _content_digest, self.algorithm, buffer)
             for offset in range(0, size, step):
                 yield Encoded(codec.encode_chunk(buffer.slice(offset, min(step, size - offset)), offset,
                                                  digest=False))
             if hashing is not None:
-                trailer = pb.PayloadTrailer(declared_digest=common_pb2.Digest(algorithm=SHA256,
+                trailer = pb.PayloadTrailer(declared_digest=common_pb2.Digest(algorithm=self.algorithm,
                                                                               value=await hashing))
                 yield Encoded(pb.PutPayloadRequest(trailer=trailer).SerializeToString())
 
@@ -166,14 +174,14 @@ class DataClient:
 
     # -- get -----------------------------------------------------------------------
 
-    def _request(self, payload_id: str, max_age: float | None, expected_digest: bytes | None,
+    def _request(self, payload_id: str, max_age: float | None, expected_digest: common_pb2.Digest | None,
                  chunk_bytes: int | None, chunk_digests: bool) -> pb.GetPayloadRequest:
         request = pb.GetPayloadRequest(tenant=self.tenant, payload_id=payload_id,
                                        chunk_size=chunk_bytes or self.chunk_bytes, chunk_digests=chunk_digests)
         if max_age is not None:
             request.max_age.FromNanoseconds(int(max_age * 1e9))
         if expected_digest is not None:
-            request.expected_digest.CopyFrom(common_pb2.Digest(algorithm=SHA256, value=expected_digest))
+            request.expected_digest.CopyFrom(expected_digest)
         return request
 
     async def _chunks(self, request: pb.GetPayloadRequest, timeout: float | None):
@@ -185,28 +193,31 @@ class DataClient:
         info = pb.GetPayloadResponse.FromString(first).header
         return info, stream
 
-    async def get(self, payload_id: str, *, max_age: float | None = None, expected_digest: bytes | None = None,
+    async def get(self, payload_id: str, *, max_age: float | None = None,
+                  expected_digest: common_pb2.Digest | None = None,
                   verify: bool = False, chunk_bytes: int | None = None, chunk_digests: bool = False,
                   timeout: float | None = None) -> tuple[pb.PayloadInfo, pa.Buffer]:
         """``(info, bytes)`` of a payload, reassembled into one buffer.
 
         ``max_age`` (seconds) refuses an older payload; ``expected_digest``
-        one whose digest changed; ``verify`` checks the bytes against the
-        content digest; ``chunk_digests`` asks for and checks each chunk's.
+        (``info.ref.digest`` of the reference held) one whose digest changed;
+        ``verify`` checks the bytes against the content digest (one more
+        pass over them); ``chunk_digests`` asks for and checks each chunk's
+        SHA-256 as it arrives.
         """
         info, stream = await self._chunks(
             self._request(payload_id, max_age, expected_digest, chunk_bytes, chunk_digests), timeout)
         size = info.ref.size
         assembler = codec.PayloadAssembler(size, max_total_bytes=size, max_chunks=size + 1,
-                                           max_chunk_bytes=self.max_chunk_bytes, content_digest=verify)
+                                           max_chunk_bytes=self.max_chunk_bytes, content_digest=False)
         try:
             async for raw in stream:
                 offset, data, sent = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
                 assembler.add(offset, data, sent)
-            payload, digest = assembler.finish()
+            payload, _ = assembler.finish()
         except (codec.ChunkFormatError, codec.ChunkLimitError) as exc:
             raise IntegrityError(f"payload {payload_id}: {exc}") from None
-        if verify and digest != info.ref.digest.value:
+        if verify and _content_digest(info.ref.digest.algorithm, payload) != info.ref.digest.value:
             raise IntegrityError(f"payload {payload_id}: received bytes do not match its content digest")
         return info, payload
 
@@ -236,7 +247,8 @@ class DataClient:
         return pa.ipc.open_stream(buffer).read_all()
 
     async def get_file(self, payload_id: str, path, *, max_age: float | None = None,
-                       expected_digest: bytes | None = None, timeout: float | None = None) -> pb.PayloadInfo:
+                       expected_digest: common_pb2.Digest | None = None,
+                       timeout: float | None = None) -> pb.PayloadInfo:
         """Write a payload to ``path`` chunk by chunk (memory stays one chunk), checking its digest.
 
         The file appears only complete and checked: it is written beside
@@ -245,7 +257,7 @@ class DataClient:
         path = Path(path)
         info, stream = await self._chunks(self._request(payload_id, max_age, expected_digest, None, False), timeout)
         partial = path.with_name(f".{path.name}.partial")
-        running = hashlib.sha256()
+        running = _hasher(info.ref.digest.algorithm)
         received = 0
         try:
             with open(partial, "wb") as out:
@@ -291,5 +303,15 @@ class DataClient:
         return response
 
 
-def _sha256(buffer: pa.Buffer) -> bytes:
-    return hashlib.sha256(memoryview(buffer)).digest()
+def _hasher(algorithm: int):
+    if algorithm == BLAKE3:
+        return blake3.blake3()
+    if algorithm == SHA256:
+        return hashlib.sha256()
+    raise IntegrityError(f"unknown content digest algorithm {algorithm}")
+
+
+def _content_digest(algorithm: int, buffer: pa.Buffer) -> bytes:
+    hasher = _hasher(algorithm)
+    hasher.update(memoryview(buffer))
+    return hasher.digest()

@@ -208,7 +208,8 @@ class ByteBudget:
             if future.done() and not future.cancelled():
                 self.release(size)  # granted just as we were cancelled
             else:
-                self._waiters.remove(entry)
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
                 self._wake()
             raise
         return size

@@ -20,6 +20,8 @@ backend (an object store with PostgreSQL) implements the same methods.
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import hashlib
 import os
 import sqlite3
@@ -53,6 +55,10 @@ CREATE INDEX IF NOT EXISTS payloads_by_tenant ON payloads (tenant, state);
 CREATE INDEX IF NOT EXISTS payloads_by_expiry ON payloads (expires_ns) WHERE expires_ns > 0;
 """
 
+#: Bytes written between interim syncs of a durable payload.
+SYNC_EVERY = 16 << 20
+#: Interim syncs of every payload being written (they wait on the disk, not the CPU).
+_SYNCER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="data-sync")
 #: States whose bytes count against the tenant's quota.
 _HELD = (pb.PAYLOAD_STATE_AVAILABLE, pb.PAYLOAD_STATE_QUARANTINED)
 
@@ -87,16 +93,33 @@ class ObjectWriter:
     Not thread-safe: one stream feeds it, from one thread at a time.
     """
 
-    def __init__(self, path: Path, payload_id: str, cipher: SegmentCipher | None, durable: bool):
+    def __init__(self, path: Path, payload_id: str, cipher: SegmentCipher | None, durable: bool, content_hash,
+                 expected_size: int = 0):
         self.path = path
         self.payload_id = payload_id
         self.size = 0
         self._cipher = cipher
         self._durable = durable
-        self._hash = hashlib.sha256()
+        self._hash = content_hash
         self._pending = bytearray()
         self._segment = 0
+        self._written = self._unsynced = 0
+        self._sync: concurrent.futures.Future | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._allocated = 0
+        if expected_size:
+            if cipher is not None:
+                expected_size += TAG * max(1, -(-expected_size // SEGMENT))
+            try:
+                # Blocks up front: a full disk fails the put before any byte is
+                # taken, and a file of fixed size makes the interim syncs cheap.
+                os.posix_fallocate(self._fd, 0, expected_size)
+                self._allocated = expected_size
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    os.close(self._fd)
+                    path.unlink(missing_ok=True)
+                    raise
 
     def write(self, data, chunk_digest: bytes = b"") -> bool:
         """Append ``data``; False when ``chunk_digest`` is set and does not match it (stored anyway)."""
@@ -122,12 +145,27 @@ class ObjectWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+            self._written += written
+            self._unsynced += written
+        if self._durable and self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+            # Flush as we go, on a thread of its own, so the sync before the
+            # acknowledgement finds little left to write and writing goes on
+            # meanwhile. One interim sync at a time: they never queue up.
+            if self._sync is not None:
+                self._sync.result()
+            self._sync = _SYNCER.submit(os.fdatasync, self._fd)
+            self._unsynced = 0
 
     def finish(self) -> bytes:
-        """Seal the last record, make the file durable and return the content's SHA-256."""
+        """Seal the last record, make the file durable and return the content digest."""
         if self._cipher is not None:
             self._write_all(self._cipher.seal(self._segment, self._pending, final=True))
             self._pending.clear()
+        if self._sync is not None:
+            self._sync.result()
+            self._sync = None
+        if self._allocated != self._written:
+            os.ftruncate(self._fd, self._written)
         if self._durable:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -135,6 +173,9 @@ class ObjectWriter:
         return self._hash.digest()
 
     def discard(self) -> None:
+        if self._sync is not None:
+            concurrent.futures.wait([self._sync])
+            self._sync = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -165,14 +206,17 @@ class PayloadStore:
 
     # -- writing -----------------------------------------------------------------
 
-    def begin(self, payload_id: str, *, encrypted: bool) -> tuple[ObjectWriter, bytes | None]:
-        """A writer for a new payload, and its wrapped data key when encrypted."""
+    def begin(self, payload_id: str, *, encrypted: bool, content_hash,
+              expected_size: int = 0) -> tuple[ObjectWriter, bytes | None]:
+        """A writer for a new payload hashing into ``content_hash``, and its wrapped data key when encrypted."""
         cipher = wrapped = None
         if encrypted:
             data_key = os.urandom(32)
             cipher = SegmentCipher(data_key, payload_id)
             wrapped = self.master.wrap(data_key, payload_id)
-        return ObjectWriter(self.incoming / payload_id, payload_id, cipher, self.durable), wrapped
+        writer = ObjectWriter(self.incoming / payload_id, payload_id, cipher, self.durable, content_hash,
+                              expected_size)
+        return writer, wrapped
 
     def commit(self, writer: ObjectWriter, info: pb.PayloadInfo, wrapped_key: bytes | None,
                quarantine: pb.QuarantinedPayload | None = None) -> StoredPayload:

@@ -307,6 +307,19 @@ def test_reassembly_through_the_wire(codec, chunk, digests):
     assert (target.offset, target.chunks) == (len(payload), -(-len(payload) // chunk))
 
 
+@pytest.mark.parametrize("chunk", [1000, 300_000])
+def test_reassembly_without_content_digest_still_checks_chunk_digests(codec, chunk):
+    payload = os.urandom(300_000)
+    target = codec.PayloadAssembler(len(payload), max_total_bytes=len(payload), max_chunks=len(payload),
+                                    max_chunk_bytes=chunk, content_digest=False)
+    for offset, part in split(payload, chunk):
+        target.add(offset, part, sha256(part).digest())
+    assert target.finish()[0].to_pybytes() == payload and target.finish()[1] == b""
+    lying = codec.PayloadAssembler(10, max_total_bytes=10, max_chunks=2, max_chunk_bytes=10, content_digest=False)
+    with pytest.raises(codec.ChunkFormatError, match="digest does not match"):
+        lying.add(0, b"0123456789", sha256(b"something else").digest())
+
+
 def test_one_chunk_covering_everything_is_not_copied(codec):
     message = codec.encode_chunk(os.urandom(MiB), 0)
     offset, data, digest = codec.decode_chunk(message, max_chunk_bytes=MiB)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ def test_tensor_round_trip_with_metadata_and_evidence(serve, classification):
 
     info, back, stat, events = serve(scenario)
     assert np.array_equal(back, array) and back.dtype == np.float32 and back.shape == (768, 1024)
-    assert info.ref.size == array.nbytes and info.ref.digest.value == hashlib.sha256(array.tobytes()).digest()
+    assert info.ref.size == array.nbytes and info.ref.digest.value == blake3.blake3(array.tobytes()).digest()
     assert info.ref.tenant == "acme" and info.state == pb.PAYLOAD_STATE_AVAILABLE
     assert info.encrypted_at_rest == (classification == "confidential")
     assert info.chunk_count == 12 and stat.ref.payload_id == info.ref.payload_id

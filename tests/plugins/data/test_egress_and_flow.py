@@ -1,0 +1,174 @@
+"""Egress rules, backpressure and byte budgets, and that payload bytes never reach logs, errors or evidence."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from planes.data.v1 import data_service_pb2 as pb
+from planes.kernel import errors
+from planes.kernel.errors import SettingsError
+from planes.plugins.data.client import EgressDenied
+from planes.plugins.data.limits import ByteBudget, DataSettings
+from planes.plugins.data.store import ObjectWriter
+
+from .conftest import fields
+from .test_admission import chunk, header, put_raw, trailer
+
+MiB = 1 << 20
+SECRET = b"TOP-SECRET-PAYLOAD-BYTES-91c2"
+
+
+def test_egress_follows_classification_rules_and_every_decision_is_recorded(serve):
+    async def scenario(served):
+        data = served.data()
+        internal = await data.put(b"internal", classification="internal")
+        confidential = await data.put(b"confidential", classification="confidential")
+        allowed = await data.transfer(internal.ref.payload_id, "tool:search")
+        with pytest.raises(EgressDenied, match="confidential data may not go to model_route 'gpt-remote'") as denied:
+            await data.transfer(confidential.ref.payload_id, "model_route:gpt-remote")
+        local = await data.transfer(confidential.ref.payload_id, "model_route:local-llama")
+        sink = await data.transfer(internal.ref.payload_id, "sink:s3-archive", raise_on_denial=False)
+        with pytest.raises(ValueError, match="destination must be"):
+            await data.transfer(internal.ref.payload_id, "printer:lobby")
+        with pytest.raises(errors.InvalidArgument, match="needs a destination"):
+            await data.client.transfer_payload(pb.TransferPayloadRequest(tenant="acme",
+                                                                         payload_id=internal.ref.payload_id))
+        return allowed, denied.value, local, sink, await served.events()
+
+    settings = {"egress": {"confidential": ["model_route:local-*"]}}
+    allowed, denied, local, sink, events = serve(scenario, data_settings=settings)
+    assert allowed.allowed and allowed.rule == "internal:tool:*"
+    assert local.allowed and local.rule == "confidential:model_route:local-*"
+    assert not sink.allowed and "no egress rule allows it" in sink.refusal_reason
+    recorded = {(e.event_type, fields(e)["destination"]) for e in events if e.event_type in ("data.transferred",
+                                                                                              "data.denied")}
+    assert recorded == {("data.transferred", "tool:search"), ("data.denied", "model_route:gpt-remote"),
+                        ("data.transferred", "model_route:local-llama"), ("data.denied", "sink:s3-archive")}
+    denial = next(e for e in events if e.event_type == "data.denied" and fields(e)["transfer_id"] == denied.transfer_id)
+    assert fields(denial)["classification"] == "confidential"
+
+
+def test_settings_are_checked_with_actionable_messages():
+    with pytest.raises(SettingsError, match="'secret' is not a classification"):
+        DataSettings.from_mapping({"egress": {"secret": ["*"]}})
+    with pytest.raises(SettingsError, match="unknown setting"):
+        DataSettings.from_mapping({"max_chunk_byte": 5})
+    with pytest.raises(SettingsError, match="max_chunks must be an integer >= 1"):
+        DataSettings.from_mapping({"max_chunks": 0})
+    with pytest.raises(SettingsError, match="get_chunk_bytes must not exceed"):
+        DataSettings.from_mapping({"max_chunk_bytes": 10, "get_chunk_bytes": 20})
+
+
+def test_byte_budget_waits_in_order_and_gives_back_on_cancel(run):
+    async def scenario():
+        budget = ByteBudget(100)
+        order = []
+        assert await budget.acquire(60) == 60
+
+        async def take(name, size):
+            granted = await budget.acquire(size)
+            order.append(name)
+            return granted
+
+        first = asyncio.create_task(take("first", 50))
+        second = asyncio.create_task(take("second", 10))    # would fit, but waits its turn
+        cancelled = asyncio.create_task(take("cancelled", 30))
+        await asyncio.sleep(0)
+        waiting = budget.used
+        cancelled.cancel()
+        budget.release(60)
+        outcomes = await asyncio.gather(first, second, cancelled, return_exceptions=True)
+        used = budget.used
+        huge = await asyncio.wait_for(_after_release(budget, 60), 5)
+        return order, waiting, used, huge, outcomes
+
+    order, waiting, used, huge, outcomes = run(scenario())
+    assert waiting == 60 and order == ["first", "second"] and used == 60
+    assert outcomes[:2] == [50, 10] and isinstance(outcomes[2], asyncio.CancelledError)
+    assert huge == 100, "a request larger than the budget takes all of it once the budget is free"
+
+
+async def _after_release(budget, size):
+    budget.release(size)
+    return await budget.acquire(10_000)
+
+
+def test_a_producer_faster_than_storage_waits_instead_of_growing_memory(serve, monkeypatch):
+    """A stalled disk writer stops the plane reading the stream, so the producer waits."""
+    gate = threading.Event()
+    real_write = ObjectWriter.write
+
+    def slow_write(self, data, chunk_digest=b""):
+        gate.wait(30)
+        return real_write(self, data, chunk_digest)
+
+    monkeypatch.setattr(ObjectWriter, "write", slow_write)
+    total, step = 48 * MiB, 256 * 1024
+    payload = bytes(total)
+
+    async def scenario(served):
+        sent = 0
+
+        async def stream():
+            nonlocal sent
+            yield header(total)
+            for offset in range(0, total, step):
+                yield chunk(payload[offset:offset + step], offset)
+                sent += step
+            yield trailer(payload)
+
+        client = served.remote()
+        put = asyncio.create_task(client.wire("put_payload")(stream(), timeout=60))
+        budget = served.plugin.plane.tenant_budget("acme")
+        stalled = []
+        for _ in range(20):   # let the stream run into the stall
+            await asyncio.sleep(0.1)
+            stalled.append((sent, budget.used))
+        gate.set()
+        response = pb.PutPayloadResponse.FromString(await put)
+        return stalled, response.payload.ref.size, budget.used
+
+    settings = {"stream_inflight_bytes": 1 * MiB, "tenant_inflight_bytes": 2 * MiB}
+    stalled, size, used_after = serve(scenario, data_settings=settings)
+    most_sent = max(s for s, _ in stalled)
+    assert most_sent < total / 2, f"the producer kept sending into a stalled plane ({most_sent} bytes)"
+    assert all(used <= 1 * MiB for _, used in stalled), "in flight stays within the stream's bound"
+    assert size == total and used_after == 0, "everything arrives once the disk catches up"
+
+
+def test_payload_bytes_never_reach_logs_errors_or_evidence(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    data_bytes = SECRET * 100
+
+    async def scenario(served):
+        client = served.remote()
+        messages = []
+        data = served.data()
+        for stream in (
+            (header(len(data_bytes)), chunk(data_bytes, 0), trailer(data_bytes[::-1])),      # quarantined
+            (header(10), chunk(data_bytes[:20], 0)),                                         # overrun
+            (header(len(data_bytes)), chunk(data_bytes[:-3], 0), chunk(data_bytes[:40], 10)),  # overlap
+        ):
+            try:
+                await put_raw(client, *stream)
+            except errors.PlanesError as exc:
+                messages.append(f"{exc} {exc.metadata}")
+        info = await data.put(data_bytes, classification="confidential")
+        try:
+            await data.transfer(info.ref.payload_id, "sink:anywhere")
+        except errors.PlanesError as exc:
+            messages.append(f"{exc} {exc.metadata}")
+        events = await served.events()
+        return messages, [str(e) for e in events]
+
+    messages, events = serve(scenario)
+    assert len(messages) == 4
+    text = SECRET.decode()
+    assert all(text not in m for m in messages), "errors name sizes and digests, never bytes"
+    assert all(text not in e for e in events), "evidence carries sizes and digests, never bytes"
+    assert text not in caplog.text, "logs carry sizes and digests, never bytes"
+    assert "quarantined" in caplog.text, "the quarantine itself is logged"
