@@ -212,4 +212,10 @@ class PlaneSpec:
                     problems.append(f"{rpc.attribute} (must be an async generator)")
             elif not inspect.iscoroutinefunction(method):
                 problems.append(f"{rpc.attribute} (must be async def)")
+        for name in sorted(getattr(implementation, "wire_requests", ())):
+            rpc = next((r for r in self.rpcs.values() if r.attribute == name), None)
+            if rpc is None:
+                problems.append(f"wire_requests names {name}, which is not an RPC of {self.contract.service}")
+            elif rpc.tenant_scoped:
+                problems.append(f"{name} in wire_requests (the kernel scopes its tenant, so it must decode it)")
         return problems

@@ -211,3 +211,22 @@ def test_sync_method_where_async_is_required_is_refused(tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(PluginError, match=r"echo \(must be async def\)"):
         Kernel(settings, PluginHost.load(settings, candidates(Plug()))).open()
+
+
+@pytest.mark.parametrize("names, problem", [
+    (frozenset({"reverse"}), "wire_requests names reverse, which is not an RPC"),
+    (frozenset({"echo"}), r"echo in wire_requests \(the kernel scopes its tenant"),
+])
+def test_wire_requests_must_name_untenanted_rpcs(tmp_path, names, problem):
+    class Wired(RecordingDiagnostics):
+        wire_requests = names
+
+    class Plug(RecordingPlugin):
+        name = "wired"
+
+        def implementation(self, provision):
+            return Wired()
+
+    settings = make_settings(tmp_path)
+    with pytest.raises(PluginError, match=problem):
+        Kernel(settings, PluginHost.load(settings, candidates(Plug()))).open()

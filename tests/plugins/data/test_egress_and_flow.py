@@ -172,3 +172,39 @@ def test_payload_bytes_never_reach_logs_errors_or_evidence(serve, caplog):
     assert all(text not in e for e in events), "evidence carries sizes and digests, never bytes"
     assert text not in caplog.text, "logs carry sizes and digests, never bytes"
     assert "quarantined" in caplog.text, "the quarantine itself is logged"
+
+
+def test_without_evidence_transfers_fail_closed_and_puts_are_spooled(run, tmp_path):
+    """The evidence plane is down (nothing listens at its endpoint): no transfer is allowed unrecorded."""
+    from dataclasses import replace
+
+    from planes.kernel.host import Candidate, PluginHost
+    from planes.kernel.kernel import Kernel
+    from planes.kernel.server import KernelServer
+    from planes.kernel.settings import PlaneEndpoint
+    from planes.plugins.data import DataPlugin
+    from tests.conftest import make_settings
+
+    from .conftest import Served
+
+    async def main():
+        settings = replace(make_settings(tmp_path), planes={"evidence": PlaneEndpoint(endpoint="127.0.0.1:1")})
+        plugin = DataPlugin()
+        kernel = Kernel(settings, PluginHost.load(settings, [Candidate(plugin.name, "t", plugin)])).open()
+        server = KernelServer(kernel)
+        served = Served(kernel, await server.start(), plugin, tmp_path)
+        try:
+            data = served.data()
+            info = await data.put(b"kept while evidence is down", classification="internal")
+            with pytest.raises(errors.Unavailable, match="data.transferred cannot be recorded"):
+                await data.transfer(info.ref.payload_id, "tool:search")
+            spooled = list((tmp_path / "data" / "evidence-spool").iterdir())
+            return info, await data.get_bytes(info.ref.payload_id), spooled
+        finally:
+            for client in served.made:
+                await client.close()
+            await server.stop(grace=1)
+
+    info, back, spooled = run(main())
+    assert back == b"kept while evidence is down" and info.state == pb.PAYLOAD_STATE_AVAILABLE
+    assert spooled, "the data.stored event waits in the encrypted spool"
