@@ -76,6 +76,11 @@ class DataPlugin(Plugin):
                 log.exception("expiry sweep failed; retrying in %.0f s", SWEEP_SECONDS)
             await asyncio.sleep(SWEEP_SECONDS)
 
+    def add_cli_commands(self, commands) -> None:
+        from .cli import add_commands
+
+        add_commands(commands)
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

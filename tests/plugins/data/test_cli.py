@@ -1,0 +1,88 @@
+"""`planes data` against a real `planes serve`: put a file, stat it, get it back, delete it, quarantine review."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+CLI = [sys.executable, "-m", "planes.kernel.cli"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    state = tmp_path_factory.mktemp("data-cli")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PLANES_")},
+           "PLANES_STATE_DIR": str(state), "PLANES_SERVER__BIND": f"127.0.0.1:{port}"}
+    server = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "serving on" not in server.stdout.readline():
+        pass
+    yield env, state
+    server.terminate()
+    server.communicate(timeout=30)
+
+
+def planes(env, *args, token=None):
+    env = {**env, **({"PLANES_TOKEN": token} if token else {})}
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def token(env, role, tenant="acme"):
+    issued = planes(env, "token", "issue", "--principal", f"{role}-cli", "--tenant", tenant, "--role", role,
+                    "--ttl", "600")
+    assert issued.returncode == 0, issued.stderr
+    return issued.stdout.strip()
+
+
+def test_put_stat_get_and_delete_a_file(served, tmp_path):
+    env, _ = served
+    service = token(env, "service")
+    source = tmp_path / "report.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    put = planes(env, "data", "put", str(source), "--classification", "confidential", token=service)
+    assert put.returncode == 0, put.stderr
+    info = json.loads(put.stdout)
+    payload_id = info["ref"]["payloadId"]
+    assert info["name"] == "report.bin" and info["encryptedAtRest"] is True and info["ref"]["tenant"] == "acme"
+
+    stat = planes(env, "data", "stat", payload_id, token=service)
+    assert json.loads(stat.stdout)["state"] == "PAYLOAD_STATE_AVAILABLE"
+    out = tmp_path / "copy.bin"
+    got = planes(env, "data", "get", payload_id, "-o", str(out), token=service)
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == source.read_bytes()
+    again = planes(env, "data", "get", payload_id, "-o", str(out), token=service)
+    assert again.returncode != 0 and "exists" in again.stderr
+
+    removed = planes(env, "data", "rm", payload_id, "--reason", "cleanup", token=service)
+    assert json.loads(removed.stdout)["state"] == "PAYLOAD_STATE_DELETED"
+    gone = planes(env, "data", "get", payload_id, "-o", str(tmp_path / "gone.bin"), token=service)
+    assert gone.returncode != 0 and "was deleted" in gone.stderr
+    assert not (tmp_path / "gone.bin").exists(), "no partial file is left for a failed get"
+
+
+def test_payload_commands_need_a_token_that_may_read(served, tmp_path):
+    env, _ = served
+    (tmp_path / "x").write_bytes(b"x")
+    no_token = planes(env, "data", "put", str(tmp_path / "x"), "--classification", "public")
+    assert no_token.returncode != 0 and "needs a token" in no_token.stderr
+    admin = planes(env, "data", "put", str(tmp_path / "x"), "--classification", "public", "--tenant", "acme",
+                   token=token(env, "admin", "*"))
+    assert admin.returncode != 0 and "needs one of the roles service, worker" in admin.stderr
+
+
+def test_quarantine_list_is_for_operators(served):
+    env, _ = served
+    listed = planes(env, "data", "quarantine", "list", token=token(env, "operator"))
+    assert listed.returncode == 0 and listed.stdout == ""
+    refused = planes(env, "data", "quarantine", "list", token=token(env, "service"))
+    assert refused.returncode != 0
