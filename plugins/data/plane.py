@@ -84,7 +84,7 @@ class _Ingest:
         self.chunks = 0
         self.bad_chunk: int | None = None
         self.trailer_digest: common_pb2.Digest | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-put")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-put")
         self._pending: deque[tuple[asyncio.Future, int, int]] = deque()
         self._pending_bytes = 0
         self._budget = plane.tenant_budget(header.tenant)
@@ -114,7 +114,7 @@ class _Ingest:
             await self._settle_oldest()
         granted = await self._budget.acquire(size)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self.writer.write, data, digest)
+        future = loop.run_in_executor(self.pool, self.writer.write, data, digest)
         future.add_done_callback(lambda _: self._budget.release(granted))
         self._pending.append((future, size, index))
         self._pending_bytes += size
@@ -128,16 +128,16 @@ class _Ingest:
     async def finish(self) -> bytes:
         while self._pending:
             await self._settle_oldest()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.writer.finish)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.writer.finish)
 
     async def abandon(self) -> None:
         for future, _, _ in self._pending:
             future.cancel()
         self._pending.clear()
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.writer.discard)
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.writer.discard)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False)
 
 
 class Data(DataPlane):
@@ -315,7 +315,9 @@ class Data(DataPlane):
             quarantine.received_size, quarantine.received_chunk_count = ingest.received, ingest.chunks
             quarantine.received_digest.CopyFrom(info.ref.digest)
             quarantine.quarantined_at.CopyFrom(info.created_at)
-        record = self.store.commit(ingest.writer, info, wrapped, quarantine)
+        # The rename, directory sync and catalogue commit wait on the disk: off the loop.
+        record = await asyncio.get_running_loop().run_in_executor(
+            ingest.pool, self.store.commit, ingest.writer, info, wrapped, quarantine)
         fields = {"payload_id": payload_id, "size": ingest.received, "digest": digest.hex(),
                   "digest_algorithm": ALGORITHM_NAMES[content.algorithm],
                   "classification": classification_name(header.classification),
@@ -401,7 +403,13 @@ class Data(DataPlane):
         # straddles two segments is gathered in ``carry`` (one extra copy of it).
         offset = 0
         carry = bytearray()
-        for plain in self.store.segments(record):
+        loop = asyncio.get_running_loop()
+        segments = self.store.segments(record)
+        while True:
+            # Reading and opening a sealed segment (about a millisecond per MiB) runs off the loop.
+            plain = await loop.run_in_executor(None, next, segments, None)
+            if plain is None:
+                break
             view = memoryview(plain)
             if carry:
                 take = min(chunk - len(carry), len(view))
@@ -431,7 +439,7 @@ class Data(DataPlane):
         return pb.DeletePayloadResponse(payload=record.info)
 
     async def _retire(self, record: StoredPayload, call: CallContext | None, event_type: str, reason: str) -> None:
-        self.store.remove_bytes(record)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.remove_bytes, record)
         record.state = record.info.state = (pb.PAYLOAD_STATE_EXPIRED if event_type == "data.expired"
                                             else pb.PAYLOAD_STATE_DELETED)
         record.quarantine = None
