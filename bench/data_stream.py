@@ -284,6 +284,14 @@ class Client:
             await self.put(side, step)
         return await self.data[side].get_tensor(self.stored[side], chunk_bytes=step)
 
+    async def connect(self, side: str) -> None:
+        if side in ("raw", "protobuf"):
+            await self.channel.channel_ready()
+        elif side == "flight":
+            await asyncio.to_thread(self.flight.wait_for_available)
+        else:
+            await self.data[side].stat(self.stored[side])
+
     def _flight_get(self, step: int) -> np.ndarray:
         out = np.empty(self.payload.size, np.float32)
         position = 0
@@ -372,7 +380,7 @@ async def probe(setup: dict) -> None:
     remote.ports, remote.tokens = setup["ports"], setup["tokens"]
     client = Client(remote, np.empty(setup["mib"] * MiB // 4, np.float32))  # never touched: no resident pages
     client.stored = setup["stored"]
-    await client.get(setup["side"], 64 * 1024)                                  # connect and warm up
+    await client.connect(setup["side"])          # connected, with no payload bytes moved yet
     before = reset_peak()
     result = await client.get(setup["side"], setup["step"])
     print(peak() - before)

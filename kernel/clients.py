@@ -227,11 +227,20 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing, *, 
     if rpc.server_streaming:
         async def stream(request, *, timeout: float | None = None):
             metadata, remaining = outgoing(timeout)
+            call = multicallable(request, metadata=metadata, timeout=remaining)
             try:
-                async for item in multicallable(request, metadata=metadata, timeout=remaining):
+                # read() rather than iteration: grpc's iterator keeps the last
+                # message while it waits for the next, and so would a loop
+                # variable; with large chunks each held message counts.
+                while (item := await call.read()) is not grpc.aio.EOF:
                     yield item
+                    del item
             except grpc.RpcError as exc:
                 raise errors.from_rpc_error(exc) from None
+            finally:
+                # A caller that stops reading early ends the call, so the server stops sending.
+                if not call.done():
+                    call.cancel()
         stream.__name__ = rpc.attribute
         return stream
 

@@ -214,6 +214,9 @@ class DataClient:
             async for raw in stream:
                 offset, data, sent = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
                 assembler.add(offset, data, sent)
+                # Let the message go now, not when the next one has arrived: one
+                # chunk less held at the peak.
+                del raw, data
             payload, _ = assembler.finish()
         except (codec.ChunkFormatError, codec.ChunkLimitError) as exc:
             raise IntegrityError(f"payload {payload_id}: {exc}") from None
