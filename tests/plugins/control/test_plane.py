@@ -26,10 +26,10 @@ ROUTE = pb.RESOURCE_KIND_MODEL_ROUTE
 GOOD = json_format.ParseDict({"adapter": "echo", "allowed_classifications": ["public"]}, struct_pb2.Struct())
 
 
-def _serve(run, tmp_path, scenario):
+def _serve(run, tmp_path, scenario, *, clock=None, **settings_changes):
     async def main():
-        settings = make_settings(tmp_path)
-        plugins = [EvidencePlugin(), ControlPlugin()]
+        settings = make_settings(tmp_path, **settings_changes)
+        plugins = [EvidencePlugin(), ControlPlugin(clock) if clock else ControlPlugin()]
         kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "t", p) for p in plugins])).open()
         server = KernelServer(kernel)
         port = await server.start()
@@ -300,3 +300,58 @@ def test_restart_keeps_the_fleet_off_a_staged_revision(run, tmp_path):
 
     _serve(run, tmp_path, publish)
     assert _serve(run, tmp_path, after_restart) == 1
+
+
+@pytest.mark.parametrize("degradation", ["read_only", "corrupt_key", "missing_key"])
+def test_degraded_plane_refuses_every_mutation_and_keeps_serving_reads(run, tmp_path, degradation):
+    async def healthy(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        await client(ControlPlane, ("worker",)).report_status(pb.ReportStatusRequest(subscriber_id="h1"), timeout=5)
+        return len(await _events(client))
+
+    async def degraded(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        refusals = []
+        for attempt in (
+                lambda: admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="x", spec=GOOD)),
+                lambda: admin.delete_resource(pb.DeleteResourceRequest(tenant="acme", kind=ROUTE, name="gpt",
+                                                                       expected_resource_version=1)),
+                lambda: admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=2)),
+                lambda: admin.rollback_snapshot(pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2)),
+                lambda: admin.start_rollout(pb.StartRolloutRequest(
+                    revision=2, cohort=pb.CanaryCohort(subscriber_ids=["h1"])))):
+            with pytest.raises(errors.FailedPrecondition) as refused:
+                await attempt()
+            refusals.append(refused.value.message)
+        worker = client(ControlPlane, ("worker",))
+        stream = worker.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h2"))
+        pushed = await asyncio.wait_for(stream.__anext__(), 5)
+        await stream.aclose()
+        reads = (await admin.get_resource(pb.GetResourceRequest(tenant="acme", kind=ROUTE, name="gpt"), timeout=5),
+                 await admin.list_snapshots(pb.ListSnapshotsRequest(), timeout=5),
+                 await worker.report_status(pb.ReportStatusRequest(subscriber_id="h1", applied_revision=1),
+                                            timeout=5),
+                 pushed)
+        return refusals, reads, len(await _events(client)), plugin.store.latest_revision()
+
+    recorded = _serve(run, tmp_path, healthy)
+    changes = {}
+    key = tmp_path / "keys" / "control-signing.pem"
+    if degradation == "read_only":
+        changes = {"plugin": {"control": {"read_only": True}}}
+    elif degradation == "corrupt_key":
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    else:
+        key.unlink()
+    refusals, (got, listed, report, pushed), recorded_after, latest = _serve(run, tmp_path, degraded, **changes)
+    expected = "read-only" if degradation == "read_only" else "signing key is unavailable"
+    assert all(expected in message and "reads still work" in message for message in refusals), refusals
+    if degradation == "missing_key":
+        assert "control-signing.pem is missing, and revision 2 was signed with key" in refusals[0]
+    assert not key.exists() or b"not a key" not in refusals[0].encode(), "no key material in errors"
+    assert got.resource.resource_version == 1 and [s.revision for s in listed.snapshots] == [2, 1]
+    assert report.target_revision == 1 and pushed.snapshot.snapshot and pushed.target_revision == 1
+    assert (recorded_after, latest) == (recorded, 2), "nothing was recorded or published"
