@@ -82,6 +82,10 @@ class Control(ControlPlane):
         self._publishing = asyncio.Lock()
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
+        self._checkpointing: asyncio.Task | None = None
+        self._small_commits = 0
+        if hasattr(store, "defer_checkpoints"):
+            store.defer_checkpoints()
         # The revision everyone runs, kept on disk: after a restart the fleet
         # must not jump to a staged (canary) revision just because it is the
         # latest published one.
@@ -118,6 +122,7 @@ class Control(ControlPlane):
             digest_after=digest_of(canonical_spec(request.spec)).value.hex())
         _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
                                   request.expected_resource_version, call.identity.principal)
+        self._checkpoint_soon(small=True)
         return pb.PutResourceResponse(resource=after)
 
     async def get_resource(self, request: pb.GetResourceRequest, call: CallContext) -> pb.GetResourceResponse:
@@ -141,6 +146,7 @@ class Control(ControlPlane):
                            digest_before=current.spec_digest.value.hex())
         before = self.store.delete(request.kind, request.tenant, request.name, request.expected_resource_version,
                                    call.identity.principal)
+        self._checkpoint_soon(small=True)
         return pb.DeleteResourceResponse(resource=before)
 
     # -- snapshots ------------------------------------------------------------------
@@ -194,6 +200,7 @@ class Control(ControlPlane):
             self._encode_push(revision, signed)
             if not request.staged:
                 await self._target_fleet(revision)
+            self._checkpoint_soon()
         return pb.PublishSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
 
     async def list_snapshots(self, request: pb.ListSnapshotsRequest, call: CallContext) -> pb.ListSnapshotsResponse:
@@ -223,6 +230,7 @@ class Control(ControlPlane):
                 self.store.set_counter("fleet", revision)
             self._encode_push(revision, signed)
             await self._target_fleet(revision)
+            self._checkpoint_soon()
         return pb.RollbackSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
 
     async def diff_snapshots(self, request: pb.DiffSnapshotsRequest, call: CallContext) -> pb.DiffSnapshotsResponse:
@@ -256,6 +264,27 @@ class Control(ControlPlane):
             return rollout.revision
         return self._fleet_revision
 
+    def _checkpoint_soon(self, *, small: bool = False) -> None:
+        """Fold the WAL into the database off the event loop, one checkpoint at a time.
+
+        After every publish (hundreds of KiB of snapshot), and after every
+        200th small commit (a resource, a subscriber's report).
+        """
+        if small:
+            self._small_commits += 1
+            if self._small_commits < 200:
+                return
+        if not hasattr(self.store, "checkpoint") or (self._checkpointing and not self._checkpointing.done()):
+            return
+        self._small_commits = 0
+        self._checkpointing = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.checkpoint))
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    @staticmethod
+    def _checkpoint_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("control store checkpoint failed (retried after the next publish): %s", task.exception())
+
     async def _target_fleet(self, revision: int) -> None:
         """Wake the watchers; the store already holds ``revision`` as the fleet's target."""
         async with self._changed:
@@ -275,6 +304,7 @@ class Control(ControlPlane):
         """Keep the status view across restarts; a read-only store keeps it in memory only."""
         if not self.store.read_only:
             self.store.save_subscriber(status)
+            self._checkpoint_soon(small=True)
 
     async def watch_snapshots(self, request: pb.WatchSnapshotsRequest, call: CallContext) -> AsyncIterator[pb.WatchSnapshotsResponse]:
         status = self._status(request.subscriber_id)
@@ -473,6 +503,7 @@ class Control(ControlPlane):
             self._encode_push(ended.rollback_revision, signed)
             self._arm_deadline()
             await self._target_fleet(ended.rollback_revision)
+            self._checkpoint_soon()
 
     async def _roll_back_safely(self, rollout: pb.Rollout, call: CallContext, state: int, reason: str) -> bool:
         """An automatic rollback: when it cannot happen now (evidence down, store read-only, no key)
@@ -505,6 +536,8 @@ class Control(ControlPlane):
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
 
     def _arm_deadline(self) -> None:
         """Wake up when the canary window of the rollout in progress ends."""

@@ -121,6 +121,7 @@ class ControlStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._depth = 0
+        self._checkpointer: sqlite3.Connection | None = None
         columns = [row[1] for row in self.db.execute("PRAGMA table_info(resources)")]
         if "encoded" not in columns:  # a store from before encodings were kept
             with self.transaction():
@@ -131,6 +132,30 @@ class ControlStore:
 
     def close(self) -> None:
         self.db.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def defer_checkpoints(self) -> None:
+        """Stop commits from copying the WAL into the database; the caller runs :meth:`checkpoint`.
+
+        SQLite otherwise checkpoints inside whichever commit crosses 1,000
+        WAL pages: every ~20 publishes of a 1,000-resource snapshot, one
+        publish took 10-17 ms instead of 5. The plane checkpoints on a worker
+        thread after publishing instead.
+        """
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                                 timeout=30)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database without blocking writers (SQLite releases the GIL meanwhile).
+
+        Runs on its own connection, so a worker thread may call it while the
+        event loop uses the store.
+        """
+        if self._checkpointer is not None:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
