@@ -5,10 +5,13 @@ process), each round publishes a snapshot and times until the last subscriber
 has verified it (Ed25519 signature over the header, SHA-256 of the content).
 The baseline, in the same run and interleaved: a bare grpc.aio server stream
 pushing the same signed bytes to the same number of subscribers, each
-verifying the same way. Also: snapshot size and sign/verify time at 1,000
-and 10,000 resources.
+verifying the same way. Each subscriber count runs ``--repeat`` times,
+kernel and bare alternating which goes first; the summary row gives the
+median over runs of each figure and of the per-run p99 ratio. Also: snapshot
+size, publish (cut, digest, sign, commit) and Ed25519 sign and subscriber
+verify times at 1,000 and 10,000 resources.
 
-    python -m bench.control_publish [--rounds 20] [--subscribers 1,10,100]
+    python -m bench.control_publish [--rounds 20] [--repeat 3] [--subscribers 1,10,100]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from planes.kernel.settings import ServerSettings, Settings
 from planes.kernel.tokens import SigningKey, issue_token
 from planes.plugins.control import ControlPlugin
 from planes.plugins.control.store import ControlStore
-from planes.plugins.control.subscriber import verify_snapshot
+from planes.plugins.control.subscriber import SNAPSHOT_CONTEXT, verify_snapshot
 from planes.plugins.evidence import EvidencePlugin
 
 SPEC = json_format.ParseDict({"adapter": "echo", "endpoint": "http://127.0.0.1:9/v1",
@@ -144,56 +147,85 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
     return latencies
 
 
-def signed_snapshots(count: int, resources: int) -> tuple[list[bytes], dict, float, float, int]:
-    """Snapshots like the kernel's, signed with a fresh key; also sign and verify times."""
+def signed_snapshots(count: int, resources: int) -> tuple[list[bytes], dict, dict[str, float], int]:
+    """Snapshots like the kernel's, signed with a fresh key; median publish, sign and verify times."""
     with tempfile.TemporaryDirectory() as state:
         store = ControlStore(Path(state) / "c.sqlite3")
-        for index in range(resources):
-            store.put(pb.RESOURCE_KIND_MODEL_ROUTE, "acme", f"route-{index}", SPEC, 0, "bench")
+        with store.transaction():
+            for index in range(resources):
+                store.put(pb.RESOURCE_KIND_MODEL_ROUTE, "acme", f"route-{index}", SPEC, 0, "bench")
         key = SigningKey.generate()
-        signed, sign_times = [], []
+        signed, publish_times = [], []
         for revision in range(count):
             start = time.perf_counter()
             snapshot = store.publish(key, expected_revision=revision, actor="bench")
-            sign_times.append(time.perf_counter() - start)
+            publish_times.append(time.perf_counter() - start)
             signed.append(snapshot.SerializeToString())
         store.close()
     keys = {key.kid: key.public_key}
-    verify_times = []
+    header = pb.SignedSnapshot.FromString(signed[0]).snapshot
+    sign_times, verify_times = [], []
     for data in signed:
+        start = time.perf_counter()
+        key.private_key.sign(SNAPSHOT_CONTEXT + header)
+        sign_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time())
         verify_times.append(time.perf_counter() - start)
-    return signed, keys, statistics.median(sign_times), statistics.median(verify_times), len(signed[0])
+    times = {"publish": statistics.median(publish_times), "sign": statistics.median(sign_times),
+             "verify": statistics.median(verify_times)}
+    return signed, keys, times, len(signed[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per subscriber count, kernel and bare alternating")
     parser.add_argument("--subscribers", default="1,10,100")
     parser.add_argument("--resources", type=int, default=1000, help="resources in the distributed snapshot")
     parser.add_argument("--sizes", default="1000,10000", help="resource counts for the size/sign/verify table")
     args = parser.parse_args(argv)
-    print(f"publish-to-applied, {args.rounds} rounds, snapshot of {args.resources} resources, signature and "
-          "digest verified by every subscriber")
+    print(f"publish-to-applied, {args.rounds} rounds per run, snapshot of {args.resources} resources, signature "
+          "and digest verified by every subscriber")
     print("kernel: from the PublishSnapshot call to the last subscriber verified; publish RPC: that call alone "
           "(evidence record + signed, fsynced commit)")
-    print(f"{'subscribers':>11} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
+    print(f"{'subscribers':>11} {'run':>4} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
           f"{'bare p50 ms':>12} {'bare p99 ms':>12} {'p99 ratio':>10}")
-    signed, keys, _, _, _ = signed_snapshots(args.rounds + 1, args.resources)
+    signed, keys, _, _ = signed_snapshots(args.rounds + 1, args.resources)
     for count in (int(n) for n in args.subscribers.split(",")):
-        with tempfile.TemporaryDirectory() as state:
-            kernel, publishing = run(kernel_side(Path(state), count, args.rounds, args.resources))
-        bare = run(bare_side(signed, count, keys))
-        print(f"{count:>11} {percentile(kernel, .5) * 1e3:>14.1f} {percentile(kernel, .99) * 1e3:>14.1f} "
-              f"{percentile(publishing, .5) * 1e3:>16.1f} "
-              f"{percentile(bare, .5) * 1e3:>12.1f} {percentile(bare, .99) * 1e3:>12.1f} "
-              f"{percentile(kernel, .99) / percentile(bare, .99):>10.2f}")
-    print(f"{'resources':>9} {'snapshot KiB':>13} {'publish (cut+sign) ms':>22} {'verify ms':>10}")
+        rows = []
+        for run_index in range(args.repeat):
+            def kernel_run():
+                with tempfile.TemporaryDirectory() as state:
+                    return run(kernel_side(Path(state), count, args.rounds, args.resources))
+
+            def bare_run():
+                return run(bare_side(signed, count, keys))
+
+            if run_index % 2:
+                bare = bare_run()
+                kernel, publishing = kernel_run()
+            else:
+                kernel, publishing = kernel_run()
+                bare = bare_run()
+            row = (percentile(kernel, .5), percentile(kernel, .99), percentile(publishing, .5),
+                   percentile(bare, .5), percentile(bare, .99), percentile(kernel, .99) / percentile(bare, .99))
+            rows.append(row)
+            print(f"{count:>11} {run_index + 1:>4} " + _row(row))
+        if args.repeat > 1:
+            print(f"{count:>11} {'med':>4} " + _row(tuple(statistics.median(r[i] for r in rows) for i in range(6))))
+    print(f"{'resources':>9} {'snapshot KiB':>13} {'publish ms':>11} {'Ed25519 sign ms':>16} {'verify ms':>10}")
     for size in (int(n) for n in args.sizes.split(",")):
-        _, _, sign, verify, length = signed_snapshots(3, size)
-        print(f"{size:>9} {length / 1024:>13.1f} {sign * 1e3:>22.1f} {verify * 1e3:>10.2f}")
+        _, _, times, length = signed_snapshots(5, size)
+        print(f"{size:>9} {length / 1024:>13.1f} {times['publish'] * 1e3:>11.1f} {times['sign'] * 1e3:>16.3f} "
+              f"{times['verify'] * 1e3:>10.2f}")
     return 0
+
+
+def _row(row: tuple[float, ...]) -> str:
+    kernel50, kernel99, publish50, bare50, bare99, ratio = row
+    return (f"{kernel50 * 1e3:>14.1f} {kernel99 * 1e3:>14.1f} {publish50 * 1e3:>16.1f} "
+            f"{bare50 * 1e3:>12.1f} {bare99 * 1e3:>12.1f} {ratio:>10.2f}")
 
 
 if __name__ == "__main__":
