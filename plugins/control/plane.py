@@ -84,6 +84,8 @@ class Control(ControlPlane):
         self._background: set[asyncio.Task] = set()
         self._checkpointing: asyncio.Task | None = None
         self._small_commits = 0
+        #: The content digest of the revision pushed last, for the next publish's evidence record.
+        self._content_digests: dict[int, str] = {}
         if hasattr(store, "defer_checkpoints"):
             store.defer_checkpoints()
         # The revision everyone runs, kept on disk: after a restart the fleet
@@ -185,16 +187,18 @@ class Control(ControlPlane):
             else pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING)
         async with self._publishing:
             self._can_publish(request.expected_revision)
-            revision = self.store.latest_revision() + 1
+            # Cut and signed before the record, so evidence names the exact content published.
+            signed = self.store.prepare_snapshot(
+                self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
+                validity=_duration(request.validity, float(profile.get("validity_seconds", DEFAULT_VALIDITY))),
+                lease=_duration(request.lease, float(profile.get("lease_seconds", DEFAULT_LEASE))),
+                on_lease_expiry=policy, required_contracts=list(request.required_contracts),
+                message=request.message)
+            revision = request.expected_revision + 1
             await self._record(call, ALL_TENANTS, "config.published", revision=revision, staged=request.staged,
-                               message=request.message)
+                               message=request.message, **self._digests(request.expected_revision, signed))
             with self.store.transaction():
-                signed = self.store.publish(
-                    self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
-                    validity=_duration(request.validity, float(profile.get("validity_seconds", DEFAULT_VALIDITY))),
-                    lease=_duration(request.lease, float(profile.get("lease_seconds", DEFAULT_LEASE))),
-                    on_lease_expiry=policy, required_contracts=list(request.required_contracts),
-                    message=request.message)
+                self.store.commit_snapshot(signed)
                 if not request.staged:
                     self.store.set_counter("fleet", revision)
             self._encode_push(revision, signed)
@@ -202,6 +206,14 @@ class Control(ControlPlane):
                 await self._target_fleet(revision)
             self._checkpoint_soon()
         return pb.PublishSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
+
+    def _digests(self, previous: int, signed: pb.SignedSnapshot) -> dict[str, str]:
+        """Evidence fields: the content digest of the latest revision and of the one about to be published."""
+        after = pb.Snapshot.FromString(signed.snapshot).content_digest.value.hex()
+        before = self._content_digests.get(previous, "")
+        if previous and not before:
+            before = pb.Snapshot.FromString(self.store.snapshot(previous).snapshot).content_digest.value.hex()
+        return {"digest_before": before, "digest_after": after}
 
     async def list_snapshots(self, request: pb.ListSnapshotsRequest, call: CallContext) -> pb.ListSnapshotsResponse:
         latest = self.store.latest_revision()
@@ -220,13 +232,16 @@ class Control(ControlPlane):
         self.store.snapshot(request.to_revision)  # NotFound before anything is recorded
         async with self._publishing:
             self._can_publish(request.expected_revision)
-            revision = self.store.latest_revision() + 1
+            signed = self.store.prepare_rollback(self.key, request.to_revision,
+                                                 expected_revision=request.expected_revision,
+                                                 actor=call.identity.principal,
+                                                 **({"message": request.message} if request.message else {}))
+            revision = request.expected_revision + 1
             await self._record(call, ALL_TENANTS, "config.rolled_back", to_revision=request.to_revision,
-                               revision=revision, message=request.message)
+                               revision=revision, message=request.message,
+                               **self._digests(request.expected_revision, signed))
             with self.store.transaction():
-                signed = self.store.rollback(self.key, request.to_revision,
-                                             expected_revision=request.expected_revision,
-                                             actor=call.identity.principal)
+                self.store.commit_snapshot(signed)
                 self.store.set_counter("fleet", revision)
             self._encode_push(revision, signed)
             await self._target_fleet(revision)
@@ -336,6 +351,7 @@ class Control(ControlPlane):
         """Encode a revision's push once, for every watcher (and before they wake, right after a publish)."""
         message = Encoded(pb.WatchSnapshotsResponse(snapshot=signed, target_revision=revision,
                                                     sent_at=_stamp(self.clock())).SerializeToString())
+        self._content_digests = {revision: pb.Snapshot.FromString(signed.snapshot).content_digest.value.hex()}
         if len(self._pushes) >= 4 and revision not in self._pushes:
             del self._pushes[min(self._pushes)]
         self._pushes[revision] = message
@@ -483,10 +499,14 @@ class Control(ControlPlane):
                 return  # another report (or the deadline) got there first
             latest = self.store.latest_revision()
             self._can_publish(latest)
-            self._writable("rolling back a rollout")
+            signed = self.store.prepare_rollback(self.key, rollout.base_revision, expected_revision=latest,
+                                                 actor=call.identity.principal,
+                                                 message=f"rollout {rollout.rollout_id}: back to the content of "
+                                                         f"revision {rollout.base_revision}")
             await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
                                else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
-                               base_revision=rollout.base_revision, reason=reason)
+                               base_revision=rollout.base_revision, rollback_revision=latest + 1, reason=reason,
+                               **self._digests(latest, signed))
             ended = pb.Rollout()
             ended.CopyFrom(rollout)
             ended.state = state
@@ -494,8 +514,7 @@ class Control(ControlPlane):
             ended.rollback_revision = latest + 1
             ended.updated_at.CopyFrom(_stamp(self.clock()))
             with self.store.transaction():
-                signed = self.store.rollback(self.key, rollout.base_revision, expected_revision=latest,
-                                             actor=call.identity.principal)
+                self.store.commit_snapshot(signed)
                 self.store.set_counter("fleet", ended.rollback_revision)
                 self.store.save_rollout(ended)
                 self._clear_canaries(ended)

@@ -100,6 +100,11 @@ class DesiredStateStore(Protocol):
     def set_counter(self, name: str, value: int) -> None: ...
     def latest_revision(self) -> int: ...
     def snapshot(self, revision: int = 0) -> pb.SignedSnapshot: ...
+    def prepare_snapshot(self, key: SigningKey | None, *, expected_revision: int, actor: str,
+                         **options) -> pb.SignedSnapshot: ...
+    def prepare_rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
+                         **options) -> pb.SignedSnapshot: ...
+    def commit_snapshot(self, signed: pb.SignedSnapshot) -> pb.SignedSnapshot: ...
     def publish(self, key: SigningKey | None, *, expected_revision: int, actor: str, **options) -> pb.SignedSnapshot: ...
     def rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                  **options) -> pb.SignedSnapshot: ...
@@ -278,38 +283,58 @@ class ControlStore:
             raise NotFound(f"no snapshot at revision {revision}")
         return pb.SignedSnapshot.FromString(row[0])
 
-    def publish(self, key: SigningKey | None, *, expected_revision: int, actor: str, validity: float = 86_400,
-                lease: float = 300, on_lease_expiry: int = pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING,
-                required_contracts: list[common_pb2.ContractVersion] | None = None, message: str = "",
-                content: bytes | None = None, source_revision: int = 0) -> pb.SignedSnapshot:
-        """Cut, sign and store the next revision (of all resources, or of ``content``)."""
+    def publish(self, key: SigningKey | None, *, expected_revision: int, actor: str,
+                **options) -> pb.SignedSnapshot:
+        """Cut, sign and store the next revision (of all resources, or of ``content``), in one transaction."""
+        with self.transaction():
+            return self.commit_snapshot(self.prepare_snapshot(key, expected_revision=expected_revision, actor=actor,
+                                                              **options))
+
+    def prepare_snapshot(self, key: SigningKey | None, *, expected_revision: int, actor: str,
+                         validity: float = 86_400, lease: float = 300,
+                         on_lease_expiry: int = pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING,
+                         required_contracts: list[common_pb2.ContractVersion] | None = None, message: str = "",
+                         content: bytes | None = None, source_revision: int = 0) -> pb.SignedSnapshot:
+        """Cut and sign the next revision (of all resources, or of ``content``) without storing it.
+
+        The cut is one consistent read. :meth:`commit_snapshot` stores it,
+        unless another revision was stored meanwhile; between the two a
+        caller records what it is about to publish, digest included.
+        """
         self._writable("publishing")
         if key is None:
             raise FailedPrecondition("publishing refused: the control plane's signing key is unavailable")
         if validity <= 0 or lease <= 0:
             raise InvalidArgument("validity and lease must be positive")
+        latest = self.latest_revision()
+        if expected_revision != latest:
+            raise Conflict(f"expected revision {expected_revision}, latest is {latest}; someone published meanwhile")
+        if content is None:
+            content, count = self._cut()
+        else:
+            count = len(pb.SnapshotContent.FromString(content).resources)
+        now = self.clock()
+        header = pb.Snapshot(
+            revision=latest + 1, content_digest=digest_of(content),
+            not_before=timestamp_pb2.Timestamp(seconds=int(now)),
+            expires_at=timestamp_pb2.Timestamp(seconds=int(now + validity)),
+            lease=duration_pb2.Duration(seconds=int(lease)), on_lease_expiry=on_lease_expiry,
+            required_contracts=required_contracts or [], key_id=key.kid,
+            created_at=timestamp_pb2.Timestamp(seconds=int(now)), created_by=actor,
+            source_revision=source_revision, message=message, resource_count=count,
+        ).SerializeToString(deterministic=True)
+        return pb.SignedSnapshot(snapshot=header, signature=key.private_key.sign(SNAPSHOT_CONTEXT + header),
+                                 key_id=key.kid, content=content)
+
+    def commit_snapshot(self, signed: pb.SignedSnapshot) -> pb.SignedSnapshot:
+        """Store a prepared snapshot as the latest revision; Conflict if one was stored since it was cut."""
+        self._writable("publishing")
+        revision = pb.Snapshot.FromString(signed.snapshot).revision
         with self.transaction():
             latest = self.latest_revision()
-            if expected_revision != latest:
-                raise Conflict(f"expected revision {expected_revision}, latest is {latest}; "
-                               "someone published meanwhile")
-            if content is None:
-                content, count = self._cut()
-            else:
-                count = len(pb.SnapshotContent.FromString(content).resources)
-            now = self.clock()
-            revision = latest + 1
-            header = pb.Snapshot(
-                revision=revision, content_digest=digest_of(content),
-                not_before=timestamp_pb2.Timestamp(seconds=int(now)),
-                expires_at=timestamp_pb2.Timestamp(seconds=int(now + validity)),
-                lease=duration_pb2.Duration(seconds=int(lease)), on_lease_expiry=on_lease_expiry,
-                required_contracts=required_contracts or [], key_id=key.kid,
-                created_at=timestamp_pb2.Timestamp(seconds=int(now)), created_by=actor,
-                source_revision=source_revision, message=message, resource_count=count,
-            ).SerializeToString(deterministic=True)
-            signed = pb.SignedSnapshot(snapshot=header, signature=key.private_key.sign(SNAPSHOT_CONTEXT + header),
-                                       key_id=key.kid, content=content)
+            if revision != latest + 1:
+                raise Conflict(f"revision {revision} was cut when revision {revision - 1} was the latest; "
+                               f"now it is {latest}: someone published meanwhile")
             self.db.execute("INSERT INTO snapshots VALUES (?, ?)", (revision, signed.SerializeToString()))
             self.db.execute("INSERT OR REPLACE INTO counters VALUES ('revision', ?)", (revision,))
         return signed
@@ -322,9 +347,17 @@ class ControlStore:
     def rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                  **options) -> pb.SignedSnapshot:
         """Publish a NEW revision carrying ``to_revision``'s content; the counter never goes back."""
-        old = self.snapshot(to_revision)
-        return self.publish(key, expected_revision=expected_revision, actor=actor, content=old.content,
-                            source_revision=to_revision, message=f"rollback to revision {to_revision}", **options)
+        with self.transaction():
+            return self.commit_snapshot(self.prepare_rollback(key, to_revision, expected_revision=expected_revision,
+                                                              actor=actor, **options))
+
+    def prepare_rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
+                         **options) -> pb.SignedSnapshot:
+        """:meth:`prepare_snapshot` of ``to_revision``'s content, as a new revision."""
+        options.setdefault("message", f"rollback to revision {to_revision}")
+        return self.prepare_snapshot(key, expected_revision=expected_revision, actor=actor,
+                                     content=self.snapshot(to_revision).content, source_revision=to_revision,
+                                     **options)
 
     # -- rollouts and subscribers ---------------------------------------------------
 

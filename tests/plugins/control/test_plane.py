@@ -355,3 +355,23 @@ def test_degraded_plane_refuses_every_mutation_and_keeps_serving_reads(run, tmp_
     assert got.resource.resource_version == 1 and [s.revision for s in listed.snapshots] == [2, 1]
     assert report.target_revision == 1 and pushed.snapshot.snapshot and pushed.target_revision == 1
     assert (recorded_after, latest) == (recorded, 2), "nothing was recorded or published"
+
+
+def test_publish_and_rollback_records_name_the_content_digests(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="a", spec=GOOD), timeout=5)
+        first = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="b", spec=GOOD), timeout=5)
+        second = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1), timeout=5)
+        back = await admin.rollback_snapshot(pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2,
+                                                                        message="b broke"), timeout=5)
+        events = [e for e in await _events(client) if e.event_type != "config.resource.put"]
+        return [s.snapshot.content_digest.value.hex() for s in (first, second, back)], back, events
+
+    (one, two, three), back, events = _serve(run, tmp_path, scenario)
+    fields = [{f.name: f.string_value for f in e.fields} for e in events]
+    assert [e.event_type for e in events] == ["config.published", "config.published", "config.rolled_back"]
+    assert [(f["digest_before"], f["digest_after"]) for f in fields] == [("", one), (one, two), (two, three)]
+    assert three == one, "a rollback republishes the old content"
+    assert back.snapshot.message == "b broke" and fields[2]["message"] == "b broke"
