@@ -29,7 +29,9 @@ STORE_FILE = "control/desired-state.sqlite3"
 
 
 class ControlPlugin(Plugin):
-    """Settings (``[plugin.control]``): ``read_only`` (bool): serve reads, refuse mutations.
+    """Settings (``[plugin.control]``): ``read_only`` (bool): serve reads, refuse mutations;
+    ``keepalive_seconds`` (number, default 15): silence on a watch stream before a keepalive, which
+    renews subscribers' leases; keep it well under the shortest snapshot lease.
 
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
@@ -74,7 +76,8 @@ class ControlPlugin(Plugin):
         # rather than made without its record.
         writer = EvidenceWriter(evidence, kernel.state_dir / "control" / "evidence-spool",
                                 required=lambda event_type: True)
-        self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem)
+        self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
+                             keepalive=float(settings.get("keepalive_seconds", 15.0)))
 
     def implementation(self, provision: Provision):
         return self.plane

@@ -64,8 +64,10 @@ def _seconds(stamp) -> float:
 
 class Control(ControlPlane):
     def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
-                 clock: Callable[[], float] = time.time, key_problem: str = ""):
+                 clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0):
         self.store = store
+        #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
+        self.keepalive = keepalive
         self.key = key
         #: Why the signing key is unavailable (never the key's bytes), for the refusal.
         self.key_problem = key_problem
@@ -331,10 +333,17 @@ class Control(ControlPlane):
         known = request.known_revision
         try:
             while True:
-                async with self._changed:
-                    await self._changed.wait_for(
-                        lambda known=known: self.target_for(request.subscriber_id) > known)
-                    target = self.target_for(request.subscriber_id)
+                try:
+                    async with self._changed:
+                        async with asyncio.timeout(self.keepalive):
+                            await self._changed.wait_for(
+                                lambda known=known: self.target_for(request.subscriber_id) > known)
+                        target = self.target_for(request.subscriber_id)
+                except TimeoutError:
+                    # Nothing new: say so, so the subscriber's lease runs on while the plane is reachable.
+                    yield pb.WatchSnapshotsResponse(target_revision=self.target_for(request.subscriber_id),
+                                                    sent_at=_stamp(self.clock()))
+                    continue
                 status.target_revision = target
                 yield self._push(target)
                 known = target

@@ -375,3 +375,42 @@ def test_publish_and_rollback_records_name_the_content_digests(run, tmp_path):
     assert [(f["digest_before"], f["digest_after"]) for f in fields] == [("", one), (one, two), (two, three)]
     assert three == one, "a rollback republishes the old content"
     assert back.snapshot.message == "b broke" and fields[2]["message"] == "b broke"
+
+
+def test_keepalives_renew_the_lease_while_nothing_is_published(run, tmp_path):
+    import time
+
+    from planes.kernel.tokens import key_id
+    from planes.plugins.control.subscriber import ConfigState, SnapshotSubscriber
+
+    class Clock:
+        now = time.time()
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        cache = CachedConfig(tmp_path / "agent", {key_id(key): key}, clock=clock)
+        reports = []
+        agent = SnapshotSubscriber(client(ControlPlane, ("worker",)), cache, "host-k",
+                                   capacity=lambda: reports.append(1) or common_pb2.CapacitySummary(slots_free=2))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0,
+                                                               lease=duration_pb2.Duration(seconds=60)), timeout=5)
+        task = asyncio.create_task(agent.run())
+        await _until(lambda: cache.current is not None and reports)
+        clock.now += 120  # two leases of silence...
+        lapsed = cache.state()[0]
+        before = len(reports)
+        await _until(lambda: len(reports) > before)  # ...until the next keepalive
+        renewed = cache.state()[0]
+        status = (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0]
+        task.cancel()
+        return lapsed, renewed, status
+
+    lapsed, renewed, status = _serve(run, tmp_path, scenario, plugin={"control": {"keepalive_seconds": 0.2}})
+    assert lapsed is ConfigState.STOP_ADMITTING and renewed is ConfigState.ACTIVE
+    assert status.subscriber_id == "host-k" and status.applied_revision == 1 and status.capacity.slots_free == 2
