@@ -400,6 +400,7 @@ def test_keepalives_renew_the_lease_while_nothing_is_published(run, tmp_path):
                                    capacity=lambda: reports.append(1) or common_pb2.CapacitySummary(slots_free=2))
         await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0,
                                                                lease=duration_pb2.Duration(seconds=60)), timeout=5)
+        clock.now = time.time()  # after not_before, which is the publish time rounded down
         task = asyncio.create_task(agent.run())
         await _until(lambda: cache.current is not None and reports)
         clock.now += 120  # two leases of silence...
