@@ -86,6 +86,8 @@ class Control(ControlPlane):
         self._background: set[asyncio.Task] = set()
         self._checkpointing: asyncio.Task | None = None
         self._small_commits = 0
+        #: Open watch streams per subscriber.
+        self._streams: dict[str, int] = {}
         #: The content digest of the revision pushed last, for the next publish's evidence record.
         self._content_digests: dict[int, str] = {}
         if hasattr(store, "defer_checkpoints"):
@@ -331,6 +333,7 @@ class Control(ControlPlane):
             status.contract_versions.extend(request.contract_versions)
         self._save_status(status)
         known = request.known_revision
+        self._streams[request.subscriber_id] = self._streams.get(request.subscriber_id, 0) + 1
         try:
             while True:
                 try:
@@ -348,7 +351,11 @@ class Control(ControlPlane):
                 yield self._push(target)
                 known = target
         finally:
-            status.watching = False
+            # A reconnecting subscriber may open its new stream before the old one ends.
+            self._streams[request.subscriber_id] -= 1
+            if not self._streams[request.subscriber_id]:
+                del self._streams[request.subscriber_id]
+                status.watching = False
 
     def _push(self, revision: int) -> Encoded:
         message = self._pushes.get(revision)
@@ -453,11 +460,18 @@ class Control(ControlPlane):
             await self._record(call, ALL_TENANTS, "rollout.started", rollout_id=rollout.rollout_id,
                                revision=request.revision, base_revision=rollout.base_revision,
                                canaries=",".join(canaries))
+            marked = []
+            for subscriber in canaries:
+                status = pb.SubscriberStatus()
+                status.CopyFrom(self._status(subscriber))
+                status.canary = True
+                marked.append(status)
             with self.store.transaction():
                 self.store.save_rollout(rollout)
-                for subscriber in canaries:
-                    self._status(subscriber).canary = True
-                    self._save_status(self.subscribers[subscriber])
+                for status in marked:
+                    self._save_status(status)
+            for status in marked:  # in memory only once stored
+                self.subscribers[status.subscriber_id].canary = True
             self.rollouts[rollout.rollout_id] = rollout
             self._arm_deadline()
             await self._notify()
@@ -567,8 +581,8 @@ class Control(ControlPlane):
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
 
-    def _arm_deadline(self) -> None:
-        """Wake up when the canary window of the rollout in progress ends."""
+    def _arm_deadline(self, now: float | None = None) -> None:
+        """Wake up when the canary window of the rollout in progress ends (``now``: as judged by the caller)."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -579,7 +593,7 @@ class Control(ControlPlane):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # not serving yet: start() arms it
-        delay = self._window_ends(rollout) - self.clock()
+        delay = self._window_ends(rollout) - (self.clock() if now is None else now)
         if delay > 0:  # past the window, _check_rollout has judged it: it waits for a person to promote
             self._deadline = loop.call_later(delay, self._deadline_passed)
 
@@ -596,6 +610,8 @@ class Control(ControlPlane):
         if rollout is None:
             return
         window_ends = self._window_ends(rollout)
+        # One reading of the clock: judged "not yet" must also be armed as "not yet".
+        now = self.clock()
         reason = ""
         for subscriber in rollout.canary_subscribers:
             status = self.subscribers.get(subscriber, pb.SubscriberStatus(subscriber_id=subscriber))
@@ -603,7 +619,7 @@ class Control(ControlPlane):
             if failure and _seconds(status.last_seen) <= window_ends:
                 reason = failure
                 break
-            if self.clock() >= window_ends and not (
+            if now >= window_ends and not (
                     status.applied_revision >= rollout.revision
                     and status.health.state != common_pb2.HealthSummary.STATE_UNHEALTHY):
                 reason = (f"canary {subscriber} did not confirm revision {rollout.revision} "
@@ -615,4 +631,4 @@ class Control(ControlPlane):
             self._deadline = asyncio.get_running_loop().call_later(5.0, self._deadline_passed)
             return
         if not reason:
-            self._arm_deadline()
+            self._arm_deadline(now)

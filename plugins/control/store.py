@@ -105,7 +105,8 @@ class DesiredStateStore(Protocol):
     def prepare_rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                          **options) -> pb.SignedSnapshot: ...
     def commit_snapshot(self, signed: pb.SignedSnapshot) -> pb.SignedSnapshot: ...
-    def publish(self, key: SigningKey | None, *, expected_revision: int, actor: str, **options) -> pb.SignedSnapshot: ...
+    def publish(self, key: SigningKey | None, *, expected_revision: int, actor: str,
+                **options) -> pb.SignedSnapshot: ...
     def rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                  **options) -> pb.SignedSnapshot: ...
     def save_rollout(self, rollout: pb.Rollout) -> None: ...
@@ -213,7 +214,8 @@ class ControlStore:
             params.append(kind)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         return [self._row_to_resource(row) for row in
-                self.db.execute(f"SELECT {RESOURCE_COLUMNS} FROM resources {where} ORDER BY kind, tenant, name", params)]
+                self.db.execute(f"SELECT {RESOURCE_COLUMNS} FROM resources {where} ORDER BY kind, tenant, name",
+                                params)]
 
     def check_version(self, kind: int, tenant: str, name: str, expected_version: int) -> pb.Resource | None:
         """The current resource (None if absent) if ``expected_version`` matches it; else the error.

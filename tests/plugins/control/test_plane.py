@@ -458,3 +458,31 @@ def test_every_mutation_needs_an_admin_and_global_ones_every_tenant(run, tmp_pat
             if who == "globex admin" and outcome == "FailedPrecondition"} == {
         "publish_snapshot", "rollback_snapshot", "start_rollout", "promote_rollout", "abort_rollout"}
     assert (recorded_after, latest) == (recorded, 2), "refused mutations change and record nothing"
+
+
+def test_a_subscriber_is_watching_until_its_last_stream_ends(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        old, new = client(ControlPlane, ("worker",)), client(ControlPlane, ("worker",))
+        await asyncio.wait_for(old.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+        # A reconnect: the new stream opens before the old connection is gone.
+        await asyncio.wait_for(new.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+
+        async def watching():
+            return (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0].watching
+
+        async def settled(expected):
+            for _ in range(100):
+                if await watching() == expected:
+                    break
+                await asyncio.sleep(0.05)
+            return await watching()
+
+        await old.close()
+        await asyncio.sleep(0.3)
+        after_old = await watching()
+        await new.close()
+        return after_old, await settled(False)
+
+    assert _serve(run, tmp_path, scenario) == (True, False)
