@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.contracts.evidence import EvidencePlane
-from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.errors import SettingsError
+from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.tokens import SigningKey
 
 __all__ = ["ControlPlugin"]

@@ -20,7 +20,7 @@ import hashlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -89,7 +89,7 @@ class DesiredStateStore(Protocol):
 
     read_only: bool
 
-    def transaction(self) -> Iterator[None]: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
     def get(self, kind: int, tenant: str, name: str) -> pb.Resource: ...
     def list(self, tenant: str | None = None, kind: int | None = None) -> list[pb.Resource]: ...
     def check_version(self, kind: int, tenant: str, name: str, expected_version: int) -> pb.Resource | None: ...
