@@ -78,6 +78,8 @@ class Control(ControlPlane):
             status.watching = False  # streams did not survive the restart
             self.subscribers[status.subscriber_id] = status
         self.rollouts: dict[str, pb.Rollout] = {r.rollout_id: r for r in store.rollouts()}
+        #: The rollout in canary, if any (promoting or rolling back changes its state in place).
+        self._active = next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
         self._changed = asyncio.Condition()
         #: One publish (or rollback, or rollout step) at a time: between the
         #: evidence record and the commit nothing else may take the revision.
@@ -88,6 +90,9 @@ class Control(ControlPlane):
         self._small_commits = 0
         #: Open watch streams per subscriber.
         self._streams: dict[str, int] = {}
+        #: Keepalive periods so far; at each, every stream with nothing new sends a keepalive.
+        self._ticks = 0
+        self._ticker: asyncio.Task | None = None
         #: The content digest of the revision pushed last, for the next publish's evidence record.
         self._content_digests: dict[int, str] = {}
         if hasattr(store, "defer_checkpoints"):
@@ -275,7 +280,9 @@ class Control(ControlPlane):
     # -- distribution -------------------------------------------------------------------
 
     def _active_rollout(self) -> pb.Rollout | None:
-        return next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
+        # Looked up for every push: kept, not searched for among every rollout ever run.
+        active = self._active
+        return active if active is not None and active.state == pb.ROLLOUT_STATE_CANARY else None
 
     def target_for(self, subscriber_id: str) -> int:
         rollout = self._active_rollout()
@@ -334,18 +341,18 @@ class Control(ControlPlane):
         self._save_status(status)
         known = request.known_revision
         self._streams[request.subscriber_id] = self._streams.get(request.subscriber_id, 0) + 1
+        self._start_ticking()
         try:
             while True:
-                try:
-                    async with self._changed:
-                        async with asyncio.timeout(self.keepalive):
-                            await self._changed.wait_for(
-                                lambda known=known: self.target_for(request.subscriber_id) > known)
-                        target = self.target_for(request.subscriber_id)
-                except TimeoutError:
+                tick = self._ticks
+                async with self._changed:
+                    await self._changed.wait_for(
+                        lambda known=known, tick=tick: self.target_for(request.subscriber_id) > known
+                        or self._ticks != tick)
+                    target = self.target_for(request.subscriber_id)
+                if target <= known:
                     # Nothing new: say so, so the subscriber's lease runs on while the plane is reachable.
-                    yield pb.WatchSnapshotsResponse(target_revision=self.target_for(request.subscriber_id),
-                                                    sent_at=_stamp(self.clock()))
+                    yield pb.WatchSnapshotsResponse(target_revision=target, sent_at=_stamp(self.clock()))
                     continue
                 status.target_revision = target
                 yield self._push(target)
@@ -356,6 +363,20 @@ class Control(ControlPlane):
             if not self._streams[request.subscriber_id]:
                 del self._streams[request.subscriber_id]
                 status.watching = False
+
+    def _start_ticking(self) -> None:
+        """One timer for every stream's keepalive, instead of a timeout around every wait."""
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            if not self._streams:
+                return  # the next stream starts it again
+            async with self._changed:
+                self._ticks += 1
+                self._changed.notify_all()
 
     def _push(self, revision: int) -> Encoded:
         message = self._pushes.get(revision)
@@ -473,6 +494,7 @@ class Control(ControlPlane):
             for status in marked:  # in memory only once stored
                 self.subscribers[status.subscriber_id].canary = True
             self.rollouts[rollout.rollout_id] = rollout
+            self._active = rollout
             self._arm_deadline()
             await self._notify()
         return pb.StartRolloutResponse(rollout=rollout)
@@ -580,6 +602,9 @@ class Control(ControlPlane):
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
 
     def _arm_deadline(self, now: float | None = None) -> None:
         """Wake up when the canary window of the rollout in progress ends (``now``: as judged by the caller)."""
