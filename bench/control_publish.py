@@ -11,13 +11,19 @@ median over runs of each figure and of the per-run p99 ratio. Also: snapshot
 size, publish (cut, digest, sign, commit) and Ed25519 sign and subscriber
 verify times at 1,000 and 10,000 resources.
 
-    python -m bench.control_publish [--rounds 20] [--repeat 3] [--subscribers 1,10,100]
+With ``--remote-subscribers`` the subscribers (kernel and bare alike) run in
+a second process, as they would on other hosts, and tell the publishing
+process over a pipe when the last of them has verified a revision; the
+publisher's loop then no longer verifies 100 snapshots itself.
+
+    python -m bench.control_publish [--rounds 20] [--repeat 3] [--subscribers 1,10,100] [--remote-subscribers]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -50,7 +56,75 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int) -> tuple[list[float], list[float]]:
+def _remote_subscribers(conn, address: str, kind: str, count: int, token: str, pems: dict[str, bytes]) -> None:
+    """Child process: ``count`` subscribers that verify each push; sends a revision once all have it."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    async def main() -> None:
+        keys = {kid: load_pem_public_key(pem) for kid, pem in pems.items()}
+        have = [0] * count
+        reported = [0]
+
+        def applied(index: int, revision: int) -> None:
+            have[index] = revision
+            done = min(have)
+            if done > reported[0]:
+                reported[0] = done
+                conn.send(done)
+
+        async def kernel_subscriber(index: int) -> None:
+            client = connect(address, ControlPlane, token=token)
+            async for message in client.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id=f"s{index}")):
+                if message.HasField("snapshot"):
+                    applied(index, verify_snapshot(message.snapshot, keys, time.time()).revision)
+
+        async def bare_subscriber(index: int) -> None:
+            channel = grpc.aio.insecure_channel(address)
+            watch = channel.unary_stream("/bench.Push/Watch", request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)
+            async for data in watch(b""):
+                applied(index, verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time()).revision)
+
+        subscriber = kernel_subscriber if kind == "kernel" else bare_subscriber
+        await asyncio.gather(*(subscriber(i) for i in range(count)))
+
+    run(main())
+
+
+class RemoteSubscribers:
+    """The subscribers in a second process; :meth:`applied` waits until all have verified a revision."""
+
+    def __init__(self, address: str, kind: str, count: int, token: str, keys: dict):
+        from cryptography.hazmat.primitives import serialization
+
+        pems = {kid: key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                for kid, key in keys.items()}
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_remote_subscribers, args=(child, address, kind, count, token, pems),
+                                       daemon=True)
+        self.process.start()
+        self.latest = 0
+
+    async def applied(self, revision: int) -> None:
+        loop = asyncio.get_running_loop()
+        while self.latest < revision:
+            ready = loop.create_future()
+            loop.add_reader(self.conn.fileno(), ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.conn.fileno())
+            while self.conn.poll():
+                self.latest = max(self.latest, self.conn.recv())
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int,
+                      remote: bool = False) -> tuple[list[float], list[float]]:
     settings = Settings(state_dir=state, server=ServerSettings(bind="127.0.0.1:0"))
     plugins = [EvidencePlugin(), ControlPlugin()]
     kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "b", p) for p in plugins])).open()
@@ -74,7 +148,8 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
             if message.target_revision >= target[0]:
                 applied[index].set()
 
-    tasks = [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(clients)]
+    remote_side = RemoteSubscribers(f"127.0.0.1:{port}", "kernel", subscribers, worker_token, keys) if remote else None
+    tasks = [] if remote else [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(clients)]
     latencies, publishing = [], []
     try:
         for revision in range(1, rounds + 2):
@@ -84,11 +159,16 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
             start = time.perf_counter()
             await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=revision - 1), timeout=30)
             published = time.perf_counter()
-            await asyncio.gather(*(event.wait() for event in applied))
+            if remote_side is not None:
+                await remote_side.applied(revision)
+            else:
+                await asyncio.gather(*(event.wait() for event in applied))
             if revision > 1:  # the first round warms up the streams
                 latencies.append(time.perf_counter() - start)
                 publishing.append(published - start)
     finally:
+        if remote_side is not None:
+            remote_side.close()
         for task in tasks:
             task.cancel()
         for client in clients:
@@ -98,7 +178,7 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
     return latencies, publishing
 
 
-async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
+async def bare_side(signed: list[bytes], subscribers: int, keys, remote: bool = False) -> list[float]:
     current = [b""]
     changed = asyncio.Condition()
 
@@ -125,7 +205,8 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
             verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time())
             applied[index].set()
 
-    tasks = [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(channels)]
+    remote_side = RemoteSubscribers(f"127.0.0.1:{port}", "bare", subscribers, "", keys) if remote else None
+    tasks = [] if remote else [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(channels)]
     latencies = []
     try:
         for index, data in enumerate(signed):
@@ -135,10 +216,15 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
             async with changed:
                 current[0] = data
                 changed.notify_all()
-            await asyncio.gather(*(event.wait() for event in applied))
+            if remote_side is not None:
+                await remote_side.applied(pb.Snapshot.FromString(pb.SignedSnapshot.FromString(data).snapshot).revision)
+            else:
+                await asyncio.gather(*(event.wait() for event in applied))
             if index:
                 latencies.append(time.perf_counter() - start)
     finally:
+        if remote_side is not None:
+            remote_side.close()
         for task in tasks:
             task.cancel()
         for channel in channels:
@@ -184,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", default="1,10,100")
     parser.add_argument("--resources", type=int, default=1000, help="resources in the distributed snapshot")
     parser.add_argument("--sizes", default="1000,10000", help="resource counts for the size/sign/verify table")
+    parser.add_argument("--remote-subscribers", action="store_true",
+                        help="run the subscribers in a second process (as on other hosts)")
     args = parser.parse_args(argv)
     print(f"publish-to-applied, {args.rounds} rounds per run, snapshot of {args.resources} resources, signature "
-          "and digest verified by every subscriber")
+          "and digest verified by every subscriber"
+          + (", subscribers in a second process" if args.remote_subscribers else ", subscribers in this process"))
     print("kernel: from the PublishSnapshot call to the last subscriber verified; publish RPC: that call alone "
           "(evidence record + signed, fsynced commit)")
     print(f"{'subscribers':>11} {'run':>4} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
@@ -197,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         for run_index in range(args.repeat):
             def kernel_run():
                 with tempfile.TemporaryDirectory() as state:
-                    return run(kernel_side(Path(state), count, args.rounds, args.resources))
+                    return run(kernel_side(Path(state), count, args.rounds, args.resources,
+                                           args.remote_subscribers))
 
             def bare_run():
-                return run(bare_side(signed, count, keys))
+                return run(bare_side(signed, count, keys, args.remote_subscribers))
 
             if run_index % 2:
                 bare = bare_run()
