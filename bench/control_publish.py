@@ -5,16 +5,25 @@ process), each round publishes a snapshot and times until the last subscriber
 has verified it (Ed25519 signature over the header, SHA-256 of the content).
 The baseline, in the same run and interleaved: a bare grpc.aio server stream
 pushing the same signed bytes to the same number of subscribers, each
-verifying the same way. Also: snapshot size and sign/verify time at 1,000
-and 10,000 resources.
+verifying the same way. Each subscriber count runs ``--repeat`` times,
+kernel and bare alternating which goes first; the summary row gives the
+median over runs of each figure and of the per-run p99 ratio. Also: snapshot
+size, publish (cut, digest, sign, commit) and Ed25519 sign and subscriber
+verify times at 1,000 and 10,000 resources.
 
-    python -m bench.control_publish [--rounds 20] [--subscribers 1,10,100]
+With ``--remote-subscribers`` the subscribers (kernel and bare alike) run in
+a second process, as they would on other hosts, and tell the publishing
+process over a pipe when the last of them has verified a revision; the
+publisher's loop then no longer verifies 100 snapshots itself.
+
+    python -m bench.control_publish [--rounds 20] [--repeat 3] [--subscribers 1,10,100] [--remote-subscribers]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -35,7 +44,7 @@ from planes.kernel.settings import ServerSettings, Settings
 from planes.kernel.tokens import SigningKey, issue_token
 from planes.plugins.control import ControlPlugin
 from planes.plugins.control.store import ControlStore
-from planes.plugins.control.subscriber import verify_snapshot
+from planes.plugins.control.subscriber import SNAPSHOT_CONTEXT, verify_snapshot
 from planes.plugins.evidence import EvidencePlugin
 
 SPEC = json_format.ParseDict({"adapter": "echo", "endpoint": "http://127.0.0.1:9/v1",
@@ -47,7 +56,75 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int) -> tuple[list[float], list[float]]:
+def _remote_subscribers(conn, address: str, kind: str, count: int, token: str, pems: dict[str, bytes]) -> None:
+    """Child process: ``count`` subscribers that verify each push; sends a revision once all have it."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    async def main() -> None:
+        keys = {kid: load_pem_public_key(pem) for kid, pem in pems.items()}
+        have = [0] * count
+        reported = [0]
+
+        def applied(index: int, revision: int) -> None:
+            have[index] = revision
+            done = min(have)
+            if done > reported[0]:
+                reported[0] = done
+                conn.send(done)
+
+        async def kernel_subscriber(index: int) -> None:
+            client = connect(address, ControlPlane, token=token)
+            async for message in client.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id=f"s{index}")):
+                if message.HasField("snapshot"):
+                    applied(index, verify_snapshot(message.snapshot, keys, time.time()).revision)
+
+        async def bare_subscriber(index: int) -> None:
+            channel = grpc.aio.insecure_channel(address)
+            watch = channel.unary_stream("/bench.Push/Watch", request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)
+            async for data in watch(b""):
+                applied(index, verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time()).revision)
+
+        subscriber = kernel_subscriber if kind == "kernel" else bare_subscriber
+        await asyncio.gather(*(subscriber(i) for i in range(count)))
+
+    run(main())
+
+
+class RemoteSubscribers:
+    """The subscribers in a second process; :meth:`applied` waits until all have verified a revision."""
+
+    def __init__(self, address: str, kind: str, count: int, token: str, keys: dict):
+        from cryptography.hazmat.primitives import serialization
+
+        pems = {kid: key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                for kid, key in keys.items()}
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_remote_subscribers, args=(child, address, kind, count, token, pems),
+                                       daemon=True)
+        self.process.start()
+        self.latest = 0
+
+    async def applied(self, revision: int) -> None:
+        loop = asyncio.get_running_loop()
+        while self.latest < revision:
+            ready = loop.create_future()
+            loop.add_reader(self.conn.fileno(), ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.conn.fileno())
+            while self.conn.poll():
+                self.latest = max(self.latest, self.conn.recv())
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int,
+                      remote: bool = False) -> tuple[list[float], list[float]]:
     settings = Settings(state_dir=state, server=ServerSettings(bind="127.0.0.1:0"))
     plugins = [EvidencePlugin(), ControlPlugin()]
     kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "b", p) for p in plugins])).open()
@@ -71,7 +148,8 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
             if message.target_revision >= target[0]:
                 applied[index].set()
 
-    tasks = [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(clients)]
+    remote_side = RemoteSubscribers(f"127.0.0.1:{port}", "kernel", subscribers, worker_token, keys) if remote else None
+    tasks = [] if remote else [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(clients)]
     latencies, publishing = [], []
     try:
         for revision in range(1, rounds + 2):
@@ -81,11 +159,16 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
             start = time.perf_counter()
             await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=revision - 1), timeout=30)
             published = time.perf_counter()
-            await asyncio.gather(*(event.wait() for event in applied))
+            if remote_side is not None:
+                await remote_side.applied(revision)
+            else:
+                await asyncio.gather(*(event.wait() for event in applied))
             if revision > 1:  # the first round warms up the streams
                 latencies.append(time.perf_counter() - start)
                 publishing.append(published - start)
     finally:
+        if remote_side is not None:
+            remote_side.close()
         for task in tasks:
             task.cancel()
         for client in clients:
@@ -95,7 +178,7 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
     return latencies, publishing
 
 
-async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
+async def bare_side(signed: list[bytes], subscribers: int, keys, remote: bool = False) -> list[float]:
     current = [b""]
     changed = asyncio.Condition()
 
@@ -122,7 +205,8 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
             verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time())
             applied[index].set()
 
-    tasks = [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(channels)]
+    remote_side = RemoteSubscribers(f"127.0.0.1:{port}", "bare", subscribers, "", keys) if remote else None
+    tasks = [] if remote else [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(channels)]
     latencies = []
     try:
         for index, data in enumerate(signed):
@@ -132,10 +216,15 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
             async with changed:
                 current[0] = data
                 changed.notify_all()
-            await asyncio.gather(*(event.wait() for event in applied))
+            if remote_side is not None:
+                await remote_side.applied(pb.Snapshot.FromString(pb.SignedSnapshot.FromString(data).snapshot).revision)
+            else:
+                await asyncio.gather(*(event.wait() for event in applied))
             if index:
                 latencies.append(time.perf_counter() - start)
     finally:
+        if remote_side is not None:
+            remote_side.close()
         for task in tasks:
             task.cancel()
         for channel in channels:
@@ -144,56 +233,89 @@ async def bare_side(signed: list[bytes], subscribers: int, keys) -> list[float]:
     return latencies
 
 
-def signed_snapshots(count: int, resources: int) -> tuple[list[bytes], dict, float, float, int]:
-    """Snapshots like the kernel's, signed with a fresh key; also sign and verify times."""
+def signed_snapshots(count: int, resources: int) -> tuple[list[bytes], dict, dict[str, float], int]:
+    """Snapshots like the kernel's, signed with a fresh key; median publish, sign and verify times."""
     with tempfile.TemporaryDirectory() as state:
         store = ControlStore(Path(state) / "c.sqlite3")
-        for index in range(resources):
-            store.put(pb.RESOURCE_KIND_MODEL_ROUTE, "acme", f"route-{index}", SPEC, 0, "bench")
+        with store.transaction():
+            for index in range(resources):
+                store.put(pb.RESOURCE_KIND_MODEL_ROUTE, "acme", f"route-{index}", SPEC, 0, "bench")
         key = SigningKey.generate()
-        signed, sign_times = [], []
+        signed, publish_times = [], []
         for revision in range(count):
             start = time.perf_counter()
             snapshot = store.publish(key, expected_revision=revision, actor="bench")
-            sign_times.append(time.perf_counter() - start)
+            publish_times.append(time.perf_counter() - start)
             signed.append(snapshot.SerializeToString())
         store.close()
     keys = {key.kid: key.public_key}
-    verify_times = []
+    header = pb.SignedSnapshot.FromString(signed[0]).snapshot
+    sign_times, verify_times = [], []
     for data in signed:
+        start = time.perf_counter()
+        key.private_key.sign(SNAPSHOT_CONTEXT + header)
+        sign_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         verify_snapshot(pb.SignedSnapshot.FromString(data), keys, time.time())
         verify_times.append(time.perf_counter() - start)
-    return signed, keys, statistics.median(sign_times), statistics.median(verify_times), len(signed[0])
+    times = {"publish": statistics.median(publish_times), "sign": statistics.median(sign_times),
+             "verify": statistics.median(verify_times)}
+    return signed, keys, times, len(signed[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per subscriber count, kernel and bare alternating")
     parser.add_argument("--subscribers", default="1,10,100")
     parser.add_argument("--resources", type=int, default=1000, help="resources in the distributed snapshot")
     parser.add_argument("--sizes", default="1000,10000", help="resource counts for the size/sign/verify table")
+    parser.add_argument("--remote-subscribers", action="store_true",
+                        help="run the subscribers in a second process (as on other hosts)")
     args = parser.parse_args(argv)
-    print(f"publish-to-applied, {args.rounds} rounds, snapshot of {args.resources} resources, signature and "
-          "digest verified by every subscriber")
+    print(f"publish-to-applied, {args.rounds} rounds per run, snapshot of {args.resources} resources, signature "
+          "and digest verified by every subscriber"
+          + (", subscribers in a second process" if args.remote_subscribers else ", subscribers in this process"))
     print("kernel: from the PublishSnapshot call to the last subscriber verified; publish RPC: that call alone "
           "(evidence record + signed, fsynced commit)")
-    print(f"{'subscribers':>11} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
+    print(f"{'subscribers':>11} {'run':>4} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
           f"{'bare p50 ms':>12} {'bare p99 ms':>12} {'p99 ratio':>10}")
-    signed, keys, _, _, _ = signed_snapshots(args.rounds + 1, args.resources)
+    signed, keys, _, _ = signed_snapshots(args.rounds + 1, args.resources)
     for count in (int(n) for n in args.subscribers.split(",")):
-        with tempfile.TemporaryDirectory() as state:
-            kernel, publishing = run(kernel_side(Path(state), count, args.rounds, args.resources))
-        bare = run(bare_side(signed, count, keys))
-        print(f"{count:>11} {percentile(kernel, .5) * 1e3:>14.1f} {percentile(kernel, .99) * 1e3:>14.1f} "
-              f"{percentile(publishing, .5) * 1e3:>16.1f} "
-              f"{percentile(bare, .5) * 1e3:>12.1f} {percentile(bare, .99) * 1e3:>12.1f} "
-              f"{percentile(kernel, .99) / percentile(bare, .99):>10.2f}")
-    print(f"{'resources':>9} {'snapshot KiB':>13} {'publish (cut+sign) ms':>22} {'verify ms':>10}")
+        rows = []
+        for run_index in range(args.repeat):
+            def kernel_run():
+                with tempfile.TemporaryDirectory() as state:
+                    return run(kernel_side(Path(state), count, args.rounds, args.resources,
+                                           args.remote_subscribers))
+
+            def bare_run():
+                return run(bare_side(signed, count, keys, args.remote_subscribers))
+
+            if run_index % 2:
+                bare = bare_run()
+                kernel, publishing = kernel_run()
+            else:
+                kernel, publishing = kernel_run()
+                bare = bare_run()
+            row = (percentile(kernel, .5), percentile(kernel, .99), percentile(publishing, .5),
+                   percentile(bare, .5), percentile(bare, .99), percentile(kernel, .99) / percentile(bare, .99))
+            rows.append(row)
+            print(f"{count:>11} {run_index + 1:>4} " + _row(row))
+        if args.repeat > 1:
+            print(f"{count:>11} {'med':>4} " + _row(tuple(statistics.median(r[i] for r in rows) for i in range(6))))
+    print(f"{'resources':>9} {'snapshot KiB':>13} {'publish ms':>11} {'Ed25519 sign ms':>16} {'verify ms':>10}")
     for size in (int(n) for n in args.sizes.split(",")):
-        _, _, sign, verify, length = signed_snapshots(3, size)
-        print(f"{size:>9} {length / 1024:>13.1f} {sign * 1e3:>22.1f} {verify * 1e3:>10.2f}")
+        _, _, times, length = signed_snapshots(5, size)
+        print(f"{size:>9} {length / 1024:>13.1f} {times['publish'] * 1e3:>11.1f} {times['sign'] * 1e3:>16.3f} "
+              f"{times['verify'] * 1e3:>10.2f}")
     return 0
+
+
+def _row(row: tuple[float, ...]) -> str:
+    kernel50, kernel99, publish50, bare50, bare99, ratio = row
+    return (f"{kernel50 * 1e3:>14.1f} {kernel99 * 1e3:>14.1f} {publish50 * 1e3:>16.1f} "
+            f"{bare50 * 1e3:>12.1f} {bare99 * 1e3:>12.1f} {ratio:>10.2f}")
 
 
 if __name__ == "__main__":

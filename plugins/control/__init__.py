@@ -9,12 +9,19 @@ control plane over gRPC uses it as is. :class:`ControlPlugin` serves the plane
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.contracts.evidence import EvidencePlane
+from planes.kernel.errors import SettingsError
 from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.tokens import SigningKey
 
 __all__ = ["ControlPlugin"]
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "keys/control-signing.pem"
 PUBLIC_KEY_FILE = "keys/control-signing.pub.pem"
@@ -22,12 +29,20 @@ STORE_FILE = "control/desired-state.sqlite3"
 
 
 class ControlPlugin(Plugin):
-    """Settings (``[plugin.control]``): ``read_only`` (bool): serve reads, refuse mutations."""
+    """Settings (``[plugin.control]``): ``read_only`` (bool): serve reads, refuse mutations;
+    ``keepalive_seconds`` (number, default 15): silence on a watch stream before a keepalive, which
+    renews subscribers' leases; keep it well under the shortest snapshot lease.
+
+    ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
+    """
 
     name = "control"
     version = "0.1.0"
     provides = (Provision(ControlPlane, supports=("1.0", "2.0")),)
     requires = ("evidence",)
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
 
     def setup(self, kernel) -> None:
         from planes.plugins.evidence.writer import EvidenceWriter
@@ -36,22 +51,42 @@ class ControlPlugin(Plugin):
         from .store import ControlStore
 
         settings = dict(kernel.settings.plugin_settings(self.name))
-        key, _ = SigningKey.load_or_create(kernel.state_dir / KEY_FILE)
+        self.store = ControlStore(kernel.state_dir / STORE_FILE, clock=self.clock,
+                                  read_only=bool(settings.get("read_only", False)))
+        key, key_problem = None, ""
+        key_path = kernel.state_dir / KEY_FILE
+        published = self.store.latest_revision()
+        if not key_path.exists() and published:
+            # A new key would sign snapshots no subscriber trusts: refuse rather than rotate silently.
+            key_problem = (f"{KEY_FILE} is missing, and revision {published} was signed with key "
+                           f"{self.store.snapshot(published).key_id}; restore it")
+        else:
+            try:
+                key, _ = SigningKey.load_or_create(key_path)
+            except (OSError, SettingsError) as exc:
+                key_problem = f"{KEY_FILE}: {getattr(exc, 'message', None) or exc}"
+        if key_problem:
+            # Degraded, not down: reads and watches keep working, mutations are refused.
+            log.warning("control plane signing key unavailable, mutations refused: %s", key_problem)
         public = kernel.state_dir / PUBLIC_KEY_FILE
-        if not public.exists():
+        if key is not None and not public.exists():
             public.write_bytes(key.public_pem())
-        self.store = ControlStore(kernel.state_dir / STORE_FILE, read_only=bool(settings.get("read_only", False)))
         evidence = kernel.client(EvidencePlane, kernel.service_identity("control"))
         # Every control-plane event is evidence-required: a mutation is refused
         # rather than made without its record.
         writer = EvidenceWriter(evidence, kernel.state_dir / "control" / "evidence-spool",
                                 required=lambda event_type: True)
-        self.plane = Control(self.store, key, writer.record)
+        self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
+                             keepalive=float(settings.get("keepalive_seconds", 15.0)))
 
     def implementation(self, provision: Provision):
         return self.plane
 
+    async def start(self) -> None:
+        await self.plane.start()
+
     async def stop(self) -> None:
+        await self.plane.stop()
         self.store.close()
 
     def add_cli_commands(self, commands) -> None:

@@ -67,6 +67,8 @@ def add_commands(commands) -> None:
     rollback = action("rollback", "publish an earlier revision's content as a new revision", _rollback)
     rollback.add_argument("revision", type=int)
     rollback.add_argument("--message", default="")
+    status = action("status", "which subscriber runs which revision, and the current or last rollout", _status)
+    status.add_argument("--rollout", default="", help="a rollout id (default: the current or last one)")
     config.set_defaults(handler=lambda args: (config.print_usage(sys.stderr), 2)[1])
 
 
@@ -245,3 +247,41 @@ def _rollback(args) -> int:
         print(f"published revision {reply.snapshot.revision} with the content of revision {args.revision}")
         return 0
     return _run(args, work)
+
+
+def _status(args) -> int:
+    async def work(client):
+        reply = await client.get_rollout_status(pb.GetRolloutStatusRequest(rollout_id=args.rollout),
+                                                timeout=args.timeout)
+        print("\n".join(format_status(reply)))
+        return 0
+    return _run(args, work)
+
+
+def format_status(reply: pb.GetRolloutStatusResponse) -> list[str]:
+    """The status view as lines: the fleet's revision, the rollout, then one line per subscriber."""
+    lines = [f"fleet revision {reply.fleet_revision}"]
+    if reply.HasField("rollout"):
+        rollout = reply.rollout
+        state = pb.RolloutState.Name(rollout.state).removeprefix("ROLLOUT_STATE_").lower()
+        line = (f"rollout {rollout.rollout_id}: revision {rollout.revision} over {rollout.base_revision}, {state}, "
+                f"canaries {','.join(rollout.canary_subscribers)}, window {rollout.window.seconds} s "
+                f"from {rollout.started_at.ToJsonString()}")
+        if rollout.rollback_revision:
+            line += f", rolled back as revision {rollout.rollback_revision}"
+        lines.append(line + (f": {rollout.reason}" if rollout.reason else ""))
+    if not reply.subscribers:
+        lines.append("no subscribers yet")
+    for status in reply.subscribers:
+        health = common_pb2.HealthSummary.State.Name(status.health.state).removeprefix("STATE_").lower()
+        contracts = ",".join(f"{c.plane}={c.major}.{c.minor}" for c in status.contract_versions) or "-"
+        line = (f"{status.subscriber_id:<24} applied {status.applied_revision:<5} target {status.target_revision:<5} "
+                f"{health:<11} {'watching' if status.watching else 'offline':<8} "
+                f"{'canary ' if status.canary else ''}contracts {contracts}")
+        if status.last_outcome == pb.APPLY_OUTCOME_ACK:
+            line += f"; ACK {status.last_outcome_revision}"
+        elif status.last_outcome == pb.APPLY_OUTCOME_NACK:
+            line += (f"; NACK {status.last_outcome_revision} "
+                     f"{pb.NackReason.Name(status.nack_reason).removeprefix('NACK_REASON_').lower()}: {status.error}")
+        lines.append(line)
+    return lines

@@ -7,12 +7,20 @@ never a change without its record. Subscribers watch the fleet's target
 revision (or the rollout's, for canaries) and report ACK/NACK with health and
 capacity; a canary that NACKs or reports unhealthy inside the rollout window
 rolls the rollout back automatically, by publishing a new revision with the
-base content (subscribers never accept an older revision).
+base content (subscribers never accept an older revision). So does a canary
+that has not confirmed the revision when the window ends.
+
+Rollouts and the subscribers' last reports are kept in the store, so a
+restarted control plane resumes a canary where it was: :meth:`Control.start`
+rolls back what failed (or ran out of window) while it was down, and arms the
+deadline of the rollout still running. A publish, the fleet's new target and
+a rollout's new state commit together, in one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -26,15 +34,19 @@ from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
-from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
-from planes.kernel.identity import ALL_TENANTS
+from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PlanesError
+from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
 
 from .schema import kind_name, validate
-from .store import ControlStore, canonical_spec, digest_of
+from .store import DesiredStateStore, canonical_spec, digest_of
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VALIDITY = 86_400.0
 DEFAULT_LEASE = 300.0
+#: Who automatic steps (a rollback at the window's end or after a restart) are recorded as.
+CONTROL_IDENTITY = Identity(principal="control", tenant=ALL_TENANTS, roles=frozenset({"service"}), source="kernel")
 
 
 def _stamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -46,16 +58,45 @@ def _duration(message: duration_pb2.Duration, default: float) -> float:
     return value if value > 0 else default
 
 
+def _seconds(stamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
 class Control(ControlPlane):
-    def __init__(self, store: ControlStore, key: SigningKey | None, record: Callable, *,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
+                 clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0):
         self.store = store
+        #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
+        self.keepalive = keepalive
         self.key = key
+        #: Why the signing key is unavailable (never the key's bytes), for the refusal.
+        self.key_problem = key_problem
         self._record_events = record
         self.clock = clock
         self.subscribers: dict[str, pb.SubscriberStatus] = {}
-        self.rollouts: dict[str, pb.Rollout] = {}
+        for status in store.subscribers():
+            status.watching = False  # streams did not survive the restart
+            self.subscribers[status.subscriber_id] = status
+        self.rollouts: dict[str, pb.Rollout] = {r.rollout_id: r for r in store.rollouts()}
+        #: The rollout in canary, if any (promoting or rolling back changes its state in place).
+        self._active = next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
         self._changed = asyncio.Condition()
+        #: One publish (or rollback, or rollout step) at a time: between the
+        #: evidence record and the commit nothing else may take the revision.
+        self._publishing = asyncio.Lock()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task] = set()
+        self._checkpointing: asyncio.Task | None = None
+        self._small_commits = 0
+        #: Open watch streams per subscriber.
+        self._streams: dict[str, int] = {}
+        #: Keepalive periods so far; at each, every stream with nothing new sends a keepalive.
+        self._ticks = 0
+        self._ticker: asyncio.Task | None = None
+        #: The content digest of the revision pushed last, for the next publish's evidence record.
+        self._content_digests: dict[int, str] = {}
+        if hasattr(store, "defer_checkpoints"):
+            store.defer_checkpoints()
         # The revision everyone runs, kept on disk: after a restart the fleet
         # must not jump to a staged (canary) revision just because it is the
         # latest published one.
@@ -80,7 +121,7 @@ class Control(ControlPlane):
     # -- resources ----------------------------------------------------------------
 
     async def put_resource(self, request: pb.PutResourceRequest, call: CallContext) -> pb.PutResourceResponse:
-        self.store._writable("writing a resource")
+        self._writable("writing a resource")
         validate(request.kind, request.tenant, request.name, request.spec)
         # Refuse early what the store would refuse, so a refused write leaves no record.
         current = self.store.check_version(request.kind, request.tenant, request.name,
@@ -92,6 +133,7 @@ class Control(ControlPlane):
             digest_after=digest_of(canonical_spec(request.spec)).value.hex())
         _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
                                   request.expected_resource_version, call.identity.principal)
+        self._checkpoint_soon(small=True)
         return pb.PutResourceResponse(resource=after)
 
     async def get_resource(self, request: pb.GetResourceRequest, call: CallContext) -> pb.GetResourceResponse:
@@ -107,7 +149,7 @@ class Control(ControlPlane):
         return pb.ListResourcesResponse(resources=page, page=common_pb2.PageResponse(next_page_token=token))
 
     async def delete_resource(self, request: pb.DeleteResourceRequest, call: CallContext) -> pb.DeleteResourceResponse:
-        self.store._writable("deleting a resource")
+        self._writable("deleting a resource")
         current = self.store.get(request.kind, request.tenant, request.name)
         self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
         await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
@@ -115,6 +157,7 @@ class Control(ControlPlane):
                            digest_before=current.spec_digest.value.hex())
         before = self.store.delete(request.kind, request.tenant, request.name, request.expected_resource_version,
                                    call.identity.principal)
+        self._checkpoint_soon(small=True)
         return pb.DeleteResourceResponse(resource=before)
 
     # -- snapshots ------------------------------------------------------------------
@@ -123,11 +166,17 @@ class Control(ControlPlane):
         if call.identity.tenant != ALL_TENANTS:
             raise FailedPrecondition(f"{what} affects every tenant: it needs an identity acting for all ('*')")
 
+    def _writable(self, what: str) -> None:
+        """Privileged changes wait while the plane is degraded: store read-only or signing key unavailable."""
+        self.store._writable(what)
+        if self.key is None:
+            raise FailedPrecondition(f"{what} refused: the control plane's signing key is unavailable"
+                                     + (f" ({self.key_problem})" if self.key_problem else "")
+                                     + "; reads still work")
+
     def _can_publish(self, expected_revision: int) -> None:
         """Refuse early what publishing would refuse, so a refused publish leaves no record."""
-        self.store._writable("publishing")
-        if self.key is None:
-            raise FailedPrecondition("publishing refused: the control plane's signing key is unavailable")
+        self._writable("publishing")
         latest = self.store.latest_revision()
         if expected_revision != latest:
             raise Conflict(f"expected revision {expected_revision}, latest is {latest}; someone published meanwhile")
@@ -145,19 +194,35 @@ class Control(ControlPlane):
         policy = request.on_lease_expiry or (
             pb.LEASE_EXPIRY_POLICY_DEGRADED if profile.get("lease_expiry") == "degraded"
             else pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING)
-        self._can_publish(request.expected_revision)
-        revision = self.store.latest_revision() + 1
-        await self._record(call, ALL_TENANTS, "config.published", revision=revision, staged=request.staged,
-                           message=request.message)
-        signed = self.store.publish(
-            self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
-            validity=_duration(request.validity, float(profile.get("validity_seconds", DEFAULT_VALIDITY))),
-            lease=_duration(request.lease, float(profile.get("lease_seconds", DEFAULT_LEASE))),
-            on_lease_expiry=policy, required_contracts=list(request.required_contracts), message=request.message)
-        header = pb.Snapshot.FromString(signed.snapshot)
-        if not request.staged:
-            await self._target_fleet(header.revision)
-        return pb.PublishSnapshotResponse(snapshot=header)
+        async with self._publishing:
+            self._can_publish(request.expected_revision)
+            # Cut and signed before the record, so evidence names the exact content published.
+            signed = self.store.prepare_snapshot(
+                self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
+                validity=_duration(request.validity, float(profile.get("validity_seconds", DEFAULT_VALIDITY))),
+                lease=_duration(request.lease, float(profile.get("lease_seconds", DEFAULT_LEASE))),
+                on_lease_expiry=policy, required_contracts=list(request.required_contracts),
+                message=request.message)
+            revision = request.expected_revision + 1
+            await self._record(call, ALL_TENANTS, "config.published", revision=revision, staged=request.staged,
+                               message=request.message, **self._digests(request.expected_revision, signed))
+            with self.store.transaction():
+                self.store.commit_snapshot(signed)
+                if not request.staged:
+                    self.store.set_counter("fleet", revision)
+            self._encode_push(revision, signed)
+            if not request.staged:
+                await self._target_fleet(revision)
+            self._checkpoint_soon()
+        return pb.PublishSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
+
+    def _digests(self, previous: int, signed: pb.SignedSnapshot) -> dict[str, str]:
+        """Evidence fields: the content digest of the latest revision and of the one about to be published."""
+        after = pb.Snapshot.FromString(signed.snapshot).content_digest.value.hex()
+        before = self._content_digests.get(previous, "")
+        if previous and not before:
+            before = pb.Snapshot.FromString(self.store.snapshot(previous).snapshot).content_digest.value.hex()
+        return {"digest_before": before, "digest_after": after}
 
     async def list_snapshots(self, request: pb.ListSnapshotsRequest, call: CallContext) -> pb.ListSnapshotsResponse:
         latest = self.store.latest_revision()
@@ -174,14 +239,23 @@ class Control(ControlPlane):
     async def rollback_snapshot(self, request: pb.RollbackSnapshotRequest, call: CallContext) -> pb.RollbackSnapshotResponse:
         self._all_tenants(call, "a rollback")
         self.store.snapshot(request.to_revision)  # NotFound before anything is recorded
-        self._can_publish(request.expected_revision)
-        await self._record(call, ALL_TENANTS, "config.rolled_back", to_revision=request.to_revision,
-                           revision=self.store.latest_revision() + 1, message=request.message)
-        signed = self.store.rollback(self.key, request.to_revision, expected_revision=request.expected_revision,
-                                     actor=call.identity.principal)
-        header = pb.Snapshot.FromString(signed.snapshot)
-        await self._target_fleet(header.revision)
-        return pb.RollbackSnapshotResponse(snapshot=header)
+        async with self._publishing:
+            self._can_publish(request.expected_revision)
+            signed = self.store.prepare_rollback(self.key, request.to_revision,
+                                                 expected_revision=request.expected_revision,
+                                                 actor=call.identity.principal,
+                                                 **({"message": request.message} if request.message else {}))
+            revision = request.expected_revision + 1
+            await self._record(call, ALL_TENANTS, "config.rolled_back", to_revision=request.to_revision,
+                               revision=revision, message=request.message,
+                               **self._digests(request.expected_revision, signed))
+            with self.store.transaction():
+                self.store.commit_snapshot(signed)
+                self.store.set_counter("fleet", revision)
+            self._encode_push(revision, signed)
+            await self._target_fleet(revision)
+            self._checkpoint_soon()
+        return pb.RollbackSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
 
     async def diff_snapshots(self, request: pb.DiffSnapshotsRequest, call: CallContext) -> pb.DiffSnapshotsResponse:
         def resources(revision: int) -> dict:
@@ -206,7 +280,9 @@ class Control(ControlPlane):
     # -- distribution -------------------------------------------------------------------
 
     def _active_rollout(self) -> pb.Rollout | None:
-        return next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
+        # Looked up for every push: kept, not searched for among every rollout ever run.
+        active = self._active
+        return active if active is not None and active.state == pb.ROLLOUT_STATE_CANARY else None
 
     def target_for(self, subscriber_id: str) -> int:
         rollout = self._active_rollout()
@@ -214,8 +290,29 @@ class Control(ControlPlane):
             return rollout.revision
         return self._fleet_revision
 
+    def _checkpoint_soon(self, *, small: bool = False) -> None:
+        """Fold the WAL into the database off the event loop, one checkpoint at a time.
+
+        After every publish (hundreds of KiB of snapshot), and after every
+        200th small commit (a resource, a subscriber's report).
+        """
+        if small:
+            self._small_commits += 1
+            if self._small_commits < 200:
+                return
+        if not hasattr(self.store, "checkpoint") or (self._checkpointing and not self._checkpointing.done()):
+            return
+        self._small_commits = 0
+        self._checkpointing = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.checkpoint))
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    @staticmethod
+    def _checkpoint_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("control store checkpoint failed (retried after the next publish): %s", task.exception())
+
     async def _target_fleet(self, revision: int) -> None:
-        self.store.set_counter("fleet", revision)
+        """Wake the watchers; the store already holds ``revision`` as the fleet's target."""
         async with self._changed:
             self._fleet_revision = revision
             self._changed.notify_all()
@@ -229,33 +326,72 @@ class Control(ControlPlane):
             raise InvalidArgument("subscriber_id is required")
         return self.subscribers.setdefault(subscriber_id, pb.SubscriberStatus(subscriber_id=subscriber_id))
 
+    def _save_status(self, status: pb.SubscriberStatus) -> None:
+        """Keep the status view across restarts; a read-only store keeps it in memory only."""
+        if not self.store.read_only:
+            self.store.save_subscriber(status)
+            self._checkpoint_soon(small=True)
+
     async def watch_snapshots(self, request: pb.WatchSnapshotsRequest, call: CallContext) -> AsyncIterator[pb.WatchSnapshotsResponse]:
         status = self._status(request.subscriber_id)
         status.watching = True
-        del status.contract_versions[:]
-        status.contract_versions.extend(request.contract_versions)
+        if request.contract_versions:
+            del status.contract_versions[:]
+            status.contract_versions.extend(request.contract_versions)
+        self._save_status(status)
         known = request.known_revision
+        self._streams[request.subscriber_id] = self._streams.get(request.subscriber_id, 0) + 1
+        self._start_ticking()
         try:
             while True:
+                tick = self._ticks
                 async with self._changed:
                     await self._changed.wait_for(
-                        lambda known=known: self.target_for(request.subscriber_id) > known)
+                        lambda known=known, tick=tick: self.target_for(request.subscriber_id) > known
+                        or self._ticks != tick)
                     target = self.target_for(request.subscriber_id)
+                if target <= known:
+                    # Nothing new: say so, so the subscriber's lease runs on while the plane is reachable.
+                    yield pb.WatchSnapshotsResponse(target_revision=target, sent_at=_stamp(self.clock()))
+                    continue
                 status.target_revision = target
                 yield self._push(target)
                 known = target
         finally:
-            status.watching = False
+            # A reconnecting subscriber may open its new stream before the old one ends.
+            self._streams[request.subscriber_id] -= 1
+            if not self._streams[request.subscriber_id]:
+                del self._streams[request.subscriber_id]
+                status.watching = False
+
+    def _start_ticking(self) -> None:
+        """One timer for every stream's keepalive, instead of a timeout around every wait."""
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            if not self._streams:
+                return  # the next stream starts it again
+            async with self._changed:
+                self._ticks += 1
+                self._changed.notify_all()
 
     def _push(self, revision: int) -> Encoded:
         message = self._pushes.get(revision)
         if message is None:
-            message = Encoded(pb.WatchSnapshotsResponse(
-                snapshot=self.store.snapshot(revision), target_revision=revision,
-                sent_at=_stamp(self.clock())).SerializeToString())
-            if len(self._pushes) >= 4:
-                del self._pushes[min(self._pushes)]
-            self._pushes[revision] = message
+            message = self._encode_push(revision, self.store.snapshot(revision))
+        return message
+
+    def _encode_push(self, revision: int, signed: pb.SignedSnapshot) -> Encoded:
+        """Encode a revision's push once, for every watcher (and before they wake, right after a publish)."""
+        message = Encoded(pb.WatchSnapshotsResponse(snapshot=signed, target_revision=revision,
+                                                    sent_at=_stamp(self.clock())).SerializeToString())
+        self._content_digests = {revision: pb.Snapshot.FromString(signed.snapshot).content_digest.value.hex()}
+        if len(self._pushes) >= 4 and revision not in self._pushes:
+            del self._pushes[min(self._pushes)]
+        self._pushes[revision] = message
         return message
 
     async def report_status(self, request: pb.ReportStatusRequest, call: CallContext) -> pb.ReportStatusResponse:
@@ -272,19 +408,32 @@ class Control(ControlPlane):
             status.last_outcome_revision = request.revision
             status.nack_reason = request.nack_reason
             status.error = request.error[:500]
+        status.target_revision = self.target_for(request.subscriber_id)
+        # Kept before the rollout reacts: a restart then still sees this report.
+        self._save_status(status)
         rollout = self._active_rollout()
         if rollout is not None and request.subscriber_id in rollout.canary_subscribers:
-            failed = ((request.outcome == pb.APPLY_OUTCOME_NACK and request.revision == rollout.revision)
-                      or request.health.state == common_pb2.HealthSummary.STATE_UNHEALTHY)
-            window_ends = rollout.started_at.seconds + rollout.window.seconds
-            if failed and self.clock() <= window_ends:
-                reason = (f"canary {request.subscriber_id} "
-                          + (f"NACKed revision {rollout.revision}: {pb.NackReason.Name(request.nack_reason)}"
-                             if request.outcome == pb.APPLY_OUTCOME_NACK else "reported unhealthy"))
-                await self._roll_back(rollout, call, pb.ROLLOUT_STATE_ROLLED_BACK, reason)
+            reason = self._canary_failure(rollout, status)
+            if reason and self.clock() <= self._window_ends(rollout):
+                await self._roll_back_safely(rollout, call, pb.ROLLOUT_STATE_ROLLED_BACK, reason)
         target = self.target_for(request.subscriber_id)
         status.target_revision = target
         return pb.ReportStatusResponse(target_revision=target)
+
+    @staticmethod
+    def _canary_failure(rollout: pb.Rollout, status: pb.SubscriberStatus) -> str:
+        """Why this canary's last report fails the rollout, or ""."""
+        if status.last_outcome == pb.APPLY_OUTCOME_NACK and status.last_outcome_revision == rollout.revision:
+            return (f"canary {status.subscriber_id} NACKed revision {rollout.revision}: "
+                    f"{pb.NackReason.Name(status.nack_reason)}")
+        if (status.health.state == common_pb2.HealthSummary.STATE_UNHEALTHY
+                and _seconds(status.last_seen) >= _seconds(rollout.started_at)):
+            return f"canary {status.subscriber_id} reported unhealthy"
+        return ""
+
+    @staticmethod
+    def _window_ends(rollout: pb.Rollout) -> float:
+        return _seconds(rollout.started_at) + _seconds(rollout.window)
 
     # -- rollouts -----------------------------------------------------------------
 
@@ -294,42 +443,60 @@ class Control(ControlPlane):
             if request.rollout_id not in self.rollouts:
                 raise NotFound(f"rollout {request.rollout_id!r} not found")
             response.rollout.CopyFrom(self.rollouts[request.rollout_id])
-        elif self._active_rollout() is not None:
-            response.rollout.CopyFrom(self._active_rollout())
+        elif self.rollouts:
+            latest = self._active_rollout() or max(self.rollouts.values(), key=lambda r: _seconds(r.started_at))
+            response.rollout.CopyFrom(latest)
         response.subscribers.extend(self.subscribers[s] for s in sorted(self.subscribers))
         return response
 
     async def start_rollout(self, request: pb.StartRolloutRequest, call: CallContext) -> pb.StartRolloutResponse:
         self._all_tenants(call, "a rollout")
-        if self._active_rollout() is not None:
-            raise FailedPrecondition(f"rollout {self._active_rollout().rollout_id} is still in its canary stage; "
-                                     "promote or abort it first")
-        if request.revision <= self._fleet_revision:
-            raise InvalidArgument(f"revision {request.revision} is not newer than the fleet's {self._fleet_revision}")
-        self.store.snapshot(request.revision)
-        cohort = request.cohort
-        if cohort.subscriber_ids:
-            canaries = sorted(set(cohort.subscriber_ids))
-        elif 0 < cohort.fraction <= 1:
-            known = sorted(self.subscribers)
-            canaries = known[:max(1, math.ceil(cohort.fraction * len(known)))] if known else []
-        else:
-            raise InvalidArgument("a canary cohort needs subscriber_ids or a fraction in (0, 1]")
-        if not canaries:
-            raise FailedPrecondition("no subscribers to make canaries of")
-        now = self.clock()
-        rollout = pb.Rollout(rollout_id=os.urandom(8).hex(), revision=request.revision,
-                             base_revision=self._fleet_revision, cohort=cohort, canary_subscribers=canaries,
-                             window=duration_pb2.Duration(seconds=int(_duration(request.window, 300))),
-                             state=pb.ROLLOUT_STATE_CANARY, started_at=_stamp(now), started_by=call.identity.principal,
-                             updated_at=_stamp(now))
-        await self._record(call, ALL_TENANTS, "rollout.started", rollout_id=rollout.rollout_id,
-                           revision=request.revision, base_revision=rollout.base_revision,
-                           canaries=",".join(canaries))
-        self.rollouts[rollout.rollout_id] = rollout
-        for subscriber in canaries:
-            self._status(subscriber).canary = True
-        await self._notify()
+        async with self._publishing:
+            if self._active_rollout() is not None:
+                raise FailedPrecondition(f"rollout {self._active_rollout().rollout_id} is still in its canary "
+                                         "stage; promote or abort it first")
+            if request.revision <= self._fleet_revision:
+                raise InvalidArgument(f"revision {request.revision} is not newer than the fleet's "
+                                      f"{self._fleet_revision}")
+            self.store.snapshot(request.revision)
+            cohort = request.cohort
+            if cohort.subscriber_ids:
+                canaries = sorted(set(cohort.subscriber_ids))
+            elif 0 < cohort.fraction <= 1:
+                # Those watching now; a host known only from before a restart may be gone.
+                known = sorted(s for s, status in self.subscribers.items() if status.watching) \
+                    or sorted(self.subscribers)
+                canaries = known[:max(1, math.ceil(cohort.fraction * len(known)))] if known else []
+            else:
+                raise InvalidArgument("a canary cohort needs subscriber_ids or a fraction in (0, 1]")
+            if not canaries:
+                raise FailedPrecondition("no subscribers to make canaries of")
+            now = self.clock()
+            rollout = pb.Rollout(rollout_id=os.urandom(8).hex(), revision=request.revision,
+                                 base_revision=self._fleet_revision, cohort=cohort, canary_subscribers=canaries,
+                                 window=duration_pb2.Duration(seconds=int(_duration(request.window, 300))),
+                                 state=pb.ROLLOUT_STATE_CANARY, started_at=_stamp(now),
+                                 started_by=call.identity.principal, updated_at=_stamp(now))
+            self._writable("starting a rollout")
+            await self._record(call, ALL_TENANTS, "rollout.started", rollout_id=rollout.rollout_id,
+                               revision=request.revision, base_revision=rollout.base_revision,
+                               canaries=",".join(canaries))
+            marked = []
+            for subscriber in canaries:
+                status = pb.SubscriberStatus()
+                status.CopyFrom(self._status(subscriber))
+                status.canary = True
+                marked.append(status)
+            with self.store.transaction():
+                self.store.save_rollout(rollout)
+                for status in marked:
+                    self._save_status(status)
+            for status in marked:  # in memory only once stored
+                self.subscribers[status.subscriber_id].canary = True
+            self.rollouts[rollout.rollout_id] = rollout
+            self._active = rollout
+            self._arm_deadline()
+            await self._notify()
         return pb.StartRolloutResponse(rollout=rollout)
 
     def _rollout(self, rollout_id: str) -> pb.Rollout:
@@ -342,36 +509,151 @@ class Control(ControlPlane):
 
     async def promote_rollout(self, request: pb.PromoteRolloutRequest, call: CallContext) -> pb.PromoteRolloutResponse:
         self._all_tenants(call, "promoting")
-        rollout = self._rollout(request.rollout_id)
-        await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
-                           revision=rollout.revision)
-        rollout.state = pb.ROLLOUT_STATE_PROMOTED
-        rollout.updated_at.CopyFrom(_stamp(self.clock()))
-        self._clear_canaries(rollout)
-        await self._target_fleet(rollout.revision)
+        async with self._publishing:
+            rollout = self._rollout(request.rollout_id)
+            self._writable("promoting")
+            await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
+                               revision=rollout.revision)
+            promoted = pb.Rollout()
+            promoted.CopyFrom(rollout)
+            promoted.state = pb.ROLLOUT_STATE_PROMOTED
+            promoted.updated_at.CopyFrom(_stamp(self.clock()))
+            with self.store.transaction():
+                self.store.save_rollout(promoted)
+                self.store.set_counter("fleet", promoted.revision)
+                self._clear_canaries(promoted)
+            rollout.CopyFrom(promoted)
+            self._arm_deadline()
+            await self._target_fleet(rollout.revision)
         return pb.PromoteRolloutResponse(rollout=rollout)
 
     async def abort_rollout(self, request: pb.AbortRolloutRequest, call: CallContext) -> pb.AbortRolloutResponse:
+        self._all_tenants(call, "aborting a rollout")
         rollout = self._rollout(request.rollout_id)
         await self._roll_back(rollout, call, pb.ROLLOUT_STATE_ABORTED, request.reason or "aborted")
         return pb.AbortRolloutResponse(rollout=rollout)
 
     async def _roll_back(self, rollout: pb.Rollout, call: CallContext, state: int, reason: str) -> None:
-        """Canaries may already run the new revision and refuse older ones: republish the base as a new one."""
-        latest = self.store.latest_revision()
-        await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
-                           else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
-                           base_revision=rollout.base_revision, reason=reason)
-        signed = self.store.rollback(self.key, rollout.base_revision, expected_revision=latest,
-                                     actor=call.identity.principal)
-        rollout.state = state
-        rollout.reason = reason
-        rollout.rollback_revision = pb.Snapshot.FromString(signed.snapshot).revision
-        rollout.updated_at.CopyFrom(_stamp(self.clock()))
-        self._clear_canaries(rollout)
-        await self._target_fleet(rollout.rollback_revision)
+        """Canaries may already run the new revision and refuse older ones: republish the base as a new one.
+
+        The new revision, the fleet's target and the rollout's state commit
+        together, after the evidence record.
+        """
+        async with self._publishing:
+            if rollout.state != pb.ROLLOUT_STATE_CANARY:
+                return  # another report (or the deadline) got there first
+            latest = self.store.latest_revision()
+            self._can_publish(latest)
+            signed = self.store.prepare_rollback(self.key, rollout.base_revision, expected_revision=latest,
+                                                 actor=call.identity.principal,
+                                                 message=f"rollout {rollout.rollout_id}: back to the content of "
+                                                         f"revision {rollout.base_revision}")
+            await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
+                               else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
+                               base_revision=rollout.base_revision, rollback_revision=latest + 1, reason=reason,
+                               **self._digests(latest, signed))
+            ended = pb.Rollout()
+            ended.CopyFrom(rollout)
+            ended.state = state
+            ended.reason = reason
+            ended.rollback_revision = latest + 1
+            ended.updated_at.CopyFrom(_stamp(self.clock()))
+            with self.store.transaction():
+                self.store.commit_snapshot(signed)
+                self.store.set_counter("fleet", ended.rollback_revision)
+                self.store.save_rollout(ended)
+                self._clear_canaries(ended)
+            rollout.CopyFrom(ended)
+            self._encode_push(ended.rollback_revision, signed)
+            self._arm_deadline()
+            await self._target_fleet(ended.rollback_revision)
+            self._checkpoint_soon()
+
+    async def _roll_back_safely(self, rollout: pb.Rollout, call: CallContext, state: int, reason: str) -> bool:
+        """An automatic rollback: when it cannot happen now (evidence down, store read-only, no key)
+        the rollout stays in canary and the report that triggered it still succeeds; the window's
+        deadline, the next failing report or the next start tries again."""
+        try:
+            await self._roll_back(rollout, call, state, reason)
+            return True
+        except PlanesError as exc:
+            log.warning("automatic rollback of rollout %s deferred: %s", rollout.rollout_id, exc.message)
+            return False
 
     def _clear_canaries(self, rollout: pb.Rollout) -> None:
         for subscriber in rollout.canary_subscribers:
             if subscriber in self.subscribers:
                 self.subscribers[subscriber].canary = False
+                self._save_status(self.subscribers[subscriber])
+
+    # -- resuming and the window's deadline ------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume the rollout in canary, if any: judge what happened while the plane was down."""
+        await self._check_rollout()
+
+    async def stop(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+
+    def _arm_deadline(self, now: float | None = None) -> None:
+        """Wake up when the canary window of the rollout in progress ends (``now``: as judged by the caller)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        rollout = self._active_rollout()
+        if rollout is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving yet: start() arms it
+        delay = self._window_ends(rollout) - (self.clock() if now is None else now)
+        if delay > 0:  # past the window, _check_rollout has judged it: it waits for a person to promote
+            self._deadline = loop.call_later(delay, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        task = asyncio.get_running_loop().create_task(self._check_rollout())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_rollout(self) -> None:
+        """Roll the canary rollout back if a canary failed in the window, or, once the window has
+        ended, if a canary has not confirmed (ACKed, healthy) the revision; else wait for the deadline."""
+        rollout = self._active_rollout()
+        if rollout is None:
+            return
+        window_ends = self._window_ends(rollout)
+        # One reading of the clock: judged "not yet" must also be armed as "not yet".
+        now = self.clock()
+        reason = ""
+        for subscriber in rollout.canary_subscribers:
+            status = self.subscribers.get(subscriber, pb.SubscriberStatus(subscriber_id=subscriber))
+            failure = self._canary_failure(rollout, status)
+            if failure and _seconds(status.last_seen) <= window_ends:
+                reason = failure
+                break
+            if now >= window_ends and not (
+                    status.applied_revision >= rollout.revision
+                    and status.health.state != common_pb2.HealthSummary.STATE_UNHEALTHY):
+                reason = (f"canary {subscriber} did not confirm revision {rollout.revision} "
+                          f"within the {_seconds(rollout.window):g} s window")
+                break
+        call = CallContext(CONTROL_IDENTITY)
+        if reason and not await self._roll_back_safely(rollout, call, pb.ROLLOUT_STATE_ROLLED_BACK, reason):
+            # Try again shortly: the rollout must not stay on a failed canary.
+            self._deadline = asyncio.get_running_loop().call_later(5.0, self._deadline_passed)
+            return
+        if not reason:
+            self._arm_deadline(now)

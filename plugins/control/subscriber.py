@@ -272,8 +272,15 @@ class SnapshotSubscriber:
         return reply.target_revision
 
     async def handle(self, message: pb.WatchSnapshotsResponse) -> None:
-        """Verify and apply one pushed snapshot, then report the outcome."""
+        """Verify and apply one pushed snapshot, then report the outcome.
+
+        A keepalive (no snapshot) renews the lease and is answered with a
+        periodic health and capacity report.
+        """
         self.cache.heard_from_control()
+        if not message.HasField("snapshot"):
+            await self.report()
+            return
         revision = message.target_revision
         try:
             applied = self.cache.offer(message.snapshot)

@@ -106,3 +106,40 @@ def test_bad_files_are_one_line_errors(served, tmp_path, text, suffix, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_status_shows_the_fleet_and_says_when_nobody_subscribed(served):
+    env, _ = served
+    result = config(env, "status")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "no subscribers yet"
+    assert result.stdout.startswith("fleet revision ")
+
+
+def test_status_view_shows_who_runs_what_and_why_a_host_refused():
+    from planes.common.v1 import common_pb2
+    from planes.control.v1 import control_service_pb2 as pb
+    from planes.plugins.control.cli import format_status
+
+    reply = pb.GetRolloutStatusResponse(
+        fleet_revision=3,
+        rollout=pb.Rollout(rollout_id="ab12", revision=2, base_revision=1, canary_subscribers=["host-a"],
+                           state=pb.ROLLOUT_STATE_ROLLED_BACK, rollback_revision=3,
+                           reason="canary host-a NACKed revision 2: NACK_REASON_MISSING_CONTRACT"),
+        subscribers=[
+            pb.SubscriberStatus(
+                subscriber_id="host-a", applied_revision=1, target_revision=3, last_outcome=pb.APPLY_OUTCOME_NACK,
+                last_outcome_revision=2, nack_reason=pb.NACK_REASON_MISSING_CONTRACT,
+                error="revision 2 needs the execution contract 1.5; this host serves 1.0",
+                health=common_pb2.HealthSummary(state=common_pb2.HealthSummary.STATE_HEALTHY),
+                contract_versions=[common_pb2.ContractVersion(plane="execution", major=1, minor=0)]),
+            pb.SubscriberStatus(subscriber_id="host-b", applied_revision=3, target_revision=3, watching=True,
+                                last_outcome=pb.APPLY_OUTCOME_ACK, last_outcome_revision=3)])
+    lines = format_status(reply)
+    assert lines[0] == "fleet revision 3"
+    assert "rollout ab12: revision 2 over 1, rolled_back, canaries host-a" in lines[1]
+    assert lines[1].endswith("rolled back as revision 3: canary host-a NACKed revision 2: NACK_REASON_MISSING_CONTRACT")
+    assert "applied 1" in lines[2] and "contracts execution=1.0" in lines[2] and "offline" in lines[2]
+    assert lines[2].endswith("; NACK 2 missing_contract: revision 2 needs the execution contract 1.5; "
+                             "this host serves 1.0")
+    assert "watching" in lines[3] and lines[3].endswith("; ACK 3")

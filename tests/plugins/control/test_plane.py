@@ -26,10 +26,10 @@ ROUTE = pb.RESOURCE_KIND_MODEL_ROUTE
 GOOD = json_format.ParseDict({"adapter": "echo", "allowed_classifications": ["public"]}, struct_pb2.Struct())
 
 
-def _serve(run, tmp_path, scenario):
+def _serve(run, tmp_path, scenario, *, clock=None, **settings_changes):
     async def main():
-        settings = make_settings(tmp_path)
-        plugins = [EvidencePlugin(), ControlPlugin()]
+        settings = make_settings(tmp_path, **settings_changes)
+        plugins = [EvidencePlugin(), ControlPlugin(clock) if clock else ControlPlugin()]
         kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "t", p) for p in plugins])).open()
         server = KernelServer(kernel)
         port = await server.start()
@@ -300,3 +300,189 @@ def test_restart_keeps_the_fleet_off_a_staged_revision(run, tmp_path):
 
     _serve(run, tmp_path, publish)
     assert _serve(run, tmp_path, after_restart) == 1
+
+
+@pytest.mark.parametrize("degradation", ["read_only", "corrupt_key", "missing_key"])
+def test_degraded_plane_refuses_every_mutation_and_keeps_serving_reads(run, tmp_path, degradation):
+    async def healthy(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        await client(ControlPlane, ("worker",)).report_status(pb.ReportStatusRequest(subscriber_id="h1"), timeout=5)
+        return len(await _events(client))
+
+    async def degraded(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        refusals = []
+        for attempt in (
+                lambda: admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="x", spec=GOOD)),
+                lambda: admin.delete_resource(pb.DeleteResourceRequest(tenant="acme", kind=ROUTE, name="gpt",
+                                                                       expected_resource_version=1)),
+                lambda: admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=2)),
+                lambda: admin.rollback_snapshot(pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2)),
+                lambda: admin.start_rollout(pb.StartRolloutRequest(
+                    revision=2, cohort=pb.CanaryCohort(subscriber_ids=["h1"])))):
+            with pytest.raises(errors.FailedPrecondition) as refused:
+                await attempt()
+            refusals.append(refused.value.message)
+        worker = client(ControlPlane, ("worker",))
+        stream = worker.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h2"))
+        pushed = await asyncio.wait_for(stream.__anext__(), 5)
+        await stream.aclose()
+        reads = (await admin.get_resource(pb.GetResourceRequest(tenant="acme", kind=ROUTE, name="gpt"), timeout=5),
+                 await admin.list_snapshots(pb.ListSnapshotsRequest(), timeout=5),
+                 await worker.report_status(pb.ReportStatusRequest(subscriber_id="h1", applied_revision=1),
+                                            timeout=5),
+                 pushed)
+        return refusals, reads, len(await _events(client)), plugin.store.latest_revision()
+
+    recorded = _serve(run, tmp_path, healthy)
+    changes = {}
+    key = tmp_path / "keys" / "control-signing.pem"
+    if degradation == "read_only":
+        changes = {"plugin": {"control": {"read_only": True}}}
+    elif degradation == "corrupt_key":
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    else:
+        key.unlink()
+    refusals, (got, listed, report, pushed), recorded_after, latest = _serve(run, tmp_path, degraded, **changes)
+    expected = "read-only" if degradation == "read_only" else "signing key is unavailable"
+    assert all(expected in message and "reads still work" in message for message in refusals), refusals
+    if degradation == "missing_key":
+        assert "control-signing.pem is missing, and revision 2 was signed with key" in refusals[0]
+    assert not key.exists() or b"not a key" not in refusals[0].encode(), "no key material in errors"
+    assert got.resource.resource_version == 1 and [s.revision for s in listed.snapshots] == [2, 1]
+    assert report.target_revision == 1 and pushed.snapshot.snapshot and pushed.target_revision == 1
+    assert (recorded_after, latest) == (recorded, 2), "nothing was recorded or published"
+
+
+def test_publish_and_rollback_records_name_the_content_digests(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="a", spec=GOOD), timeout=5)
+        first = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="b", spec=GOOD), timeout=5)
+        second = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1), timeout=5)
+        back = await admin.rollback_snapshot(pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2,
+                                                                        message="b broke"), timeout=5)
+        events = [e for e in await _events(client) if e.event_type != "config.resource.put"]
+        return [s.snapshot.content_digest.value.hex() for s in (first, second, back)], back, events
+
+    (one, two, three), back, events = _serve(run, tmp_path, scenario)
+    fields = [{f.name: f.string_value for f in e.fields} for e in events]
+    assert [e.event_type for e in events] == ["config.published", "config.published", "config.rolled_back"]
+    assert [(f["digest_before"], f["digest_after"]) for f in fields] == [("", one), (one, two), (two, three)]
+    assert three == one, "a rollback republishes the old content"
+    assert back.snapshot.message == "b broke" and fields[2]["message"] == "b broke"
+
+
+def test_keepalives_renew_the_lease_while_nothing_is_published(run, tmp_path):
+    import time
+
+    from planes.kernel.tokens import key_id
+    from planes.plugins.control.subscriber import ConfigState, SnapshotSubscriber
+
+    class Clock:
+        now = time.time()
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        cache = CachedConfig(tmp_path / "agent", {key_id(key): key}, clock=clock)
+        reports = []
+        agent = SnapshotSubscriber(client(ControlPlane, ("worker",)), cache, "host-k",
+                                   capacity=lambda: reports.append(1) or common_pb2.CapacitySummary(slots_free=2))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0,
+                                                               lease=duration_pb2.Duration(seconds=60)), timeout=5)
+        clock.now = time.time()  # after not_before, which is the publish time rounded down
+        task = asyncio.create_task(agent.run())
+        await _until(lambda: cache.current is not None and reports)
+        clock.now += 120  # two leases of silence...
+        lapsed = cache.state()[0]
+        before = len(reports)
+        await _until(lambda: len(reports) > before)  # ...until the next keepalive
+        renewed = cache.state()[0]
+        status = (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0]
+        task.cancel()
+        return lapsed, renewed, status
+
+    lapsed, renewed, status = _serve(run, tmp_path, scenario, plugin={"control": {"keepalive_seconds": 0.2}})
+    assert lapsed is ConfigState.STOP_ADMITTING and renewed is ConfigState.ACTIVE
+    assert status.subscriber_id == "host-k" and status.applied_revision == 1 and status.capacity.slots_free == 2
+
+
+MUTATIONS = {
+    "put_resource": pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="x", spec=GOOD),
+    "delete_resource": pb.DeleteResourceRequest(tenant="acme", kind=ROUTE, name="gpt", expected_resource_version=1),
+    "publish_snapshot": pb.PublishSnapshotRequest(expected_revision=2),
+    "rollback_snapshot": pb.RollbackSnapshotRequest(to_revision=1, expected_revision=2),
+    "start_rollout": pb.StartRolloutRequest(revision=2, cohort=pb.CanaryCohort(subscriber_ids=["h1"])),
+    "promote_rollout": pb.PromoteRolloutRequest(rollout_id="r"),
+    "abort_rollout": pb.AbortRolloutRequest(rollout_id="r"),
+}
+
+
+def test_every_mutation_needs_an_admin_and_global_ones_every_tenant(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        recorded = len(await _events(client))
+        outcomes = {}
+        for who, caller in (("worker", client(ControlPlane, ("worker",))),
+                            ("reviewer", client(ControlPlane, ("reviewer",))),
+                            ("globex admin", client(ControlPlane, ("admin",), tenant="globex", principal="g"))):
+            for name, request in MUTATIONS.items():
+                if who == "globex admin" and name in ("put_resource", "delete_resource"):
+                    continue  # the kernel scopes them to the caller's tenant: see the next check
+                with pytest.raises((errors.PermissionDenied, errors.FailedPrecondition)) as refused:
+                    await getattr(caller, name)(request, timeout=5)
+                outcomes[(who, name)] = type(refused.value).__name__
+        globex = client(ControlPlane, ("admin",), tenant="globex", principal="g")
+        with pytest.raises(errors.PermissionDenied):
+            await globex.put_resource(MUTATIONS["put_resource"], timeout=5)
+        with pytest.raises(errors.PermissionDenied):
+            await globex.delete_resource(MUTATIONS["delete_resource"], timeout=5)
+        return outcomes, recorded, len(await _events(client)), plugin.store.latest_revision()
+
+    outcomes, recorded, recorded_after, latest = _serve(run, tmp_path, scenario)
+    assert all(outcome == "PermissionDenied" for (who, _), outcome in outcomes.items() if who != "globex admin")
+    assert {name for (who, name), outcome in outcomes.items()
+            if who == "globex admin" and outcome == "FailedPrecondition"} == {
+        "publish_snapshot", "rollback_snapshot", "start_rollout", "promote_rollout", "abort_rollout"}
+    assert (recorded_after, latest) == (recorded, 2), "refused mutations change and record nothing"
+
+
+def test_a_subscriber_is_watching_until_its_last_stream_ends(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        old, new = client(ControlPlane, ("worker",)), client(ControlPlane, ("worker",))
+        await asyncio.wait_for(old.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+        # A reconnect: the new stream opens before the old connection is gone.
+        await asyncio.wait_for(new.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+
+        async def watching():
+            return (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0].watching
+
+        async def settled(expected):
+            for _ in range(100):
+                if await watching() == expected:
+                    break
+                await asyncio.sleep(0.05)
+            return await watching()
+
+        await old.close()
+        await asyncio.sleep(0.3)
+        after_old = await watching()
+        await new.close()
+        return after_old, await settled(False)
+
+    assert _serve(run, tmp_path, scenario) == (True, False)

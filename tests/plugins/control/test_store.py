@@ -141,3 +141,61 @@ def test_degraded_store_blocks_privileged_changes_but_reads_work(tmp_path, key, 
     assert degraded.snapshot().key_id == key.kid
     with pytest.raises(errors.FailedPrecondition, match="signing key is unavailable"):
         ControlStore(path, clock=clock).publish(None, expected_revision=1, actor="a")
+
+
+def _cut_by_parsing(store) -> bytes:
+    """The snapshot content as decoding and re-encoding every resource makes it."""
+    return pb.SnapshotContent(resources=store.list()).SerializeToString(deterministic=True)
+
+
+def test_a_cut_joins_stored_encodings_into_the_same_bytes_as_re_encoding(store, key):
+    store.put(pb.RESOURCE_KIND_TENANT, "*", "acme", spec(display_name="Acme"), 0, "alice")
+    for index in range(300):  # long enough names and specs that some lengths need two varint bytes
+        store.put(ROUTE, "acme", f"route-{index:03}", spec(adapter="e" * index, allowed_classifications=["public"]),
+                  0, "alice")
+    store.put(ROUTE, "acme", "route-007", GOOD_ROUTE, 1, "bob")
+    store.delete(ROUTE, "acme", "route-100", 1, "bob")
+    signed = store.publish(key, expected_revision=0, actor="alice")
+    assert signed.content == _cut_by_parsing(store)
+    assert pb.Snapshot.FromString(signed.snapshot).resource_count == 300
+
+
+def test_a_store_from_before_encodings_were_kept_is_upgraded_on_open(tmp_path, key, clock):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript("""
+        CREATE TABLE resources (kind INTEGER NOT NULL, tenant TEXT NOT NULL, name TEXT NOT NULL,
+            version INTEGER NOT NULL, spec BLOB NOT NULL, updated_ns INTEGER NOT NULL, updated_by TEXT NOT NULL,
+            PRIMARY KEY (kind, tenant, name));""")
+    old.execute("INSERT INTO resources VALUES (?, 'acme', 'gpt', 1, ?, 5, 'alice')",
+                (ROUTE, GOOD_ROUTE.SerializeToString(deterministic=True)))
+    old.close()
+    upgraded = ControlStore(path, clock=clock)
+    assert upgraded.publish(key, expected_revision=0, actor="a").content == _cut_by_parsing(upgraded)
+    assert upgraded.get(ROUTE, "acme", "gpt").updated_by == "alice"
+
+
+def test_rollouts_and_subscriber_reports_survive_reopening(tmp_path, clock):
+    path = tmp_path / "control.sqlite3"
+    first = ControlStore(path, clock=clock)
+    rollout = pb.Rollout(rollout_id="r1", revision=2, base_revision=1, canary_subscribers=["h1"],
+                         state=pb.ROLLOUT_STATE_CANARY)
+    rollout.started_at.seconds = 100
+    status = pb.SubscriberStatus(subscriber_id="h1", applied_revision=1, last_outcome=pb.APPLY_OUTCOME_NACK,
+                                 nack_reason=pb.NACK_REASON_MISSING_CONTRACT, error="needs execution 1.2")
+    with pytest.raises(RuntimeError):
+        with first.transaction():
+            first.save_rollout(rollout)
+            first.save_subscriber(status)
+            raise RuntimeError("crash before commit")
+    assert first.rollouts() == [] and first.subscribers() == [], "a failed transaction leaves nothing"
+    with first.transaction():
+        first.save_rollout(rollout)
+        first.save_subscriber(status)
+    first.close()
+    reopened = ControlStore(path, clock=clock, read_only=True)
+    assert reopened.rollouts() == [rollout] and reopened.subscribers() == [status]
+    with pytest.raises(errors.FailedPrecondition, match="read-only"):
+        reopened.save_rollout(rollout)
