@@ -465,9 +465,12 @@ def test_a_subscriber_is_watching_until_its_last_stream_ends(run, tmp_path):
         admin = client(ControlPlane, ("admin",))
         await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
         old, new = client(ControlPlane, ("worker",)), client(ControlPlane, ("worker",))
-        await asyncio.wait_for(old.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+        # Held open: a stream whose reader lets go is cancelled.
+        old_stream = old.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h"))
+        await asyncio.wait_for(old_stream.__anext__(), 5)
         # A reconnect: the new stream opens before the old connection is gone.
-        await asyncio.wait_for(new.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h")).__anext__(), 5)
+        new_stream = new.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="h"))
+        await asyncio.wait_for(new_stream.__anext__(), 5)
 
         async def watching():
             return (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)).subscribers[0].watching
@@ -483,6 +486,7 @@ def test_a_subscriber_is_watching_until_its_last_stream_ends(run, tmp_path):
         await asyncio.sleep(0.3)
         after_old = await watching()
         await new.close()
+        del old_stream, new_stream
         return after_old, await settled(False)
 
     assert _serve(run, tmp_path, scenario) == (True, False)
