@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
@@ -33,6 +34,7 @@ from . import leaf as leaves
 from .store import SqliteEvidenceStore, StoredEvent, StoredValue
 
 chain = load("chain")
+eventbatch = load("eventbatch")
 
 ZERO_HEAD = bytes(32)
 CHECKPOINT_CONTEXT = b"planes.evidence.v1.Checkpoint\x00"
@@ -120,15 +122,60 @@ class EvidenceLog:
         The whole batch is checked before anything is stored: one bad event
         refuses the batch, and nothing of it is kept.
         """
+        if len(events) > self.limits.events_per_batch:
+            raise LimitExceeded("events_per_batch", self.limits.events_per_batch, len(events))
+        return self._append(tenant, pb.AppendEventsRequest(events=events).SerializeToString(), appender, events)
+
+    def append_encoded(self, tenant: str, data: bytes, appender: Identity) -> AppendResult:
+        """:meth:`append` of a serialized ``AppendEventsRequest`` (or ``AppendEventStreamRequest``).
+
+        The bytes go straight to the native batch encoder; only the events
+        are read from them (the request's own tenant field is the caller's
+        business, as it is for :meth:`append`).
+        """
+        return self._append(tenant, data, appender, None)
+
+    def _append(self, tenant: str, data: bytes, appender: Identity, events: list[pb.Event] | None) -> AppendResult:
         limits = self.limits
-        if len(events) > limits.events_per_batch:
-            raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+        try:
+            batch = eventbatch.encode_events(
+                data, tenant, appender.principal, self.size + 1, int(self.clock() * 1e9),
+                max_events=limits.events_per_batch, max_fields=limits.fields_per_event,
+                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars)
+        except eventbatch.BatchLimitError as exc:
+            if exc.limit_name == "events_per_batch":
+                raise LimitExceeded(exc.limit_name, exc.limit, exc.actual) from None
+            batch = None
+        except (eventbatch.BatchRuleError, eventbatch.BatchFormatError, eventbatch.NotCanonical):
+            batch = None
+        if batch is not None:
+            ids = batch.event_ids()
+            if not ids:
+                return AppendResult([], 0, 0, self.head)
+            if len(set(ids)) == len(ids) and not self.store.known_event_ids(ids):
+                self._commit_batch(batch)
+                self._maybe_checkpoint()
+                return AppendResult([row[0] for row in batch.rows], len(ids), 0, self.head)
+        # The rare path, and the authority on every refusal: replays and
+        # duplicates, bad events, and encodings the native path leaves to
+        # protobuf all go through the message-by-message append.
+        if events is None:
+            try:
+                events = list(pb.AppendEventsRequest.FromString(data).events)
+            except DecodeError:
+                raise InvalidArgument("the append request is not a well-formed protobuf message") from None
+            if len(events) > limits.events_per_batch:
+                raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+        return self._append_messages(tenant, events, appender)
+
+    def _append_messages(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
+        limits = self.limits
         known = self.store.known_event_ids(e.event_id for e in events)
         sequences: list[int] = []
         seen: dict[str, int] = {}
         blobs: list[bytes] = []
         rows: list[tuple] = []
-        values: list[StoredValue] = []
+        values: list[tuple] = []
         now_ns = int(self.clock() * 1e9)
         salts = _SaltPool(sum(len(e.fields) for e in events))
         for index, event in enumerate(events):
@@ -147,7 +194,12 @@ class EvidenceLog:
         duplicates = len(events) - len(blobs)
         if not blobs:
             return AppendResult(sequences, 0, duplicates, self.head)
-        self._commit(blobs, rows, values)
+        offsets = array("Q", [0])
+        total = 0
+        for blob in blobs:
+            total += len(blob)
+            offsets.append(total)
+        self._commit_batch(eventbatch.EncodedBatch(b"".join(blobs), offsets, rows, values))
         self._maybe_checkpoint()
         return AppendResult(sequences, len(blobs), duplicates, self.head)
 
@@ -176,10 +228,13 @@ class EvidenceLog:
                                 message=f"event {index}: {len(event.fields)} fields > {self.limits.fields_per_event}")
 
     def _encode(self, index: int, sequence: int, event: pb.Event, tenant: str, appender: Identity, now_ns: int,
-                salts: _SaltPool, values: list[StoredValue]) -> tuple[bytes, tuple]:
+                salts: _SaltPool, values: list[tuple]) -> tuple[bytes, tuple]:
         """Check one event, commit its fields and encode its leaf (one pass)."""
         self._check(index, event, tenant)
         limits = self.limits
+        time_ns = _ns(event.time) if event.HasField("time") else now_ns
+        if not -2**63 <= time_ns < 2**63:
+            raise InvalidArgument(f"event {index}: time is out of range")
         parts = []
         names = set()
         for field in event.fields:
@@ -189,6 +244,9 @@ class EvidenceLog:
             if name in names:
                 raise InvalidArgument(f"event {index}: field {name!r} appears twice")
             names.add(name)
+            if not 0 <= field.classification <= 255:
+                raise InvalidArgument(f"event {index}: field {name!r}: classification {field.classification} "
+                                      "is out of range")
             which = field.WhichOneof("value")
             if which is None:  # withheld at the source: only a commitment travels
                 committed = field.commitment.value
@@ -212,9 +270,8 @@ class EvidenceLog:
                 raise InvalidArgument(f"event {index}: field {name!r}: the commitment sent does not match its "
                                       "value and salt")
             parts.append(leaves.encode_field(name, field.classification, kind, digest))
-            values.append(StoredValue(sequence, name, salt, value))
+            values.append((sequence, name, salt, value))
         correlation = event.correlation
-        time_ns = _ns(event.time) if event.HasField("time") else now_ns
         header = leaves.encode_header(
             sequence, event.event_id, tenant, correlation.correlation_id, correlation.request_id,
             correlation.trace_id, correlation.span_id, correlation.actor or appender.principal, time_ns,
@@ -222,20 +279,17 @@ class EvidenceLog:
         return header + b"".join(parts), (sequence, event.event_id, tenant, correlation.correlation_id,
                                           event.event_type, time_ns)
 
-    def _commit(self, blobs: list[bytes], rows: list[tuple], values: list[StoredValue]) -> None:
-        offsets = array("Q", [0])
-        total = 0
-        for blob in blobs:
-            total += len(blob)
-            offsets.append(total)
-        hashes, heads = chain.hash_and_chain(self.head, b"".join(blobs), offsets)
-        stored = [StoredEvent(*row, blob, hashes[at:at + 32], heads[at:at + 32])
-                  for row, blob, at in zip(rows, blobs, range(0, len(hashes), 32))]
+    def _commit_batch(self, batch) -> None:
+        """Hash, chain and store an encoded batch (rows and values already carry their sequences)."""
+        leaves_data, offsets = batch.leaves, batch.offsets
+        hashes, heads = chain.hash_and_chain(self.head, leaves_data, offsets)
+        stored = [(*row, leaves_data[offsets[i]:offsets[i + 1]], hashes[i * 32:i * 32 + 32],
+                   heads[i * 32:i * 32 + 32]) for i, row in enumerate(batch.rows)]
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
         frontier.append(hashes)
-        self.store.append(stored, values, {"frontier": frontier.to_bytes()})
+        self.store.append(stored, batch.values, {"frontier": frontier.to_bytes()})
         self.frontier = frontier
-        self.size += len(blobs)
+        self.size += len(stored)
         self.head = heads[-32:]
 
     # -- checkpoints --------------------------------------------------------

@@ -77,7 +77,7 @@ class EvidenceStore(Protocol):
     """What the log needs from storage."""
 
     def head(self) -> tuple[int, bytes | None]: ...
-    def append(self, events: list[StoredEvent], values: list[StoredValue], meta: dict[str, bytes]) -> None: ...
+    def append(self, events: list[tuple], values: list[tuple], meta: dict[str, bytes]) -> None: ...
     def known_event_ids(self, event_ids: Iterable[str]) -> dict[str, int]: ...
 
 
@@ -111,17 +111,14 @@ class SqliteEvidenceStore:
 
     # -- writes (one thread) ----------------------------------------------
 
-    def append(self, events: list[StoredEvent], values: list[StoredValue], meta: dict[str, bytes]) -> None:
+    def append(self, events: list[tuple], values: list[tuple], meta: dict[str, bytes]) -> None:
+        """Store a batch in one transaction. ``events`` are rows in the order of :class:`StoredEvent`'s
+        fields, ``values`` in the order of :class:`StoredValue`'s."""
         connection = self._write
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(e.sequence, e.event_id, e.tenant, e.correlation_id, e.event_type, e.time_ns, e.leaf,
-                  e.leaf_hash, e.chain_head) for e in events],
-            )
-            connection.executemany("INSERT INTO field_values VALUES (?, ?, ?, ?)",
-                                   [(v.sequence, v.name, v.salt, v.value) for v in values])
+            connection.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", events)
+            connection.executemany("INSERT INTO field_values VALUES (?, ?, ?, ?)", values)
             connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
             connection.execute("COMMIT")
         except BaseException:

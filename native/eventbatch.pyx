@@ -1,0 +1,632 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Evidence batches from wire bytes to leaves, on OpenSSL's SHA-256.
+
+The compiled twin of ``eventbatch_py.py``: same API, results and errors (its
+docstring states the input, the output and the rules). What this module adds:
+one pass over the request bytes with C pointers. Each event is parsed into
+slices of the input (no intermediate objects), checked, its field
+commitments hashed and its leaf written straight into one output buffer;
+Python objects are made only for what the store keeps (the index columns and
+the raw values).
+
+Every C helper returns ``OK`` or ``FAIL`` and nothing else: on ``FAIL`` the
+batch is handed to the twin, whose parser raises the exact exception (the
+one place where failures become exceptions, so messages are the twin's).
+Failure is the rare path; the twin not raising there is a bug and says so.
+"""
+
+cimport cython
+from cpython cimport array
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+
+import array as _array
+
+from planes.native import eventbatch_py as _twin
+
+cdef extern from *:
+    """
+    #define OPENSSL_SUPPRESS_DEPRECATED 1
+    #include <openssl/sha.h>
+    #include <openssl/rand.h>
+
+    static int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) {
+        int64_t scaled;
+        if (__builtin_mul_overflow(seconds, (int64_t)1000000000, &scaled)) return -1;
+        if (__builtin_add_overflow(scaled, (int64_t)nanos, out)) return -1;
+        return 0;
+    }
+
+    /* Well-formed UTF-8 as Python's decoder sees it: no overlongs, no surrogates, <= U+10FFFF. */
+    static int pe_utf8_valid(const unsigned char *s, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        while (i < n) {
+            unsigned char c = s[i];
+            if (c < 0x80) { i++; continue; }
+            if (c >= 0xC2 && c <= 0xDF) {
+                if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return 0;
+                i += 2; continue;
+            }
+            if (c >= 0xE0 && c <= 0xEF) {
+                if (i + 2 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return 0;
+                if (c == 0xE0 && s[i + 1] < 0xA0) return 0;
+                if (c == 0xED && s[i + 1] > 0x9F) return 0;
+                i += 3; continue;
+            }
+            if (c >= 0xF0 && c <= 0xF4) {
+                if (i + 3 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80
+                    || (s[i + 3] & 0xC0) != 0x80) return 0;
+                if (c == 0xF0 && s[i + 1] < 0x90) return 0;
+                if (c == 0xF4 && s[i + 1] > 0x8F) return 0;
+                i += 4; continue;
+            }
+            return 0;
+        }
+        return 1;
+    }
+    """
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX *c) nogil
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t length) nogil
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
+    int RAND_bytes(unsigned char *buf, int num) nogil
+    int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) noexcept nogil
+    int pe_utf8_valid(const uint8_t *s, Py_ssize_t n) noexcept nogil
+
+__all__ = _twin.__all__
+
+BatchFormatError = _twin.BatchFormatError
+BatchLimitError = _twin.BatchLimitError
+BatchRuleError = _twin.BatchRuleError
+NotCanonical = _twin.NotCanonical
+EncodedBatch = _twin.EncodedBatch
+MAGIC = _twin.MAGIC
+SALT_BYTES = _twin.SALT_BYTES
+KIND_STRING = _twin.KIND_STRING
+KIND_BYTES = _twin.KIND_BYTES
+
+cdef enum:
+    OK = 0
+    FAIL = -1
+    H = 32
+    SALT = 16
+    SALT_POOL = 16 * 256
+    VARINT = 0
+    FIXED64 = 1
+    LENGTH = 2
+    FIXED32 = 5
+
+cdef array.array _OFFSETS_TEMPLATE = _array.array("Q")
+
+
+cdef struct Span:
+    const uint8_t *p
+    Py_ssize_t n
+
+
+cdef struct Field:
+    Span name
+    int kind                # 0: no value (withheld), 1 string, 2 bytes
+    Span value
+    int64_t classification
+    Span commitment
+    bint has_commitment
+    Span salt
+
+
+cdef struct Event:
+    Span event_id
+    Span correlation[6]     # correlation_id, request_id, trace_id, span_id, tenant, actor
+    uint64_t sequence
+    bint has_time
+    int64_t seconds
+    int32_t nanos
+    Span event_type
+    uint64_t revision
+    Span digest
+    Span corrects
+    bint seen_correlation, seen_config
+    Py_ssize_t nfields
+
+
+cdef struct Reader:
+    const uint8_t *p
+    const uint8_t *end
+
+
+cdef inline int read_varint(Reader *r, uint64_t *out) noexcept nogil:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef uint8_t byte
+    while True:
+        if r.p >= r.end:
+            return FAIL
+        byte = r.p[0]
+        r.p += 1
+        if shift == 63 and byte > 1:
+            return FAIL
+        result |= (<uint64_t>(byte & 0x7F)) << shift
+        if byte < 0x80:
+            out[0] = result
+            return OK
+        shift += 7
+        if shift > 63:
+            return FAIL
+
+
+cdef inline int next_field(Reader *r, uint32_t *number, int *wire, uint64_t *value, Span *span) noexcept nogil:
+    """One field of a message: OK, FAIL on malformed or non-canonical bytes (groups)."""
+    cdef uint64_t key, length
+    if read_varint(r, &key) != OK:
+        return FAIL
+    if (key >> 3) == 0 or (key >> 3) > 0x1FFFFFFF:
+        return FAIL
+    number[0] = <uint32_t>(key >> 3)
+    wire[0] = <int>(key & 7)
+    if wire[0] == VARINT:
+        return read_varint(r, value)
+    if wire[0] == LENGTH:
+        if read_varint(r, &length) != OK or length > <uint64_t>(r.end - r.p):
+            return FAIL
+        span.p = r.p
+        span.n = <Py_ssize_t>length
+        r.p += length
+        return OK
+    if wire[0] == FIXED64 or wire[0] == FIXED32:
+        length = 8 if wire[0] == FIXED64 else 4
+        if length > <uint64_t>(r.end - r.p):
+            return FAIL
+        r.p += length
+        return OK
+    return FAIL
+
+
+cdef inline int text(Span span) noexcept nogil:
+    return OK if pe_utf8_valid(span.p, span.n) else FAIL
+
+
+cdef inline Py_ssize_t chars(Span span) noexcept nogil:
+    cdef Py_ssize_t i, count = 0
+    for i in range(span.n):
+        if (span.p[i] & 0xC0) != 0x80:
+            count += 1
+    return count
+
+
+cdef inline bint same(Span a, Span b) noexcept nogil:
+    return a.n == b.n and (a.n == 0 or memcmp(a.p, b.p, a.n) == 0)
+
+
+cdef int parse_digest(Span data, Span *value) noexcept nogil:
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if number == 1 and wire != VARINT or number == 2 and wire != LENGTH:
+            return FAIL
+        if number == 2:
+            value[0] = span
+    return OK
+
+
+cdef int parse_field(Span data, Field *field, uint64_t max_value_bytes) noexcept nogil:
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    field.name.n = field.value.n = field.commitment.n = field.salt.n = 0
+    field.kind = 0
+    field.classification = 0
+    field.has_commitment = False
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if 1 <= number <= 7:
+            if (number == 4 or number == 7) != (wire == VARINT) or (number != 4 and number != 7 and wire != LENGTH):
+                return FAIL
+        if number == 1:
+            if text(span) != OK:
+                return FAIL
+            field.name = span
+        elif number == 2 or number == 3:
+            if <uint64_t>span.n > max_value_bytes or (number == 2 and text(span) != OK):
+                return FAIL
+            field.kind = 1 if number == 2 else 2
+            field.value = span
+        elif number == 4:
+            field.classification = <int32_t>(<uint32_t>scalar)
+        elif number == 5:
+            if field.has_commitment or parse_digest(span, &field.commitment) != OK:
+                return FAIL
+            field.has_commitment = True
+        elif number == 6:
+            field.salt = span
+    return OK
+
+
+cdef int parse_event(Span data, Event *event, Field **fields, Py_ssize_t *capacity, Py_ssize_t max_fields,
+                     uint64_t max_value_bytes) noexcept nogil:
+    cdef Reader r, inner
+    cdef uint32_t number, inner_number
+    cdef int wire, inner_wire, i
+    cdef uint64_t scalar, inner_scalar
+    cdef Span span, inner_span
+    cdef Field *grown
+    cdef bint seen_time = False
+    event.event_id.n = event.event_type.n = event.digest.n = event.corrects.n = 0
+    for i in range(6):
+        event.correlation[i].n = 0
+    event.sequence = event.revision = 0
+    event.has_time = False
+    event.seconds = 0
+    event.nanos = 0
+    event.nfields = 0
+    event.seen_correlation = event.seen_config = False
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if number == 3:
+            if wire != VARINT:
+                return FAIL
+            event.sequence = scalar
+            continue
+        if number < 1 or number > 8:
+            continue
+        if wire != LENGTH:
+            return FAIL
+        if number == 1:
+            if text(span) != OK:
+                return FAIL
+            event.event_id = span
+        elif number == 5:
+            if text(span) != OK:
+                return FAIL
+            event.event_type = span
+        elif number == 8:
+            if text(span) != OK:
+                return FAIL
+            event.corrects = span
+        elif number == 2:
+            if event.seen_correlation:
+                return FAIL
+            event.seen_correlation = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if 1 <= inner_number <= 6:
+                    if inner_wire != LENGTH or text(inner_span) != OK:
+                        return FAIL
+                    event.correlation[inner_number - 1] = inner_span
+        elif number == 4:
+            if event.has_time:
+                return FAIL
+            event.has_time = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if inner_number == 1 or inner_number == 2:
+                    if inner_wire != VARINT:
+                        return FAIL
+                    if inner_number == 1:
+                        event.seconds = <int64_t>inner_scalar
+                    else:
+                        event.nanos = <int32_t>(<uint32_t>inner_scalar)
+        elif number == 6:
+            if event.seen_config:
+                return FAIL
+            event.seen_config = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if inner_number == 1:
+                    if inner_wire != VARINT:
+                        return FAIL
+                    event.revision = inner_scalar
+                elif inner_number == 2:
+                    if inner_wire != LENGTH:
+                        return FAIL
+                    event.digest = inner_span
+        else:  # 7: a field
+            if event.nfields >= max_fields:
+                return FAIL
+            if event.nfields == capacity[0]:
+                grown = <Field *>realloc(fields[0], (capacity[0] * 2 + 8) * sizeof(Field))
+                if grown == NULL:
+                    return FAIL
+                fields[0] = grown
+                capacity[0] = capacity[0] * 2 + 8
+            if parse_field(span, &fields[0][event.nfields], max_value_bytes) != OK:
+                return FAIL
+            event.nfields += 1
+    return OK
+
+
+cdef bint valid_event_type(Span t, Py_ssize_t max_chars) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    cdef bint after_dot = False
+    if t.n == 0 or t.n > max_chars or not (b'a' <= t.p[0] <= b'z'):
+        return False
+    for i in range(1, t.n):
+        c = t.p[i]
+        if c == b'.':
+            if after_dot:
+                return False
+            after_dot = True
+        elif b'a' <= c <= b'z' or b'0' <= c <= b'9' or c == b'_':
+            after_dot = False
+        else:
+            return False
+    return not after_dot
+
+
+cdef struct Out:
+    uint8_t *data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef int out_reserve(Out *out, Py_ssize_t extra) noexcept nogil:
+    cdef Py_ssize_t wanted = out.size + extra, capacity = out.capacity
+    cdef uint8_t *grown
+    if wanted <= capacity:
+        return OK
+    while capacity < wanted:
+        capacity = capacity * 2 + 4096
+    grown = <uint8_t *>realloc(out.data, capacity)
+    if grown == NULL:
+        return FAIL
+    out.data = grown
+    out.capacity = capacity
+    return OK
+
+
+cdef inline void put_u32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = v >> 16
+    p[2] = v >> 8
+    p[3] = v
+
+
+cdef inline void put_u64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (56 - 8 * i))
+
+
+cdef inline uint8_t *put_str(uint8_t *p, Span s) noexcept nogil:
+    put_u32(p, <uint32_t>s.n)
+    if s.n:
+        memcpy(p + 4, s.p, s.n)
+    return p + 4 + s.n
+
+
+cdef class _SaltPool:
+    cdef uint8_t pool[SALT_POOL]
+    cdef int at
+    cdef object source
+
+    def __cinit__(self, source):
+        self.at = SALT_POOL
+        self.source = source
+
+    cdef const uint8_t *take(self) except NULL:
+        cdef const uint8_t[::1] drawn
+        if self.at >= SALT_POOL:
+            if self.source is None:
+                if RAND_bytes(self.pool, SALT_POOL) != 1:
+                    raise RuntimeError("OpenSSL could not draw random salts")
+            else:
+                drawn = bytes(self.source(SALT_POOL))
+                if drawn.shape[0] != SALT_POOL:
+                    raise ValueError("the salt source returned the wrong number of bytes")
+                memcpy(self.pool, &drawn[0], SALT_POOL)
+            self.at = 0
+        self.at += SALT
+        return &self.pool[self.at - SALT]
+
+
+cdef object _fail(args):
+    """The one place a failure becomes an exception: the twin raises it."""
+    _twin.encode_events(*args[0], **args[1])
+    raise AssertionError("eventbatch: the compiled module refused a batch its twin accepts")
+
+
+def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, max_fields, max_value_bytes,
+                  max_id_chars, salts=None):
+    """Validate, commit and encode the events of a serialized append request (see the twin)."""
+    call = ((data, tenant, actor, first_sequence, now_ns),
+            dict(max_events=max_events, max_fields=max_fields, max_value_bytes=max_value_bytes,
+                 max_id_chars=max_id_chars, salts=salts))
+    cdef const uint8_t[::1] buffer
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes == 0:
+        return _twin.encode_events(*call[0], **call[1])
+    buffer = view
+    if first_sequence < 1:
+        raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+    cdef uint64_t first = first_sequence
+    cdef int64_t now = now_ns
+    limits = [int(max_events), int(max_fields), int(max_value_bytes), int(max_id_chars)]
+    for label, given in zip(("max_events", "max_fields", "max_value_bytes", "max_id_chars"), limits):
+        if given < 0:
+            raise ValueError(f"{label} must not be negative, got {given}")
+    cdef Py_ssize_t event_limit = min(limits[0], 1 << 40), field_limit = min(limits[1], 1 << 40)
+    cdef uint64_t value_limit = min(limits[2], 1 << 62)
+    cdef Py_ssize_t id_limit = min(limits[3], 1 << 40)
+    tenant_bytes = tenant.encode()
+    actor_bytes = actor.encode()
+    cdef Span tenant_span, actor_span
+    tenant_span.p = <const uint8_t *>PyBytes_AS_STRING(tenant_bytes)
+    tenant_span.n = len(tenant_bytes)
+    actor_span.p = <const uint8_t *>PyBytes_AS_STRING(actor_bytes)
+    actor_span.n = len(actor_bytes)
+
+    # Pass 1: the top level; count the events (the limit is checked before any work).
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    cdef Py_ssize_t count = 0
+    r.p, r.end = &buffer[0], &buffer[0] + buffer.shape[0]
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return _fail(call)
+        if (number == 1 or number == 2) and wire != LENGTH:
+            return _fail(call)
+        if number == 2:
+            count += 1
+    if count > event_limit:
+        return _fail(call)
+
+    cdef Span *spans = <Span *>malloc((count + 1) * sizeof(Span))
+    cdef Py_ssize_t capacity = 8
+    cdef Field *fields = <Field *>malloc(capacity * sizeof(Field))
+    cdef Out out
+    out.data = NULL
+    out.size = out.capacity = 0
+    if spans == NULL or fields == NULL:
+        free(spans)
+        free(fields)
+        raise MemoryError()
+    cdef Event event
+    cdef Py_ssize_t index = 0, i, j, leaf_size
+    cdef array.array offsets = array.clone(_OFFSETS_TEMPLATE, count + 1, zero=False)
+    cdef unsigned long long *offset = offsets.data.as_ulonglongs
+    cdef _SaltPool pool = _SaltPool(salts)
+    cdef Field *field
+    cdef Span actor_used, salt
+    cdef const uint8_t *drawn
+    cdef uint8_t *p
+    cdef uint8_t digest[H]
+    cdef uint8_t head[5]
+    cdef SHA256_CTX ctx
+    cdef int64_t time_ns
+    cdef uint64_t sequence
+    cdef list rows = []
+    cdef list values = []
+    cdef str tenant_text = tenant
+    try:
+        r.p = &buffer[0]
+        while r.p < r.end:
+            next_field(&r, &number, &wire, &scalar, &span)
+            if number == 2:
+                spans[index] = span
+                index += 1
+        offset[0] = 0
+        for index in range(count):
+            if parse_event(spans[index], &event, &fields, &capacity, field_limit, value_limit) != OK:
+                return _fail(call)
+            # The log's rules, in the log's order.
+            if not valid_event_type(event.event_type, id_limit):
+                return _fail(call)
+            if event.event_id.n == 0 or chars(event.event_id) > id_limit or event.sequence:
+                return _fail(call)
+            if event.correlation[4].n and not same(event.correlation[4], tenant_span):
+                return _fail(call)
+            time_ns = now
+            if event.has_time and pe_time_ns(event.seconds, event.nanos, &time_ns) != 0:
+                return _fail(call)
+            actor_used = event.correlation[5] if event.correlation[5].n else actor_span
+            sequence = first + index
+            leaf_size = (4 + 8 + 4 + event.event_id.n + 4 + tenant_span.n + 4 + event.correlation[0].n
+                         + 4 + event.correlation[1].n + 4 + event.correlation[2].n + 4 + event.correlation[3].n
+                         + 4 + actor_used.n + 8 + 4 + event.event_type.n + 8 + 4 + event.digest.n
+                         + 4 + event.corrects.n + 4)
+            for i in range(event.nfields):
+                field = &fields[i]
+                if field.name.n == 0 or chars(field.name) > id_limit:
+                    return _fail(call)
+                for j in range(i):
+                    if same(fields[j].name, field.name):
+                        return _fail(call)
+                if not 0 <= field.classification <= 255:
+                    return _fail(call)
+                if field.kind == 0 and field.commitment.n != H:
+                    return _fail(call)
+                leaf_size += 4 + field.name.n + 2 + H
+            if out_reserve(&out, leaf_size) != OK:
+                raise MemoryError()
+            p = out.data + out.size
+            memcpy(p, b"PEL1", 4)
+            put_u64(p + 4, sequence)
+            p = put_str(p + 12, event.event_id)
+            p = put_str(p, tenant_span)
+            for j in range(4):
+                p = put_str(p, event.correlation[j])
+            p = put_str(p, actor_used)
+            put_u64(p, <uint64_t>time_ns)
+            p = put_str(p + 8, event.event_type)
+            put_u64(p, event.revision)
+            p = put_str(p + 8, event.digest)
+            p = put_str(p, event.corrects)
+            put_u32(p, <uint32_t>event.nfields)
+            p += 4
+            for i in range(event.nfields):
+                field = &fields[i]
+                p = put_str(p, field.name)
+                p[0] = <uint8_t>field.classification
+                if field.kind == 0:
+                    p[1] = 2
+                    memcpy(p + 2, field.commitment.p, H)
+                    p += 2 + H
+                    continue
+                p[1] = <uint8_t>field.kind
+                if field.salt.n:
+                    salt = field.salt
+                else:
+                    drawn = pool.take()
+                    salt.p, salt.n = drawn, SALT
+                head[0] = 2
+                SHA256_Init(&ctx)
+                SHA256_Update(&ctx, head, 1)
+                SHA256_Update(&ctx, salt.p, salt.n)
+                put_u32(head, <uint32_t>field.name.n)
+                head[4] = <uint8_t>field.kind
+                SHA256_Update(&ctx, head, 4)
+                SHA256_Update(&ctx, field.name.p, field.name.n)
+                SHA256_Update(&ctx, &head[4], 1)
+                SHA256_Update(&ctx, field.value.p, field.value.n)
+                SHA256_Final(digest, &ctx)
+                if field.commitment.n and (field.commitment.n != H or memcmp(field.commitment.p, digest, H) != 0):
+                    return _fail(call)
+                memcpy(p + 2, digest, H)
+                p += 2 + H
+                values.append((sequence, PyUnicode_DecodeUTF8(<const char *>field.name.p, field.name.n, NULL),
+                               PyBytes_FromStringAndSize(<const char *>salt.p, salt.n),
+                               PyBytes_FromStringAndSize(<const char *>field.value.p, field.value.n)))
+            out.size += leaf_size
+            offset[index + 1] = out.size
+            rows.append((sequence,
+                         PyUnicode_DecodeUTF8(<const char *>event.event_id.p, event.event_id.n, NULL),
+                         tenant_text,
+                         PyUnicode_DecodeUTF8(<const char *>event.correlation[0].p, event.correlation[0].n, NULL),
+                         PyUnicode_DecodeUTF8(<const char *>event.event_type.p, event.event_type.n, NULL),
+                         time_ns))
+        leaves = PyBytes_FromStringAndSize(<const char *>out.data, out.size)
+    finally:
+        free(spans)
+        free(fields)
+        free(out.data)
+    return EncodedBatch(leaves, offsets, rows, values)
