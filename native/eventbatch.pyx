@@ -6,8 +6,8 @@ docstring states the input, the output and the rules). What this module adds:
 one pass over the request bytes with C pointers. Each event is parsed into
 slices of the input (no intermediate objects), checked, its field
 commitments hashed and its leaf written straight into one output buffer;
-Python objects are made only for what the store keeps (the index columns and
-the raw values).
+the raw values go into a second buffer and the event-id hashes into a
+third; Python objects are made only for the correlation runs.
 
 Every C helper returns ``OK`` or ``FAIL`` and nothing else: on ``FAIL`` the
 batch is handed to the twin, whose parser raises the exact exception (the
@@ -84,6 +84,10 @@ BatchLimitError = _twin.BatchLimitError
 BatchRuleError = _twin.BatchRuleError
 NotCanonical = _twin.NotCanonical
 EncodedBatch = _twin.EncodedBatch
+ValuesFormatError = _twin.ValuesFormatError
+decode_values = _twin.decode_values
+pack_values = _twin.pack_values
+id_hash = _twin.id_hash
 MAGIC = _twin.MAGIC
 SALT_BYTES = _twin.SALT_BYTES
 KIND_STRING = _twin.KIND_STRING
@@ -409,6 +413,20 @@ cdef inline void put_u64(uint8_t *p, uint64_t v) noexcept nogil:
         p[i] = <uint8_t>(v >> (56 - 8 * i))
 
 
+cdef inline uint64_t fnv1a(Span s) noexcept nogil:
+    cdef uint64_t value = 0xCBF29CE484222325ULL
+    cdef Py_ssize_t i
+    for i in range(s.n):
+        value = (value ^ s.p[i]) * 0x100000001B3ULL
+    return value
+
+
+cdef inline void put_u64_le(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (8 * i))
+
+
 cdef inline uint8_t *put_str(uint8_t *p, Span s) noexcept nogil:
     put_u32(p, <uint32_t>s.n)
     if s.n:
@@ -503,9 +521,9 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     cdef Span *spans = <Span *>malloc((count + 1) * sizeof(Span))
     cdef Py_ssize_t capacity = 8
     cdef Field *fields = <Field *>malloc(capacity * sizeof(Field))
-    cdef Out out
-    out.data = NULL
-    out.size = out.capacity = 0
+    cdef Out out, vals
+    out.data = vals.data = NULL
+    out.size = out.capacity = vals.size = vals.capacity = 0
     if spans == NULL or fields == NULL:
         free(spans)
         free(fields)
@@ -519,14 +537,18 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     cdef Span actor_used, salt
     cdef const uint8_t *drawn
     cdef uint8_t *p
+    cdef uint8_t *v
     cdef uint8_t digest[H]
     cdef uint8_t head[5]
     cdef SHA256_CTX ctx
     cdef int64_t time_ns
     cdef uint64_t sequence
-    cdef list rows = []
-    cdef list values = []
-    cdef str tenant_text = tenant
+    cdef list runs = []
+    cdef list run = None
+    cdef Span run_correlation
+    cdef int64_t min_time = 0, max_time = 0
+    hashes = PyBytes_FromStringAndSize(NULL, count * 8)
+    cdef uint8_t *hash_out = <uint8_t *>PyBytes_AS_STRING(hashes)
     try:
         r.p = &buffer[0]
         while r.p < r.end:
@@ -613,20 +635,33 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
                     return _fail(call)
                 memcpy(p + 2, digest, H)
                 p += 2 + H
-                values.append((sequence, PyUnicode_DecodeUTF8(<const char *>field.name.p, field.name.n, NULL),
-                               PyBytes_FromStringAndSize(<const char *>salt.p, salt.n),
-                               PyBytes_FromStringAndSize(<const char *>field.value.p, field.value.n)))
+                if out_reserve(&vals, 8 + 12 + field.name.n + salt.n + field.value.n) != OK:
+                    raise MemoryError()
+                v = vals.data + vals.size
+                put_u64(v, sequence)
+                v = put_str(v + 8, field.name)
+                v = put_str(v, salt)
+                v = put_str(v, field.value)
+                vals.size = v - vals.data
             out.size += leaf_size
             offset[index + 1] = out.size
-            rows.append((sequence,
-                         PyUnicode_DecodeUTF8(<const char *>event.event_id.p, event.event_id.n, NULL),
-                         tenant_text,
-                         PyUnicode_DecodeUTF8(<const char *>event.correlation[0].p, event.correlation[0].n, NULL),
-                         PyUnicode_DecodeUTF8(<const char *>event.event_type.p, event.event_type.n, NULL),
-                         time_ns))
+            put_u64_le(hash_out + 8 * index, fnv1a(event.event_id))
+            if index == 0 or time_ns < min_time:
+                min_time = time_ns
+            if index == 0 or time_ns > max_time:
+                max_time = time_ns
+            if run is not None and same(run_correlation, event.correlation[0]):
+                run[2] = sequence
+            else:
+                run_correlation = event.correlation[0]
+                run = [PyUnicode_DecodeUTF8(<const char *>run_correlation.p, run_correlation.n, NULL),
+                       sequence, sequence]
+                runs.append(run)
         leaves = PyBytes_FromStringAndSize(<const char *>out.data, out.size)
+        values = PyBytes_FromStringAndSize(<const char *>vals.data, vals.size)
     finally:
         free(spans)
         free(fields)
         free(out.data)
-    return EncodedBatch(leaves, offsets, rows, values)
+        free(vals.data)
+    return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time)

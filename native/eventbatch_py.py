@@ -8,8 +8,12 @@ selects it (see :mod:`planes.native`).
 other top-level field is skipped) and, in one pass per event, validates it,
 commits each field value with a salted SHA-256 and writes the event's
 canonical leaf (the format of ``planes.plugins.evidence.leaf``, version 1).
-The caller hashes and chains the leaves (``chain.hash_and_chain``) and stores
-them; nothing here touches storage.
+It also writes what the store keeps beside the leaves: the raw values
+(salt and value per field, one blob, :func:`decode_values` reads it), a
+64-bit FNV-1a hash of each event id (the store's in-memory replay index)
+and the runs of consecutive events sharing a correlation id (its query
+index). The caller hashes and chains the leaves (``chain.hash_and_chain``)
+and stores them; nothing here touches storage.
 
 Errors, so the log can map them without parsing messages:
 
@@ -34,16 +38,21 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
 from array import array
 from hashlib import sha256
 
 __all__ = [
     "BatchFormatError",
+    "ValuesFormatError",
     "BatchLimitError",
     "BatchRuleError",
     "EncodedBatch",
     "NotCanonical",
+    "decode_values",
     "encode_events",
+    "id_hash",
+    "pack_values",
 ]
 
 MAGIC = b"PEL1"
@@ -93,28 +102,94 @@ class NotCanonical(Exception):
     """Valid protobuf the fast path leaves to the protobuf library."""
 
 
+class ValuesFormatError(ValueError):
+    """A raw-values blob does not parse."""
+
+
 class EncodedBatch:
-    """The output of :func:`encode_events`.
+    """The output of :func:`encode_events`: n events with sequences ``first_sequence`` onwards.
 
     ``leaves`` holds the n leaves back to back, ``offsets`` (array of uint64,
-    n + 1) where each starts and ends; ``rows[i]`` is ``(sequence, event_id,
-    tenant, correlation_id, event_type, time_ns)`` and ``values`` the raw
-    values as ``(sequence, name, salt, value)`` in event and field order.
+    n + 1) where each starts and ends. ``values`` is the blob of raw values
+    (:func:`pack_values`), ``id_hashes`` n little-endian uint64
+    (:func:`id_hash` of each event id), ``runs`` a list of
+    ``(correlation_id, first_sequence, last_sequence)`` for each run of
+    consecutive events with the same correlation id, and ``min_time`` /
+    ``max_time`` bound the events' times (0 for an empty batch).
     """
 
-    __slots__ = ("leaves", "offsets", "rows", "values")
+    __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "runs", "min_time", "max_time")
 
-    def __init__(self, leaves: bytes, offsets: array, rows: list, values: list):
+    def __init__(self, first_sequence: int, leaves: bytes, offsets: array, values: bytes, id_hashes: bytes,
+                 runs: list, min_time: int, max_time: int):
+        self.first_sequence = first_sequence
         self.leaves = leaves
         self.offsets = offsets
-        self.rows = rows
         self.values = values
+        self.id_hashes = id_hashes
+        self.runs = runs
+        self.min_time = min_time
+        self.max_time = max_time
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.offsets) - 1
 
-    def event_ids(self) -> list[str]:
-        return [row[1] for row in self.rows]
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = 2**64 - 1
+
+
+def id_hash(event_id: bytes) -> int:
+    """64-bit FNV-1a of the UTF-8 event id: a fast, non-cryptographic replay-index key
+    (a match is always confirmed against the stored leaf)."""
+    value = _FNV_OFFSET
+    for byte in event_id:
+        value = ((value ^ byte) * _FNV_PRIME) & _MASK64
+    return value
+
+
+_VALUE_HEAD = struct.Struct(">QI")
+
+
+def pack_values(values) -> bytes:
+    """The blob of ``(sequence, name, salt, value)`` records: u64 sequence, then name, salt and
+    value each as a u32 length and the bytes (big-endian)."""
+    parts = []
+    for sequence, name, salt, value in values:
+        encoded = name.encode()
+        parts.append(b"".join((_VALUE_HEAD.pack(sequence, len(encoded)), encoded, _U32.pack(len(salt)), salt,
+                               _U32.pack(len(value)), value)))
+    return b"".join(parts)
+
+
+def decode_values(blob) -> list[tuple[int, str, bytes, bytes]]:
+    """The records of a :func:`pack_values` blob; :class:`ValuesFormatError` naming the byte."""
+    data = bytes(blob)
+    at, end, found = 0, len(data), []
+    try:
+        while at < end:
+            start = at
+            if end - at < 12:
+                raise ValuesFormatError(f"values record at byte {start} is truncated")
+            sequence, size = _VALUE_HEAD.unpack_from(data, at)
+            at += 12
+            parts = []
+            for part in range(3):
+                if part:
+                    if end - at < 4:
+                        raise ValuesFormatError(f"values record at byte {start} is truncated")
+                    size = _U32.unpack_from(data, at)[0]
+                    at += 4
+                if size > end - at:
+                    raise ValuesFormatError(f"values record at byte {start} claims {size} bytes, "
+                                            f"{end - at} remain")
+                parts.append(data[at:at + size])
+                at += size
+            found.append((sequence, parts[0].decode(), parts[1], parts[2]))
+    except UnicodeDecodeError:
+        raise ValuesFormatError(f"values record at byte {start} has a name that is not UTF-8") from None
+    return found
 
 
 # -- wire reading ---------------------------------------------------------------
@@ -376,8 +451,7 @@ def _encode(event: _Event, index: int, sequence: int, tenant: bytes, actor: byte
         _I64.pack(time_ns), _str(event_type), _U64.pack(event.revision), _str(event.digest), _str(event.corrects),
         _U32.pack(len(parts)), *parts,
     ))
-    return leaf, (sequence, event.event_id.decode(), tenant.decode(), correlation[0].decode(), event_type.decode(),
-                  time_ns)
+    return leaf, (event.event_id, correlation[0], time_ns)
 
 
 class _Salts:
@@ -439,15 +513,31 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
     pool = _Salts(salts)
     leaves = []
     offsets = array("Q", [0])
-    rows = []
     values: list = []
+    hashes = array("Q")
+    runs: list = []
+    times = []
     total = 0
     for index, (start, end) in enumerate(spans):
         event = _parse_event(data, start, end, index, limits)
-        leaf, row = _encode(event, index, first_sequence + index, tenant_raw, actor_raw, now_ns, max_id_chars,
-                            pool.take, values)
+        sequence = first_sequence + index
+        leaf, (event_id, correlation_id, time_ns) = _encode(event, index, sequence, tenant_raw, actor_raw, now_ns,
+                                                            max_id_chars, pool.take, values)
         leaves.append(leaf)
         total += len(leaf)
         offsets.append(total)
-        rows.append(row)
-    return EncodedBatch(b"".join(leaves), offsets, rows, values)
+        hashes.append(id_hash(event_id))
+        times.append(time_ns)
+        if runs and runs[-1][0] == correlation_id:
+            runs[-1][2] = sequence
+        else:
+            runs.append([correlation_id, sequence, sequence])
+    return EncodedBatch(first_sequence, b"".join(leaves), offsets, pack_values(values), _little(hashes),
+                        [(c.decode(), a, b) for c, a, b in runs], min(times, default=0), max(times, default=0))
+
+
+def _little(values: array) -> bytes:
+    if sys.byteorder != "little":
+        values = array("Q", values)
+        values.byteswap()
+    return values.tobytes()

@@ -28,10 +28,10 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
 from planes.kernel.identity import Identity
 from planes.kernel.tokens import SigningKey
-from planes.native import load
+from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
-from .store import SqliteEvidenceStore, StoredEvent, StoredValue
+from .store import SqliteEvidenceStore, StoredEvent, StoredValue, u64_bytes
 
 chain = load("chain")
 eventbatch = load("eventbatch")
@@ -149,13 +149,14 @@ class EvidenceLog:
         except (eventbatch.BatchRuleError, eventbatch.BatchFormatError, eventbatch.NotCanonical):
             batch = None
         if batch is not None:
-            ids = batch.event_ids()
-            if not ids:
+            count = len(batch)
+            if not count:
                 return AppendResult([], 0, 0, self.head)
-            if len(set(ids)) == len(ids) and not self.store.known_event_ids(ids):
-                self._commit_batch(batch)
+            if self.store.ids_unknown(batch.id_hashes):
+                self._commit_batch(tenant, batch)
                 self._maybe_checkpoint()
-                return AppendResult([row[0] for row in batch.rows], len(ids), 0, self.head)
+                first = batch.first_sequence
+                return AppendResult(list(range(first, first + count)), count, 0, self.head)
         # The rare path, and the authority on every refusal: replays and
         # duplicates, bad events, and encodings the native path leaves to
         # protobuf all go through the message-by-message append.
@@ -176,6 +177,7 @@ class EvidenceLog:
         blobs: list[bytes] = []
         rows: list[tuple] = []
         values: list[tuple] = []
+        new_ids: list[str] = []
         now_ns = int(self.clock() * 1e9)
         salts = _SaltPool(sum(len(e.fields) for e in events))
         for index, event in enumerate(events):
@@ -191,6 +193,7 @@ class EvidenceLog:
             sequences.append(sequence)
             blobs.append(blob)
             rows.append(row)
+            new_ids.append(event_id)
         duplicates = len(events) - len(blobs)
         if not blobs:
             return AppendResult(sequences, 0, duplicates, self.head)
@@ -199,7 +202,17 @@ class EvidenceLog:
         for blob in blobs:
             total += len(blob)
             offsets.append(total)
-        self._commit_batch(eventbatch.EncodedBatch(b"".join(blobs), offsets, rows, values))
+        runs: list[list] = []
+        for row in rows:  # (sequence, event_id, tenant, correlation_id, event_type, time_ns)
+            if runs and runs[-1][0] == row[3]:
+                runs[-1][2] = row[0]
+            else:
+                runs.append([row[3], row[0], row[0]])
+        keys = array("Q", [eventbatch_py.id_hash(event_id.encode()) for event_id in new_ids])
+        times = [row[5] for row in rows]
+        batch = eventbatch_py.EncodedBatch(rows[0][0], b"".join(blobs), offsets, eventbatch_py.pack_values(values),
+                                           u64_bytes(keys), [tuple(run) for run in runs], min(times), max(times))
+        self._commit_batch(tenant, batch, event_ids=new_ids)
         self._maybe_checkpoint()
         return AppendResult(sequences, len(blobs), duplicates, self.head)
 
@@ -279,17 +292,14 @@ class EvidenceLog:
         return header + b"".join(parts), (sequence, event.event_id, tenant, correlation.correlation_id,
                                           event.event_type, time_ns)
 
-    def _commit_batch(self, batch) -> None:
-        """Hash, chain and store an encoded batch (rows and values already carry their sequences)."""
-        leaves_data, offsets = batch.leaves, batch.offsets
-        hashes, heads = chain.hash_and_chain(self.head, leaves_data, offsets)
-        stored = [(*row, leaves_data[offsets[i]:offsets[i + 1]], hashes[i * 32:i * 32 + 32],
-                   heads[i * 32:i * 32 + 32]) for i, row in enumerate(batch.rows)]
+    def _commit_batch(self, tenant: str, batch, *, event_ids: list[str] | None = None) -> None:
+        """Hash, chain and store an encoded batch as one segment; durable when this returns."""
+        hashes, heads = chain.hash_and_chain(self.head, batch.leaves, batch.offsets)
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
         frontier.append(hashes)
-        self.store.append(stored, batch.values, {"frontier": frontier.to_bytes()})
+        self.store.append(tenant, batch, hashes, heads, {"frontier": frontier.to_bytes()}, event_ids=event_ids)
         self.frontier = frontier
-        self.size += len(stored)
+        self.size += len(batch)
         self.head = heads[-32:]
 
     # -- checkpoints --------------------------------------------------------

@@ -70,14 +70,17 @@ def test_leaves_decode_to_the_events_sent_with_checkable_commitments(batch):
     assert second.corrects_event_id == "e-1" and second.event_id == "\u00e9v\u00e9nement"
     assert [f.name for f in first.fields] == ["tool", "payload", "secret"]
     assert first.field("secret").commitment == b"\x07" * 32, "a withheld value keeps the commitment sent"
-    values = {(v[0], v[1]): v for v in result.values}
+    values = {(v[0], v[1]): v for v in batch.decode_values(result.values)}
     assert set(values) == {(10, "tool"), (10, "payload"), (11, "empty")}
     assert values[(10, "payload")][2] == b"client-salt", "a salt sent with the field is used as is"
     for (sequence, name), (_, _, salt, value) in values.items():
         decoded = first if sequence == 10 else second
         committed = decoded.field(name)
         assert leaves.commitment(salt, name, committed.kind, value) == committed.commitment
-    assert result.rows[0] == (10, "e-1", "acme", "c-1", "tool.invoked", 1_700_000_000_000_000_123)
+    assert result.first_sequence == 10 and result.runs == [("c-1", 10, 10), ("", 11, 11)]
+    assert (result.min_time, result.max_time) == (5_000_000_000, 1_700_000_000_000_000_123)
+    assert result.id_hashes == b"".join(batch.id_hash(i.encode()).to_bytes(8, "little")
+                                        for i in ("e-1", "\u00e9v\u00e9nement"))
 
 
 def test_leaf_bytes_equal_the_reference_encoder(batch):
@@ -107,20 +110,23 @@ def test_twin_parity_on_random_batches(batch):
             events.append(event)
         data = request_bytes(events)
         mine, theirs = encode(batch, data), encode(other, data)
-        assert (mine.leaves, list(mine.offsets), mine.rows, mine.values) == \
-               (theirs.leaves, list(theirs.offsets), theirs.rows, theirs.values)
+        assert (mine.leaves, list(mine.offsets), mine.values, mine.id_hashes, mine.runs, mine.min_time,
+                mine.max_time) == (theirs.leaves, list(theirs.offsets), theirs.values, theirs.id_hashes,
+                                   theirs.runs, theirs.min_time, theirs.max_time)
 
 
 def test_empty_request_is_an_empty_batch(batch):
     result = encode(batch, b"")
-    assert (result.leaves, list(result.offsets), result.rows, result.values) == (b"", [0], [], [])
+    assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.runs) == \
+           (b"", [0], b"", b"", [])
 
 
 def test_salts_are_random_by_default(batch):
     data = request_bytes(sample_events())
     one = batch.encode_events(data, "acme", "svc", 1, 0, **LIMITS)
     two = batch.encode_events(data, "acme", "svc", 1, 0, **LIMITS)
-    assert one.values[0][2] != two.values[0][2] and len(one.values[0][2]) == 16
+    first, second = batch.decode_values(one.values)[0], batch.decode_values(two.values)[0]
+    assert first[2] != second[2] and len(first[2]) == 16
     assert one.leaves != two.leaves, "fresh salts give fresh commitments"
 
 
@@ -240,3 +246,20 @@ def test_arguments_are_checked(batch):
         batch.encode_events(b"\x0a\x00", "acme", "svc", 0, 0, **LIMITS)
     with pytest.raises(ValueError, match="max_fields must not be negative"):
         batch.encode_events(b"\x0a\x00", "acme", "svc", 1, 0, **dict(LIMITS, max_fields=-1))
+
+
+def test_runs_follow_consecutive_correlation_ids(batch):
+    events = [pb.Event(event_id=f"e{i}", event_type="a", correlation=common_pb2.Correlation(correlation_id=c))
+              for i, c in enumerate(["x", "x", "y", "x", "x", "x"])]
+    assert encode(batch, request_bytes(events)).runs == [("x", 10, 11), ("y", 12, 12), ("x", 13, 15)]
+
+
+def test_values_blob_round_trips_and_refuses_damage(batch):
+    records = [(1, "name", b"s" * 16, b"value"), (2, "\u00e9", b"", b"")]
+    blob = batch.pack_values(records)
+    assert batch.decode_values(blob) == records
+    for cut in range(1, len(blob)):
+        if cut == len(batch.pack_values(records[:1])):
+            continue
+        with pytest.raises(batch.ValuesFormatError):
+            batch.decode_values(blob[:cut])
