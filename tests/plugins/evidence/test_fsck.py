@@ -41,39 +41,83 @@ def _problems(log) -> list[str]:
     return fsck(log.store, log.key.public_key).problems
 
 
-@pytest.mark.parametrize("column", ["leaves", "offsets", "leaf_hashes", "chain_heads", "id_hashes"])
-def test_every_flipped_byte_of_a_segment_is_detected_and_located(filled, column):
-    (original,) = _sql(filled, f"SELECT {column} FROM segments WHERE first_sequence = 1")[0]
-    offsets = u64_array(_sql(filled, "SELECT offsets FROM segments WHERE first_sequence = 1")[0][0]).tolist()
-    for at in range(len(original)):
-        _sql(filled, f"UPDATE segments SET {column} = ? WHERE first_sequence = 1", _flip(original, at))
+PARTS = ("leaves", "offsets", "leaf_hashes", "chain_heads", "id_hashes")
+
+
+def _part(log, first: int, name: str) -> tuple[int, int]:
+    """(file position, length) of one part of a segment in the segment file."""
+    count, offset, leaves_length = _sql(log, "SELECT count, file_offset, leaves_length FROM segments "
+                                             "WHERE first_sequence = ?", first)[0]
+    sizes = dict(zip(PARTS, (leaves_length, (count + 1) * 8, count * 32, count * 32, count * 8)))
+    return offset + sum(sizes[p] for p in PARTS[:PARTS.index(name)]), sizes[name]
+
+
+def _flip_file(log, position: int) -> None:
+    with open(log.store.segment_path, "r+b") as file:
+        file.seek(position)
+        byte = file.read(1)[0]
+        file.seek(position)
+        file.write(bytes([byte ^ 0x01]))
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_flipped_byte_of_the_segment_file_is_detected_and_located(filled, part):
+    start, length = _part(filled, 1, part)
+    offsets = u64_array(filled.store.event_at(1) and filled.store._segment_of(1).offsets).tolist()
+    for at in range(length):
+        _flip_file(filled, start + at)
+        filled.store._local.segments.clear()
         problems = _problems(filled)
+        _flip_file(filled, start + at)
         assert len(problems) == 1, (at, problems)
-        if column == "leaves":
+        if part == "leaves":
             sequence = next(i for i in range(6) if offsets[i] <= at < offsets[i + 1]) + 1
             assert problems[0].startswith(f"event sequence {sequence}"), (at, problems)
-        elif column in ("leaf_hashes", "chain_heads"):
+        elif part in ("leaf_hashes", "chain_heads"):
             assert problems[0].startswith(f"event sequence {at // 32 + 1} "), (at, problems)
-        elif column == "id_hashes":
+        elif part == "id_hashes":
             assert problems[0].startswith(f"event sequence {at // 8 + 1} "), (at, problems)
             assert "event-id hash" in problems[0]
         else:
             assert problems[0].startswith(("segment at sequence 1:", "event sequence ")), (at, problems)
-    _sql(filled, f"UPDATE segments SET {column} = ? WHERE first_sequence = 1", original)
     assert _problems(filled) == []
 
 
 def test_a_flipped_leaf_byte_is_reported_as_such(filled):
-    (leaves,) = _sql(filled, "SELECT leaves FROM segments WHERE first_sequence = 7")[0]
-    _sql(filled, "UPDATE segments SET leaves = ? WHERE first_sequence = 7", _flip(leaves))
+    start, length = _part(filled, 7, "leaves")
+    _flip_file(filled, start + length - 1)
     assert _problems(filled) == ["event sequence 9 (id 'f2'): stored leaf or leaf hash was altered"]
+
+
+def test_a_short_segment_file_is_located(filled):
+    with open(filled.store.segment_path, "r+b") as file:
+        file.truncate(_part(filled, 7, "id_hashes")[0] + 3)
+    assert _problems(filled)[0].startswith("segment at sequence 7: event-id hashes hold 3 bytes for 3 events")
+
+
+def test_an_unacknowledged_tail_is_cut_off_when_the_writer_opens(tmp_path, filled):
+    """A crash after the file write and before the index commit leaves bytes nobody acknowledged."""
+    size = filled.store.segment_path.stat().st_size
+    with open(filled.store.segment_path, "ab") as file:
+        file.write(b"torn batch" * 100)
+    filled.store.close()
+    reopened = open_log(tmp_path)
+    try:
+        assert reopened.store.segment_path.stat().st_size == size
+        assert reopened.append("acme", [event("after")], SERVICE).sequences == [10]
+        assert fsck(reopened.store, reopened.key.public_key).ok
+    finally:
+        reopened.store.close()
+    filled.store = open_log(tmp_path).store  # for the fixture's teardown
 
 
 @pytest.mark.parametrize(("column", "value", "expected"), [
     ("tenant", "globex", "event sequence 1 (id 'e0'): index column tenant ('globex') disagrees with the leaf"),
     ("min_time", 2**62, "event sequence 1 (id 'e0'): index columns min_time/max_time of segment at sequence 1"),
     ("max_time", 0, "event sequence 1 (id 'e0'): index columns min_time/max_time of segment at sequence 1"),
-    ("count", 5, "segment at sequence 1: offsets hold 56 bytes for 5 events"),
+    ("count", 5, "segment at sequence 1: offsets run from 0 to"),
+    ("leaves_length", 10, "segment at sequence 1: offsets run from"),
+    ("file_offset", 1, "segment at sequence 1: offsets run from"),
 ])
 def test_changed_segment_columns_are_located(filled, column, value, expected):
     _sql(filled, f"UPDATE segments SET {column} = ? WHERE first_sequence = 1", value)
