@@ -5,8 +5,8 @@ to its stored leaf hash; a changed leaf hash or chain head breaks the
 recomputed chain; damaged offsets do not cut the leaves into the counted
 events (or cut them differently, which changes leaf hashes); a changed
 event-id hash, tenant or time range disagrees with the leaves; a missing
-segment is a gap in the sequences. Beside it: a changed raw value or salt no
-longer matches its commitment; a changed or missing correlation-index row
+segment is a gap in the sequences. A changed raw value or salt no longer
+matches its commitment; a changed or missing correlation-index row
 disagrees with the runs recomputed from the leaves; a changed checkpoint
 fails its signature or its recomputed root and head. The first problem is
 reported with where it is.
@@ -141,23 +141,28 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
         all_hashes += hashes
         report.events += count
         expected = segment.first_sequence + count
-        blob = store.segment_values(segment.first_sequence)
-        if blob is None:
+        if not segment.values:
             continue
         try:
-            records = eventbatch_py.decode_values(blob)
+            records = eventbatch_py.decode_values(segment.values)
         except eventbatch_py.ValuesFormatError as exc:
             problem(f"{where_segment}: raw values do not parse: {exc}")
             continue
+        removed = store.removed_values(segment)
         for sequence, name, salt, value in records:
-            report.values += 1
             index = sequence - segment.first_sequence
             leaf = decoded[index] if 0 <= index < count else None
             committed = leaf.field(name) if leaf is not None else None
+            if (sequence, name) in removed:
+                if committed is None or any(salt) or any(value):
+                    problem(f"event sequence {sequence}: field {name!r} was removed but its raw value is still in "
+                            "the segment file")
+                continue
+            report.values += 1
             if committed is None or leaves.commitment(salt, name, committed.kind, value) != committed.commitment:
                 problem(f"event sequence {sequence}: raw value of field {name!r} was altered")
-    for first in store.orphan_values():
-        problem(f"raw values stored for a segment at sequence {first} that does not exist")
+    for sequence in store.stray_removals():
+        problem(f"a removed value is recorded for sequence {sequence}, which the log does not hold")
 
     for tree_size, body, signature, _key_id in store.checkpoints():
         report.checkpoints += 1

@@ -12,10 +12,12 @@ unique-key probe per event (format 1 did that: about 24 us an event; SQLite
 blobs in WAL mode cost 2 us an event, the file 0.6 us). In SQLite, beside
 each segment's row:
 
-- ``segment_values``: the batch's raw field values and salts, one blob
-  (:func:`planes.native.eventbatch_py.pack_values`). Redaction and retention
-  rewrite this row without the removed values; the segment, and so every
-  leaf, hash and proof, never changes.
+- The batch's raw field values and salts are the segment's last part (one
+  blob, :func:`planes.native.eventbatch_py.pack_values`). Redaction and
+  retention record the removal in ``removed_values`` first, then overwrite
+  the salt and value bytes in the file with zeros (a removal cut short by a
+  crash is finished by the next writer); the leaves, and so every hash and
+  proof, never change.
 - ``correlation_runs``: the query index, one row per run of consecutive
   events of one correlation id in a batch (tenant, correlation id, first and
   last sequence). A segment is one tenant's batch and carries its time range.
@@ -55,13 +57,15 @@ CREATE TABLE IF NOT EXISTS segments (
     min_time       INTEGER NOT NULL,
     max_time       INTEGER NOT NULL,
     file_offset    INTEGER NOT NULL,
-    leaves_length  INTEGER NOT NULL
+    leaves_length  INTEGER NOT NULL,
+    values_length  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS segments_by_tenant ON segments (tenant, first_sequence);
-CREATE TABLE IF NOT EXISTS segment_values (
-    first_sequence INTEGER PRIMARY KEY,
-    data           BLOB NOT NULL
-);
+CREATE TABLE IF NOT EXISTS removed_values (
+    sequence INTEGER NOT NULL,
+    name     TEXT NOT NULL,
+    PRIMARY KEY (sequence, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS correlation_runs (
     tenant         TEXT NOT NULL,
     correlation_id TEXT NOT NULL,
@@ -85,13 +89,36 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
-SEGMENT_COLUMNS = "first_sequence, count, tenant, min_time, max_time, file_offset, leaves_length"
-
-
-def record_length(count: int, leaves_length: int) -> int:
-    """Bytes of a segment in the file: leaves, n + 1 offsets, n leaf hashes, n chain heads, n id hashes."""
-    return leaves_length + (count + 1) * 8 + count * 32 + count * 32 + count * 8
+SEGMENT_COLUMNS = "first_sequence, count, tenant, min_time, max_time, file_offset, leaves_length, values_length"
 CACHED_SEGMENTS = 8
+
+
+def part_sizes(count: int, leaves_length: int, values_length: int) -> tuple[int, ...]:
+    """A segment in the file: leaves, n + 1 offsets, n leaf hashes, n chain heads, n id hashes, raw values."""
+    return leaves_length, (count + 1) * 8, count * 32, count * 32, count * 8, values_length
+
+
+def record_length(count: int, leaves_length: int, values_length: int) -> int:
+    return sum(part_sizes(count, leaves_length, values_length))
+
+
+def value_spans(blob: bytes):
+    """(sequence, name, salt range, value range) of each record of a values blob: the bytes a
+    removal zeroes (the lengths stay, so the blob still parses)."""
+    at, end = 0, len(blob)
+    while at + 12 <= end:
+        sequence = int.from_bytes(blob[at:at + 8], "big")
+        size = int.from_bytes(blob[at + 8:at + 12], "big")
+        name = blob[at + 12:at + 12 + size].decode(errors="replace")
+        at += 12 + size
+        salt_size = int.from_bytes(blob[at:at + 4], "big")
+        salt = (at + 4, at + 4 + salt_size)
+        value_size = int.from_bytes(blob[salt[1]:salt[1] + 4], "big")
+        value = (salt[1] + 4, salt[1] + 4 + value_size)
+        if value[1] > end:
+            return
+        yield sequence, name, salt, value
+        at = value[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +178,7 @@ class Segment:
     leaf_hashes: bytes
     chain_heads: bytes
     id_hashes: bytes
+    values: bytes
 
     @property
     def last_sequence(self) -> int:
@@ -186,15 +214,18 @@ class SqliteEvidenceStore:
         self._write.executescript(SCHEMA)
         self._local = threading.local()
         self._fd = os.open(self.segment_path, (os.O_RDWR | os.O_CREAT) if writer else os.O_RDONLY, 0o600)
-        row = self._write.execute("SELECT file_offset, count, leaves_length FROM segments "
+        row = self._write.execute("SELECT file_offset, count, leaves_length, values_length FROM segments "
                                   "ORDER BY first_sequence DESC LIMIT 1").fetchone()
-        self._end = row[0] + record_length(row[1], row[2]) if row else 0
+        self._end = row[0] + record_length(*row[1:]) if row else 0
         if writer:
             self._migrate_format_1()
             if os.fstat(self._fd).st_size > self._end:
                 # Written, never committed, never acknowledged: a crash between the two steps.
                 os.ftruncate(self._fd, self._end)
                 os.fsync(self._fd)
+            pending = self._write.execute("SELECT value FROM meta WHERE key = 'erasing'").fetchone()
+            if pending is not None:
+                self._erase(u64_array(pending[0]).tolist())
         self._ids: dict[int, int] = {}
         ids = self._ids
         for first, count, offset, leaves_length in self._write.execute(
@@ -259,14 +290,13 @@ class SqliteEvidenceStore:
                 else:
                     taken[key] = sequence
         offset = self._write_segment([batch.leaves, u64_bytes(batch.offsets), leaf_hashes, chain_heads,
-                                      batch.id_hashes])
+                                      batch.id_hashes, batch.values])
         connection = self._write
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves)))
-            if batch.values:
-                connection.execute("INSERT INTO segment_values VALUES (?, ?)", (first, batch.values))
+            connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves),
+                                len(batch.values)))
             connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
                                    [(tenant, correlation, start, end) for correlation, start, end in batch.runs])
             if collisions:
@@ -276,7 +306,7 @@ class SqliteEvidenceStore:
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-        self._end = offset + record_length(count, len(batch.leaves))
+        self._end = offset + record_length(count, len(batch.leaves), len(batch.values))
         if event_ids is None:
             self._ids.update(zip(keys.tolist(), range(first, first + count)))
         else:
@@ -284,45 +314,67 @@ class SqliteEvidenceStore:
             for sequence, key in enumerate(keys, first):
                 ids.setdefault(key, sequence)
 
-    def _rewrite_values(self, changes: dict[int, set[str] | None]) -> int:
-        """Remove raw values: ``changes`` maps a sequence to the field names to drop (None: all)."""
-        by_segment: dict[int, dict[int, set[str] | None]] = {}
-        for sequence, names in changes.items():
+    def _remove_values(self, changes: dict[int, set[str] | None]) -> int:
+        """Remove raw values: ``changes`` maps a sequence to the field names to drop (None: all).
+
+        The removal is recorded (with the byte ranges to erase) and committed
+        first, then the bytes are zeroed and synced: a crash in between leaves
+        a recorded removal that the next writer finishes, never a silent one.
+        """
+        removed, ranges = [], []
+        segments: dict[int, Segment] = {}
+        for sequence in changes:
             segment = self._segment_of(sequence)
             if segment is not None:
-                by_segment.setdefault(segment.first_sequence, {})[sequence] = names
-        removed = 0
+                segments[segment.first_sequence] = segment
+        for segment in segments.values():
+            gone = self._removed(segment)
+            base = self._values_position(segment)
+            for sequence, name, salt, value in value_spans(segment.values):
+                names = changes.get(sequence, ())
+                if sequence in changes and (names is None or name in names) and (sequence, name) not in gone:
+                    removed.append((sequence, name))
+                    ranges.extend((base + salt[0], base + salt[1], base + value[0], base + value[1]))
+        if not removed:
+            return 0
         connection = self._write
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for first, drop in by_segment.items():
-                row = connection.execute("SELECT data FROM segment_values WHERE first_sequence = ?",
-                                         (first,)).fetchone()
-                if row is None:
-                    continue
-                kept = []
-                for record in eventbatch_py.decode_values(row[0]):
-                    names = drop.get(record[0], ())
-                    if record[0] in drop and (names is None or record[1] in names):
-                        removed += 1
-                    else:
-                        kept.append(record)
-                if kept:
-                    connection.execute("UPDATE segment_values SET data = ? WHERE first_sequence = ?",
-                                       (eventbatch_py.pack_values(kept), first))
-                else:
-                    connection.execute("DELETE FROM segment_values WHERE first_sequence = ?", (first,))
+            connection.executemany("INSERT OR IGNORE INTO removed_values VALUES (?, ?)", removed)
+            connection.execute("INSERT OR REPLACE INTO meta VALUES ('erasing', ?)", (u64_bytes(array("Q", ranges)),))
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-        return removed
+        self._erase(ranges)
+        return len(removed)
+
+    def _erase(self, ranges: list[int]) -> None:
+        """Zero the byte ranges ``[start, stop)`` (flat list) of the segment file, sync, then forget them."""
+        for start, stop in zip(ranges[::2], ranges[1::2]):
+            os.pwrite(self._fd, bytes(stop - start), start)
+        os.fdatasync(self._fd)
+        self._write.execute("DELETE FROM meta WHERE key = 'erasing'")
+        cache = getattr(self._local, "segments", None)
+        if cache is not None:
+            cache.clear()
+
+    def _values_position(self, segment: Segment) -> int:
+        row = self._read.execute("SELECT file_offset FROM segments WHERE first_sequence = ?",
+                                 (segment.first_sequence,)).fetchone()
+        sizes = part_sizes(segment.count, len(segment.leaves), len(segment.values))
+        return row[0] + sum(sizes[:5])
+
+    def _removed(self, segment: Segment) -> set[tuple[int, str]]:
+        return {tuple(row) for row in self._read.execute(
+            "SELECT sequence, name FROM removed_values WHERE sequence BETWEEN ? AND ?",
+            (segment.first_sequence, segment.last_sequence))}
 
     def delete_values(self, sequence: int, names: Iterable[str]) -> int:
-        return self._rewrite_values({sequence: set(names)})
+        return self._remove_values({sequence: set(names)})
 
     def delete_all_values(self, sequences: list[int]) -> int:
-        return self._rewrite_values(dict.fromkeys(sequences))
+        return self._remove_values(dict.fromkeys(sequences))
 
     def put_checkpoint(self, tree_size: int, body: bytes, signature: bytes, key_id: str) -> None:
         self._write.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?)",
@@ -348,10 +400,10 @@ class SqliteEvidenceStore:
 
     def _load(self, row: tuple) -> Segment:
         """A segment read from the file (a short read leaves its last parts short: fsck says where)."""
-        first, count, tenant, min_time, max_time, offset, leaves_length = row
-        data = os.pread(self._fd, record_length(count, leaves_length), offset)
+        first, count, tenant, min_time, max_time, offset, leaves_length, values_length = row
+        data = os.pread(self._fd, record_length(count, leaves_length, values_length), offset)
         parts, at = [], 0
-        for size in (leaves_length, (count + 1) * 8, count * 32, count * 32, count * 8):
+        for size in part_sizes(count, leaves_length, values_length):
             parts.append(data[at:at + size])
             at += size
         return Segment(first, count, tenant, min_time, max_time, *parts)
@@ -402,20 +454,25 @@ class SqliteEvidenceStore:
 
     def values(self, sequences: list[int]) -> dict[int, dict[str, StoredValue]]:
         wanted = set(sequences)
-        firsts = {}
+        segments: dict[int, Segment] = {}
         for sequence in wanted:
             segment = self._segment_of(sequence)
             if segment is not None:
-                firsts[segment.first_sequence] = True
+                segments[segment.first_sequence] = segment
         found: dict[int, dict[str, StoredValue]] = {}
-        for first in sorted(firsts):
-            row = self._read.execute("SELECT data FROM segment_values WHERE first_sequence = ?", (first,)).fetchone()
-            if row is None:
-                continue
-            for sequence, name, salt, value in eventbatch_py.decode_values(row[0]):
+        for first in sorted(segments):
+            for sequence, name, salt, value in self.segment_values(segments[first]):
                 if sequence in wanted:
                     found.setdefault(sequence, {})[name] = StoredValue(sequence, name, salt, value)
         return found
+
+    def segment_values(self, segment: Segment) -> list[tuple[int, str, bytes, bytes]]:
+        """The raw values a segment still holds (removed ones left out)."""
+        if not segment.values:
+            return []
+        gone = self._removed(segment)
+        records = eventbatch_py.decode_values(segment.values)
+        return [record for record in records if (record[0], record[1]) not in gone] if gone else records
 
     def _candidates(self, tenant: str, correlation_id: str, start_ns: int | None, end_ns: int | None,
                     after_sequence: int) -> Iterator[int]:
@@ -463,14 +520,14 @@ class SqliteEvidenceStore:
 
     def expired_values(self, event_type: str, before_ns: int) -> dict[str, list[int]]:
         """Sequences, by tenant, of events of ``event_type`` older than ``before_ns`` that still hold values."""
-        rows = self._read.execute(
-            "SELECT s.first_sequence, v.data FROM segments s JOIN segment_values v USING (first_sequence) "
-            "WHERE s.min_time < ? ORDER BY s.first_sequence", (before_ns,)).fetchall()
+        rows = self._read.execute("SELECT first_sequence FROM segments WHERE min_time < ? AND values_length > 0 "
+                                  "ORDER BY first_sequence", (before_ns,)).fetchall()
         found: dict[str, list[int]] = {}
-        for _, data in rows:
-            for sequence in sorted({record[0] for record in eventbatch_py.decode_values(data)}):
-                event = self.event_at(sequence)
-                if event is not None and event.event_type == event_type and event.time_ns < before_ns:
+        for (first,) in rows:
+            segment = self._segment_of(first)
+            for sequence in sorted({record[0] for record in self.segment_values(segment)}):
+                event = segment.event(sequence)
+                if event.event_type == event_type and event.time_ns < before_ns:
                     found.setdefault(event.tenant, []).append(sequence)
         return found
 
@@ -493,20 +550,20 @@ class SqliteEvidenceStore:
             yield segment
             after = segment.first_sequence
 
-    def segment_values(self, first_sequence: int) -> bytes | None:
-        row = self._read.execute("SELECT data FROM segment_values WHERE first_sequence = ?",
-                                 (first_sequence,)).fetchone()
-        return row[0] if row else None
-
     def correlation_runs(self, first_sequence: int, last_sequence: int) -> list[tuple[str, str, int, int]]:
         return [tuple(row) for row in self._read.execute(
             "SELECT tenant, correlation_id, first_sequence, last_sequence FROM correlation_runs "
             "WHERE first_sequence BETWEEN ? AND ? ORDER BY first_sequence", (first_sequence, last_sequence))]
 
-    def orphan_values(self) -> list[int]:
-        """First sequences of value rows with no segment (fsck)."""
+    def removed_values(self, segment: Segment) -> set[tuple[int, str]]:
+        """(sequence, field name) of the values removed from a segment (fsck)."""
+        return self._removed(segment)
+
+    def stray_removals(self) -> list[int]:
+        """Sequences with a recorded removal that no segment holds (fsck)."""
         return [row[0] for row in self._read.execute(
-            "SELECT first_sequence FROM segment_values WHERE first_sequence NOT IN (SELECT first_sequence FROM segments)")]
+            "SELECT DISTINCT sequence FROM removed_values WHERE sequence > "
+            "(SELECT coalesce(max(first_sequence + count - 1), 0) FROM segments) OR sequence < 1")]
 
     def checkpoint(self, tree_size: int = 0) -> tuple[int, bytes, bytes, str] | None:
         if tree_size:
@@ -564,15 +621,13 @@ class SqliteEvidenceStore:
                 first, tenant = group[0][0], group[0][2]
                 times = [row[5] for row in group]
                 leaves_data = b"".join(row[6] for row in group)
+                kept = eventbatch_py.pack_values([record for row in group for record in values.get(row[0], [])])
                 at = self._write_segment([leaves_data, u64_bytes(offsets), b"".join(row[7] for row in group),
-                                          b"".join(row[8] for row in group), u64_bytes(keys)])
-                self._end = at + record_length(len(group), len(leaves_data))
-                connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                   (first, len(group), tenant, min(times), max(times), at, len(leaves_data)))
-                kept = [record for row in group for record in values.get(row[0], [])]
-                if kept:
-                    connection.execute("INSERT INTO segment_values VALUES (?, ?)",
-                                       (first, eventbatch_py.pack_values(kept)))
+                                          b"".join(row[8] for row in group), u64_bytes(keys), kept])
+                self._end = at + record_length(len(group), len(leaves_data), len(kept))
+                connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (first, len(group), tenant, min(times), max(times), at, len(leaves_data),
+                                    len(kept)))
                 connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
                                        [(tenant, correlation, start, end) for correlation, start, end in runs])
                 group.clear()
