@@ -20,7 +20,7 @@ from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy
 
 import array as _array
@@ -665,3 +665,142 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
         free(out.data)
         free(vals.data)
     return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time)
+
+
+cdef inline size_t _slot(uint64_t key, size_t mask) noexcept nogil:
+    # FNV-1a's low bits are well mixed already; one multiply spreads structured keys too.
+    return <size_t>((key * 0x9E3779B97F4A7C15ULL) >> 17) & mask
+
+
+cdef class IdIndex:
+    """The replay index (see the twin): an open-addressing table of (hash, sequence),
+    16 bytes a slot, at most half full; sequence 0 marks an empty slot."""
+
+    cdef uint64_t *keys
+    cdef uint64_t *values
+    cdef size_t capacity
+    cdef size_t count
+
+    def __cinit__(self):
+        self.capacity = 1024
+        self.count = 0
+        self.keys = <uint64_t *>calloc(self.capacity, sizeof(uint64_t))
+        self.values = <uint64_t *>calloc(self.capacity, sizeof(uint64_t))
+        if self.keys == NULL or self.values == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.values)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _grow(self) except -1:
+        cdef size_t old = self.capacity, i, at, mask = old * 2 - 1
+        cdef uint64_t *keys = <uint64_t *>calloc(old * 2, sizeof(uint64_t))
+        cdef uint64_t *values = <uint64_t *>calloc(old * 2, sizeof(uint64_t))
+        if keys == NULL or values == NULL:
+            free(keys)
+            free(values)
+            raise MemoryError()
+        for i in range(old):
+            if self.values[i]:
+                at = _slot(self.keys[i], mask)
+                while values[at]:
+                    at = (at + 1) & mask
+                keys[at] = self.keys[i]
+                values[at] = self.values[i]
+        free(self.keys)
+        free(self.values)
+        self.keys, self.values, self.capacity = keys, values, old * 2
+        return 0
+
+    cdef uint64_t _find(self, uint64_t key) noexcept nogil:
+        cdef size_t mask = self.capacity - 1, at = _slot(key, mask)
+        while self.values[at]:
+            if self.keys[at] == key:
+                return self.values[at]
+            at = (at + 1) & mask
+        return 0
+
+    def add(self, id_hashes, first_sequence):
+        cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
+        if first_sequence < 1:
+            raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+        cdef uint64_t sequence = first_sequence, key
+        cdef Py_ssize_t n = raw.shape[0] // 8, i
+        cdef size_t mask, at
+        while (self.count + n) * 2 > self.capacity:
+            self._grow()
+        mask = self.capacity - 1
+        for i in range(n):
+            key = _le64(&raw[i * 8])
+            at = _slot(key, mask)
+            while self.values[at] and self.keys[at] != key:
+                at = (at + 1) & mask
+            if not self.values[at]:
+                self.keys[at] = key
+                self.values[at] = sequence + i
+                self.count += 1
+
+    def get(self, key):
+        cdef uint64_t found = self._find(key)
+        return found if found else None
+
+    def unknown(self, id_hashes):
+        cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
+        cdef Py_ssize_t n = raw.shape[0] // 8, i
+        cdef size_t size = 16, mask, at
+        cdef uint64_t key
+        cdef uint64_t *seen
+        cdef uint8_t *used
+        if n == 0:
+            return True
+        while size < <size_t>n * 2:
+            size *= 2
+        mask = size - 1
+        seen = <uint64_t *>malloc(size * sizeof(uint64_t))
+        used = <uint8_t *>calloc(size, 1)
+        if seen == NULL or used == NULL:
+            free(seen)
+            free(used)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                key = _le64(&raw[i * 8])
+                if self._find(key):
+                    return False
+                at = _slot(key, mask)
+                while used[at]:
+                    if seen[at] == key:
+                        return False
+                    at = (at + 1) & mask
+                used[at] = 1
+                seen[at] = key
+            return True
+        finally:
+            free(seen)
+            free(used)
+
+
+cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t value = 0
+    cdef int i
+    for i in range(8):
+        value |= (<uint64_t>p[i]) << (8 * i)
+    return value
+
+
+cdef object _id_hashes_view(object id_hashes):
+    try:
+        view = memoryview(id_hashes)
+    except TypeError:
+        raise TypeError(f"id_hashes must be a bytes-like object, not {type(id_hashes).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes % 8:
+        raise ValueError(f"id_hashes must be a multiple of 8 bytes, got {view.nbytes}")
+    if view.nbytes == 0:
+        return memoryview(b"\0" * 8)[:0]
+    return view

@@ -48,6 +48,7 @@ __all__ = [
     "BatchLimitError",
     "BatchRuleError",
     "EncodedBatch",
+    "IdIndex",
     "NotCanonical",
     "decode_values",
     "encode_events",
@@ -541,3 +542,52 @@ def _little(values: array) -> bytes:
         values = array("Q", values)
         values.byteswap()
     return values.tobytes()
+
+
+class IdIndex:
+    """The replay index: 64-bit event-id hash -> the first sequence stored with it.
+
+    The compiled twin keeps it in an open-addressing table (16 bytes a slot,
+    at most half full); here a dict. A hit is a candidate, never a verdict:
+    the store confirms it against the stored leaf.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        self._map: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def add(self, id_hashes, first_sequence: int) -> None:
+        """Record n little-endian uint64 hashes for sequences ``first_sequence`` onwards
+        (a hash already present keeps its sequence)."""
+        keys = _keys(id_hashes)
+        if first_sequence < 1:
+            raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+        found = self._map
+        for sequence, key in enumerate(keys, first_sequence):
+            found.setdefault(key, sequence)
+
+    def get(self, key: int) -> int | None:
+        return self._map.get(key)
+
+    def unknown(self, id_hashes) -> bool:
+        """True when no hash of the batch is in the index and none repeats within it."""
+        keys = _keys(id_hashes)
+        return self._map.keys().isdisjoint(keys) and len(set(keys)) == len(keys)
+
+
+def _keys(id_hashes) -> list[int]:
+    try:
+        raw = memoryview(id_hashes).cast("B")
+    except TypeError:
+        raise TypeError(f"id_hashes must be a bytes-like object, not {type(id_hashes).__name__}") from None
+    if raw.nbytes % 8:
+        raise ValueError(f"id_hashes must be a multiple of 8 bytes, got {raw.nbytes}")
+    keys = array("Q")
+    keys.frombytes(raw)
+    if sys.byteorder != "little":
+        keys.byteswap()
+    return keys.tolist()

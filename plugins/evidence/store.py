@@ -21,9 +21,10 @@ each segment's row:
 - ``correlation_runs``: the query index, one row per run of consecutive
   events of one correlation id in a batch (tenant, correlation id, first and
   last sequence). A segment is one tenant's batch and carries its time range.
-- Replays are found through an in-memory map of event-id hashes (64-bit
-  FNV-1a) to sequences, built from the segments at open (about 100 bytes an
-  event) and confirmed against the stored leaf; the rare distinct ids whose
+- Replays are found through an in-memory index of event-id hashes (64-bit
+  FNV-1a) to sequences (``eventbatch.IdIndex``: 16-32 bytes an event in the
+  compiled module), built from the segments at open and confirmed against
+  the stored leaf; the rare distinct ids whose
   hashes collide are kept in ``id_collisions``.
 
 A log in format 1 (one ``events`` row per event) is migrated to segments in
@@ -43,9 +44,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from planes.native import eventbatch_py
+from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
+
+eventbatch = load("eventbatch")
 
 FORMAT = b"2"
 
@@ -226,13 +229,11 @@ class SqliteEvidenceStore:
             pending = self._write.execute("SELECT value FROM meta WHERE key = 'erasing'").fetchone()
             if pending is not None:
                 self._erase(u64_array(pending[0]).tolist())
-        self._ids: dict[int, int] = {}
-        ids = self._ids
+        self._ids = eventbatch.IdIndex()
         for first, count, offset, leaves_length in self._write.execute(
                 "SELECT first_sequence, count, file_offset, leaves_length FROM segments ORDER BY first_sequence"):
             start = offset + leaves_length + (count + 1) * 8 + count * 64
-            for sequence, key in enumerate(u64_array(os.pread(self._fd, count * 8, start)), first):
-                ids.setdefault(key, sequence)
+            self._ids.add(os.pread(self._fd, count * 8, start), first)
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -267,9 +268,7 @@ class SqliteEvidenceStore:
 
     def ids_unknown(self, id_hashes: bytes) -> bool:
         """True when no event id of a batch (by hash) is stored or repeated in the batch: the fast path."""
-        keys = u64_array(id_hashes)
-        keys = keys.tolist()
-        return self._ids.keys().isdisjoint(keys) and len(set(keys)) == len(keys)
+        return self._ids.unknown(id_hashes)
 
     def append(self, tenant: str, batch, leaf_hashes: bytes, chain_heads: bytes, meta: dict[str, bytes], *,
                event_ids: list[str] | None = None) -> None:
@@ -280,15 +279,14 @@ class SqliteEvidenceStore:
         collisions so that lookups by id stay exact.
         """
         first, count = batch.first_sequence, len(batch)
-        keys = u64_array(batch.id_hashes)
+        keys = u64_array(batch.id_hashes) if event_ids is not None else ()
         collisions = []
         if event_ids is not None:
-            taken = dict(self._ids)
+            batch_keys: set[int] = set()
             for sequence, (key, event_id) in enumerate(zip(keys, event_ids), first):
-                if key in taken:
+                if key in batch_keys or self._ids.get(key) is not None:
                     collisions.append((event_id, sequence))
-                else:
-                    taken[key] = sequence
+                batch_keys.add(key)
         offset = self._write_segment([batch.leaves, u64_bytes(batch.offsets), leaf_hashes, chain_heads,
                                       batch.id_hashes, batch.values])
         connection = self._write
@@ -307,12 +305,7 @@ class SqliteEvidenceStore:
             connection.execute("ROLLBACK")
             raise
         self._end = offset + record_length(count, len(batch.leaves), len(batch.values))
-        if event_ids is None:
-            self._ids.update(zip(keys.tolist(), range(first, first + count)))
-        else:
-            ids = self._ids
-            for sequence, key in enumerate(keys, first):
-                ids.setdefault(key, sequence)
+        self._ids.add(batch.id_hashes, first)
 
     def _remove_values(self, changes: dict[int, set[str] | None]) -> int:
         """Remove raw values: ``changes`` maps a sequence to the field names to drop (None: all).

@@ -263,3 +263,26 @@ def test_values_blob_round_trips_and_refuses_damage(batch):
             continue
         with pytest.raises(batch.ValuesFormatError):
             batch.decode_values(blob[:cut])
+
+
+def test_id_index_finds_first_sequences_and_refuses_repeats(batch):
+    index = batch.IdIndex()
+    keys = [batch.id_hash(f"id-{n}".encode()) for n in range(5000)]
+    blob = b"".join(key.to_bytes(8, "little") for key in keys)
+    assert index.unknown(blob) and len(index) == 0
+    index.add(blob, 1)
+    assert len(index) == 5000
+    assert [index.get(key) for key in keys[:3]] == [1, 2, 3] and index.get(keys[-1]) == 5000
+    assert index.get(batch.id_hash(b"absent")) is None
+    assert not index.unknown(blob[8:16]), "a stored hash is known"
+    fresh = [batch.id_hash(f"new-{n}".encode()).to_bytes(8, "little") for n in range(3)]
+    assert index.unknown(b"".join(fresh))
+    assert not index.unknown(fresh[0] + fresh[1] + fresh[0]), "a hash repeated within the batch"
+    index.add(blob[:8] + fresh[0], 9000)
+    assert index.get(keys[0]) == 1, "a present hash keeps its first sequence"
+    assert index.get(int.from_bytes(fresh[0], "little")) == 9001
+    assert index.unknown(b"")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        index.add(b"123", 1)
+    with pytest.raises(ValueError, match="first_sequence"):
+        index.add(blob[:8], 0)
