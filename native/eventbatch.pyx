@@ -3,11 +3,15 @@
 
 The compiled twin of ``eventbatch_py.py``: same API, results and errors (its
 docstring states the input, the output and the rules). What this module adds:
-one pass over the request bytes with C pointers. Each event is parsed into
-slices of the input (no intermediate objects), checked, its field
-commitments hashed and its leaf written straight into one output buffer;
-the raw values go into a second buffer and the event-id hashes into a
-third; Python objects are made only for the correlation runs.
+one pass over the request bytes with C pointers, with the GIL released.
+Each event is parsed into slices of the input (no intermediate objects),
+checked, its field commitments hashed, its leaf written straight into an
+output buffer and hashed there while still in cache; the raw values go
+into a second buffer and the event-id hashes into a third. A batch of 256
+events or more is split in two halves encoded by two threads (this one and
+a helper created per call, joined before returning), then the halves are
+joined; only the sequential chain is left to the caller. Python objects
+are made only for the correlation runs.
 
 Every C helper returns ``OK`` or ``FAIL`` and nothing else: on ``FAIL`` the
 batch is handed to the twin, whose parser raises the exact exception (the
@@ -21,7 +25,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 import array as _array
 
@@ -32,6 +36,7 @@ cdef extern from *:
     #define OPENSSL_SUPPRESS_DEPRECATED 1
     #include <openssl/sha.h>
     #include <openssl/rand.h>
+    #include <pthread.h>
 
     static int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) {
         int64_t scaled;
@@ -75,6 +80,12 @@ cdef extern from *:
     int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
     int RAND_bytes(unsigned char *buf, int num) nogil
     int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) noexcept nogil
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef void *(*thread_main)(void *) noexcept nogil
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr, thread_main start, void *arg) nogil
+    int pthread_join(pthread_t thread, void **result) nogil
     int pe_utf8_valid(const uint8_t *s, Py_ssize_t n) noexcept nogil
 
 __all__ = _twin.__all__
@@ -434,29 +445,195 @@ cdef inline uint8_t *put_str(uint8_t *p, Span s) noexcept nogil:
     return p + 4 + s.n
 
 
-cdef class _SaltPool:
-    cdef uint8_t pool[SALT_POOL]
-    cdef int at
-    cdef object source
+cdef struct Job:
+    # the input and the rules (shared, read-only)
+    const Span *spans
+    Py_ssize_t start, stop          # this job's events
+    uint64_t first                  # the sequence of event 0
+    int64_t now
+    Span tenant, actor
+    Py_ssize_t field_limit, id_limit
+    uint64_t value_limit
+    const uint8_t *salts            # salts drawn ahead (a test's salt source), or NULL: RAND_bytes
+    Py_ssize_t salts_size, salts_at
+    uint8_t pool[SALT_POOL]
+    int pool_at
+    # shared outputs, each job writing only its own events' slots
+    unsigned long long *offsets     # offsets[i + 1], relative to this job's leaves until merged
+    uint8_t *leaf_hashes
+    uint8_t *id_hashes
+    # this job's own outputs
+    Out out, vals
+    Py_ssize_t *run_starts
+    Span *run_correlations
+    Py_ssize_t nruns
+    int64_t min_time, max_time
+    Field *fields
+    Py_ssize_t capacity
+    int status
 
-    def __cinit__(self, source):
-        self.at = SALT_POOL
-        self.source = source
 
-    cdef const uint8_t *take(self) except NULL:
-        cdef const uint8_t[::1] drawn
-        if self.at >= SALT_POOL:
-            if self.source is None:
-                if RAND_bytes(self.pool, SALT_POOL) != 1:
-                    raise RuntimeError("OpenSSL could not draw random salts")
-            else:
-                drawn = bytes(self.source(SALT_POOL))
-                if drawn.shape[0] != SALT_POOL:
-                    raise ValueError("the salt source returned the wrong number of bytes")
-                memcpy(self.pool, &drawn[0], SALT_POOL)
-            self.at = 0
-        self.at += SALT
-        return &self.pool[self.at - SALT]
+cdef int take_salt(Job *job, Span *salt) noexcept nogil:
+    if job.salts != NULL:
+        if job.salts_at + SALT > job.salts_size:
+            return FAIL
+        salt.p, salt.n = job.salts + job.salts_at, SALT
+        job.salts_at += SALT
+        return OK
+    if job.pool_at >= SALT_POOL:
+        if RAND_bytes(job.pool, SALT_POOL) != 1:
+            return FAIL
+        job.pool_at = 0
+    salt.p, salt.n = &job.pool[job.pool_at], SALT
+    job.pool_at += SALT
+    return OK
+
+
+cdef int encode_range(Job *job) noexcept nogil:
+    """Parse, check, commit, encode and leaf-hash events ``start`` to ``stop``: OK or FAIL."""
+    cdef Event event
+    cdef Py_ssize_t index, i, j, leaf_size
+    cdef Field *field
+    cdef Span actor_used, salt
+    cdef uint8_t *p
+    cdef uint8_t *v
+    cdef uint8_t digest[H]
+    cdef uint8_t head[5]
+    cdef SHA256_CTX ctx
+    cdef int64_t time_ns
+    cdef uint64_t sequence
+    job.nruns = 0
+    for index in range(job.start, job.stop):
+        if parse_event(job.spans[index], &event, &job.fields, &job.capacity, job.field_limit,
+                       job.value_limit) != OK:
+            return FAIL
+        # The log's rules, in the log's order.
+        if not valid_event_type(event.event_type, job.id_limit):
+            return FAIL
+        if event.event_id.n == 0 or chars(event.event_id) > job.id_limit or event.sequence:
+            return FAIL
+        if event.correlation[4].n and not same(event.correlation[4], job.tenant):
+            return FAIL
+        time_ns = job.now
+        if event.has_time and pe_time_ns(event.seconds, event.nanos, &time_ns) != 0:
+            return FAIL
+        actor_used = event.correlation[5] if event.correlation[5].n else job.actor
+        sequence = job.first + index
+        leaf_size = (4 + 8 + 4 + event.event_id.n + 4 + job.tenant.n + 4 + event.correlation[0].n
+                     + 4 + event.correlation[1].n + 4 + event.correlation[2].n + 4 + event.correlation[3].n
+                     + 4 + actor_used.n + 8 + 4 + event.event_type.n + 8 + 4 + event.digest.n
+                     + 4 + event.corrects.n + 4)
+        for i in range(event.nfields):
+            field = &job.fields[i]
+            if field.name.n == 0 or chars(field.name) > job.id_limit:
+                return FAIL
+            for j in range(i):
+                if same(job.fields[j].name, field.name):
+                    return FAIL
+            if not 0 <= field.classification <= 255:
+                return FAIL
+            if field.kind == 0 and field.commitment.n != H:
+                return FAIL
+            leaf_size += 4 + field.name.n + 2 + H
+        if out_reserve(&job.out, leaf_size) != OK:
+            return FAIL
+        p = job.out.data + job.out.size
+        memcpy(p, b"PEL1", 4)
+        put_u64(p + 4, sequence)
+        p = put_str(p + 12, event.event_id)
+        p = put_str(p, job.tenant)
+        for j in range(4):
+            p = put_str(p, event.correlation[j])
+        p = put_str(p, actor_used)
+        put_u64(p, <uint64_t>time_ns)
+        p = put_str(p + 8, event.event_type)
+        put_u64(p, event.revision)
+        p = put_str(p + 8, event.digest)
+        p = put_str(p, event.corrects)
+        put_u32(p, <uint32_t>event.nfields)
+        p += 4
+        for i in range(event.nfields):
+            field = &job.fields[i]
+            p = put_str(p, field.name)
+            p[0] = <uint8_t>field.classification
+            if field.kind == 0:
+                p[1] = 2
+                memcpy(p + 2, field.commitment.p, H)
+                p += 2 + H
+                continue
+            p[1] = <uint8_t>field.kind
+            if field.salt.n:
+                salt = field.salt
+            elif take_salt(job, &salt) != OK:
+                return FAIL
+            head[0] = 2
+            SHA256_Init(&ctx)
+            SHA256_Update(&ctx, head, 1)
+            SHA256_Update(&ctx, salt.p, salt.n)
+            put_u32(head, <uint32_t>field.name.n)
+            head[4] = <uint8_t>field.kind
+            SHA256_Update(&ctx, head, 4)
+            SHA256_Update(&ctx, field.name.p, field.name.n)
+            SHA256_Update(&ctx, &head[4], 1)
+            SHA256_Update(&ctx, field.value.p, field.value.n)
+            SHA256_Final(digest, &ctx)
+            if field.commitment.n and (field.commitment.n != H or memcmp(field.commitment.p, digest, H) != 0):
+                return FAIL
+            memcpy(p + 2, digest, H)
+            p += 2 + H
+            if out_reserve(&job.vals, 8 + 12 + field.name.n + salt.n + field.value.n) != OK:
+                return FAIL
+            v = job.vals.data + job.vals.size
+            put_u64(v, sequence)
+            v = put_str(v + 8, field.name)
+            v = put_str(v, salt)
+            v = put_str(v, field.value)
+            job.vals.size = v - job.vals.data
+        # The leaf hash (RFC 6962: SHA-256(0x00 || leaf)) while the leaf is in cache.
+        head[0] = 0
+        SHA256_Init(&ctx)
+        SHA256_Update(&ctx, head, 1)
+        SHA256_Update(&ctx, job.out.data + job.out.size, leaf_size)
+        SHA256_Final(job.leaf_hashes + index * H, &ctx)
+        job.out.size += leaf_size
+        job.offsets[index + 1] = job.out.size
+        put_u64_le(job.id_hashes + 8 * index, fnv1a(event.event_id))
+        if index == job.start or time_ns < job.min_time:
+            job.min_time = time_ns
+        if index == job.start or time_ns > job.max_time:
+            job.max_time = time_ns
+        if job.nruns == 0 or not same(job.run_correlations[job.nruns - 1], event.correlation[0]):
+            job.run_starts[job.nruns] = index
+            job.run_correlations[job.nruns] = event.correlation[0]
+            job.nruns += 1
+    return OK
+
+
+cdef void *encode_thread(void *job) noexcept nogil:
+    (<Job *>job).status = encode_range(<Job *>job)
+    return NULL
+
+
+cdef enum:
+    PARALLEL_EVENTS = 256       # a batch this large is encoded by two threads
+
+
+cdef Py_ssize_t _count_fields(const Span *spans, Py_ssize_t count) noexcept nogil:
+    """An upper bound of the salts a batch can need: its EventField entries (-1: malformed)."""
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    cdef Py_ssize_t index, total = 0
+    for index in range(count):
+        r.p, r.end = spans[index].p, spans[index].p + spans[index].n
+        while r.p < r.end:
+            if next_field(&r, &number, &wire, &scalar, &span) != OK:
+                return -1
+            if number == 7:
+                total += 1
+    return total
 
 
 cdef object _fail(args):
@@ -466,11 +643,11 @@ cdef object _fail(args):
 
 
 def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, max_fields, max_value_bytes,
-                  max_id_chars, salts=None):
+                  max_id_chars, salts=None, threads=None):
     """Validate, commit and encode the events of a serialized append request (see the twin)."""
     call = ((data, tenant, actor, first_sequence, now_ns),
             dict(max_events=max_events, max_fields=max_fields, max_value_bytes=max_value_bytes,
-                 max_id_chars=max_id_chars, salts=salts))
+                 max_id_chars=max_id_chars, salts=salts, threads=threads))
     cdef const uint8_t[::1] buffer
     try:
         view = memoryview(data)
@@ -489,6 +666,7 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     for label, given in zip(("max_events", "max_fields", "max_value_bytes", "max_id_chars"), limits):
         if given < 0:
             raise ValueError(f"{label} must not be negative, got {given}")
+    cdef int wanted_threads = _twin._threads_arg(threads)
     cdef Py_ssize_t event_limit = min(limits[0], 1 << 40), field_limit = min(limits[1], 1 << 40)
     cdef uint64_t value_limit = min(limits[2], 1 << 62)
     cdef Py_ssize_t id_limit = min(limits[3], 1 << 40)
@@ -519,36 +697,25 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
         return _fail(call)
 
     cdef Span *spans = <Span *>malloc((count + 1) * sizeof(Span))
-    cdef Py_ssize_t capacity = 8
-    cdef Field *fields = <Field *>malloc(capacity * sizeof(Field))
-    cdef Out out, vals
-    out.data = vals.data = NULL
-    out.size = out.capacity = vals.size = vals.capacity = 0
-    if spans == NULL or fields == NULL:
-        free(spans)
-        free(fields)
+    if spans == NULL:
         raise MemoryError()
-    cdef Event event
-    cdef Py_ssize_t index = 0, i, j, leaf_size
+    cdef Py_ssize_t index = 0, i, k, njobs, needed, end_index
+    cdef Job jobs[2]
+    cdef Job *job
     cdef array.array offsets = array.clone(_OFFSETS_TEMPLATE, count + 1, zero=False)
     cdef unsigned long long *offset = offsets.data.as_ulonglongs
-    cdef _SaltPool pool = _SaltPool(salts)
-    cdef Field *field
-    cdef Span actor_used, salt
-    cdef const uint8_t *drawn
-    cdef uint8_t *p
-    cdef uint8_t *v
-    cdef uint8_t digest[H]
-    cdef uint8_t head[5]
-    cdef SHA256_CTX ctx
-    cdef int64_t time_ns
-    cdef uint64_t sequence
-    cdef list runs = []
-    cdef list run = None
-    cdef Span run_correlation
-    cdef int64_t min_time = 0, max_time = 0
+    cdef unsigned long long shift
+    leaf_hashes = PyBytes_FromStringAndSize(NULL, count * H)
     hashes = PyBytes_FromStringAndSize(NULL, count * 8)
-    cdef uint8_t *hash_out = <uint8_t *>PyBytes_AS_STRING(hashes)
+    cdef const uint8_t[::1] drawn
+    cdef pthread_t helper
+    cdef bint started = False
+    cdef list runs = []
+    cdef Span previous
+    cdef bint have_previous = False
+    cdef int64_t min_time, max_time
+    pool = b""
+    memset(jobs, 0, sizeof(jobs))
     try:
         r.p = &buffer[0]
         while r.p < r.end:
@@ -557,115 +724,87 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
                 spans[index] = span
                 index += 1
         offset[0] = 0
-        for index in range(count):
-            if parse_event(spans[index], &event, &fields, &capacity, field_limit, value_limit) != OK:
+        # A salt source given (tests) is called ahead, as the twin calls it (256 salts a call),
+        # and then one thread runs, so that salts go to fields in order.
+        njobs = 2 if count >= PARALLEL_EVENTS and salts is None and wanted_threads > 1 else 1
+        if salts is not None:
+            needed = _count_fields(spans, count)
+            if needed < 0:
                 return _fail(call)
-            # The log's rules, in the log's order.
-            if not valid_event_type(event.event_type, id_limit):
-                return _fail(call)
-            if event.event_id.n == 0 or chars(event.event_id) > id_limit or event.sequence:
-                return _fail(call)
-            if event.correlation[4].n and not same(event.correlation[4], tenant_span):
-                return _fail(call)
-            time_ns = now
-            if event.has_time and pe_time_ns(event.seconds, event.nanos, &time_ns) != 0:
-                return _fail(call)
-            actor_used = event.correlation[5] if event.correlation[5].n else actor_span
-            sequence = first + index
-            leaf_size = (4 + 8 + 4 + event.event_id.n + 4 + tenant_span.n + 4 + event.correlation[0].n
-                         + 4 + event.correlation[1].n + 4 + event.correlation[2].n + 4 + event.correlation[3].n
-                         + 4 + actor_used.n + 8 + 4 + event.event_type.n + 8 + 4 + event.digest.n
-                         + 4 + event.corrects.n + 4)
-            for i in range(event.nfields):
-                field = &fields[i]
-                if field.name.n == 0 or chars(field.name) > id_limit:
-                    return _fail(call)
-                for j in range(i):
-                    if same(fields[j].name, field.name):
-                        return _fail(call)
-                if not 0 <= field.classification <= 255:
-                    return _fail(call)
-                if field.kind == 0 and field.commitment.n != H:
-                    return _fail(call)
-                leaf_size += 4 + field.name.n + 2 + H
-            if out_reserve(&out, leaf_size) != OK:
+            pool = b"".join(bytes(salts(SALT_POOL)) for _ in range((needed + 255) // 256))
+            if len(pool) != SALT_POOL * ((needed + 255) // 256):
+                raise ValueError("the salt source returned the wrong number of bytes")
+            drawn = pool if len(pool) else b"\0"
+        for k in range(njobs):
+            job = &jobs[k]
+            job.spans = spans
+            job.start = count * k // njobs
+            job.stop = count * (k + 1) // njobs
+            job.first = first
+            job.now = now
+            job.tenant, job.actor = tenant_span, actor_span
+            job.field_limit, job.id_limit, job.value_limit = field_limit, id_limit, value_limit
+            job.pool_at = SALT_POOL
+            if salts is not None:
+                job.salts = &drawn[0]
+                job.salts_size = len(pool)
+            job.offsets = offset
+            job.leaf_hashes = <uint8_t *>PyBytes_AS_STRING(leaf_hashes)
+            job.id_hashes = <uint8_t *>PyBytes_AS_STRING(hashes)
+            job.run_starts = <Py_ssize_t *>malloc((job.stop - job.start + 1) * sizeof(Py_ssize_t))
+            job.run_correlations = <Span *>malloc((job.stop - job.start + 1) * sizeof(Span))
+            job.capacity = 8
+            job.fields = <Field *>malloc(job.capacity * sizeof(Field))
+            if job.run_starts == NULL or job.run_correlations == NULL or job.fields == NULL:
                 raise MemoryError()
-            p = out.data + out.size
-            memcpy(p, b"PEL1", 4)
-            put_u64(p + 4, sequence)
-            p = put_str(p + 12, event.event_id)
-            p = put_str(p, tenant_span)
-            for j in range(4):
-                p = put_str(p, event.correlation[j])
-            p = put_str(p, actor_used)
-            put_u64(p, <uint64_t>time_ns)
-            p = put_str(p + 8, event.event_type)
-            put_u64(p, event.revision)
-            p = put_str(p + 8, event.digest)
-            p = put_str(p, event.corrects)
-            put_u32(p, <uint32_t>event.nfields)
-            p += 4
-            for i in range(event.nfields):
-                field = &fields[i]
-                p = put_str(p, field.name)
-                p[0] = <uint8_t>field.classification
-                if field.kind == 0:
-                    p[1] = 2
-                    memcpy(p + 2, field.commitment.p, H)
-                    p += 2 + H
-                    continue
-                p[1] = <uint8_t>field.kind
-                if field.salt.n:
-                    salt = field.salt
+        with nogil:
+            if njobs == 2 and pthread_create(&helper, NULL, encode_thread, &jobs[1]) == 0:
+                started = True
+            jobs[0].status = encode_range(&jobs[0])
+            if started:
+                pthread_join(helper, NULL)
+            elif njobs == 2:
+                jobs[1].status = encode_range(&jobs[1])
+        for k in range(njobs):
+            if jobs[k].status != OK:
+                return _fail(call)
+        # Merge: the second job's offsets move past the first job's leaves.
+        if njobs == 2:
+            shift = jobs[0].out.size
+            for i in range(jobs[1].start, jobs[1].stop):
+                offset[i + 1] += shift
+        leaves = PyBytes_FromStringAndSize(NULL, jobs[0].out.size + jobs[1].out.size)
+        values = PyBytes_FromStringAndSize(NULL, jobs[0].vals.size + jobs[1].vals.size)
+        for k in range(njobs):
+            if jobs[k].out.size:
+                memcpy(PyBytes_AS_STRING(leaves) + (jobs[0].out.size if k else 0), jobs[k].out.data,
+                       jobs[k].out.size)
+            if jobs[k].vals.size:
+                memcpy(PyBytes_AS_STRING(values) + (jobs[0].vals.size if k else 0), jobs[k].vals.data,
+                       jobs[k].vals.size)
+            for i in range(jobs[k].nruns):
+                span = jobs[k].run_correlations[i]
+                end_index = (jobs[k].run_starts[i + 1] if i + 1 < jobs[k].nruns else jobs[k].stop) - 1
+                if have_previous and same(previous, span):
+                    runs[len(runs) - 1][2] = first + end_index
                 else:
-                    drawn = pool.take()
-                    salt.p, salt.n = drawn, SALT
-                head[0] = 2
-                SHA256_Init(&ctx)
-                SHA256_Update(&ctx, head, 1)
-                SHA256_Update(&ctx, salt.p, salt.n)
-                put_u32(head, <uint32_t>field.name.n)
-                head[4] = <uint8_t>field.kind
-                SHA256_Update(&ctx, head, 4)
-                SHA256_Update(&ctx, field.name.p, field.name.n)
-                SHA256_Update(&ctx, &head[4], 1)
-                SHA256_Update(&ctx, field.value.p, field.value.n)
-                SHA256_Final(digest, &ctx)
-                if field.commitment.n and (field.commitment.n != H or memcmp(field.commitment.p, digest, H) != 0):
-                    return _fail(call)
-                memcpy(p + 2, digest, H)
-                p += 2 + H
-                if out_reserve(&vals, 8 + 12 + field.name.n + salt.n + field.value.n) != OK:
-                    raise MemoryError()
-                v = vals.data + vals.size
-                put_u64(v, sequence)
-                v = put_str(v + 8, field.name)
-                v = put_str(v, salt)
-                v = put_str(v, field.value)
-                vals.size = v - vals.data
-            out.size += leaf_size
-            offset[index + 1] = out.size
-            put_u64_le(hash_out + 8 * index, fnv1a(event.event_id))
-            if index == 0 or time_ns < min_time:
-                min_time = time_ns
-            if index == 0 or time_ns > max_time:
-                max_time = time_ns
-            if run is not None and same(run_correlation, event.correlation[0]):
-                run[2] = sequence
-            else:
-                run_correlation = event.correlation[0]
-                run = [PyUnicode_DecodeUTF8(<const char *>run_correlation.p, run_correlation.n, NULL),
-                       sequence, sequence]
-                runs.append(run)
-        leaves = PyBytes_FromStringAndSize(<const char *>out.data, out.size)
-        values = PyBytes_FromStringAndSize(<const char *>vals.data, vals.size)
+                    runs.append([PyUnicode_DecodeUTF8(<const char *>span.p, span.n, NULL),
+                                 first + jobs[k].run_starts[i], first + end_index])
+                previous, have_previous = span, True
+        min_time, max_time = jobs[0].min_time, jobs[0].max_time
+        if njobs == 2 and jobs[1].stop > jobs[1].start:
+            min_time = min(min_time, jobs[1].min_time)
+            max_time = max(max_time, jobs[1].max_time)
     finally:
         free(spans)
-        free(fields)
-        free(out.data)
-        free(vals.data)
-    return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time)
-
+        for k in range(2):
+            free(jobs[k].out.data)
+            free(jobs[k].vals.data)
+            free(jobs[k].run_starts)
+            free(jobs[k].run_correlations)
+            free(jobs[k].fields)
+    return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time,
+                        leaf_hashes)
 
 cdef inline size_t _slot(uint64_t key, size_t mask) noexcept nogil:
     # FNV-1a's low bits are well mixed already; one multiply spreads structured keys too.

@@ -8,12 +8,12 @@ selects it (see :mod:`planes.native`).
 other top-level field is skipped) and, in one pass per event, validates it,
 commits each field value with a salted SHA-256 and writes the event's
 canonical leaf (the format of ``planes.plugins.evidence.leaf``, version 1).
-It also writes what the store keeps beside the leaves: the raw values
+It hashes each leaf (RFC 6962) and writes what the store keeps beside the leaves: the raw values
 (salt and value per field, one blob, :func:`decode_values` reads it), a
 64-bit FNV-1a hash of each event id (the store's in-memory replay index)
 and the runs of consecutive events sharing a correlation id (its query
-index). The caller hashes and chains the leaves (``chain.hash_and_chain``)
-and stores them; nothing here touches storage.
+index). The caller chains the leaf hashes (``chain.chain``) and stores
+them; nothing here touches storage.
 
 Errors, so the log can map them without parsing messages:
 
@@ -117,12 +117,16 @@ class EncodedBatch:
     ``(correlation_id, first_sequence, last_sequence)`` for each run of
     consecutive events with the same correlation id, and ``min_time`` /
     ``max_time`` bound the events' times (0 for an empty batch).
+    ``leaf_hashes`` holds the n RFC 6962 leaf hashes (``None`` when the
+    batch was put together elsewhere and they are still to compute).
     """
 
-    __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "runs", "min_time", "max_time")
+    __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "runs", "min_time", "max_time",
+                 "leaf_hashes")
 
     def __init__(self, first_sequence: int, leaves: bytes, offsets: array, values: bytes, id_hashes: bytes,
-                 runs: list, min_time: int, max_time: int):
+                 runs: list, min_time: int, max_time: int, leaf_hashes: bytes | None = None):
+        self.leaf_hashes = leaf_hashes
         self.first_sequence = first_sequence
         self.leaves = leaves
         self.offsets = offsets
@@ -483,13 +487,26 @@ def _limit_arg(value, name: str) -> int:
     return number
 
 
+def _threads_arg(value) -> int:
+    """``threads=``: None for the default (two for a batch of 256 events or more), else at least 1."""
+    if value is None:
+        return 2
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"threads must be at least 1, got {number}")
+    return number
+
+
 def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: int, *, max_events: int,
-                  max_fields: int, max_value_bytes: int, max_id_chars: int, salts=None) -> EncodedBatch:
+                  max_fields: int, max_value_bytes: int, max_id_chars: int, salts=None,
+                  threads=None) -> EncodedBatch:
     """Validate, commit and encode the events of a serialized append request (see the module docstring).
 
     Event i gets sequence ``first_sequence + i``; an event without a time gets
     ``now_ns``; one without an actor gets ``actor``. ``salts`` (for tests) is
     an ``os.urandom``-like callable; salts sent with a field are used as is.
+    ``threads`` caps the threads the compiled module encodes with (accepted
+    and checked here, for parity).
     """
     try:
         data = bytes(memoryview(data).cast("B"))
@@ -500,6 +517,7 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
     max_events = _limit_arg(max_events, "max_events")
     limits = (max_events, _limit_arg(max_fields, "max_fields"), _limit_arg(max_value_bytes, "max_value_bytes"))
     max_id_chars = _limit_arg(max_id_chars, "max_id_chars")
+    _threads_arg(threads)
     tenant_raw, actor_raw = tenant.encode(), actor.encode()
     spans = []
     for number, wire, got, at in _fields(data, 0, len(data)):
@@ -516,6 +534,7 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
     offsets = array("Q", [0])
     values: list = []
     hashes = array("Q")
+    leaf_hashes = []
     runs: list = []
     times = []
     total = 0
@@ -525,6 +544,7 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
         leaf, (event_id, correlation_id, time_ns) = _encode(event, index, sequence, tenant_raw, actor_raw, now_ns,
                                                             max_id_chars, pool.take, values)
         leaves.append(leaf)
+        leaf_hashes.append(sha256(b"\x00" + leaf).digest())
         total += len(leaf)
         offsets.append(total)
         hashes.append(id_hash(event_id))
@@ -534,7 +554,8 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
         else:
             runs.append([correlation_id, sequence, sequence])
     return EncodedBatch(first_sequence, b"".join(leaves), offsets, pack_values(values), _little(hashes),
-                        [(c.decode(), a, b) for c, a, b in runs], min(times, default=0), max(times, default=0))
+                        [(c.decode(), a, b) for c, a, b in runs], min(times, default=0), max(times, default=0),
+                        b"".join(leaf_hashes))
 
 
 def _little(values: array) -> bytes:

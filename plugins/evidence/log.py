@@ -87,13 +87,16 @@ class _SaltPool:
 class EvidenceLog:
     def __init__(self, store: SqliteEvidenceStore, key: SigningKey, *, log_id: str,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 5.0,
-                 limits: Limits | None = None, clock: Callable[[], float] = time.time):
+                 limits: Limits | None = None, clock: Callable[[], float] = time.time, encode_threads: int = 1):
         self.store = store
         self.key = key
         self.log_id = log_id
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.limits = limits or Limits()
+        # Two threads encode a large batch faster only when a core is idle: on
+        # this shared two-core box one thread measured 1.05-1.1x faster.
+        self.encode_threads = encode_threads
         self.clock = clock
         self.size, head = store.head()
         self.head = head or ZERO_HEAD
@@ -141,7 +144,7 @@ class EvidenceLog:
             batch = eventbatch.encode_events(
                 data, tenant, appender.principal, self.size + 1, int(self.clock() * 1e9),
                 max_events=limits.events_per_batch, max_fields=limits.fields_per_event,
-                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars)
+                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars, threads=self.encode_threads)
         except eventbatch.BatchLimitError as exc:
             if exc.limit_name == "events_per_batch":
                 raise LimitExceeded(exc.limit_name, exc.limit, exc.actual) from None
@@ -294,7 +297,8 @@ class EvidenceLog:
 
     def _commit_batch(self, tenant: str, batch, *, event_ids: list[str] | None = None) -> None:
         """Hash, chain and store an encoded batch as one segment; durable when this returns."""
-        hashes, heads = chain.hash_and_chain(self.head, batch.leaves, batch.offsets)
+        hashes = batch.leaf_hashes or chain.leaf_hashes(batch.leaves, batch.offsets)
+        heads = chain.chain(self.head, hashes)
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
         frontier.append(hashes)
         self.store.append(tenant, batch, hashes, heads, {"frontier": frontier.to_bytes()}, event_ids=event_ids)

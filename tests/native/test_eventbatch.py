@@ -286,3 +286,43 @@ def test_id_index_finds_first_sequences_and_refuses_repeats(batch):
         index.add(b"123", 1)
     with pytest.raises(ValueError, match="first_sequence"):
         index.add(blob[:8], 0)
+
+
+def test_two_threads_encode_what_one_thread_does(batch):
+    """A large batch is split between two threads; with every salt sent, the output is deterministic."""
+    events = []
+    for number in range(1000):
+        event = pb.Event(event_id=f"id-{number}", event_type="tool.invoked",
+                         correlation=common_pb2.Correlation(correlation_id=f"c-{number // 7}"))
+        event.time.seconds = 1_000_000 + (number * 7919) % 1000
+        event.fields.add(name="tool", string_value="x" * (number % 50), salt=number.to_bytes(16, "big"))
+        events.append(event)
+    data = request_bytes(events)
+    arguments = dict(LIMITS, max_events=1000)
+    one = batch.encode_events(data, "acme", "svc", 5, 0, threads=1, **arguments)
+    two = batch.encode_events(data, "acme", "svc", 5, 0, threads=2, **arguments)
+    assert (one.leaves, list(one.offsets), one.values, one.id_hashes, one.runs, one.min_time, one.max_time,
+            one.leaf_hashes) == (two.leaves, list(two.offsets), two.values, two.id_hashes, two.runs, two.min_time,
+                                 two.max_time, two.leaf_hashes)
+    assert one.runs[71] == ("c-71", 5 + 497, 5 + 503), "a run across the halves is one run"
+    chain = importlib.import_module("planes.native.chain_py")
+    assert two.leaf_hashes == chain.leaf_hashes(two.leaves, two.offsets)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        batch.encode_events(data, "acme", "svc", 5, 0, threads=0, **arguments)
+
+
+def test_random_damage_to_a_large_batch_never_crashes_either_thread(batch):
+    events = [pb.Event(event_id=f"e{n}", event_type="tool.invoked",
+                       correlation=common_pb2.Correlation(correlation_id=f"c{n // 3}")) for n in range(300)]
+    for event in events:
+        event.fields.add(name="tool", string_value="grep")
+    base = request_bytes(events)
+    rng = random.Random(12)
+    for _ in range(60):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            encode(batch, bytes(data), max_events=300, salts=None, threads=2)
+        except (batch.BatchFormatError, batch.BatchLimitError, batch.BatchRuleError, batch.NotCanonical):
+            pass
