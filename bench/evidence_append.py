@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     rows: dict[str, list[float]] = {name: [] for name in (
-        "in-process, request bytes, 1 thread", "in-process, request bytes, 2 threads",
-        "in-process, pb.Event list", "encode + chain only (no storage)", "file floor (write + fdatasync)",
+        "in-process, batched, request bytes", "in-process, batched, 2 encode threads",
+        "in-process, batched, pb.Event list", "encode + chain only (no storage)", "file floor (write + fdatasync)",
         "gRPC streaming batches", "gRPC unary, one event")}
     names = list(rows)
     for round_ in range(args.repeat):
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeat} rounds, durable (segment fdatasync + SQLite synchronous=FULL)")
     encode_only = statistics.median(rows[names[3]])
     floor = statistics.median(rows[names[4]])
-    print(f"{'path':<40} {'events/s':>12} {'/ encode-only':>14} {'/ file floor':>13}")
+    print(f"{'path':<42} {'events/s':>12} {'/ encode-only':>14} {'/ file floor':>13}")
     for name, values in rows.items():
         value = statistics.median(values)
-        print(f"{name:<40} {value:>12,.0f} {value / encode_only:>14.2f} {value / floor:>13.2f}")
+        print(f"{name:<42} {value:>12,.0f} {value / encode_only:>14.2f} {value / floor:>13.2f}")
     return 0
 
 
