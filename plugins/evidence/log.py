@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import OrderedDict
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +32,15 @@ from planes.kernel.tokens import SigningKey
 from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
+from .proofs import InclusionProofs
 from .store import SqliteEvidenceStore, StoredEvent, StoredValue, u64_bytes
 
 chain = load("chain")
 eventbatch = load("eventbatch")
 
 ZERO_HEAD = bytes(32)
+#: Trees whose subtree roots stay cached for inclusion proofs (a 1M-leaf tree: 32 MB of leaf hashes).
+CACHED_TREES = 2
 CHECKPOINT_CONTEXT = b"planes.evidence.v1.Checkpoint\x00"
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 
@@ -104,6 +108,7 @@ class EvidenceLog:
         last = store.checkpoint()
         self._checkpointed_size = last[0] if last else 0
         self._valid_types: set[str] = set()
+        self._proofs: OrderedDict[int, InclusionProofs] = OrderedDict()
         self._checkpointed_at = clock()
 
     def _load_frontier(self):
@@ -360,9 +365,26 @@ class EvidenceLog:
         if stored.sequence > size:
             raise FailedPrecondition(f"event {event_id} is not in the tree of size {size}")
         index = stored.sequence - 1
-        path = chain.inclusion_proof(self.store.leaf_hashes(size), index, size)
+        path = self.inclusion_proofs(size).path(index)
         return pb.ProveInclusionResponse(leaf_index=index, leaf_hash=stored.leaf_hash, audit_path=path,
                                          checkpoint=signed)
+
+    def inclusion_proofs(self, size: int) -> InclusionProofs:
+        """Audit paths in the tree of ``size`` leaves, sharing subtree roots between calls.
+
+        A tree of a given size never changes, so the leaf hashes are read and
+        each subtree root computed once for the last few sizes asked about:
+        the first proof against a checkpoint costs about n hashes, the next
+        ones about log2(n) lookups.
+        """
+        proofs = self._proofs.get(size)
+        if proofs is None:
+            proofs = self._proofs[size] = InclusionProofs(self.store.leaf_hashes(size), size)
+            while len(self._proofs) > CACHED_TREES:
+                self._proofs.popitem(last=False)
+        else:
+            self._proofs.move_to_end(size)
+        return proofs
 
     def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
         if not 0 < first <= second:

@@ -234,3 +234,24 @@ def test_encodings_the_native_path_leaves_to_protobuf_still_append(log):
     assert log.append_encoded("acme", data, SERVICE).sequences == [1]
     stored = log.query("acme")[0]
     assert (stored.correlation.correlation_id, stored.correlation.actor) == ("c-9", "merged-actor")
+
+
+def test_proofs_against_one_checkpoint_read_the_leaf_hashes_once(log, monkeypatch):
+    log.append("acme", [event(f"p{i}") for i in range(13)], SERVICE)
+    checkpoint = log.checkpoint_now()
+    size = pb_checkpoint_size(checkpoint)
+    reads = []
+    original = log.store.leaf_hashes
+    monkeypatch.setattr(log.store, "leaf_hashes", lambda n: reads.append(n) or original(n))
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    root = pb.Checkpoint.FromString(checkpoint.checkpoint).root_hash
+    for index in range(13):
+        proof = log.prove_inclusion("acme", f"p{index}", size)
+        assert chain.verify_inclusion(proof.leaf_hash, index, size, list(proof.audit_path), root)
+        assert list(proof.audit_path) == chain.inclusion_proof(original(size), index, size)
+    assert reads == [size], "the tree's leaf hashes are read once, then its subtree roots are reused"
+
+
+def pb_checkpoint_size(signed) -> int:
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    return pb.Checkpoint.FromString(signed.checkpoint).tree_size
