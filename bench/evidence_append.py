@@ -9,7 +9,7 @@ hash and a Merkle node.
 Rows, interleaved round by round (each figure the median of the rounds):
 
 - in-process from request bytes (``EvidenceLog.append_encoded``: what the
-  gRPC servicer calls), with one and with two encode threads;
+  gRPC servicer calls), with two encode threads (the default) and with one;
 - in-process from a list of ``pb.Event`` (``EvidenceLog.append``, which
   serializes the list first);
 - two baselines on the same batches, for the ratios: *encode + chain only*
@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     rows: dict[str, list[float]] = {name: [] for name in (
-        "in-process, batched, request bytes", "in-process, batched, 2 encode threads",
+        "in-process, batched, request bytes", "in-process, batched, 1 encode thread",
         "in-process, batched, pb.Event list", "encode + chain only (no storage)", "file floor (write + fdatasync)",
         "gRPC streaming batches", "gRPC unary, one event")}
     names = list(rows)
     for round_ in range(args.repeat):
         steps = [
-            lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 1)),
-            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2)),
+            lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2)),
+            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 1)),
             lambda: rows[names[2]].append(in_process_messages(args.events, args.batch)),
         ]
         for step in steps if round_ % 2 == 0 else steps[::-1]:

@@ -2,7 +2,7 @@
 
 Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
 ``checkpoint_seconds`` (default 5), ``synchronous`` (SQLite, default ``FULL``),
-``encode_threads`` (threads that encode a batch of 256 events or more, default 1),
+``encode_threads`` (threads that encode a batch of 256 events or more, default 2),
 ``retention`` (a table of event type -> seconds after which raw values are
 pruned, until the control plane provides retention rules).
 State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
@@ -48,7 +48,7 @@ def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
     return EvidenceLog(store, key, log_id=log_id.decode(),
                        checkpoint_every=int(settings.get("checkpoint_every", 1000)),
                        checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)),
-                       encode_threads=int(settings.get("encode_threads", 1)))
+                       encode_threads=int(settings.get("encode_threads", 2)))
 
 
 class EvidencePlugin(Plugin):

@@ -91,15 +91,16 @@ class _SaltPool:
 class EvidenceLog:
     def __init__(self, store: SqliteEvidenceStore, key: SigningKey, *, log_id: str,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 5.0,
-                 limits: Limits | None = None, clock: Callable[[], float] = time.time, encode_threads: int = 1):
+                 limits: Limits | None = None, clock: Callable[[], float] = time.time, encode_threads: int = 2):
         self.store = store
         self.key = key
         self.log_id = log_id
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.limits = limits or Limits()
-        # Two threads encode a large batch faster only when a core is idle: on
-        # this shared two-core box one thread measured 1.05-1.1x faster.
+        # Two threads encode a large batch faster when the second core is free;
+        # on this shared two-core box end-to-end appends measured 1.07-1.11x
+        # (streaming: 1.09x median of 5, interleaved), the encoder alone 0.92-1.14x.
         self.encode_threads = encode_threads
         self.clock = clock
         self.size, head = store.head()
