@@ -24,12 +24,12 @@ each segment's row:
 - Replays are found through an in-memory index of event-id hashes (64-bit
   FNV-1a) to sequences (``eventbatch.IdIndex``: 16-32 bytes an event in the
   compiled module), built from the segments at open and confirmed against
-  the stored leaf; the rare distinct ids whose
-  hashes collide are kept in ``id_collisions``.
+  the stored leaf; the rare distinct ids whose hashes collide are kept in
+  ``id_collisions``.
 
 A log in format 1 (one ``events`` row per event) is migrated to segments in
-one transaction when opened (the file is written first, as for an append). Leaves are the source of truth: fsck recomputes
-everything else from them. A PostgreSQL backend implements the same methods.
+one transaction when opened (the file is written first, as for an append).
+Leaves are the source of truth: fsck recomputes everything else from them.
 """
 
 from __future__ import annotations
