@@ -44,6 +44,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from planes.kernel.errors import PlanesError
 from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
@@ -216,7 +217,15 @@ class SqliteEvidenceStore:
         self._write = self._connect(synchronous)
         self._write.executescript(SCHEMA)
         self._local = threading.local()
-        self._fd = os.open(self.segment_path, (os.O_RDWR | os.O_CREAT) if writer else os.O_RDONLY, 0o600)
+        if not writer and self._write.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
+            self._write.close()
+            raise PlanesError(f"{path} holds an evidence log in format 1 (a row per event): open it for writing "
+                              "once (start the kernel) to migrate it to segments, then check it")
+        if writer or self.segment_path.exists():
+            self._fd = os.open(self.segment_path, (os.O_RDWR | os.O_CREAT) if writer else os.O_RDONLY, 0o600)
+        else:  # a log nothing was ever appended to, checked read-only
+            self._fd = os.open(os.devnull, os.O_RDONLY)
         row = self._write.execute("SELECT file_offset, count, leaves_length, values_length FROM segments "
                                   "ORDER BY first_sequence DESC LIMIT 1").fetchone()
         self._end = row[0] + record_length(*row[1:]) if row else 0

@@ -250,3 +250,20 @@ def test_a_format_1_log_is_migrated_and_still_verifies(tmp_path, filled):
         assert migrated.append("acme", [event("e4")], SERVICE).duplicates == 1, "replays are still found"
     finally:
         migrated.store.close()
+
+
+def test_a_read_only_check_of_an_empty_log_and_of_a_format_1_log(tmp_path):
+    from planes.kernel.errors import PlanesError
+    from planes.plugins.evidence.store import SqliteEvidenceStore
+
+    empty = SqliteEvidenceStore(tmp_path / "empty" / "log.sqlite3", writer=False)
+    try:
+        assert empty.head() == (0, None) and not empty.segment_path.exists(), "checking creates no segment file"
+    finally:
+        empty.close()
+    (tmp_path / "old").mkdir()
+    connection = sqlite3.connect(tmp_path / "old" / "log.sqlite3")
+    connection.executescript(FORMAT_1_SCHEMA)
+    connection.close()
+    with pytest.raises(PlanesError, match="format 1"):
+        SqliteEvidenceStore(tmp_path / "old" / "log.sqlite3", writer=False)
