@@ -60,7 +60,7 @@ def extensions() -> list[Extension]:
 
 
 #: Native modules that link OpenSSL's libcrypto (for SHA-256).
-CRYPTO_USERS: set[str] = {"chain", "codec"}
+CRYPTO_USERS: set[str] = {"chain", "codec", "eventbatch"}
 
 setup(
     package_dir=SOURCE_PACKAGES,

@@ -2,9 +2,11 @@
 
 Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
 ``checkpoint_seconds`` (default 5), ``synchronous`` (SQLite, default ``FULL``),
+``encode_threads`` (threads that encode a batch of 256 events or more, default 2),
 ``retention`` (a table of event type -> seconds after which raw values are
 pruned, until the control plane provides retention rules).
-State: ``<state_dir>/evidence/log.sqlite3`` and the checkpoint signing key
+State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
+(the append-only segment file) beside it, and the checkpoint signing key
 ``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it).
 """
 
@@ -45,7 +47,8 @@ def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
         store.set_meta("log_id", log_id)
     return EvidenceLog(store, key, log_id=log_id.decode(),
                        checkpoint_every=int(settings.get("checkpoint_every", 1000)),
-                       checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)))
+                       checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)),
+                       encode_threads=int(settings.get("encode_threads", 2)))
 
 
 class EvidencePlugin(Plugin):
@@ -179,7 +182,7 @@ def _cmd_fsck(args) -> int:
     path = settings.state_dir / STORE_FILE
     if not path.exists():
         raise PlanesError(f"no evidence log at {path}")
-    store = SqliteEvidenceStore(path)
+    store = SqliteEvidenceStore(path, writer=False)
     report = fsck(store, load_public_key(settings.state_dir / PUBLIC_KEY_FILE))
     store.close()
     if not report.ok:

@@ -32,7 +32,6 @@ from planes.native import load
 
 from . import leaf as leaves
 from .log import CHECKPOINT_CONTEXT
-from .proofs import InclusionProofs
 
 chain = load("chain")
 
@@ -56,7 +55,7 @@ def canonical(document: dict) -> bytes:
 
 def build(*, log, tenant: str, selection: dict, rows, tree_size: int, signed: pb.SignedCheckpoint) -> bytes:
     """The bundle for ``rows`` (StoredEvents of one tenant) proven against ``signed``."""
-    proofs = InclusionProofs(log.store.leaf_hashes(tree_size), tree_size)
+    proofs = log.inclusion_proofs(tree_size)
     values = log.store.values([row.sequence for row in rows])
     events = []
     for row in rows:

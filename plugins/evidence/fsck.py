@@ -1,27 +1,30 @@
 """``planes evidence fsck``: recompute the chain and the tree from stored leaves.
 
-Every stored byte is covered: a leaf that changed no longer hashes to its
-stored leaf hash; a changed leaf hash or chain head breaks the recomputed
-chain; a changed index column disagrees with its leaf; a changed raw value or
-salt no longer matches its commitment; a changed checkpoint fails its
-signature or its recomputed root and head. The first problem is reported with
-where it is.
+Every stored byte is covered. In a segment: a changed leaf no longer hashes
+to its stored leaf hash; a changed leaf hash or chain head breaks the
+recomputed chain; damaged offsets do not cut the leaves into the counted
+events (or cut them differently, which changes leaf hashes); a changed
+event-id hash, tenant or time range disagrees with the leaves; a missing
+segment is a gap in the sequences. A changed raw value or salt no longer
+matches its commitment; a changed or missing correlation-index row
+disagrees with the runs recomputed from the leaves; a changed checkpoint
+fails its signature or its recomputed root and head. The first problem is
+reported with where it is.
 """
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.native import load
+from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
 from .log import CHECKPOINT_CONTEXT, ZERO_HEAD
-from .store import SqliteEvidenceStore
+from .store import Segment, SqliteEvidenceStore, u64_array
 
 chain = load("chain")
 
@@ -38,64 +41,128 @@ class FsckReport:
         return not self.problems
 
 
+class _Stop(Exception):
+    pass
+
+
+def _offsets(segment: Segment) -> list[int] | str:
+    """The segment's offsets, or what is wrong with them."""
+    if len(segment.offsets) != (segment.count + 1) * 8 or segment.count < 1:
+        return f"offsets hold {len(segment.offsets)} bytes for {segment.count} events"
+    offsets = u64_array(segment.offsets).tolist()
+    if offsets[0] != 0 or offsets[-1] != len(segment.leaves):
+        return f"offsets run from {offsets[0]} to {offsets[-1]}, the leaves hold {len(segment.leaves)} bytes"
+    for index in range(segment.count):
+        if offsets[index + 1] < offsets[index]:
+            return f"offset {index + 1} goes backwards"
+    return offsets
+
+
 def fsck(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, *, stop_at_first: bool = True) -> FsckReport:
     report = FsckReport()
 
-    def problem(text: str) -> bool:
+    def problem(text: str) -> None:
         report.problems.append(text)
-        return stop_at_first
+        if stop_at_first:
+            raise _Stop
 
+    try:
+        _check_segments(store, public_key, report, problem)
+    except _Stop:
+        return report
+    return report
+
+
+def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, report: FsckReport, problem) -> None:
     head = ZERO_HEAD
     heads_at: dict[int, bytes] = {}
     all_hashes = bytearray()
     expected = 1
-    for batch in store.scan():
-        offsets = array("Q", [0])
-        for event in batch:
-            offsets.append(offsets[-1] + len(event.leaf))
-        hashes, heads = chain.hash_and_chain(head, b"".join(e.leaf for e in batch), offsets)
-        for index, event in enumerate(batch):
+    for segment in store.segments():
+        where_segment = f"segment at sequence {segment.first_sequence}"
+        if segment.first_sequence != expected:
+            problem(f"gap: sequence {expected} is missing (next stored is {segment.first_sequence})")
+            expected = segment.first_sequence
+        offsets = _offsets(segment)
+        if isinstance(offsets, str):
+            problem(f"{where_segment}: {offsets}")
+            expected += max(segment.count, 0)
+            continue
+        count = segment.count
+        for name, size in (("leaf hashes", 32), ("chain heads", 32), ("event-id hashes", 8)):
+            blob = {"leaf hashes": segment.leaf_hashes, "chain heads": segment.chain_heads,
+                    "event-id hashes": segment.id_hashes}[name]
+            if len(blob) != count * size:
+                problem(f"{where_segment}: {name} hold {len(blob)} bytes for {count} events")
+        hashes, heads = chain.hash_and_chain(head, segment.leaves, u64_array(segment.offsets))
+        keys = u64_array(segment.id_hashes) if len(segment.id_hashes) == count * 8 else None
+        decoded = []
+        for index in range(count):
+            sequence = segment.first_sequence + index
             at = index * 32
-            where = f"event sequence {event.sequence} (id {event.event_id!r})"
-            if event.sequence != expected:
-                if problem(f"gap: sequence {expected} is missing (next stored is {event.sequence})"):
-                    return report
-                expected = event.sequence
-            expected += 1
-            if hashes[at:at + 32] != event.leaf_hash:
-                if problem(f"{where}: stored leaf or leaf hash was altered"):
-                    return report
-            if heads[at:at + 32] != event.chain_head:
-                if problem(f"{where}: chain head does not match the recomputed chain"):
-                    return report
+            raw = segment.leaves[offsets[index]:offsets[index + 1]]
             try:
-                leaf = leaves.decode(event.leaf)
+                leaf, damage = leaves.decode(raw), ""
             except ValueError as exc:
-                if problem(f"{where}: leaf does not parse: {exc}"):
-                    return report
+                leaf, damage = None, str(exc)
+            decoded.append(leaf)
+            where = f"event sequence {sequence}" + (f" (id {leaf.event_id!r})" if leaf else "")
+            if hashes[at:at + 32] != segment.leaf_hashes[at:at + 32]:
+                problem(f"{where}: stored leaf or leaf hash was altered")
+            if heads[at:at + 32] != segment.chain_heads[at:at + 32]:
+                problem(f"{where}: chain head does not match the recomputed chain")
+            if leaf is None:
+                problem(f"{where}: leaf does not parse: {damage}")
                 continue
-            columns = (leaf.sequence, leaf.event_id, leaf.tenant, leaf.correlation_id, leaf.event_type, leaf.time_ns)
-            stored = (event.sequence, event.event_id, event.tenant, event.correlation_id, event.event_type,
-                      event.time_ns)
-            if columns != stored:
-                names = ("sequence", "event_id", "tenant", "correlation_id", "event_type", "time_ns")
-                changed = [n for n, a, b in zip(names, columns, stored) if a != b]
-                if problem(f"{where}: index columns {changed} disagree with the leaf"):
-                    return report
-            heads_at[event.sequence] = heads[at:at + 32]
-        head = heads[-32:]
+            if leaf.sequence != sequence:
+                problem(f"{where}: the leaf says sequence {leaf.sequence}")
+            if leaf.tenant != segment.tenant:
+                problem(f"{where}: index column tenant ({segment.tenant!r}) disagrees with the leaf")
+            if not segment.min_time <= leaf.time_ns <= segment.max_time:
+                problem(f"{where}: index columns min_time/max_time of {where_segment} disagree with the leaf")
+            if keys is not None and keys[index] != eventbatch_py.id_hash(leaf.event_id.encode()):
+                problem(f"{where}: stored event-id hash disagrees with the leaf")
+            heads_at[sequence] = heads[at:at + 32]
+        times = [leaf.time_ns for leaf in decoded if leaf is not None]
+        if times and (min(times), max(times)) != (segment.min_time, segment.max_time):
+            problem(f"{where_segment}: index columns min_time/max_time disagree with the leaves")
+        runs: list[list] = []
+        for sequence, leaf in enumerate(decoded, segment.first_sequence):
+            if leaf is None:
+                continue
+            if runs and runs[-1][1] == leaf.correlation_id and runs[-1][3] == sequence - 1:
+                runs[-1][3] = sequence
+            else:
+                runs.append([segment.tenant, leaf.correlation_id, sequence, sequence])
+        stored_runs = store.correlation_runs(segment.first_sequence, segment.last_sequence)
+        if [tuple(run) for run in runs] != stored_runs:
+            problem(f"{where_segment}: correlation index rows disagree with the leaves")
+        head = heads[-32:] if count else head
         all_hashes += hashes
-        report.events += len(batch)
-        values = store.values([e.sequence for e in batch])
-        for event in batch:
-            leaf = leaves.decode(event.leaf)
-            for name, value in values.get(event.sequence, {}).items():
-                committed = leaf.field(name)
-                report.values += 1
-                if committed is None or leaves.commitment(value.salt, name, committed.kind,
-                                                          value.value) != committed.commitment:
-                    if problem(f"event sequence {event.sequence}: raw value of field {name!r} was altered"):
-                        return report
+        report.events += count
+        expected = segment.first_sequence + count
+        if not segment.values:
+            continue
+        try:
+            records = eventbatch_py.decode_values(segment.values)
+        except eventbatch_py.ValuesFormatError as exc:
+            problem(f"{where_segment}: raw values do not parse: {exc}")
+            continue
+        removed = store.removed_values(segment)
+        for sequence, name, salt, value in records:
+            index = sequence - segment.first_sequence
+            leaf = decoded[index] if 0 <= index < count else None
+            committed = leaf.field(name) if leaf is not None else None
+            if (sequence, name) in removed:
+                if committed is None or any(salt) or any(value):
+                    problem(f"event sequence {sequence}: field {name!r} was removed but its raw value is still in "
+                            "the segment file")
+                continue
+            report.values += 1
+            if committed is None or leaves.commitment(salt, name, committed.kind, value) != committed.commitment:
+                problem(f"event sequence {sequence}: raw value of field {name!r} was altered")
+    for sequence in store.stray_removals():
+        problem(f"a removed value is recorded for sequence {sequence}, which the log does not hold")
 
     for tree_size, body, signature, _key_id in store.checkpoints():
         report.checkpoints += 1
@@ -103,18 +170,13 @@ def fsck(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, *, stop_at_fi
         try:
             public_key.verify(signature, CHECKPOINT_CONTEXT + body)
         except InvalidSignature:
-            if problem(f"{where}: signature does not verify"):
-                return report
+            problem(f"{where}: signature does not verify")
             continue
         checkpoint = pb.Checkpoint.FromString(body)
         if checkpoint.tree_size != tree_size or tree_size > report.events:
-            if problem(f"{where}: covers {checkpoint.tree_size} events, the log holds {report.events}"):
-                return report
+            problem(f"{where}: covers {checkpoint.tree_size} events, the log holds {report.events}")
             continue
         if chain.merkle_root(bytes(all_hashes[:tree_size * 32])) != checkpoint.root_hash:
-            if problem(f"{where}: Merkle root does not match the stored leaves"):
-                return report
+            problem(f"{where}: Merkle root does not match the stored leaves")
         if heads_at.get(tree_size, ZERO_HEAD) != checkpoint.chain_head:
-            if problem(f"{where}: chain head does not match the stored leaves"):
-                return report
-    return report
+            problem(f"{where}: chain head does not match the stored leaves")

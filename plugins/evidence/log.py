@@ -16,25 +16,31 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import OrderedDict
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
 from planes.kernel.identity import Identity
 from planes.kernel.tokens import SigningKey
-from planes.native import load
+from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
-from .store import SqliteEvidenceStore, StoredEvent, StoredValue
+from .proofs import InclusionProofs
+from .store import SqliteEvidenceStore, StoredEvent, StoredValue, u64_bytes
 
 chain = load("chain")
+eventbatch = load("eventbatch")
 
 ZERO_HEAD = bytes(32)
+#: Trees whose subtree roots stay cached for inclusion proofs (a 1M-leaf tree: 32 MB of leaf hashes).
+CACHED_TREES = 2
 CHECKPOINT_CONTEXT = b"planes.evidence.v1.Checkpoint\x00"
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 
@@ -85,13 +91,17 @@ class _SaltPool:
 class EvidenceLog:
     def __init__(self, store: SqliteEvidenceStore, key: SigningKey, *, log_id: str,
                  checkpoint_every: int = 1000, checkpoint_seconds: float = 5.0,
-                 limits: Limits | None = None, clock: Callable[[], float] = time.time):
+                 limits: Limits | None = None, clock: Callable[[], float] = time.time, encode_threads: int = 2):
         self.store = store
         self.key = key
         self.log_id = log_id
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.limits = limits or Limits()
+        # Two threads encode a large batch faster when the second core is free;
+        # on this shared two-core box end-to-end appends measured 1.07-1.11x
+        # (streaming: 1.09x median of 5, interleaved), the encoder alone 0.92-1.14x.
+        self.encode_threads = encode_threads
         self.clock = clock
         self.size, head = store.head()
         self.head = head or ZERO_HEAD
@@ -99,6 +109,7 @@ class EvidenceLog:
         last = store.checkpoint()
         self._checkpointed_size = last[0] if last else 0
         self._valid_types: set[str] = set()
+        self._proofs: OrderedDict[int, InclusionProofs] = OrderedDict()
         self._checkpointed_at = clock()
 
     def _load_frontier(self):
@@ -120,15 +131,62 @@ class EvidenceLog:
         The whole batch is checked before anything is stored: one bad event
         refuses the batch, and nothing of it is kept.
         """
+        if len(events) > self.limits.events_per_batch:
+            raise LimitExceeded("events_per_batch", self.limits.events_per_batch, len(events))
+        return self._append(tenant, pb.AppendEventsRequest(events=events).SerializeToString(), appender, events)
+
+    def append_encoded(self, tenant: str, data: bytes, appender: Identity) -> AppendResult:
+        """:meth:`append` of a serialized ``AppendEventsRequest`` (or ``AppendEventStreamRequest``).
+
+        The bytes go straight to the native batch encoder; only the events
+        are read from them (the request's own tenant field is the caller's
+        business, as it is for :meth:`append`).
+        """
+        return self._append(tenant, data, appender, None)
+
+    def _append(self, tenant: str, data: bytes, appender: Identity, events: list[pb.Event] | None) -> AppendResult:
         limits = self.limits
-        if len(events) > limits.events_per_batch:
-            raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+        try:
+            batch = eventbatch.encode_events(
+                data, tenant, appender.principal, self.size + 1, int(self.clock() * 1e9),
+                max_events=limits.events_per_batch, max_fields=limits.fields_per_event,
+                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars, threads=self.encode_threads)
+        except eventbatch.BatchLimitError as exc:
+            if exc.limit_name == "events_per_batch":
+                raise LimitExceeded(exc.limit_name, exc.limit, exc.actual) from None
+            batch = None
+        except (eventbatch.BatchRuleError, eventbatch.BatchFormatError, eventbatch.NotCanonical):
+            batch = None
+        if batch is not None:
+            count = len(batch)
+            if not count:
+                return AppendResult([], 0, 0, self.head)
+            if self.store.ids_unknown(batch.id_hashes):
+                self._commit_batch(tenant, batch)
+                self._maybe_checkpoint()
+                first = batch.first_sequence
+                return AppendResult(list(range(first, first + count)), count, 0, self.head)
+        # The rare path, and the authority on every refusal: replays and
+        # duplicates, bad events, and encodings the native path leaves to
+        # protobuf all go through the message-by-message append.
+        if events is None:
+            try:
+                events = list(pb.AppendEventsRequest.FromString(data).events)
+            except DecodeError:
+                raise InvalidArgument("the append request is not a well-formed protobuf message") from None
+            if len(events) > limits.events_per_batch:
+                raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+        return self._append_messages(tenant, events, appender)
+
+    def _append_messages(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
+        limits = self.limits
         known = self.store.known_event_ids(e.event_id for e in events)
         sequences: list[int] = []
         seen: dict[str, int] = {}
         blobs: list[bytes] = []
         rows: list[tuple] = []
-        values: list[StoredValue] = []
+        values: list[tuple] = []
+        new_ids: list[str] = []
         now_ns = int(self.clock() * 1e9)
         salts = _SaltPool(sum(len(e.fields) for e in events))
         for index, event in enumerate(events):
@@ -144,10 +202,26 @@ class EvidenceLog:
             sequences.append(sequence)
             blobs.append(blob)
             rows.append(row)
+            new_ids.append(event_id)
         duplicates = len(events) - len(blobs)
         if not blobs:
             return AppendResult(sequences, 0, duplicates, self.head)
-        self._commit(blobs, rows, values)
+        offsets = array("Q", [0])
+        total = 0
+        for blob in blobs:
+            total += len(blob)
+            offsets.append(total)
+        runs: list[list] = []
+        for row in rows:  # (sequence, event_id, tenant, correlation_id, event_type, time_ns)
+            if runs and runs[-1][0] == row[3]:
+                runs[-1][2] = row[0]
+            else:
+                runs.append([row[3], row[0], row[0]])
+        keys = array("Q", [eventbatch_py.id_hash(event_id.encode()) for event_id in new_ids])
+        times = [row[5] for row in rows]
+        batch = eventbatch_py.EncodedBatch(rows[0][0], b"".join(blobs), offsets, eventbatch_py.pack_values(values),
+                                           u64_bytes(keys), [tuple(run) for run in runs], min(times), max(times))
+        self._commit_batch(tenant, batch, event_ids=new_ids)
         self._maybe_checkpoint()
         return AppendResult(sequences, len(blobs), duplicates, self.head)
 
@@ -176,10 +250,13 @@ class EvidenceLog:
                                 message=f"event {index}: {len(event.fields)} fields > {self.limits.fields_per_event}")
 
     def _encode(self, index: int, sequence: int, event: pb.Event, tenant: str, appender: Identity, now_ns: int,
-                salts: _SaltPool, values: list[StoredValue]) -> tuple[bytes, tuple]:
+                salts: _SaltPool, values: list[tuple]) -> tuple[bytes, tuple]:
         """Check one event, commit its fields and encode its leaf (one pass)."""
         self._check(index, event, tenant)
         limits = self.limits
+        time_ns = _ns(event.time) if event.HasField("time") else now_ns
+        if not -2**63 <= time_ns < 2**63:
+            raise InvalidArgument(f"event {index}: time is out of range")
         parts = []
         names = set()
         for field in event.fields:
@@ -189,6 +266,9 @@ class EvidenceLog:
             if name in names:
                 raise InvalidArgument(f"event {index}: field {name!r} appears twice")
             names.add(name)
+            if not 0 <= field.classification <= 255:
+                raise InvalidArgument(f"event {index}: field {name!r}: classification {field.classification} "
+                                      "is out of range")
             which = field.WhichOneof("value")
             if which is None:  # withheld at the source: only a commitment travels
                 committed = field.commitment.value
@@ -212,9 +292,8 @@ class EvidenceLog:
                 raise InvalidArgument(f"event {index}: field {name!r}: the commitment sent does not match its "
                                       "value and salt")
             parts.append(leaves.encode_field(name, field.classification, kind, digest))
-            values.append(StoredValue(sequence, name, salt, value))
+            values.append((sequence, name, salt, value))
         correlation = event.correlation
-        time_ns = _ns(event.time) if event.HasField("time") else now_ns
         header = leaves.encode_header(
             sequence, event.event_id, tenant, correlation.correlation_id, correlation.request_id,
             correlation.trace_id, correlation.span_id, correlation.actor or appender.principal, time_ns,
@@ -222,20 +301,15 @@ class EvidenceLog:
         return header + b"".join(parts), (sequence, event.event_id, tenant, correlation.correlation_id,
                                           event.event_type, time_ns)
 
-    def _commit(self, blobs: list[bytes], rows: list[tuple], values: list[StoredValue]) -> None:
-        offsets = array("Q", [0])
-        total = 0
-        for blob in blobs:
-            total += len(blob)
-            offsets.append(total)
-        hashes, heads = chain.hash_and_chain(self.head, b"".join(blobs), offsets)
-        stored = [StoredEvent(*row, blob, hashes[at:at + 32], heads[at:at + 32])
-                  for row, blob, at in zip(rows, blobs, range(0, len(hashes), 32))]
+    def _commit_batch(self, tenant: str, batch, *, event_ids: list[str] | None = None) -> None:
+        """Hash, chain and store an encoded batch as one segment; durable when this returns."""
+        hashes = batch.leaf_hashes or chain.leaf_hashes(batch.leaves, batch.offsets)
+        heads = chain.chain(self.head, hashes)
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
         frontier.append(hashes)
-        self.store.append(stored, values, {"frontier": frontier.to_bytes()})
+        self.store.append(tenant, batch, hashes, heads, {"frontier": frontier.to_bytes()}, event_ids=event_ids)
         self.frontier = frontier
-        self.size += len(blobs)
+        self.size += len(batch)
         self.head = heads[-32:]
 
     # -- checkpoints --------------------------------------------------------
@@ -292,9 +366,26 @@ class EvidenceLog:
         if stored.sequence > size:
             raise FailedPrecondition(f"event {event_id} is not in the tree of size {size}")
         index = stored.sequence - 1
-        path = chain.inclusion_proof(self.store.leaf_hashes(size), index, size)
+        path = self.inclusion_proofs(size).path(index)
         return pb.ProveInclusionResponse(leaf_index=index, leaf_hash=stored.leaf_hash, audit_path=path,
                                          checkpoint=signed)
+
+    def inclusion_proofs(self, size: int) -> InclusionProofs:
+        """Audit paths in the tree of ``size`` leaves, sharing subtree roots between calls.
+
+        A tree of a given size never changes, so the leaf hashes are read and
+        each subtree root computed once for the last few sizes asked about:
+        the first proof against a checkpoint costs about n hashes, the next
+        ones about log2(n) lookups.
+        """
+        proofs = self._proofs.get(size)
+        if proofs is None:
+            proofs = self._proofs[size] = InclusionProofs(self.store.leaf_hashes(size), size)
+            while len(self._proofs) > CACHED_TREES:
+                self._proofs.popitem(last=False)
+        else:
+            self._proofs.move_to_end(size)
+        return proofs
 
     def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
         if not 0 < first <= second:

@@ -38,7 +38,7 @@ class Evidence(EvidencePlane):
         self._thread.shutdown(wait=True)
 
     async def append_events(self, request: pb.AppendEventsRequest, call: CallContext) -> pb.AppendEventsResponse:
-        result = await self._run(self.log.append, request.tenant, list(request.events), call.identity)
+        result = await self._run(self.log.append_encoded, request.tenant, request.SerializeToString(), call.identity)
         return pb.AppendEventsResponse(sequences=result.sequences, chain_head=result.chain_head)
 
     async def append_event_stream(self, requests: AsyncIterator[pb.AppendEventStreamRequest],
@@ -48,7 +48,8 @@ class Evidence(EvidencePlane):
         async for request in requests:
             if not request.events:
                 continue
-            result = await self._run(self.log.append, request.tenant, list(request.events), call.identity)
+            result = await self._run(self.log.append_encoded, request.tenant, request.SerializeToString(),
+                                     call.identity)
             appended += result.appended
             duplicates += result.duplicates
             last = max(last, *result.sequences)

@@ -202,3 +202,56 @@ def test_retention_prunes_values_and_records_it(log):
     assert log.prune({"model.called": 3600}) == [], "a second prune finds nothing left"
     from planes.plugins.evidence.fsck import fsck
     assert fsck(log.store, log.key.public_key).ok
+
+
+def test_append_encoded_takes_request_bytes(log):
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+
+    data = pb.AppendEventsRequest(events=[event("b1", prompt="hi"), event("b2", output=b"\x01")]).SerializeToString()
+    result = log.append_encoded("acme", data, SERVICE)
+    assert result.sequences == [1, 2] and result.appended == 2 and result.chain_head == log.head
+    events = log.query("acme")
+    assert [e.event_id for e in events] == ["b1", "b2"] and events[0].fields[0].string_value == "hi"
+    again = log.append_encoded("acme", data, SERVICE)
+    assert (again.sequences, again.appended, again.duplicates) == ([1, 2], 0, 2), "a replay is harmless"
+
+
+def test_malformed_request_bytes_are_refused_and_nothing_is_stored(log):
+    log.append("acme", [event("ok-1")], SERVICE)
+    with pytest.raises(errors.InvalidArgument, match="not a well-formed protobuf"):
+        log.append_encoded("acme", b"\x12\x05abc", SERVICE)
+    assert log.size == 1
+
+
+def test_encodings_the_native_path_leaves_to_protobuf_still_append(log):
+    from planes.common.v1 import common_pb2
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+
+    raw = event("m1", correlation="c-9").SerializeToString()
+    extra = common_pb2.Correlation(actor="merged-actor").SerializeToString()
+    raw += b"\x12" + bytes([len(extra)]) + extra  # a second correlation: protobuf merges the two
+    data = b"\x12" + bytes([len(raw)]) + raw
+    assert log.append_encoded("acme", data, SERVICE).sequences == [1]
+    stored = log.query("acme")[0]
+    assert (stored.correlation.correlation_id, stored.correlation.actor) == ("c-9", "merged-actor")
+
+
+def test_proofs_against_one_checkpoint_read_the_leaf_hashes_once(log, monkeypatch):
+    log.append("acme", [event(f"p{i}") for i in range(13)], SERVICE)
+    checkpoint = log.checkpoint_now()
+    size = pb_checkpoint_size(checkpoint)
+    reads = []
+    original = log.store.leaf_hashes
+    monkeypatch.setattr(log.store, "leaf_hashes", lambda n: reads.append(n) or original(n))
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    root = pb.Checkpoint.FromString(checkpoint.checkpoint).root_hash
+    for index in range(13):
+        proof = log.prove_inclusion("acme", f"p{index}", size)
+        assert chain.verify_inclusion(proof.leaf_hash, index, size, list(proof.audit_path), root)
+        assert list(proof.audit_path) == chain.inclusion_proof(original(size), index, size)
+    assert reads == [size], "the tree's leaf hashes are read once, then its subtree roots are reused"
+
+
+def pb_checkpoint_size(signed) -> int:
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    return pb.Checkpoint.FromString(signed.checkpoint).tree_size

@@ -32,3 +32,15 @@ def test_bad_arguments_are_clear():
         InclusionProofs(_leaves(3), 3).path(3)
     with pytest.raises(ValueError, match="needs 128 bytes"):
         InclusionProofs(_leaves(3), 4)
+
+
+@pytest.mark.parametrize("size", [1025, 2048, 3000, 5000])
+def test_paths_through_memoized_halves_match_the_reference(size):
+    """Trees larger than SMALL leaves: roots built from memoized halves give the same paths."""
+    hashes = _leaves(size)
+    proofs = InclusionProofs(hashes, size)
+    root = chain.merkle_root(hashes)
+    for index in sorted({0, 1, 1023, 1024, min(1025, size - 1), size // 2, size - 2, size - 1}):
+        path = proofs.path(index)
+        assert path == chain.inclusion_proof(hashes, index, size)
+        assert chain.verify_inclusion(hashes[index * 32:index * 32 + 32], index, size, path, root)

@@ -1,0 +1,945 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Evidence batches from wire bytes to leaves, on OpenSSL's SHA-256.
+
+The compiled twin of ``eventbatch_py.py``: same API, results and errors (its
+docstring states the input, the output and the rules). What this module adds:
+one pass over the request bytes with C pointers, with the GIL released.
+Each event is parsed into slices of the input (no intermediate objects),
+checked, its field commitments hashed, its leaf written straight into an
+output buffer and hashed there while still in cache; the raw values go
+into a second buffer and the event-id hashes into a third. A batch of 256
+events or more is split in two halves encoded by two threads (this one and
+a helper created per call, joined before returning), then the halves are
+joined; only the sequential chain is left to the caller. Python objects
+are made only for the correlation runs.
+
+Every C helper returns ``OK`` or ``FAIL`` and nothing else: on ``FAIL`` the
+batch is handed to the twin, whose parser raises the exact exception (the
+one place where failures become exceptions, so messages are the twin's).
+Failure is the rare path; the twin not raising there is a bug and says so.
+"""
+
+cimport cython
+from cpython cimport array
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+import array as _array
+
+from planes.native import eventbatch_py as _twin
+
+cdef extern from *:
+    """
+    #define OPENSSL_SUPPRESS_DEPRECATED 1
+    #include <openssl/sha.h>
+    #include <openssl/rand.h>
+    #include <pthread.h>
+
+    static int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) {
+        int64_t scaled;
+        if (__builtin_mul_overflow(seconds, (int64_t)1000000000, &scaled)) return -1;
+        if (__builtin_add_overflow(scaled, (int64_t)nanos, out)) return -1;
+        return 0;
+    }
+
+    /* Well-formed UTF-8 as Python's decoder sees it: no overlongs, no surrogates, <= U+10FFFF. */
+    static int pe_utf8_valid(const unsigned char *s, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        while (i < n) {
+            unsigned char c = s[i];
+            if (c < 0x80) { i++; continue; }
+            if (c >= 0xC2 && c <= 0xDF) {
+                if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return 0;
+                i += 2; continue;
+            }
+            if (c >= 0xE0 && c <= 0xEF) {
+                if (i + 2 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return 0;
+                if (c == 0xE0 && s[i + 1] < 0xA0) return 0;
+                if (c == 0xED && s[i + 1] > 0x9F) return 0;
+                i += 3; continue;
+            }
+            if (c >= 0xF0 && c <= 0xF4) {
+                if (i + 3 >= n || (s[i + 1] & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80
+                    || (s[i + 3] & 0xC0) != 0x80) return 0;
+                if (c == 0xF0 && s[i + 1] < 0x90) return 0;
+                if (c == 0xF4 && s[i + 1] > 0x8F) return 0;
+                i += 4; continue;
+            }
+            return 0;
+        }
+        return 1;
+    }
+    """
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX *c) nogil
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t length) nogil
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
+    int RAND_bytes(unsigned char *buf, int num) nogil
+    int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) noexcept nogil
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef void *(*thread_main)(void *) noexcept nogil
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr, thread_main start, void *arg) nogil
+    int pthread_join(pthread_t thread, void **result) nogil
+    int pe_utf8_valid(const uint8_t *s, Py_ssize_t n) noexcept nogil
+
+__all__ = _twin.__all__
+
+BatchFormatError = _twin.BatchFormatError
+BatchLimitError = _twin.BatchLimitError
+BatchRuleError = _twin.BatchRuleError
+NotCanonical = _twin.NotCanonical
+EncodedBatch = _twin.EncodedBatch
+ValuesFormatError = _twin.ValuesFormatError
+decode_values = _twin.decode_values
+pack_values = _twin.pack_values
+id_hash = _twin.id_hash
+MAGIC = _twin.MAGIC
+SALT_BYTES = _twin.SALT_BYTES
+KIND_STRING = _twin.KIND_STRING
+KIND_BYTES = _twin.KIND_BYTES
+
+cdef enum:
+    OK = 0
+    FAIL = -1
+    H = 32
+    SALT = 16
+    SALT_POOL = 16 * 256
+    VARINT = 0
+    FIXED64 = 1
+    LENGTH = 2
+    FIXED32 = 5
+
+cdef array.array _OFFSETS_TEMPLATE = _array.array("Q")
+
+
+cdef struct Span:
+    const uint8_t *p
+    Py_ssize_t n
+
+
+cdef struct Field:
+    Span name
+    int kind                # 0: no value (withheld), 1 string, 2 bytes
+    Span value
+    int64_t classification
+    Span commitment
+    bint has_commitment
+    Span salt
+
+
+cdef struct Event:
+    Span event_id
+    Span correlation[6]     # correlation_id, request_id, trace_id, span_id, tenant, actor
+    uint64_t sequence
+    bint has_time
+    int64_t seconds
+    int32_t nanos
+    Span event_type
+    uint64_t revision
+    Span digest
+    Span corrects
+    bint seen_correlation, seen_config
+    Py_ssize_t nfields
+
+
+cdef struct Reader:
+    const uint8_t *p
+    const uint8_t *end
+
+
+cdef inline int read_varint(Reader *r, uint64_t *out) noexcept nogil:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef uint8_t byte
+    while True:
+        if r.p >= r.end:
+            return FAIL
+        byte = r.p[0]
+        r.p += 1
+        if shift == 63 and byte > 1:
+            return FAIL
+        result |= (<uint64_t>(byte & 0x7F)) << shift
+        if byte < 0x80:
+            out[0] = result
+            return OK
+        shift += 7
+        if shift > 63:
+            return FAIL
+
+
+cdef inline int next_field(Reader *r, uint32_t *number, int *wire, uint64_t *value, Span *span) noexcept nogil:
+    """One field of a message: OK, FAIL on malformed or non-canonical bytes (groups)."""
+    cdef uint64_t key, length
+    if read_varint(r, &key) != OK:
+        return FAIL
+    if (key >> 3) == 0 or (key >> 3) > 0x1FFFFFFF:
+        return FAIL
+    number[0] = <uint32_t>(key >> 3)
+    wire[0] = <int>(key & 7)
+    if wire[0] == VARINT:
+        return read_varint(r, value)
+    if wire[0] == LENGTH:
+        if read_varint(r, &length) != OK or length > <uint64_t>(r.end - r.p):
+            return FAIL
+        span.p = r.p
+        span.n = <Py_ssize_t>length
+        r.p += length
+        return OK
+    if wire[0] == FIXED64 or wire[0] == FIXED32:
+        length = 8 if wire[0] == FIXED64 else 4
+        if length > <uint64_t>(r.end - r.p):
+            return FAIL
+        r.p += length
+        return OK
+    return FAIL
+
+
+cdef inline int text(Span span) noexcept nogil:
+    return OK if pe_utf8_valid(span.p, span.n) else FAIL
+
+
+cdef inline Py_ssize_t chars(Span span) noexcept nogil:
+    cdef Py_ssize_t i, count = 0
+    for i in range(span.n):
+        if (span.p[i] & 0xC0) != 0x80:
+            count += 1
+    return count
+
+
+cdef inline bint same(Span a, Span b) noexcept nogil:
+    return a.n == b.n and (a.n == 0 or memcmp(a.p, b.p, a.n) == 0)
+
+
+cdef int parse_digest(Span data, Span *value) noexcept nogil:
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if number == 1 and wire != VARINT or number == 2 and wire != LENGTH:
+            return FAIL
+        if number == 2:
+            value[0] = span
+    return OK
+
+
+cdef int parse_field(Span data, Field *field, uint64_t max_value_bytes) noexcept nogil:
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    field.name.n = field.value.n = field.commitment.n = field.salt.n = 0
+    field.kind = 0
+    field.classification = 0
+    field.has_commitment = False
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if 1 <= number <= 7:
+            if (number == 4 or number == 7) != (wire == VARINT) or (number != 4 and number != 7 and wire != LENGTH):
+                return FAIL
+        if number == 1:
+            if text(span) != OK:
+                return FAIL
+            field.name = span
+        elif number == 2 or number == 3:
+            if <uint64_t>span.n > max_value_bytes or (number == 2 and text(span) != OK):
+                return FAIL
+            field.kind = 1 if number == 2 else 2
+            field.value = span
+        elif number == 4:
+            field.classification = <int32_t>(<uint32_t>scalar)
+        elif number == 5:
+            if field.has_commitment or parse_digest(span, &field.commitment) != OK:
+                return FAIL
+            field.has_commitment = True
+        elif number == 6:
+            field.salt = span
+    return OK
+
+
+cdef int parse_event(Span data, Event *event, Field **fields, Py_ssize_t *capacity, Py_ssize_t max_fields,
+                     uint64_t max_value_bytes) noexcept nogil:
+    cdef Reader r, inner
+    cdef uint32_t number, inner_number
+    cdef int wire, inner_wire, i
+    cdef uint64_t scalar, inner_scalar
+    cdef Span span, inner_span
+    cdef Field *grown
+    cdef bint seen_time = False
+    event.event_id.n = event.event_type.n = event.digest.n = event.corrects.n = 0
+    for i in range(6):
+        event.correlation[i].n = 0
+    event.sequence = event.revision = 0
+    event.has_time = False
+    event.seconds = 0
+    event.nanos = 0
+    event.nfields = 0
+    event.seen_correlation = event.seen_config = False
+    r.p, r.end = data.p, data.p + data.n
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return FAIL
+        if number == 3:
+            if wire != VARINT:
+                return FAIL
+            event.sequence = scalar
+            continue
+        if number < 1 or number > 8:
+            continue
+        if wire != LENGTH:
+            return FAIL
+        if number == 1:
+            if text(span) != OK:
+                return FAIL
+            event.event_id = span
+        elif number == 5:
+            if text(span) != OK:
+                return FAIL
+            event.event_type = span
+        elif number == 8:
+            if text(span) != OK:
+                return FAIL
+            event.corrects = span
+        elif number == 2:
+            if event.seen_correlation:
+                return FAIL
+            event.seen_correlation = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if 1 <= inner_number <= 6:
+                    if inner_wire != LENGTH or text(inner_span) != OK:
+                        return FAIL
+                    event.correlation[inner_number - 1] = inner_span
+        elif number == 4:
+            if event.has_time:
+                return FAIL
+            event.has_time = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if inner_number == 1 or inner_number == 2:
+                    if inner_wire != VARINT:
+                        return FAIL
+                    if inner_number == 1:
+                        event.seconds = <int64_t>inner_scalar
+                    else:
+                        event.nanos = <int32_t>(<uint32_t>inner_scalar)
+        elif number == 6:
+            if event.seen_config:
+                return FAIL
+            event.seen_config = True
+            inner.p, inner.end = span.p, span.p + span.n
+            while inner.p < inner.end:
+                if next_field(&inner, &inner_number, &inner_wire, &inner_scalar, &inner_span) != OK:
+                    return FAIL
+                if inner_number == 1:
+                    if inner_wire != VARINT:
+                        return FAIL
+                    event.revision = inner_scalar
+                elif inner_number == 2:
+                    if inner_wire != LENGTH:
+                        return FAIL
+                    event.digest = inner_span
+        else:  # 7: a field
+            if event.nfields >= max_fields:
+                return FAIL
+            if event.nfields == capacity[0]:
+                grown = <Field *>realloc(fields[0], (capacity[0] * 2 + 8) * sizeof(Field))
+                if grown == NULL:
+                    return FAIL
+                fields[0] = grown
+                capacity[0] = capacity[0] * 2 + 8
+            if parse_field(span, &fields[0][event.nfields], max_value_bytes) != OK:
+                return FAIL
+            event.nfields += 1
+    return OK
+
+
+cdef bint valid_event_type(Span t, Py_ssize_t max_chars) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    cdef bint after_dot = False
+    if t.n == 0 or t.n > max_chars or not (b'a' <= t.p[0] <= b'z'):
+        return False
+    for i in range(1, t.n):
+        c = t.p[i]
+        if c == b'.':
+            if after_dot:
+                return False
+            after_dot = True
+        elif b'a' <= c <= b'z' or b'0' <= c <= b'9' or c == b'_':
+            after_dot = False
+        else:
+            return False
+    return not after_dot
+
+
+cdef struct Out:
+    uint8_t *data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef int out_reserve(Out *out, Py_ssize_t extra) noexcept nogil:
+    cdef Py_ssize_t wanted = out.size + extra, capacity = out.capacity
+    cdef uint8_t *grown
+    if wanted <= capacity:
+        return OK
+    while capacity < wanted:
+        capacity = capacity * 2 + 4096
+    grown = <uint8_t *>realloc(out.data, capacity)
+    if grown == NULL:
+        return FAIL
+    out.data = grown
+    out.capacity = capacity
+    return OK
+
+
+cdef inline void put_u32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = v >> 16
+    p[2] = v >> 8
+    p[3] = v
+
+
+cdef inline void put_u64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (56 - 8 * i))
+
+
+cdef inline uint64_t fnv1a(Span s) noexcept nogil:
+    cdef uint64_t value = 0xCBF29CE484222325ULL
+    cdef Py_ssize_t i
+    for i in range(s.n):
+        value = (value ^ s.p[i]) * 0x100000001B3ULL
+    return value
+
+
+cdef inline void put_u64_le(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (8 * i))
+
+
+cdef inline uint8_t *put_str(uint8_t *p, Span s) noexcept nogil:
+    put_u32(p, <uint32_t>s.n)
+    if s.n:
+        memcpy(p + 4, s.p, s.n)
+    return p + 4 + s.n
+
+
+cdef struct Job:
+    # the input and the rules (shared, read-only)
+    const Span *spans
+    Py_ssize_t start, stop          # this job's events
+    uint64_t first                  # the sequence of event 0
+    int64_t now
+    Span tenant, actor
+    Py_ssize_t field_limit, id_limit
+    uint64_t value_limit
+    const uint8_t *salts            # salts drawn ahead (a test's salt source), or NULL: RAND_bytes
+    Py_ssize_t salts_size, salts_at
+    uint8_t pool[SALT_POOL]
+    int pool_at
+    # shared outputs, each job writing only its own events' slots
+    unsigned long long *offsets     # offsets[i + 1], relative to this job's leaves until merged
+    uint8_t *leaf_hashes
+    uint8_t *id_hashes
+    # this job's own outputs
+    Out out, vals
+    Py_ssize_t *run_starts
+    Span *run_correlations
+    Py_ssize_t nruns
+    int64_t min_time, max_time
+    Field *fields
+    Py_ssize_t capacity
+    int status
+
+
+cdef int take_salt(Job *job, Span *salt) noexcept nogil:
+    if job.salts != NULL:
+        if job.salts_at + SALT > job.salts_size:
+            return FAIL
+        salt.p, salt.n = job.salts + job.salts_at, SALT
+        job.salts_at += SALT
+        return OK
+    if job.pool_at >= SALT_POOL:
+        if RAND_bytes(job.pool, SALT_POOL) != 1:
+            return FAIL
+        job.pool_at = 0
+    salt.p, salt.n = &job.pool[job.pool_at], SALT
+    job.pool_at += SALT
+    return OK
+
+
+cdef int encode_range(Job *job) noexcept nogil:
+    """Parse, check, commit, encode and leaf-hash events ``start`` to ``stop``: OK or FAIL."""
+    cdef Event event
+    cdef Py_ssize_t index, i, j, leaf_size
+    cdef Field *field
+    cdef Span actor_used, salt
+    cdef uint8_t *p
+    cdef uint8_t *v
+    cdef uint8_t digest[H]
+    cdef uint8_t head[5]
+    cdef SHA256_CTX ctx
+    cdef int64_t time_ns
+    cdef uint64_t sequence
+    job.nruns = 0
+    for index in range(job.start, job.stop):
+        if parse_event(job.spans[index], &event, &job.fields, &job.capacity, job.field_limit,
+                       job.value_limit) != OK:
+            return FAIL
+        # The log's rules, in the log's order.
+        if not valid_event_type(event.event_type, job.id_limit):
+            return FAIL
+        if event.event_id.n == 0 or chars(event.event_id) > job.id_limit or event.sequence:
+            return FAIL
+        if event.correlation[4].n and not same(event.correlation[4], job.tenant):
+            return FAIL
+        time_ns = job.now
+        if event.has_time and pe_time_ns(event.seconds, event.nanos, &time_ns) != 0:
+            return FAIL
+        actor_used = event.correlation[5] if event.correlation[5].n else job.actor
+        sequence = job.first + index
+        leaf_size = (4 + 8 + 4 + event.event_id.n + 4 + job.tenant.n + 4 + event.correlation[0].n
+                     + 4 + event.correlation[1].n + 4 + event.correlation[2].n + 4 + event.correlation[3].n
+                     + 4 + actor_used.n + 8 + 4 + event.event_type.n + 8 + 4 + event.digest.n
+                     + 4 + event.corrects.n + 4)
+        for i in range(event.nfields):
+            field = &job.fields[i]
+            if field.name.n == 0 or chars(field.name) > job.id_limit:
+                return FAIL
+            for j in range(i):
+                if same(job.fields[j].name, field.name):
+                    return FAIL
+            if not 0 <= field.classification <= 255:
+                return FAIL
+            if field.kind == 0 and field.commitment.n != H:
+                return FAIL
+            leaf_size += 4 + field.name.n + 2 + H
+        if out_reserve(&job.out, leaf_size) != OK:
+            return FAIL
+        p = job.out.data + job.out.size
+        memcpy(p, b"PEL1", 4)
+        put_u64(p + 4, sequence)
+        p = put_str(p + 12, event.event_id)
+        p = put_str(p, job.tenant)
+        for j in range(4):
+            p = put_str(p, event.correlation[j])
+        p = put_str(p, actor_used)
+        put_u64(p, <uint64_t>time_ns)
+        p = put_str(p + 8, event.event_type)
+        put_u64(p, event.revision)
+        p = put_str(p + 8, event.digest)
+        p = put_str(p, event.corrects)
+        put_u32(p, <uint32_t>event.nfields)
+        p += 4
+        for i in range(event.nfields):
+            field = &job.fields[i]
+            p = put_str(p, field.name)
+            p[0] = <uint8_t>field.classification
+            if field.kind == 0:
+                p[1] = 2
+                memcpy(p + 2, field.commitment.p, H)
+                p += 2 + H
+                continue
+            p[1] = <uint8_t>field.kind
+            if field.salt.n:
+                salt = field.salt
+            elif take_salt(job, &salt) != OK:
+                return FAIL
+            head[0] = 2
+            SHA256_Init(&ctx)
+            SHA256_Update(&ctx, head, 1)
+            SHA256_Update(&ctx, salt.p, salt.n)
+            put_u32(head, <uint32_t>field.name.n)
+            head[4] = <uint8_t>field.kind
+            SHA256_Update(&ctx, head, 4)
+            SHA256_Update(&ctx, field.name.p, field.name.n)
+            SHA256_Update(&ctx, &head[4], 1)
+            SHA256_Update(&ctx, field.value.p, field.value.n)
+            SHA256_Final(digest, &ctx)
+            if field.commitment.n and (field.commitment.n != H or memcmp(field.commitment.p, digest, H) != 0):
+                return FAIL
+            memcpy(p + 2, digest, H)
+            p += 2 + H
+            if out_reserve(&job.vals, 8 + 12 + field.name.n + salt.n + field.value.n) != OK:
+                return FAIL
+            v = job.vals.data + job.vals.size
+            put_u64(v, sequence)
+            v = put_str(v + 8, field.name)
+            v = put_str(v, salt)
+            v = put_str(v, field.value)
+            job.vals.size = v - job.vals.data
+        # The leaf hash (RFC 6962: SHA-256(0x00 || leaf)) while the leaf is in cache.
+        head[0] = 0
+        SHA256_Init(&ctx)
+        SHA256_Update(&ctx, head, 1)
+        SHA256_Update(&ctx, job.out.data + job.out.size, leaf_size)
+        SHA256_Final(job.leaf_hashes + index * H, &ctx)
+        job.out.size += leaf_size
+        job.offsets[index + 1] = job.out.size
+        put_u64_le(job.id_hashes + 8 * index, fnv1a(event.event_id))
+        if index == job.start or time_ns < job.min_time:
+            job.min_time = time_ns
+        if index == job.start or time_ns > job.max_time:
+            job.max_time = time_ns
+        if job.nruns == 0 or not same(job.run_correlations[job.nruns - 1], event.correlation[0]):
+            job.run_starts[job.nruns] = index
+            job.run_correlations[job.nruns] = event.correlation[0]
+            job.nruns += 1
+    return OK
+
+
+cdef void *encode_thread(void *job) noexcept nogil:
+    (<Job *>job).status = encode_range(<Job *>job)
+    return NULL
+
+
+cdef enum:
+    PARALLEL_EVENTS = 256       # a batch this large is encoded by two threads
+
+
+cdef Py_ssize_t _count_fields(const Span *spans, Py_ssize_t count) noexcept nogil:
+    """An upper bound of the salts a batch can need: its EventField entries (-1: malformed)."""
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    cdef Py_ssize_t index, total = 0
+    for index in range(count):
+        r.p, r.end = spans[index].p, spans[index].p + spans[index].n
+        while r.p < r.end:
+            if next_field(&r, &number, &wire, &scalar, &span) != OK:
+                return -1
+            if number == 7:
+                total += 1
+    return total
+
+
+cdef object _fail(args):
+    """The one place a failure becomes an exception: the twin raises it."""
+    _twin.encode_events(*args[0], **args[1])
+    raise AssertionError("eventbatch: the compiled module refused a batch its twin accepts")
+
+
+def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, max_fields, max_value_bytes,
+                  max_id_chars, salts=None, threads=None):
+    """Validate, commit and encode the events of a serialized append request (see the twin)."""
+    call = ((data, tenant, actor, first_sequence, now_ns),
+            dict(max_events=max_events, max_fields=max_fields, max_value_bytes=max_value_bytes,
+                 max_id_chars=max_id_chars, salts=salts, threads=threads))
+    cdef const uint8_t[::1] buffer
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes == 0:
+        return _twin.encode_events(*call[0], **call[1])
+    buffer = view
+    if first_sequence < 1:
+        raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+    cdef uint64_t first = first_sequence
+    cdef int64_t now = now_ns
+    limits = [int(max_events), int(max_fields), int(max_value_bytes), int(max_id_chars)]
+    for label, given in zip(("max_events", "max_fields", "max_value_bytes", "max_id_chars"), limits):
+        if given < 0:
+            raise ValueError(f"{label} must not be negative, got {given}")
+    cdef int wanted_threads = _twin._threads_arg(threads)
+    cdef Py_ssize_t event_limit = min(limits[0], 1 << 40), field_limit = min(limits[1], 1 << 40)
+    cdef uint64_t value_limit = min(limits[2], 1 << 62)
+    cdef Py_ssize_t id_limit = min(limits[3], 1 << 40)
+    tenant_bytes = tenant.encode()
+    actor_bytes = actor.encode()
+    cdef Span tenant_span, actor_span
+    tenant_span.p = <const uint8_t *>PyBytes_AS_STRING(tenant_bytes)
+    tenant_span.n = len(tenant_bytes)
+    actor_span.p = <const uint8_t *>PyBytes_AS_STRING(actor_bytes)
+    actor_span.n = len(actor_bytes)
+
+    # Pass 1: the top level; count the events (the limit is checked before any work).
+    cdef Reader r
+    cdef uint32_t number
+    cdef int wire
+    cdef uint64_t scalar
+    cdef Span span
+    cdef Py_ssize_t count = 0
+    r.p, r.end = &buffer[0], &buffer[0] + buffer.shape[0]
+    while r.p < r.end:
+        if next_field(&r, &number, &wire, &scalar, &span) != OK:
+            return _fail(call)
+        if (number == 1 or number == 2) and wire != LENGTH:
+            return _fail(call)
+        if number == 2:
+            count += 1
+    if count > event_limit:
+        return _fail(call)
+
+    cdef Span *spans = <Span *>malloc((count + 1) * sizeof(Span))
+    if spans == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t index = 0, i, k, njobs, needed, end_index
+    cdef Job jobs[2]
+    cdef Job *job
+    cdef array.array offsets = array.clone(_OFFSETS_TEMPLATE, count + 1, zero=False)
+    cdef unsigned long long *offset = offsets.data.as_ulonglongs
+    cdef unsigned long long shift
+    leaf_hashes = PyBytes_FromStringAndSize(NULL, count * H)
+    hashes = PyBytes_FromStringAndSize(NULL, count * 8)
+    cdef const uint8_t[::1] drawn
+    cdef pthread_t helper
+    cdef bint started = False
+    cdef list runs = []
+    cdef Span previous
+    cdef bint have_previous = False
+    cdef int64_t min_time, max_time
+    pool = b""
+    memset(jobs, 0, sizeof(jobs))
+    try:
+        r.p = &buffer[0]
+        while r.p < r.end:
+            next_field(&r, &number, &wire, &scalar, &span)
+            if number == 2:
+                spans[index] = span
+                index += 1
+        offset[0] = 0
+        # A salt source given (tests) is called ahead, as the twin calls it (256 salts a call),
+        # and then one thread runs, so that salts go to fields in order.
+        njobs = 2 if count >= PARALLEL_EVENTS and salts is None and wanted_threads > 1 else 1
+        if salts is not None:
+            needed = _count_fields(spans, count)
+            if needed < 0:
+                return _fail(call)
+            pool = b"".join(bytes(salts(SALT_POOL)) for _ in range((needed + 255) // 256))
+            if len(pool) != SALT_POOL * ((needed + 255) // 256):
+                raise ValueError("the salt source returned the wrong number of bytes")
+            drawn = pool if len(pool) else b"\0"
+        for k in range(njobs):
+            job = &jobs[k]
+            job.spans = spans
+            job.start = count * k // njobs
+            job.stop = count * (k + 1) // njobs
+            job.first = first
+            job.now = now
+            job.tenant, job.actor = tenant_span, actor_span
+            job.field_limit, job.id_limit, job.value_limit = field_limit, id_limit, value_limit
+            job.pool_at = SALT_POOL
+            if salts is not None:
+                job.salts = &drawn[0]
+                job.salts_size = len(pool)
+            job.offsets = offset
+            job.leaf_hashes = <uint8_t *>PyBytes_AS_STRING(leaf_hashes)
+            job.id_hashes = <uint8_t *>PyBytes_AS_STRING(hashes)
+            job.run_starts = <Py_ssize_t *>malloc((job.stop - job.start + 1) * sizeof(Py_ssize_t))
+            job.run_correlations = <Span *>malloc((job.stop - job.start + 1) * sizeof(Span))
+            job.capacity = 8
+            job.fields = <Field *>malloc(job.capacity * sizeof(Field))
+            if job.run_starts == NULL or job.run_correlations == NULL or job.fields == NULL:
+                raise MemoryError()
+        with nogil:
+            if njobs == 2 and pthread_create(&helper, NULL, encode_thread, &jobs[1]) == 0:
+                started = True
+            jobs[0].status = encode_range(&jobs[0])
+            if started:
+                pthread_join(helper, NULL)
+            elif njobs == 2:
+                jobs[1].status = encode_range(&jobs[1])
+        for k in range(njobs):
+            if jobs[k].status != OK:
+                return _fail(call)
+        # Merge: the second job's offsets move past the first job's leaves.
+        if njobs == 2:
+            shift = jobs[0].out.size
+            for i in range(jobs[1].start, jobs[1].stop):
+                offset[i + 1] += shift
+        leaves = PyBytes_FromStringAndSize(NULL, jobs[0].out.size + jobs[1].out.size)
+        values = PyBytes_FromStringAndSize(NULL, jobs[0].vals.size + jobs[1].vals.size)
+        for k in range(njobs):
+            if jobs[k].out.size:
+                memcpy(PyBytes_AS_STRING(leaves) + (jobs[0].out.size if k else 0), jobs[k].out.data,
+                       jobs[k].out.size)
+            if jobs[k].vals.size:
+                memcpy(PyBytes_AS_STRING(values) + (jobs[0].vals.size if k else 0), jobs[k].vals.data,
+                       jobs[k].vals.size)
+            for i in range(jobs[k].nruns):
+                span = jobs[k].run_correlations[i]
+                end_index = (jobs[k].run_starts[i + 1] if i + 1 < jobs[k].nruns else jobs[k].stop) - 1
+                if have_previous and same(previous, span):
+                    runs[len(runs) - 1][2] = first + end_index
+                else:
+                    runs.append([PyUnicode_DecodeUTF8(<const char *>span.p, span.n, NULL),
+                                 first + jobs[k].run_starts[i], first + end_index])
+                previous, have_previous = span, True
+        min_time, max_time = jobs[0].min_time, jobs[0].max_time
+        if njobs == 2 and jobs[1].stop > jobs[1].start:
+            min_time = min(min_time, jobs[1].min_time)
+            max_time = max(max_time, jobs[1].max_time)
+    finally:
+        free(spans)
+        for k in range(2):
+            free(jobs[k].out.data)
+            free(jobs[k].vals.data)
+            free(jobs[k].run_starts)
+            free(jobs[k].run_correlations)
+            free(jobs[k].fields)
+    return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time,
+                        leaf_hashes)
+
+cdef inline size_t _slot(uint64_t key, size_t mask) noexcept nogil:
+    # FNV-1a's low bits are well mixed already; one multiply spreads structured keys too.
+    return <size_t>((key * 0x9E3779B97F4A7C15ULL) >> 17) & mask
+
+
+cdef class IdIndex:
+    """The replay index (see the twin): an open-addressing table of (hash, sequence),
+    16 bytes a slot, at most half full; sequence 0 marks an empty slot."""
+
+    cdef uint64_t *keys
+    cdef uint64_t *values
+    cdef size_t capacity
+    cdef size_t count
+
+    def __cinit__(self):
+        self.capacity = 1024
+        self.count = 0
+        self.keys = <uint64_t *>calloc(self.capacity, sizeof(uint64_t))
+        self.values = <uint64_t *>calloc(self.capacity, sizeof(uint64_t))
+        if self.keys == NULL or self.values == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.values)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _grow(self) except -1:
+        cdef size_t old = self.capacity, i, at, mask = old * 2 - 1
+        cdef uint64_t *keys = <uint64_t *>calloc(old * 2, sizeof(uint64_t))
+        cdef uint64_t *values = <uint64_t *>calloc(old * 2, sizeof(uint64_t))
+        if keys == NULL or values == NULL:
+            free(keys)
+            free(values)
+            raise MemoryError()
+        for i in range(old):
+            if self.values[i]:
+                at = _slot(self.keys[i], mask)
+                while values[at]:
+                    at = (at + 1) & mask
+                keys[at] = self.keys[i]
+                values[at] = self.values[i]
+        free(self.keys)
+        free(self.values)
+        self.keys, self.values, self.capacity = keys, values, old * 2
+        return 0
+
+    cdef uint64_t _find(self, uint64_t key) noexcept nogil:
+        cdef size_t mask = self.capacity - 1, at = _slot(key, mask)
+        while self.values[at]:
+            if self.keys[at] == key:
+                return self.values[at]
+            at = (at + 1) & mask
+        return 0
+
+    def add(self, id_hashes, first_sequence):
+        cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
+        if first_sequence < 1:
+            raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+        cdef uint64_t sequence = first_sequence, key
+        cdef Py_ssize_t n = raw.shape[0] // 8, i
+        cdef size_t mask, at
+        while (self.count + n) * 2 > self.capacity:
+            self._grow()
+        mask = self.capacity - 1
+        for i in range(n):
+            key = _le64(&raw[i * 8])
+            at = _slot(key, mask)
+            while self.values[at] and self.keys[at] != key:
+                at = (at + 1) & mask
+            if not self.values[at]:
+                self.keys[at] = key
+                self.values[at] = sequence + i
+                self.count += 1
+
+    def get(self, key):
+        cdef uint64_t found = self._find(key)
+        return found if found else None
+
+    def unknown(self, id_hashes):
+        cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
+        cdef Py_ssize_t n = raw.shape[0] // 8, i
+        cdef size_t size = 16, mask, at
+        cdef uint64_t key
+        cdef uint64_t *seen
+        cdef uint8_t *used
+        if n == 0:
+            return True
+        while size < <size_t>n * 2:
+            size *= 2
+        mask = size - 1
+        seen = <uint64_t *>malloc(size * sizeof(uint64_t))
+        used = <uint8_t *>calloc(size, 1)
+        if seen == NULL or used == NULL:
+            free(seen)
+            free(used)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                key = _le64(&raw[i * 8])
+                if self._find(key):
+                    return False
+                at = _slot(key, mask)
+                while used[at]:
+                    if seen[at] == key:
+                        return False
+                    at = (at + 1) & mask
+                used[at] = 1
+                seen[at] = key
+            return True
+        finally:
+            free(seen)
+            free(used)
+
+
+cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t value = 0
+    cdef int i
+    for i in range(8):
+        value |= (<uint64_t>p[i]) << (8 * i)
+    return value
+
+
+cdef object _id_hashes_view(object id_hashes):
+    try:
+        view = memoryview(id_hashes)
+    except TypeError:
+        raise TypeError(f"id_hashes must be a bytes-like object, not {type(id_hashes).__name__}") from None
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    if view.nbytes % 8:
+        raise ValueError(f"id_hashes must be a multiple of 8 bytes, got {view.nbytes}")
+    if view.nbytes == 0:
+        return memoryview(b"\0" * 8)[:0]
+    return view

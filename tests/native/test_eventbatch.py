@@ -1,0 +1,328 @@
+"""The evidence batch encoder: leaves equal to the reference encoder's, twin parity, hostile input.
+
+Every test runs against the compiled module and its twin (fixture ``batch``,
+ids ``native``/``python``); the parity tests compare the two byte for byte.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+import pytest
+
+from planes.common.v1 import common_pb2
+from planes.evidence.v1 import evidence_service_pb2 as pb
+from planes.native import extensions_disabled
+from planes.plugins.evidence import leaf as leaves
+
+LIMITS = dict(max_events=100, max_fields=8, max_value_bytes=256, max_id_chars=32)
+
+
+def _module(kind: str):
+    if kind == "native" and extensions_disabled():
+        pytest.skip("PLANES_NO_EXTENSIONS is set: the compiled module is not under test")
+    return importlib.import_module(f"planes.native.eventbatch{'' if kind == 'native' else '_py'}")
+
+
+@pytest.fixture(params=["native", "python"])
+def batch(request):
+    return _module(request.param)
+
+
+def counting_salts(size: int) -> bytes:
+    """A deterministic salt source, so both implementations draw the same salts."""
+    return bytes(i % 251 for i in range(size))
+
+
+def sample_events() -> list[pb.Event]:
+    first = pb.Event(event_id="e-1", event_type="tool.invoked",
+                     correlation=common_pb2.Correlation(correlation_id="c-1", request_id="r", trace_id="t" * 32,
+                                                        span_id="s" * 16, actor="worker-7"))
+    first.time.seconds, first.time.nanos = 1_700_000_000, 123
+    first.config.revision, first.config.digest = 42, b"\x09" * 32
+    first.fields.add(name="tool", string_value="grep \u00e9t\u00e9", classification=common_pb2.CLASSIFICATION_INTERNAL)
+    first.fields.add(name="payload", bytes_value=b"\x00\xff" * 20, salt=b"client-salt")
+    first.fields.add(name="secret", commitment=common_pb2.Digest(value=b"\x07" * 32), classification=3)
+    second = pb.Event(event_id="\u00e9v\u00e9nement", event_type="correction", corrects_event_id="e-1")
+    second.fields.add(name="empty", string_value="")
+    return [first, second]
+
+
+def request_bytes(events: list[pb.Event], tenant: str = "acme") -> bytes:
+    return pb.AppendEventsRequest(tenant=tenant, events=events).SerializeToString()
+
+
+def encode(batch, data, **overrides):
+    arguments = dict(LIMITS, salts=counting_salts)
+    arguments.update(overrides)
+    return batch.encode_events(data, "acme", "svc", 10, 5_000_000_000, **arguments)
+
+
+def test_leaves_decode_to_the_events_sent_with_checkable_commitments(batch):
+    result = encode(batch, request_bytes(sample_events()))
+    assert len(result) == 2 and list(result.offsets)[0] == 0 and result.offsets[-1] == len(result.leaves)
+    first = leaves.decode(result.leaves[result.offsets[0]:result.offsets[1]])
+    second = leaves.decode(result.leaves[result.offsets[1]:result.offsets[2]])
+    assert (first.sequence, first.event_id, first.tenant, first.actor) == (10, "e-1", "acme", "worker-7")
+    assert (first.trace_id, first.time_ns, first.config_revision) == ("t" * 32, 1_700_000_000_000_000_123, 42)
+    assert (second.sequence, second.actor, second.time_ns) == (11, "svc", 5_000_000_000)
+    assert second.corrects_event_id == "e-1" and second.event_id == "\u00e9v\u00e9nement"
+    assert [f.name for f in first.fields] == ["tool", "payload", "secret"]
+    assert first.field("secret").commitment == b"\x07" * 32, "a withheld value keeps the commitment sent"
+    values = {(v[0], v[1]): v for v in batch.decode_values(result.values)}
+    assert set(values) == {(10, "tool"), (10, "payload"), (11, "empty")}
+    assert values[(10, "payload")][2] == b"client-salt", "a salt sent with the field is used as is"
+    for (sequence, name), (_, _, salt, value) in values.items():
+        decoded = first if sequence == 10 else second
+        committed = decoded.field(name)
+        assert leaves.commitment(salt, name, committed.kind, value) == committed.commitment
+    assert result.first_sequence == 10 and result.runs == [("c-1", 10, 10), ("", 11, 11)]
+    assert (result.min_time, result.max_time) == (5_000_000_000, 1_700_000_000_000_000_123)
+    assert result.id_hashes == b"".join(batch.id_hash(i.encode()).to_bytes(8, "little")
+                                        for i in ("e-1", "\u00e9v\u00e9nement"))
+
+
+def test_leaf_bytes_equal_the_reference_encoder(batch):
+    result = encode(batch, request_bytes(sample_events()))
+    for index in range(len(result)):
+        raw = result.leaves[result.offsets[index]:result.offsets[index + 1]]
+        assert leaves.encode(leaves.decode(raw)) == raw
+
+
+def test_twin_parity_on_random_batches(batch):
+    other = _module("python" if batch.__name__.endswith("eventbatch") else "native")
+    rng = random.Random(4)
+    for _ in range(30):
+        events = []
+        for number in range(rng.randrange(0, 6)):
+            event = pb.Event(event_id=f"id-{number}-{rng.random()}", event_type=rng.choice(["a", "tool.invoked"]))
+            if rng.random() < 0.5:
+                event.correlation.correlation_id = "c" * rng.randrange(0, 20)
+            if rng.random() < 0.3:
+                event.time.seconds = rng.randrange(-2**33, 2**33)
+            for f in range(rng.randrange(0, 5)):
+                if rng.random() < 0.5:
+                    event.fields.add(name=f"f{f}", bytes_value=rng.randbytes(rng.randrange(0, 200)))
+                else:
+                    event.fields.add(name=f"f{f}", string_value="x" * rng.randrange(0, 200),
+                                     classification=rng.randrange(0, 5))
+            events.append(event)
+        data = request_bytes(events)
+        mine, theirs = encode(batch, data), encode(other, data)
+        assert (mine.leaves, list(mine.offsets), mine.values, mine.id_hashes, mine.runs, mine.min_time,
+                mine.max_time) == (theirs.leaves, list(theirs.offsets), theirs.values, theirs.id_hashes,
+                                   theirs.runs, theirs.min_time, theirs.max_time)
+
+
+def test_empty_request_is_an_empty_batch(batch):
+    result = encode(batch, b"")
+    assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.runs) == \
+           (b"", [0], b"", b"", [])
+
+
+def test_salts_are_random_by_default(batch):
+    data = request_bytes(sample_events())
+    one = batch.encode_events(data, "acme", "svc", 1, 0, **LIMITS)
+    two = batch.encode_events(data, "acme", "svc", 1, 0, **LIMITS)
+    first, second = batch.decode_values(one.values)[0], batch.decode_values(two.values)[0]
+    assert first[2] != second[2] and len(first[2]) == 16
+    assert one.leaves != two.leaves, "fresh salts give fresh commitments"
+
+
+# -- hostile input -------------------------------------------------------------
+
+
+def test_every_truncation_is_a_format_error_or_a_shorter_batch(batch):
+    data = request_bytes(sample_events())
+    for cut in range(1, len(data)):
+        try:
+            encode(batch, data[:cut])
+        except batch.BatchFormatError as exc:
+            assert 0 <= exc.offset <= cut
+        except (batch.BatchRuleError, batch.NotCanonical):
+            pass  # a cut that still parses can leave an event without its id, or a field without a value
+
+
+@pytest.mark.parametrize(("data", "offset"), [
+    (b"\x12\x05abc", 0),                          # length past the end
+    (b"\x12", 1),                                 # truncated length
+    (b"\x12\x02\x0a", 0),                         # the event runs past the end
+    (b"\x12\x04\x0a\x02\xff\xfe", 4),             # event_id is not UTF-8
+    (b"\x00\x00", 0),                             # field number 0
+    (b"\x12\x01\x80", 2),                         # truncated varint inside an event
+    (b"\x12\x0b\x18" + b"\xff" * 10, 3),          # varint longer than 64 bits
+    (b"\x16", 0),                                 # wire type 6 does not exist
+], ids=["past-end", "no-length", "event-past-end", "not-utf8", "field-zero", "inner-varint", "long-varint",
+        "wire-type-6"])
+def test_malformed_bytes_are_format_errors_that_name_the_offset(batch, data, offset):
+    with pytest.raises(batch.BatchFormatError) as caught:
+        encode(batch, data)
+    assert caught.value.offset == offset and "malformed evidence batch" in str(caught.value)
+
+
+def test_random_garbage_never_crashes(batch):
+    rng = random.Random(9)
+    base = request_bytes(sample_events())
+    for _ in range(500):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            encode(batch, bytes(data))
+        except (batch.BatchFormatError, batch.BatchLimitError, batch.BatchRuleError, batch.NotCanonical):
+            pass
+
+
+def test_too_many_events_is_counted_before_any_work(batch):
+    data = request_bytes([pb.Event(event_id=f"e{i}", event_type="a") for i in range(5)])
+    with pytest.raises(batch.BatchLimitError) as caught:
+        encode(batch, data, max_events=4)
+    assert (caught.value.limit_name, caught.value.limit, caught.value.actual) == ("events_per_batch", 4, 5)
+    assert len(encode(batch, data, max_events=5)) == 5, "at the limit passes"
+
+
+def test_too_many_fields_and_too_large_values_carry_the_numbers(batch):
+    event = pb.Event(event_id="e", event_type="a")
+    for number in range(9):
+        event.fields.add(name=f"f{number}", string_value="v")
+    with pytest.raises(batch.BatchLimitError) as caught:
+        encode(batch, request_bytes([event]))
+    assert (caught.value.limit_name, caught.value.limit, caught.value.actual) == ("fields_per_event", 8, 9)
+    del event.fields[8]
+    assert len(encode(batch, request_bytes([event]))) == 1
+    big = pb.Event(event_id="e", event_type="a")
+    big.fields.add(name="blob", bytes_value=b"x" * 257)
+    with pytest.raises(batch.BatchLimitError) as caught:
+        encode(batch, request_bytes([big]))
+    assert (caught.value.limit_name, caught.value.limit, caught.value.actual) == ("field_value_bytes", 256, 257)
+    assert "x" * 10 not in str(caught.value), "errors never carry values"
+    big.fields[0].bytes_value = b"x" * 256
+    assert len(encode(batch, request_bytes([big]))) == 1
+
+
+@pytest.mark.parametrize(("change", "message", "denied"), [
+    (lambda e: setattr(e, "event_id", ""), "event_id is required", False),
+    (lambda e: setattr(e, "event_id", "x" * 33), "longer than 32 characters", False),
+    (lambda e: setattr(e, "event_type", "Tool.Invoked"), "dotted lower-case", False),
+    (lambda e: setattr(e, "event_type", "tool..x"), "dotted lower-case", False),
+    (lambda e: setattr(e, "event_type", "tool."), "dotted lower-case", False),
+    (lambda e: setattr(e, "sequence", 3), "assigned by the log", False),
+    (lambda e: e.correlation.__setattr__("tenant", "globex"), "not the request's tenant", True),
+    (lambda e: e.time.__setattr__("seconds", 2**62), "time is out of range", False),
+    (lambda e: e.fields.add(name="tool", string_value="again"), "appears twice", False),
+    (lambda e: e.fields.add(name="", string_value="v"), "field names must be", False),
+    (lambda e: e.fields.add(name="w"), "neither a value nor", False),
+    (lambda e: e.fields.add(name="c", string_value="v", classification=300), "classification 300", False),
+    (lambda e: e.fields.add(name="c", string_value="v", commitment=common_pb2.Digest(value=b"\x00" * 32)),
+     "does not match its value", False),
+], ids=["no-id", "long-id", "upper-type", "double-dot", "trailing-dot", "sequence", "tenant", "time", "dup-field",
+        "empty-name", "withheld-no-commitment", "classification", "wrong-commitment"])
+def test_rule_breaking_events_are_refused_with_their_index(batch, change, message, denied):
+    good = pb.Event(event_id="ok", event_type="tool.invoked")
+    bad = pb.Event(event_id="bad", event_type="tool.invoked")
+    bad.fields.add(name="tool", string_value="grep")
+    change(bad)
+    with pytest.raises(batch.BatchRuleError, match=message) as caught:
+        encode(batch, request_bytes([good, bad]))
+    assert caught.value.index == 1 and caught.value.denied == denied
+    assert "grep" not in str(caught.value)
+
+
+def test_merged_message_fields_are_left_to_protobuf(batch):
+    event = pb.Event(event_id="e", event_type="a", correlation=common_pb2.Correlation(correlation_id="c"))
+    extra = common_pb2.Correlation(actor="x").SerializeToString()
+    raw = event.SerializeToString() + b"\x12" + bytes([len(extra)]) + extra
+    data = b"\x12" + bytes([len(raw)]) + raw
+    assert pb.AppendEventsRequest.FromString(data).events[0].correlation.actor == "x", "protobuf merges them"
+    with pytest.raises(batch.NotCanonical):
+        encode(batch, data)
+
+
+def test_arguments_are_checked(batch):
+    with pytest.raises(TypeError, match="bytes-like"):
+        batch.encode_events("text", "acme", "svc", 1, 0, **LIMITS)
+    with pytest.raises(ValueError, match="first_sequence"):
+        batch.encode_events(b"\x0a\x00", "acme", "svc", 0, 0, **LIMITS)
+    with pytest.raises(ValueError, match="max_fields must not be negative"):
+        batch.encode_events(b"\x0a\x00", "acme", "svc", 1, 0, **dict(LIMITS, max_fields=-1))
+
+
+def test_runs_follow_consecutive_correlation_ids(batch):
+    events = [pb.Event(event_id=f"e{i}", event_type="a", correlation=common_pb2.Correlation(correlation_id=c))
+              for i, c in enumerate(["x", "x", "y", "x", "x", "x"])]
+    assert encode(batch, request_bytes(events)).runs == [("x", 10, 11), ("y", 12, 12), ("x", 13, 15)]
+
+
+def test_values_blob_round_trips_and_refuses_damage(batch):
+    records = [(1, "name", b"s" * 16, b"value"), (2, "\u00e9", b"", b"")]
+    blob = batch.pack_values(records)
+    assert batch.decode_values(blob) == records
+    for cut in range(1, len(blob)):
+        if cut == len(batch.pack_values(records[:1])):
+            continue
+        with pytest.raises(batch.ValuesFormatError):
+            batch.decode_values(blob[:cut])
+
+
+def test_id_index_finds_first_sequences_and_refuses_repeats(batch):
+    index = batch.IdIndex()
+    keys = [batch.id_hash(f"id-{n}".encode()) for n in range(5000)]
+    blob = b"".join(key.to_bytes(8, "little") for key in keys)
+    assert index.unknown(blob) and len(index) == 0
+    index.add(blob, 1)
+    assert len(index) == 5000
+    assert [index.get(key) for key in keys[:3]] == [1, 2, 3] and index.get(keys[-1]) == 5000
+    assert index.get(batch.id_hash(b"absent")) is None
+    assert not index.unknown(blob[8:16]), "a stored hash is known"
+    fresh = [batch.id_hash(f"new-{n}".encode()).to_bytes(8, "little") for n in range(3)]
+    assert index.unknown(b"".join(fresh))
+    assert not index.unknown(fresh[0] + fresh[1] + fresh[0]), "a hash repeated within the batch"
+    index.add(blob[:8] + fresh[0], 9000)
+    assert index.get(keys[0]) == 1, "a present hash keeps its first sequence"
+    assert index.get(int.from_bytes(fresh[0], "little")) == 9001
+    assert index.unknown(b"")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        index.add(b"123", 1)
+    with pytest.raises(ValueError, match="first_sequence"):
+        index.add(blob[:8], 0)
+
+
+def test_two_threads_encode_what_one_thread_does(batch):
+    """A large batch is split between two threads; with every salt sent, the output is deterministic."""
+    events = []
+    for number in range(1000):
+        event = pb.Event(event_id=f"id-{number}", event_type="tool.invoked",
+                         correlation=common_pb2.Correlation(correlation_id=f"c-{number // 7}"))
+        event.time.seconds = 1_000_000 + (number * 7919) % 1000
+        event.fields.add(name="tool", string_value="x" * (number % 50), salt=number.to_bytes(16, "big"))
+        events.append(event)
+    data = request_bytes(events)
+    arguments = dict(LIMITS, max_events=1000)
+    one = batch.encode_events(data, "acme", "svc", 5, 0, threads=1, **arguments)
+    two = batch.encode_events(data, "acme", "svc", 5, 0, threads=2, **arguments)
+    assert (one.leaves, list(one.offsets), one.values, one.id_hashes, one.runs, one.min_time, one.max_time,
+            one.leaf_hashes) == (two.leaves, list(two.offsets), two.values, two.id_hashes, two.runs, two.min_time,
+                                 two.max_time, two.leaf_hashes)
+    assert one.runs[71] == ("c-71", 5 + 497, 5 + 503), "a run across the halves is one run"
+    chain = importlib.import_module("planes.native.chain_py")
+    assert two.leaf_hashes == chain.leaf_hashes(two.leaves, two.offsets)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        batch.encode_events(data, "acme", "svc", 5, 0, threads=0, **arguments)
+
+
+def test_random_damage_to_a_large_batch_never_crashes_either_thread(batch):
+    events = [pb.Event(event_id=f"e{n}", event_type="tool.invoked",
+                       correlation=common_pb2.Correlation(correlation_id=f"c{n // 3}")) for n in range(300)]
+    for event in events:
+        event.fields.add(name="tool", string_value="grep")
+    base = request_bytes(events)
+    rng = random.Random(12)
+    for _ in range(60):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            encode(batch, bytes(data), max_events=300, salts=None, threads=2)
+        except (batch.BatchFormatError, batch.BatchLimitError, batch.BatchRuleError, batch.NotCanonical):
+            pass
