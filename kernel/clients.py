@@ -86,9 +86,9 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
             call.deadline = deadline
         if rpc.tenant_scoped:
             if rpc.client_streaming:
-                request = _scoped(request, identity)
+                request = _scoped(request, identity, method.tenant_field)
             else:
-                guard.scope_tenant(request, identity)
+                guard.scope_tenant(request, identity, method.tenant_field)
         return request, call
 
     def translate(exc: BaseException) -> PlanesError:
@@ -135,9 +135,9 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
     return unary
 
 
-async def _scoped(requests: AsyncIterator[Any], identity: Identity) -> AsyncIterator[Any]:
+async def _scoped(requests: AsyncIterator[Any], identity: Identity, tenant_field: int) -> AsyncIterator[Any]:
     async for request in requests:
-        CallGuard.scope_tenant(request, identity)
+        CallGuard.scope_tenant(request, identity, tenant_field)
         yield request
 
 

@@ -21,7 +21,7 @@ import abc
 import inspect
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, ClassVar
 
 from google.protobuf import descriptor_pool, message_factory
@@ -70,6 +70,8 @@ class Rpc:
     roles: frozenset[str]
     #: True when the request message has a top-level ``tenant`` string field.
     tenant_scoped: bool
+    #: That field's number (0 when not tenant-scoped), for requests in wire form.
+    tenant_field: int = 0
 
     @property
     def shape(self) -> str:
@@ -111,8 +113,38 @@ def resolve_rpcs(service: ServiceDescriptor) -> dict[str, Rpc]:
             tenant_scoped=tenant_field is not None
             and tenant_field.type == tenant_field.TYPE_STRING
             and not tenant_field.message_type,
+            tenant_field=tenant_field.number if tenant_field is not None else 0,
         )
     return rpcs
+
+
+@lru_cache(maxsize=None)
+def _tenant_reader(number: int) -> type:
+    """A message class with only ``string tenant = number``: parsing skips every other field in C."""
+    from google.protobuf import descriptor_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    proto = descriptor_pb2.FileDescriptorProto(name=f"planes_tenant_{number}.proto",
+                                               package="planes.kernel.wire", syntax="proto3")
+    proto.message_type.add(name="TenantOnly").field.add(
+        name="tenant", number=number, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("planes.kernel.wire.TenantOnly"))
+
+
+def wire_tenant(data: bytes, number: int = 1) -> str:
+    """The ``tenant`` (field ``number``) of a request in wire form, as protobuf reads it (last one wins).
+
+    Raises:
+        google.protobuf.message.DecodeError: ``data`` is not a valid message.
+    """
+    return _tenant_reader(number).FromString(data).tenant
+
+
+def with_tenant(data: bytes, number: int, tenant: str) -> bytes:
+    """``data`` with its tenant set: a field appended, which protobuf reads as the value."""
+    return data + _tenant_reader(number)(tenant=tenant).SerializeToString()
 
 
 class Encoded:
@@ -147,8 +179,9 @@ class PlaneContract(abc.ABC):
     #: RPCs (by attribute name) whose requests the server hands to the plane
     #: undecoded, as :class:`Encoded` wire bytes, so a native codec can read
     #: them without a protobuf copy. In-process callers may still pass
-    #: messages, so such a method accepts both. Not for tenant-scoped RPCs:
-    #: the kernel cannot read the tenant of bytes it does not decode.
+    #: messages, so such a method accepts both. The tenant of a tenant-scoped
+    #: one is still checked (and filled when empty) by the kernel, reading
+    #: only that field; the plane reads it back with :func:`wire_tenant`.
     wire_requests: ClassVar[frozenset[str]] = frozenset()
 
 
@@ -213,9 +246,6 @@ class PlaneSpec:
             elif not inspect.iscoroutinefunction(method):
                 problems.append(f"{rpc.attribute} (must be async def)")
         for name in sorted(getattr(implementation, "wire_requests", ())):
-            rpc = next((r for r in self.rpcs.values() if r.attribute == name), None)
-            if rpc is None:
+            if not any(r.attribute == name for r in self.rpcs.values()):
                 problems.append(f"wire_requests names {name}, which is not an RPC of {self.contract.service}")
-            elif rpc.tenant_scoped:
-                problems.append(f"{name} in wire_requests (the kernel scopes its tenant, so it must decode it)")
         return problems

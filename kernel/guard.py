@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from . import errors
 from .auth import Authenticator
 from .call import CallContext, TraceContext, _current, _reset_current, current_call
-from .contract import ContractVersion, Rpc
+from .contract import ContractVersion, Encoded, Rpc, wire_tenant, with_tenant
 from .errors import InvalidArgument, PermissionDenied, PlanesError, VersionMismatch
 from .identity import ALL_TENANTS, Identity
 
@@ -51,7 +52,8 @@ MAX_ID_LENGTH = 128
 class MethodGuard:
     """Admission rules of one method: roles, tenant scope and contract version."""
 
-    __slots__ = ("path", "roles", "tenant_scoped", "plane", "version", "public", "_by_header", "_by_agent")
+    __slots__ = ("path", "roles", "tenant_scoped", "tenant_field", "plane", "version", "public", "_by_header",
+                 "_by_agent")
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class MethodGuard:
         roles: frozenset[str],
         *,
         tenant_scoped: bool = False,
+        tenant_field: int = 1,
         plane: str = "",
         version: ContractVersion | None = None,
         public: bool = False,
@@ -66,6 +69,7 @@ class MethodGuard:
         self.path = path
         self.roles = roles
         self.tenant_scoped = tenant_scoped
+        self.tenant_field = tenant_field
         self.plane = plane
         self.version = version
         self.public = public
@@ -79,7 +83,8 @@ class MethodGuard:
 
     @classmethod
     def for_rpc(cls, rpc: Rpc, plane: str, version: ContractVersion) -> MethodGuard:
-        return cls(rpc.path, rpc.roles, tenant_scoped=rpc.tenant_scoped, plane=plane, version=version)
+        return cls(rpc.path, rpc.roles, tenant_scoped=rpc.tenant_scoped, tenant_field=rpc.tenant_field or 1,
+                   plane=plane, version=version)
 
 
 class CallGuard:
@@ -181,13 +186,27 @@ class CallGuard:
         return refused
 
     @staticmethod
-    def scope_tenant(request: Any, identity: Identity) -> None:
-        """Refuse a request for another tenant; fill an empty tenant with the caller's."""
-        tenant = request.tenant
+    def scope_tenant(request: Any, identity: Identity, tenant_field: int = 1) -> None:
+        """Refuse a request for another tenant; fill an empty tenant with the caller's.
+
+        A request in wire form (:class:`Encoded`) is read for its tenant field
+        only, and an empty one is filled by appending the field to its bytes.
+        """
+        wire = type(request) is Encoded
+        if wire:
+            try:
+                tenant = wire_tenant(request.data, tenant_field)
+            except DecodeError:
+                raise InvalidArgument("the request is not a valid protobuf message") from None
+        else:
+            tenant = request.tenant
         if not tenant:
             if identity.tenant == ALL_TENANTS:
                 raise InvalidArgument("tenant is required: this identity may act for every tenant")
-            request.tenant = identity.tenant
+            if wire:
+                request.data = with_tenant(request.data, tenant_field, identity.tenant)
+            else:
+                request.tenant = identity.tenant
         elif not identity.may_act_for(tenant):
             raise PermissionDenied(f"{identity.principal} may not act for tenant {tenant!r}")
 
@@ -227,9 +246,9 @@ class CallGuard:
             try:
                 call = self.admit(method, context)
                 if streaming_request:
-                    request = _scoped_stream(request, call.identity) if scoped else request
+                    request = _scoped_stream(request, call.identity, method.tenant_field) if scoped else request
                 elif scoped:
-                    self.scope_tenant(request, call.identity)
+                    self.scope_tenant(request, call.identity, method.tenant_field)
                 token = _current.set(call)
                 if call.deadline is None:
                     return await inner(request, context if raw else call)
@@ -258,9 +277,9 @@ class CallGuard:
             try:
                 call = self.admit(method, context)
                 if streaming_request:
-                    request = _scoped_stream(request, call.identity) if scoped else request
+                    request = _scoped_stream(request, call.identity, method.tenant_field) if scoped else request
                 elif scoped:
-                    self.scope_tenant(request, call.identity)
+                    self.scope_tenant(request, call.identity, method.tenant_field)
                 token = _current.set(call)
                 if call.deadline is None:
                     async for item in inner(request, context if raw else call):
@@ -301,7 +320,7 @@ def _internal(method: MethodGuard) -> errors.Internal:
     return errors.Internal(f"internal error in {method.path}; correlation id {correlation}")
 
 
-async def _scoped_stream(requests: AsyncIterator[Any], identity: Identity) -> AsyncIterator[Any]:
+async def _scoped_stream(requests: AsyncIterator[Any], identity: Identity, tenant_field: int) -> AsyncIterator[Any]:
     async for request in requests:
-        CallGuard.scope_tenant(request, identity)
+        CallGuard.scope_tenant(request, identity, tenant_field)
         yield request

@@ -15,6 +15,7 @@ from functools import partial
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.call import CallContext
+from planes.kernel.contract import Encoded, wire_tenant
 from planes.kernel.contracts.evidence import EvidencePlane
 from planes.kernel.errors import InvalidArgument, LimitExceeded
 
@@ -26,7 +27,19 @@ EXPORT_CHUNK = 1024 * 1024
 MAX_EXPORT_EVENTS = 100_000
 
 
+def _tenant_and_bytes(request) -> tuple[str, bytes]:
+    """An append request's tenant and its wire bytes, whichever form it came in."""
+    if type(request) is Encoded:
+        return wire_tenant(request.data), request.data
+    return request.tenant, request.SerializeToString()
+
+
 class Evidence(EvidencePlane):
+    #: Appends reach the native batch encoder as the bytes that arrived: no
+    #: protobuf parse and re-serialization of a batch on the way. The kernel
+    #: has checked (or filled) their tenant field already.
+    wire_requests = frozenset({"append_events", "append_event_stream"})
+
     def __init__(self, log: EvidenceLog):
         self.log = log
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-log")
@@ -38,7 +51,7 @@ class Evidence(EvidencePlane):
         self._thread.shutdown(wait=True)
 
     async def append_events(self, request: pb.AppendEventsRequest, call: CallContext) -> pb.AppendEventsResponse:
-        result = await self._run(self.log.append_encoded, request.tenant, request.SerializeToString(), call.identity)
+        result = await self._run(self.log.append_encoded, *_tenant_and_bytes(request), call.identity)
         return pb.AppendEventsResponse(sequences=result.sequences, chain_head=result.chain_head)
 
     async def append_event_stream(self, requests: AsyncIterator[pb.AppendEventStreamRequest],
@@ -46,10 +59,11 @@ class Evidence(EvidencePlane):
         appended = duplicates = last = 0
         head = b""
         async for request in requests:
-            if not request.events:
+            if type(request) is not Encoded and not request.events:
                 continue
-            result = await self._run(self.log.append_encoded, request.tenant, request.SerializeToString(),
-                                     call.identity)
+            result = await self._run(self.log.append_encoded, *_tenant_and_bytes(request), call.identity)
+            if not result.sequences:
+                continue
             appended += result.appended
             duplicates += result.duplicates
             last = max(last, *result.sequences)
