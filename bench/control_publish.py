@@ -186,7 +186,7 @@ async def bare_side(signed: list[bytes], subscribers: int, keys, remote: bool = 
         sent = b""
         while True:
             async with changed:
-                await changed.wait_for(lambda: current[0] is not sent)
+                await changed.wait_for(lambda sent=sent: current[0] is not sent)
                 sent = current[0]
             yield sent
 
@@ -284,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     for count in (int(n) for n in args.subscribers.split(",")):
         rows = []
         for run_index in range(args.repeat):
-            def kernel_run():
+            def kernel_run(count=count):
                 with tempfile.TemporaryDirectory() as state:
                     return run(kernel_side(Path(state), count, args.rounds, args.resources,
                                            args.remote_subscribers))
 
-            def bare_run():
+            def bare_run(count=count):
                 return run(bare_side(signed, count, keys, args.remote_subscribers))
 
             if run_index % 2:

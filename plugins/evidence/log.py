@@ -179,7 +179,6 @@ class EvidenceLog:
         return self._append_messages(tenant, events, appender)
 
     def _append_messages(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
-        limits = self.limits
         known = self.store.known_event_ids(e.event_id for e in events)
         sequences: list[int] = []
         seen: dict[str, int] = {}

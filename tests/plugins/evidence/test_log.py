@@ -225,7 +225,6 @@ def test_malformed_request_bytes_are_refused_and_nothing_is_stored(log):
 
 def test_encodings_the_native_path_leaves_to_protobuf_still_append(log):
     from planes.common.v1 import common_pb2
-    from planes.evidence.v1 import evidence_service_pb2 as pb
 
     raw = event("m1", correlation="c-9").SerializeToString()
     extra = common_pb2.Correlation(actor="merged-actor").SerializeToString()
