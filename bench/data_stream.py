@@ -15,7 +15,8 @@ all of them and the two processes have a core each:
   which hashes and writes each chunk to disk and fsyncs before acknowledging),
   Get streams it back into one contiguous buffer viewed as a numpy array.
   ``planes-nosync`` is the same with ``durable = false`` (no fsync), to show
-  what the disk costs.
+  what the disk costs; ``planes-sha256`` (on request) the durable one with
+  SHA-256 instead of BLAKE3 content digests.
 
 Every Get side ends with the tensor in one contiguous buffer (raw, protobuf
 and flight copy each chunk into a preallocated array; planes reassembles
@@ -54,6 +55,7 @@ from planes.data.v1 import data_service_pb2 as pb
 MiB = 1 << 20
 OPTIONS = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
 SIDES = ("raw", "protobuf", "flight", "planes", "planes-nosync")
+#: Also available: ``planes-sha256`` (durable, SHA-256 content digests), not run by default.
 
 
 # -- memory ----------------------------------------------------------------------
@@ -219,6 +221,10 @@ class Client:
         self.data = {side: DataClient(connect(f"127.0.0.1:{remote.ports[side]}", DataPlane,
                                               token=remote.tokens[side]), "bench", max_chunk_bytes=16 * MiB)
                      for side in ("planes", "planes-nosync")}
+        # The durable plane again, with SHA-256 content digests instead of BLAKE3.
+        self.data["planes-sha256"] = DataClient(connect(f"127.0.0.1:{remote.ports['planes']}", DataPlane,
+                                                        token=remote.tokens["planes"]), "bench",
+                                                max_chunk_bytes=16 * MiB, digest_algorithm="sha256")
         self.stored: dict[str, str] = {}
         self.old: list[tuple[str, str | None]] = []
 
