@@ -24,7 +24,10 @@ SCHEMAS: dict[int, dict[str, tuple[str, bool, tuple[str, ...] | None]]] = {
         "side_effect": ("str", True, ("none", "idempotent", "non_idempotent")),
         "classification": ("str", True, CLASSIFICATIONS), "egress": ("[str]", False, None),
         "credential_ref": ("str", False, None), "approval_triggers": ("[str]", False, None),
-        "timeout_seconds": ("num", False, None), "max_attempts": ("num", False, None)},
+        "timeout_seconds": ("num", False, None), "max_attempts": ("num", False, None),
+        # Which tool adapter runs it (python, subprocess, http, mcp or a plugin's) and
+        # the adapter's own settings (a command, a URL, an MCP server, a function).
+        "adapter": ("str", False, None), "target": ("dict", False, None)},
     pb.RESOURCE_KIND_POLICY: {"rules": ("list", True, None), "description": ("str", False, None)},
     pb.RESOURCE_KIND_QUOTA: {"tasks": ("num", False, None), "tokens": ("num", False, None),
                              "bytes": ("num", False, None)},

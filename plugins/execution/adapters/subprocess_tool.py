@@ -1,0 +1,135 @@
+"""The subprocess adapter: run a command in a sandbox.
+
+``target = {command = ["prog", "arg"], network = false, memory_mb = 512,
+cpu_seconds = 30, max_output_bytes = 1048576}``. The call's arguments go to
+the command's standard input as JSON; its standard output comes back (as
+JSON when it parses, else as text).
+
+Isolation: with bubblewrap (``bwrap``) present and working, the command runs
+in new namespaces (no network unless the contract allows it, its own PID,
+IPC and UTS namespaces), with the system directories read-only, a private
+``/tmp`` and a private writable working directory, nothing else of the host
+visible. Without it: resource limits (address space, CPU time, file size,
+open files), a private temporary working directory, an empty environment
+and a new session. The isolation actually used is reported in the call's
+notes, which become evidence. Either way the process group is killed on
+timeout or cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+
+from planes.kernel.errors import DeadlineExceeded, InvalidArgument, PlanesError
+
+from ..tools import ToolAdapter, ToolCall, ToolContext, ToolDescription, ToolResult
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc")
+
+
+class ToolFailed(PlanesError):
+    """The command ran and exited non-zero."""
+
+    reason = "TOOL_FAILED"
+
+
+@functools.lru_cache(maxsize=1)
+def bubblewrap() -> str | None:
+    """The bwrap binary if it can actually make namespaces here (containers often forbid it)."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return None
+    try:
+        probe = subprocess.run([path, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+                               capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if probe.returncode == 0 else None
+
+
+def _limits(memory_mb: int, cpu_seconds: int, file_bytes: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+class SubprocessAdapter(ToolAdapter):
+    def __init__(self, *, use_bubblewrap: bool = True):
+        self.use_bubblewrap = use_bubblewrap
+
+    def describe(self, contract) -> ToolDescription:
+        command = contract.target.get("command")
+        if not isinstance(command, list) or not command or not all(isinstance(p, str) for p in command):
+            raise InvalidArgument(f"tool {contract.name}: target.command must be a non-empty list of strings")
+        isolation = "bubblewrap" if self.use_bubblewrap and bubblewrap() else "rlimits+private-tmp"
+        return ToolDescription("subprocess", command[0], {"isolation": isolation})
+
+    def _argv(self, command: list[str], workdir: str, network: bool) -> tuple[list[str], str]:
+        bwrap = bubblewrap() if self.use_bubblewrap else None
+        if bwrap is None:
+            return command, "rlimits+private-tmp"
+        argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+                "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", "/work",
+                "--setenv", "TMPDIR", "/tmp"]
+        if network:
+            argv.append("--share-net")
+        for directory in SYSTEM_DIRS:
+            if os.path.exists(directory):
+                argv += ["--ro-bind", directory, directory]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", workdir, "/work",
+                 "--chdir", "/work", "--"]
+        return argv + command, "bubblewrap"
+
+    async def invoke(self, call: ToolCall, context: ToolContext) -> ToolResult:
+        target = call.contract.target
+        self.describe(call.contract)
+        memory = int(target.get("memory_mb", 512))
+        cpu = int(target.get("cpu_seconds", 30))
+        limit = int(target.get("max_output_bytes", 1 << 20))
+        with tempfile.TemporaryDirectory(prefix="planes-tool-") as workdir:
+            os.chmod(workdir, 0o700)
+            argv, isolation = self._argv(list(target["command"]), workdir, bool(target.get("network", False)))
+            context.notes["isolation"] = isolation
+            context.notes["network"] = "allowed" if target.get("network") else "none" if isolation == "bubblewrap" \
+                else "not isolated"
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir}
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=workdir, env=env, start_new_session=True,
+                preexec_fn=_limits(memory, cpu, 64 << 20))
+            try:
+                stdin = json.dumps(call.arguments).encode()
+                stdout, stderr = await asyncio.wait_for(process.communicate(stdin), context.remaining())
+            except TimeoutError:
+                raise DeadlineExceeded(f"tool {call.tool} ran past its timeout") from None
+            finally:
+                if process.returncode is None:
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    await process.wait()
+        if process.returncode != 0:
+            # stderr may echo inputs: only its size is reported.
+            raise ToolFailed(f"tool {call.tool} exited with status {process.returncode} "
+                             f"({len(stderr)} bytes on stderr)")
+        text = stdout[:limit].decode(errors="replace")
+        try:
+            output = json.loads(text)
+            if not isinstance(output, dict):
+                output = {"result": output}
+        except ValueError:
+            output = {"stdout": text}
+        return ToolResult(output=output)
