@@ -58,3 +58,9 @@ def reconcile_count(call, context) -> Reconciliation:
     ledger = Path(call.arguments["ledger"])
     keys = ledger.read_text().splitlines() if ledger.exists() else []
     return Reconciliation.APPLIED if call.idempotency_key in keys else Reconciliation.NOT_APPLIED
+
+
+async def pause(arguments: dict, context) -> dict:
+    """Waits at ``marker`` the first time (no side effect): a place to kill a worker."""
+    await _pause_once(arguments.get("marker"))
+    return {}

@@ -50,6 +50,7 @@ SEED = [
     (TOOL, "sleep", python_tool("sleep", "idempotent", timeout_seconds=60)),
     (TOOL, "deploy", python_tool("upper", "non_idempotent", approval_triggers=["always"])),
     (TOOL, "danger", python_tool("noop")),
+    (TOOL, "pause", python_tool("pause")),
     (cpb.RESOURCE_KIND_POLICY, "baseline", {"rules": [
         {"name": "no-danger", "effect": "deny", "tools": ["danger"], "reason": "danger is never allowed"},
         {"name": "quiet-upper", "effect": "transform", "tools": ["upper"], "set_arguments": {"text": "redacted"}},
