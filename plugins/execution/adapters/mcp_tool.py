@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
+from pathlib import Path
 
 from planes.kernel.errors import DeadlineExceeded, InvalidArgument, PlanesError, Unavailable
 
@@ -23,6 +25,15 @@ class McpToolError(PlanesError):
     """The MCP server answered the call with ``isError``."""
 
     reason = "MCP_TOOL_ERROR"
+
+
+def find_server(command: str) -> str:
+    """The server's executable: on PATH, else beside this Python (its environment's scripts)."""
+    found = shutil.which(command)
+    if found is None and "/" not in command:
+        beside = Path(sys.executable).parent / command
+        found = str(beside) if beside.exists() else None
+    return found or command
 
 
 class McpAdapter(ToolAdapter):
@@ -41,7 +52,7 @@ class McpAdapter(ToolAdapter):
 
         self.describe(call.contract)
         target = call.contract.target
-        command = shutil.which(str(target["command"])) or str(target["command"])
+        command = find_server(str(target["command"]))
         env = {}
         if target.get("credential_env") and call.contract.credential_ref:
             env[str(target["credential_env"])] = context.secrets.get(call.contract.credential_ref).decode().strip()
