@@ -38,28 +38,111 @@ from .store import TaskStore
 log = logging.getLogger("planes.execution.committer")
 
 
-class Tx:
-    """What one operation sees: the store, the time, and where its effects go."""
+class BatchWrites:
+    """The tasks and transitions a batch changed, written once when the batch ends.
 
-    __slots__ = ("store", "now", "events", "after", "dirty")
+    Operations see each other's changes through it (a task changed by an
+    earlier operation of the batch is read from here, not from the store),
+    and the store gets one multi-row write per table instead of one
+    statement per change.
+    """
 
-    def __init__(self, store: TaskStore, now: float):
+    def __init__(self, store: TaskStore):
         self.store = store
+        self.tasks: dict[str, Any] = {}
+        self.new: dict[str, bytes] = {}
+        self.keys: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self.enqueued: dict[str, int] = {}
+        self.transitions: list[tuple] = []
+        self._order = 0
+
+    def merge(self, tx: Tx) -> None:
+        for task_id, digest, tenant, key in tx.inserted:
+            self.new[task_id] = digest
+            if key:
+                self.keys[(tenant, key)] = (task_id, digest)
+        for task_id, (task, enqueue) in tx.dirty.items():
+            self.tasks[task_id] = task
+            if enqueue:
+                self._order += 1
+                self.enqueued[task_id] = self._order
+        self.transitions.extend(tx.transitions)
+
+    def write(self) -> None:
+        if not self.tasks and not self.transitions:
+            return
+        inserts, updates = [], []
+        for task_id, task in self.tasks.items():
+            enqueue = self.enqueued.get(task_id)
+            if task_id in self.new:
+                inserts.append((task, self.new[task_id], enqueue))
+            else:
+                updates.append((task, enqueue))
+        # Queue order follows the order of enqueueing inside the batch.
+        inserts.sort(key=lambda item: item[2] or 0)
+        updates.sort(key=lambda item: item[1] or 0)
+        self.store.write_tasks(inserts, updates, self.transitions)
+
+
+class Tx:
+    """What one operation sees: the batch's view of the store, the time, and where its effects go."""
+
+    __slots__ = ("batch", "store", "now", "events", "after", "dirty", "inserted", "transitions")
+
+    def __init__(self, batch: BatchWrites, now: float):
+        self.batch = batch
+        self.store = batch.store
         self.now = now
         #: (tenant, event, evidence_required)
         self.events: list[tuple[str, epb.Event, bool]] = []
         #: Called on the event loop once the batch is committed.
         self.after: list[Callable[[], None]] = []
-        #: task_id -> (task, enqueue): written once when the operation ends.
+        #: task_id -> (task, enqueue): this operation's changes.
         self.dirty: dict[str, tuple[Any, bool]] = {}
+        self.inserted: list[tuple[str, bytes, str, str]] = []
+        self.transitions: list[tuple] = []
 
     def emit(self, tenant: str, event: epb.Event, required: bool) -> None:
         self.events.append((tenant, event, required))
 
-    def flush(self) -> None:
-        for task, enqueue in self.dirty.values():
-            self.store.write_task(task, enqueue=enqueue)
-        self.dirty.clear()
+    # -- reads through the batch --------------------------------------------------
+
+    def task(self, task_id: str):
+        """The task as the batch has it so far: a copy the operation may change."""
+        known = self.dirty.get(task_id)
+        if known is not None:
+            return known[0]
+        cached = self.batch.tasks.get(task_id)
+        if cached is None:
+            return self.store.task(task_id)
+        copy = type(cached)()
+        copy.CopyFrom(cached)
+        return copy
+
+    def by_idempotency_key(self, tenant: str, key: str) -> tuple[str, bytes] | None:
+        for task_id, digest, owner, used in self.inserted:
+            if (owner, used) == (tenant, key):
+                return task_id, digest
+        return self.batch.keys.get((tenant, key)) or self.store.by_idempotency_key(tenant, key)
+
+    def queued(self, tenant: str | None, limit: int) -> list:
+        # Tasks this batch already changed are skipped (those it queued are
+        # leased by the next batch).
+        exclude = self.batch.tasks.keys() | self.dirty.keys() if self.batch.tasks or self.dirty else frozenset()
+        return self.store.queued(tenant, limit, exclude)
+
+    def expired_leases(self, limit: int) -> list:
+        return [task for task in self.store.expired_leases(self.now, limit)
+                if task.task_id not in self.batch.tasks and task.task_id not in self.dirty]
+
+    # -- writes, deferred to the end of the batch ---------------------------------------
+
+    def insert_task(self, task, spec_digest: bytes) -> None:
+        self.inserted.append((task.task_id, spec_digest, task.tenant, task.spec.idempotency_key))
+        self.dirty[task.task_id] = (task, False)
+
+    def add_transition(self, task_id: str, version: int, previous_state: int, reason: str, body: bytes) -> None:
+        self.transitions.append((task_id, version, previous_state, reason, body))
 
 
 @dataclass
@@ -145,21 +228,23 @@ class Committer:
         store = self.store
         now = self.clock()
         store.begin()
+        writes = BatchWrites(store)
         for op in batch:
             if op.error is not None:
                 continue
-            tx = Tx(store, now)
+            tx = Tx(writes, now)
             store.savepoint()
             try:
                 op.result = op.function(tx)
-                tx.flush()
             except Exception as exc:
                 store.undo()
                 op.error = exc
                 op.events, op.after = [], []
                 continue
             store.release()
+            writes.merge(tx)
             op.events, op.after = tx.events, tx.after
+        writes.write()
 
     async def _commit(self, batch: list[_Op]) -> None:
         from planes.plugins.evidence.writer import EvidenceUnavailable

@@ -127,7 +127,7 @@ class ExecutionEngine:
         if state not in LEASED_STATES:
             task.ClearField("lease_expires_at")
         body = task.SerializeToString()
-        tx.store.add_transition(task.task_id, task.version, previous, reason, body)
+        tx.add_transition(task.task_id, task.version, previous, reason, body)
         tx.dirty[task.task_id] = (task, enqueue or tx.dirty.get(task.task_id, (None, False))[1])
         details = {"state": pb.TaskState.Name(state).removeprefix("TASK_STATE_").lower(), "reason": reason,
                    "attempt_epoch": str(task.attempt_epoch), **(fields or {})}
@@ -150,7 +150,7 @@ class ExecutionEngine:
 
     @staticmethod
     def _load(tx: Tx, tenant: str, task_id: str) -> pb.Task:
-        task = tx.store.task(task_id)
+        task = tx.task(task_id)
         if task is None or task.tenant != tenant:
             raise NotFound(f"no task {task_id!r} in tenant {tenant!r}")
         return task
@@ -217,11 +217,11 @@ class ExecutionEngine:
         digest = _spec_digest(spec)
         key = spec.idempotency_key
         if key:
-            existing = tx.store.by_idempotency_key(tenant, key)
+            existing = tx.by_idempotency_key(tenant, key)
             if existing is not None:
                 if existing[1] != digest:
                     raise AlreadyExists(f"idempotency key {key!r} was used for a different task spec")
-                return pb.SubmitTaskResponse(task=tx.store.task(existing[0]), created=False)
+                return pb.SubmitTaskResponse(task=tx.task(existing[0]), created=False)
         quota = config.tenant(tenant).quota_tasks
         if quota:
             unfinished = tx.store.count_unfinished(tenant)
@@ -231,7 +231,7 @@ class ExecutionEngine:
         task = pb.Task(task_id=f"t-{os.urandom(12).hex()}", tenant=tenant, spec=spec, config=config.stamp,
                        state=pb.TASK_STATE_UNSPECIFIED)
         task.created_at.CopyFrom(_stamp(tx.now))
-        tx.store.insert_task(task, digest)
+        tx.insert_task(task, digest)
         self._transition(tx, task, pb.TASK_STATE_ADMITTED, "submitted", config,
                          fields={"actor": spec.correlation.actor, "risk": pb.Risk.Name(spec.risk)})
         self._decide(tx, task, config)
@@ -418,7 +418,7 @@ class ExecutionEngine:
                config: RunConfig) -> list[pb.TaskLease]:
         leases = []
         expires = tx.now + self.settings.lease_seconds
-        for task in tx.store.queued(tenant, count):
+        for task in tx.queued(tenant, count):
             if worker_revision and task.config.revision > worker_revision:
                 continue  # decided under a configuration newer than the worker runs
             if task.spec.HasField("deadline") and _seconds(task.spec.deadline) <= tx.now:
@@ -456,7 +456,7 @@ class ExecutionEngine:
             for progress in request.leases:
                 renewal = response.leases.add(task_id=progress.task_id, attempt_epoch=progress.attempt_epoch,
                                               state=pb.LEASE_STATE_LOST)
-                task = tx.store.task(progress.task_id)
+                task = tx.task(progress.task_id)
                 if (task is None or task.worker_id != request.worker_id or task.attempt_epoch != progress.attempt_epoch
                         or task.state not in LEASED_STATES or _seconds(task.lease_expires_at) <= tx.now):
                     continue
@@ -642,7 +642,7 @@ class ExecutionEngine:
         config = self.config().config
 
         def reap(tx: Tx) -> int:
-            expired = tx.store.expired_leases(tx.now, 1000)
+            expired = tx.expired_leases(1000)
             for task in expired:
                 reason = f"lease of attempt {task.attempt_epoch} expired"
                 task.worker_id = ""

@@ -51,19 +51,21 @@ class TaskStore(abc.ABC):
     def by_idempotency_key(self, tenant: str, key: str) -> tuple[str, bytes] | None:
         """``(task_id, spec_digest)`` of the task submitted with this key, if any."""
     @abc.abstractmethod
-    def insert_task(self, task: pb.Task, spec_digest: bytes) -> None: ...
-    @abc.abstractmethod
-    def write_task(self, task: pb.Task, *, enqueue: bool = False) -> None:
-        """Write the task as it is now; ``enqueue`` puts it at the queue's tail."""
-    @abc.abstractmethod
-    def add_transition(self, task_id: str, version: int, previous_state: int, reason: str, body: bytes) -> None:
-        """Keep one state change: the task as it became (``body``), for WatchTask to replay."""
+    def write_tasks(self, inserts: list[tuple[pb.Task, bytes, int | None]],
+                    updates: list[tuple[pb.Task, int | None]], transitions: list[tuple]) -> None:
+        """Write a batch's changes: new tasks ``(task, spec_digest, enqueue)``, changed tasks
+        ``(task, enqueue)`` and transitions ``(task_id, version, previous_state, reason, body)``.
+
+        A truthy ``enqueue`` puts the task at the queue's tail, in list order.
+        Transitions keep the task as it became, for WatchTask to replay.
+        """
     @abc.abstractmethod
     def transitions(self, task_id: str, after_version: int) -> list[tuple[pb.Task, int, str]]:
         """``(task, previous_state, reason)`` for every version above ``after_version``, in order."""
     @abc.abstractmethod
-    def queued(self, tenant: str | None, limit: int) -> list[pb.Task]:
-        """Queued tasks in queue order; ``tenant`` None for every tenant."""
+    def queued(self, tenant: str | None, limit: int, exclude=frozenset()) -> list[pb.Task]:
+        """Up to ``limit`` queued tasks in queue order, skipping ids in ``exclude``;
+        ``tenant`` None for every tenant."""
     @abc.abstractmethod
     def expired_leases(self, now: float, limit: int) -> list[pb.Task]: ...
     @abc.abstractmethod
@@ -179,40 +181,53 @@ class SqliteTaskStore(TaskStore):
             return task.lease_expires_at.seconds + task.lease_expires_at.nanos / 1e9
         return 0.0
 
-    def insert_task(self, task: pb.Task, spec_digest: bytes) -> None:
-        self._db.execute("INSERT INTO tasks (task_id, tenant, idempotency_key, spec_digest, state, body) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (task.task_id, task.tenant, task.spec.idempotency_key, spec_digest, task.state,
-                          task.SerializeToString()))
-
-    def add_transition(self, task_id: str, version: int, previous_state: int, reason: str, body: bytes) -> None:
-        self._db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?, ?)",
-                         (task_id, version, previous_state, reason, body))
-
-    def write_task(self, task: pb.Task, *, enqueue: bool = False) -> None:
-        body = task.SerializeToString()
-        if enqueue:
-            self._queue_seq += 1
-            self._db.execute("UPDATE tasks SET state = ?, queue_seq = ?, lease_expires = ?, body = ? "
-                             "WHERE task_id = ?",
-                             (task.state, self._queue_seq, self._lease_expiry(task), body, task.task_id))
-        else:
-            self._db.execute("UPDATE tasks SET state = ?, lease_expires = ?, body = ? WHERE task_id = ?",
-                             (task.state, self._lease_expiry(task), body, task.task_id))
+    def write_tasks(self, inserts, updates, transitions) -> None:
+        rows = []
+        for task, digest, enqueue in inserts:
+            seq = 0
+            if enqueue:
+                self._queue_seq += 1
+                seq = self._queue_seq
+            rows.append((task.task_id, task.tenant, task.spec.idempotency_key, digest, task.state, seq,
+                         self._lease_expiry(task), task.SerializeToString()))
+        if rows:
+            self._db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        plain, queued = [], []
+        for task, enqueue in updates:
+            if enqueue:
+                self._queue_seq += 1
+                queued.append((task.state, self._queue_seq, self._lease_expiry(task), task.SerializeToString(),
+                               task.task_id))
+            else:
+                plain.append((task.state, self._lease_expiry(task), task.SerializeToString(), task.task_id))
+        if plain:
+            self._db.executemany("UPDATE tasks SET state = ?, lease_expires = ?, body = ? WHERE task_id = ?", plain)
+        if queued:
+            self._db.executemany("UPDATE tasks SET state = ?, queue_seq = ?, lease_expires = ?, body = ? "
+                                 "WHERE task_id = ?", queued)
+        if transitions:
+            self._db.executemany("INSERT INTO transitions VALUES (?, ?, ?, ?, ?)", transitions)
 
     def transitions(self, task_id: str, after_version: int) -> list[tuple[pb.Task, int, str]]:
         rows = self._db.execute("SELECT body, previous_state, reason FROM transitions WHERE task_id = ? "
                                 "AND version > ? ORDER BY version", (task_id, after_version)).fetchall()
         return [(pb.Task.FromString(body), previous, reason) for body, previous, reason in rows]
 
-    def queued(self, tenant: str | None, limit: int) -> list[pb.Task]:
+    def queued(self, tenant: str | None, limit: int, exclude=frozenset()) -> list[pb.Task]:
         if tenant is None:
-            rows = self._db.execute("SELECT body FROM tasks WHERE state = 4 ORDER BY queue_seq LIMIT ?",
-                                    (limit,)).fetchall()
+            rows = self._db.execute("SELECT task_id, body FROM tasks WHERE state = 4 ORDER BY queue_seq LIMIT ?",
+                                    (limit + len(exclude),))
         else:
-            rows = self._db.execute("SELECT body FROM tasks WHERE state = 4 AND tenant = ? ORDER BY queue_seq "
-                                    "LIMIT ?", (tenant, limit)).fetchall()
-        return [pb.Task.FromString(row[0]) for row in rows]
+            rows = self._db.execute("SELECT task_id, body FROM tasks WHERE state = 4 AND tenant = ? "
+                                    "ORDER BY queue_seq LIMIT ?", (tenant, limit + len(exclude)))
+        found = []
+        for task_id, body in rows:  # parse only the rows kept
+            if task_id in exclude:
+                continue
+            found.append(pb.Task.FromString(body))
+            if len(found) == limit:
+                break
+        return found
 
     def expired_leases(self, now: float, limit: int) -> list[pb.Task]:
         rows = self._db.execute("SELECT body FROM tasks WHERE state IN (5, 6) AND lease_expires < ? "
