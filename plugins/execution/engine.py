@@ -55,6 +55,10 @@ EVENT_TYPES = {
 EFFECT_EVENTS = {S.EFFECT_STATE_INTENDED: "effect.intent", S.EFFECT_STATE_COMMITTED: "effect.committed",
                  S.EFFECT_STATE_FAILED: "effect.failed", S.EFFECT_STATE_COMPENSATED: "effect.compensated",
                  S.EFFECT_STATE_ESCALATED: "effect.escalated"}
+_PLAIN_REASONS = frozenset(("submitted", "queued", "started", "completed", "allow", "deny", "require_approval",
+                            "transform"))
+_EPOCH_STATES = frozenset((S.TASK_STATE_LEASED, S.TASK_STATE_RUNNING, S.TASK_STATE_COMPLETED, S.TASK_STATE_FAILED,
+                           S.TASK_STATE_CANCELLED))
 OUTCOMES = (S.EFFECT_STATE_COMMITTED, S.EFFECT_STATE_FAILED, S.EFFECT_STATE_COMPENSATED, S.EFFECT_STATE_ESCALATED)
 SUPPORTED_MAJOR = 1
 
@@ -103,6 +107,8 @@ class ExecutionEngine:
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._work = asyncio.Event()
         self._workers: dict[str, tuple[str, str, str]] = {}
+        #: (task_id, epoch) -> when the credential last issued for it expires.
+        self._credentials_until: dict[tuple[str, int], float] = {}
 
     # -- helpers (run on the store thread) -------------------------------------
 
@@ -111,12 +117,11 @@ class ExecutionEngine:
         correlation = common_pb2.Correlation()
         correlation.CopyFrom(task.spec.correlation)
         correlation.tenant = task.tenant
-        event = epb.Event(event_id=f"exec:{task.task_id}:{task.version}{suffix}", event_type=event_type,
-                          correlation=correlation, config=config.stamp)
-        event.fields.add(name="task_id", string_value=task.task_id)
-        for name, value in fields.items():
-            event.fields.add(name=name, string_value=value)
-        return event
+        field = epb.EventField
+        return epb.Event(event_id=f"exec:{task.task_id}:{task.version}{suffix}", event_type=event_type,
+                         correlation=correlation, config=config.stamp,
+                         fields=[field(name="task_id", string_value=task.task_id),
+                                 *(field(name=name, string_value=value) for name, value in fields.items())])
 
     def _transition(self, tx: Tx, task: pb.Task, state: int, reason: str, config: RunConfig, *,
                     enqueue: bool = False, fields: dict[str, str] | None = None) -> None:
@@ -129,9 +134,15 @@ class ExecutionEngine:
         body = task.SerializeToString()
         tx.add_transition(task.task_id, task.version, previous, reason, body)
         tx.dirty[task.task_id] = (task, enqueue or tx.dirty.get(task.task_id, (None, False))[1])
-        details = {"state": pb.TaskState.Name(state).removeprefix("TASK_STATE_").lower(), "reason": reason,
-                   "attempt_epoch": str(task.attempt_epoch), **(fields or {})}
-        tx.emit(task.tenant, self._event(task, EVENT_TYPES[state], details, config), task.spec.evidence_required)
+        # Every committed field costs a salted commitment in evidence: the
+        # event type names the new state, so only what it does not say is added.
+        details = dict(fields) if fields else {}
+        if reason not in _PLAIN_REASONS:
+            details["reason"] = reason
+        if task.attempt_epoch and state in _EPOCH_STATES:
+            details["attempt_epoch"] = str(task.attempt_epoch)
+        event_type = EVENT_TYPES[state] if state != previous else "task.updated"
+        tx.emit(task.tenant, self._event(task, event_type, details, config), task.spec.evidence_required)
         task_id = task.task_id
         tx.after.append(lambda: self._notify(task_id, body, previous, reason))
         if enqueue:
@@ -257,8 +268,9 @@ class ExecutionEngine:
         task.policy.CopyFrom(decision)
         verdict_name = pb.PolicyVerdict.Name(decision.verdict).removeprefix("POLICY_VERDICT_").lower()
         self._transition(tx, task, pb.TASK_STATE_POLICY_DECIDED, verdict_name, config,
-                         fields={"verdict": verdict_name, "rules": ",".join(decision.rules),
-                                 "transforms": str(len(decision.transforms))})
+                         fields={"verdict": verdict_name, **({"rules": ",".join(decision.rules)}
+                                                             if decision.rules else {}),
+                                 **({"transforms": str(len(decision.transforms))} if decision.transforms else {})})
         if decision.verdict == pb.POLICY_VERDICT_DENY:
             task.failure.CopyFrom(pb.TaskFailure(code="policy.denied", message=decision.reason))
             self._transition(tx, task, pb.TASK_STATE_FAILED, "policy.denied", config)
@@ -437,12 +449,18 @@ class ExecutionEngine:
             leases.append(lease)
         return leases
 
-    def _credential(self, task: pb.Task, expires: float) -> pb.TaskCredential:
+    def _credential(self, task: pb.Task, expires: float) -> pb.TaskCredential | None:
+        """A credential for the attempt's payloads; None when the task references none (it would grant nothing)."""
         payloads = [ref.payload_id for ref in task.spec.inputs]
         for action in task.spec.actions:
             target = action.WhichOneof("target")
             if target:
                 payloads += [ref.payload_id for ref in getattr(action, target).inputs]
+        if not payloads:
+            return None
+        if len(self._credentials_until) > 100_000:
+            self._credentials_until.clear()  # only an optimisation: forgetting means renewing
+        self._credentials_until[(task.task_id, task.attempt_epoch)] = expires
         return issue_credential(self.key, tenant=task.tenant, task_id=task.task_id, attempt_epoch=task.attempt_epoch,
                                 payload_ids=payloads, expires_at=expires)
 
@@ -466,7 +484,12 @@ class ExecutionEngine:
                 tx.dirty[task.task_id] = (task, False)
                 renewal.state = pb.LEASE_STATE_CANCEL_REQUESTED if task.cancel_requested else pb.LEASE_STATE_ACTIVE
                 renewal.lease_expires_at.CopyFrom(task.lease_expires_at)
-                renewal.credential.CopyFrom(self._credential(task, expires))
+                # Renewed (re-signed) only when the one held has less than half a lease left.
+                held = self._credentials_until.get((task.task_id, task.attempt_epoch), 0.0)
+                if held - tx.now < self.settings.lease_seconds / 2:
+                    credential = self._credential(task, expires)
+                    if credential is not None:
+                        renewal.credential.CopyFrom(credential)
             return response
         return await self.committer.run(beat)
 
@@ -590,8 +613,9 @@ class ExecutionEngine:
                     task.spec.evidence_required)
         task.result.CopyFrom(request.result)
         task.worker_id = task.worker_id
+        ran_under = request.config.revision
         self._transition(tx, task, pb.TASK_STATE_COMPLETED, "completed", config,
-                         fields={"ran_under_revision": str(request.config.revision)})
+                         fields={"ran_under_revision": str(ran_under)} if ran_under != config.revision else None)
         return task
 
     async def complete(self, request: pb.CompleteTaskRequest) -> pb.Task:

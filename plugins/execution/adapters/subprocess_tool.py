@@ -65,6 +65,20 @@ def _limits(memory_mb: int, cpu_seconds: int, file_bytes: int):
     return apply
 
 
+async def _exchange(process, stdin: bytes) -> tuple[bytes, bytes]:
+    """Feed standard input and collect both outputs; a command that exits
+    without reading its input is not an error of ours."""
+    async def feed() -> None:
+        try:
+            process.stdin.write(stdin)
+            await process.stdin.drain()
+            process.stdin.close()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+    _, stdout, stderr, _ = await asyncio.gather(feed(), process.stdout.read(), process.stderr.read(), process.wait())
+    return stdout, stderr
+
+
 class SubprocessAdapter(ToolAdapter):
     def __init__(self, *, use_bubblewrap: bool = True):
         self.use_bubblewrap = use_bubblewrap
@@ -111,7 +125,7 @@ class SubprocessAdapter(ToolAdapter):
                 preexec_fn=_limits(memory, cpu, 64 << 20))
             try:
                 stdin = json.dumps(call.arguments).encode()
-                stdout, stderr = await asyncio.wait_for(process.communicate(stdin), context.remaining())
+                stdout, stderr = await asyncio.wait_for(_exchange(process, stdin), context.remaining())
             except TimeoutError:
                 raise DeadlineExceeded(f"tool {call.tool} ran past its timeout") from None
             finally:
