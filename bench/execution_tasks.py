@@ -206,15 +206,22 @@ async def _resume_once(deployment: Deployment, marker: Path) -> float:
         task_id = submitted.task.task_id
         while not marker.exists():
             await asyncio.sleep(0.01)
+        # The heir is up and long-polling for work before the victim dies.
+        heir = deployment.start_worker(f"heir-{marker.name}", slots=1)
+        await asyncio.sleep(3.0)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         held = (await client.get_task(pb.GetTaskRequest(task_id=task_id), timeout=10)).task
         expired_at = held.lease_expires_at.ToNanoseconds() / 1e9
-        deployment.start_worker(f"heir-{marker.name}", slots=1)
+        latency = None
         async for change in client.watch_task(pb.WatchTaskRequest(task_id=task_id, after_version=held.version)):
-            if change.task.state == pb.TASK_STATE_LEASED and change.task.attempt_epoch == held.attempt_epoch + 1:
-                return change.task.updated_at.ToNanoseconds() / 1e9 - expired_at
-        raise RuntimeError("the task was not leased again")
+            if change.task.state == pb.TASK_STATE_LEASED and latency is None:
+                latency = change.task.updated_at.ToNanoseconds() / 1e9 - expired_at
+        heir.send_signal(signal.SIGTERM)
+        heir.wait(timeout=30)
+        if latency is None:
+            raise RuntimeError("the task was not leased again")
+        return latency
     finally:
         await client.close()
 
