@@ -27,6 +27,29 @@ def add_commands(commands) -> None:
     worker.add_argument("--no-batch", action="store_true", help="complete each task with its own call")
     worker.set_defaults(handler=cmd_worker)
 
+    task = commands.add_parser("task", help="follow, cancel, approve or deny a task")
+    actions = task.add_subparsers(dest="task_command", metavar="ACTION")
+    for name, help_text in (("get", "show a task"), ("watch", "follow a task's changes until it ends"),
+                            ("cancel", "cancel a task"), ("approve", "approve a pending action"),
+                            ("deny", "deny a pending action")):
+        parser = actions.add_parser(name, help=help_text)
+        parser.add_argument("task_id")
+        parser.add_argument("--tenant", default="", help="tenant (default: the token's)")
+        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+        parser.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the admin token)")
+        parser.add_argument("--config", help="settings TOML file")
+        parser.add_argument("--state-dir", help="state directory (default: ./var)")
+        parser.add_argument("--timeout", type=float, default=10.0)
+        if name in ("approve", "deny"):
+            parser.add_argument("--action-id", required=True)
+            parser.add_argument("--digest", required=True,
+                                help="hex SHA-256 of the action as shown by 'planes task get' (the payload you saw)")
+            parser.add_argument("--comment", default="", help="comment or reason")
+        if name == "cancel":
+            parser.add_argument("--reason", default="")
+        parser.set_defaults(handler=cmd_task, task_action=name)
+    task.set_defaults(handler=lambda args: (task.print_usage(sys.stderr), 2)[1])
+
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from planes.common.v1 import common_pb2
@@ -83,6 +106,69 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"worker {worker_name} stopped after {worker.completed} tasks", flush=True)
 
     run(main())
+    return 0
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from planes.common.v1 import common_pb2
+    from planes.execution.v1 import execution_service_pb2 as pb
+    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import TaskPlane
+    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.runtime import run
+    from planes.kernel.settings import load_settings
+
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    address, token = client_address(args, settings), client_token(args, settings)
+
+    def show(task: pb.Task) -> None:
+        state = pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+        print(f"{task.task_id} {state} version {task.version} epoch {task.attempt_epoch} "
+              f"config revision {task.config.revision}")
+        for pending in task.pending_approvals:
+            print(f"  pending approval: action {pending.action.action_id} digest {pending.action_digest.value.hex()}"
+                  f" ({pending.reason})")
+            print("    " + json_format.MessageToJson(pending.action, indent=None))
+        if task.HasField("failure"):
+            print(f"  failure: {task.failure.code}: {task.failure.message}")
+
+    async def act() -> None:
+        client = connect(address, TaskPlane, token=token)
+        try:
+            if args.task_action == "get":
+                show((await client.get_task(pb.GetTaskRequest(tenant=args.tenant, task_id=args.task_id),
+                                            timeout=args.timeout)).task)
+            elif args.task_action == "watch":
+                async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant,
+                                                                           task_id=args.task_id)):
+                    print(f"{change.reason}: ", end="")
+                    show(change.task)
+            elif args.task_action == "cancel":
+                show((await client.cancel_task(pb.CancelTaskRequest(tenant=args.tenant, task_id=args.task_id,
+                                                                    reason=args.reason), timeout=args.timeout)).task)
+            else:
+                try:
+                    value = bytes.fromhex(args.digest)
+                except ValueError:
+                    raise InvalidArgument("--digest must be hex") from None
+                digest = common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256, value=value)
+                if args.task_action == "approve":
+                    reply = await client.approve_task(pb.ApproveTaskRequest(
+                        tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
+                        comment=args.comment), timeout=args.timeout)
+                else:
+                    reply = await client.deny_task(pb.DenyTaskRequest(
+                        tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
+                        reason=args.comment), timeout=args.timeout)
+                print(f"{args.task_action}d by {reply.approval.approver}")
+                show(reply.task)
+        finally:
+            await client.close()
+
+    run(act())
     return 0
 
 

@@ -166,8 +166,12 @@ class ExecutionEngine:
             raise NotFound(f"no task {task_id!r} in tenant {tenant!r}")
         return task
 
-    def _fenced(self, tx: Tx, tenant: str, task_id: str, epoch: int) -> pb.Task:
-        """The task, if ``epoch`` holds its current, unexpired lease; FailedPrecondition otherwise."""
+    def _fenced(self, tx: Tx, tenant: str, task_id: str, epoch: int, principal: str) -> pb.Task:
+        """The task, if ``epoch`` holds its current, unexpired lease; FailedPrecondition otherwise.
+
+        The lease is also bound to the principal of the worker holding it:
+        knowing the epoch is not enough to commit for another worker.
+        """
         task = self._load(tx, tenant, task_id)
         if epoch != task.attempt_epoch:
             raise FailedPrecondition(f"attempt epoch {epoch} of task {task_id} is stale: the current "
@@ -178,6 +182,9 @@ class ExecutionEngine:
         if _seconds(task.lease_expires_at) <= tx.now:
             raise FailedPrecondition(f"the lease of attempt {epoch} of task {task_id} has expired; "
                                      "it may commit nothing")
+        owner = self._workers.get(task.worker_id) or (tx.store.worker(task.worker_id) if task.worker_id else None)
+        if owner is not None and owner[0] != principal:
+            raise PermissionDenied(f"task {task_id} is leased to another worker")
         return task
 
     # -- admission ---------------------------------------------------------------
@@ -495,7 +502,7 @@ class ExecutionEngine:
 
     # -- the effect ledger ---------------------------------------------------------------
 
-    async def record_intent(self, request: pb.RecordEffectIntentRequest) -> pb.RecordEffectIntentResponse:
+    async def record_intent(self, request: pb.RecordEffectIntentRequest, principal: str) -> pb.RecordEffectIntentResponse:
         if not request.idempotency_key:
             raise InvalidArgument("an effect needs an idempotency key")
         if request.action.WhichOneof("target") is None:
@@ -505,7 +512,7 @@ class ExecutionEngine:
         config = self.config().config
 
         def intend(tx: Tx) -> pb.RecordEffectIntentResponse:
-            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch)
+            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
             effect = tx.store.effect(task.task_id, request.idempotency_key)
             if effect is not None:
                 decision = (pb.EFFECT_DECISION_RESOLVE if effect.state == pb.EFFECT_STATE_INTENDED
@@ -559,13 +566,13 @@ class ExecutionEngine:
         tx.emit(task.tenant, self._event(task, EFFECT_EVENTS[effect.state], fields, config, suffix=suffix),
                 task.spec.evidence_required)
 
-    async def record_outcome(self, request: pb.RecordEffectOutcomeRequest) -> pb.RecordEffectOutcomeResponse:
+    async def record_outcome(self, request: pb.RecordEffectOutcomeRequest, principal: str) -> pb.RecordEffectOutcomeResponse:
         if request.state not in OUTCOMES:
             raise InvalidArgument(f"{pb.EffectState.Name(request.state)} is not an outcome")
         config = self.config().config
 
         def settle(tx: Tx) -> pb.RecordEffectOutcomeResponse:
-            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch)
+            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
             effect = tx.store.effect(task.task_id, request.idempotency_key)
             if effect is None:
                 raise NotFound(f"no intent with idempotency key {request.idempotency_key!r} in task {task.task_id}")
@@ -587,8 +594,8 @@ class ExecutionEngine:
 
     # -- ending an attempt -----------------------------------------------------------------
 
-    def _complete(self, tx: Tx, request: pb.CompleteTaskRequest, config: RunConfig) -> pb.Task:
-        task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch)
+    def _complete(self, tx: Tx, request: pb.CompleteTaskRequest, config: RunConfig, principal: str) -> pb.Task:
+        task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
         unsettled = [e.idempotency_key for e in tx.store.effects(task.task_id) if e.state == pb.EFFECT_STATE_INTENDED]
         if unsettled:
             raise FailedPrecondition(f"task {task.task_id} has an unsettled effect intent {unsettled[0]!r}")
@@ -612,15 +619,14 @@ class ExecutionEngine:
                                              suffix=f":call:{request.attempt_epoch}:{index}"),
                     task.spec.evidence_required)
         task.result.CopyFrom(request.result)
-        task.worker_id = task.worker_id
         ran_under = request.config.revision
         self._transition(tx, task, pb.TASK_STATE_COMPLETED, "completed", config,
                          fields={"ran_under_revision": str(ran_under)} if ran_under != config.revision else None)
         return task
 
-    async def complete(self, request: pb.CompleteTaskRequest) -> pb.Task:
+    async def complete(self, request: pb.CompleteTaskRequest, principal: str) -> pb.Task:
         config = self.config().config
-        return await self.committer.run(lambda tx: self._complete(tx, request, config))
+        return await self.committer.run(lambda tx: self._complete(tx, request, config, principal))
 
     async def complete_many(self, request: pb.CompleteTasksRequest, principal: str,
                             may_act_for: Callable[[str], bool]) -> pb.CompleteTasksResponse:
@@ -632,21 +638,21 @@ class ExecutionEngine:
 
         async def one(completion: pb.CompleteTaskRequest) -> pb.CompletionResult:
             try:
-                await self.committer.run(lambda tx: self._complete(tx, completion, config))
+                await self.committer.run(lambda tx: self._complete(tx, completion, config, principal))
                 return pb.CompletionResult(task_id=completion.task_id, completed=True)
-            except (FailedPrecondition, NotFound, LimitExceeded) as exc:
+            except (FailedPrecondition, NotFound, LimitExceeded, PermissionDenied) as exc:
                 return pb.CompletionResult(task_id=completion.task_id, error=exc.message, code=exc.code.name)
         # Queued together, so they share one batch and one commit.
         results = await asyncio.gather(*(one(c) for c in request.completions))
         return pb.CompleteTasksResponse(results=results)
 
-    async def fail(self, request: pb.FailTaskRequest) -> pb.Task:
+    async def fail(self, request: pb.FailTaskRequest, principal: str) -> pb.Task:
         if not request.failure.code:
             raise InvalidArgument("a failure needs a code")
         config = self.config().config
 
         def fail(tx: Tx) -> pb.Task:
-            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch)
+            task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
             task.failure.CopyFrom(request.failure)
             task.failure.message = task.failure.message[:500]
             if task.cancel_requested:

@@ -63,14 +63,14 @@ class Workers(WorkerPlane):
 
     async def record_effect_intent(self, request: pb.RecordEffectIntentRequest,
                                    call: CallContext) -> pb.RecordEffectIntentResponse:
-        return await self.engine.record_intent(request)
+        return await self.engine.record_intent(request, call.identity.principal)
 
     async def record_effect_outcome(self, request: pb.RecordEffectOutcomeRequest,
                                     call: CallContext) -> pb.RecordEffectOutcomeResponse:
-        return await self.engine.record_outcome(request)
+        return await self.engine.record_outcome(request, call.identity.principal)
 
     async def complete_task(self, request: pb.CompleteTaskRequest, call: CallContext) -> pb.CompleteTaskResponse:
-        return pb.CompleteTaskResponse(task=await self.engine.complete(request))
+        return pb.CompleteTaskResponse(task=await self.engine.complete(request, call.identity.principal))
 
     async def complete_tasks(self, request: pb.CompleteTasksRequest, call: CallContext) -> pb.CompleteTasksResponse:
         if len(request.completions) > MAX_BATCH:
@@ -78,4 +78,4 @@ class Workers(WorkerPlane):
         return await self.engine.complete_many(request, call.identity.principal, call.identity.may_act_for)
 
     async def fail_task(self, request: pb.FailTaskRequest, call: CallContext) -> pb.FailTaskResponse:
-        return pb.FailTaskResponse(task=await self.engine.fail(request))
+        return pb.FailTaskResponse(task=await self.engine.fail(request, call.identity.principal))

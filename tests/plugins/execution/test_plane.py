@@ -287,4 +287,10 @@ def test_a_worker_id_is_bound_to_its_principal(scenario):
         with pytest.raises(errors.PermissionDenied):
             await cluster.workers(tenant="acme").register_worker(pb.RegisterWorkerRequest(tenant="*", name="w",
                                                                                           slots=1))
-    scenario(body)
+        submitted = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        _, (lease,) = await _lease_one(mine, registered.worker_id)
+        with pytest.raises(errors.PermissionDenied, match="leased to another worker"):
+            await theirs.complete_task(pb.CompleteTaskRequest(tenant="acme", task_id=submitted.task.task_id,
+                                                              attempt_epoch=lease.attempt_epoch))
+        return await cluster.tasks().get_task(pb.GetTaskRequest(task_id=submitted.task.task_id))
+    assert scenario(body).task.state == pb.TASK_STATE_LEASED, "the other worker's completion changed nothing"
