@@ -74,32 +74,54 @@ def _env(state: Path) -> dict[str, str]:
 class Deployment:
     """A served kernel and its workers, in a temporary state directory."""
 
-    def __init__(self, lease_seconds: float):
+    def __init__(self, lease_seconds: float, split_evidence: bool = False):
         self.tmp = tempfile.TemporaryDirectory(prefix="planes-exec-bench-")
         self.state = Path(self.tmp.name)
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.hosts: list[subprocess.Popen] = []
+        extra = ""
+        if split_evidence:
+            # The evidence plane on a host of its own, trusting this host's key.
+            evidence_state = self.state / "evidence-host"
+            evidence_port = _free_port()
+            SigningKey.load_or_create(self.state / "keys" / "kernel-signing.pem")
+            public = self.state / "keys" / "kernel-signing.pub.pem"
+            public.write_bytes(SigningKey.load(self.state / "keys" / "kernel-signing.pem").public_pem())
+            evidence_config = self.state / "evidence.toml"
+            evidence_config.write_text(
+                f'log_level = "warning"\nstate_dir = "{evidence_state}"\n[server]\nbind = "127.0.0.1:{evidence_port}"\n'
+                f'[auth]\ntrusted_public_keys = ["{public}"]\n[plugins]\n'
+                'disabled = ["control", "execution", "execution-adapters", "diagnostics"]\n')
+            self.hosts.append(self._serve(evidence_config, evidence_state))
+            extra = (f'[planes.evidence]\nendpoint = "127.0.0.1:{evidence_port}"\n'
+                     '[plugins]\ndisabled = ["evidence"]\n')
         config = self.state / "planes.toml"
         config.write_text(f'log_level = "warning"\n[server]\nbind = "{self.address}"\n'
                           f"[plugin.execution]\nlease_seconds = {lease_seconds}\nheartbeat_seconds = "
-                          f"{lease_seconds / 4}\nreap_seconds = 0.1\n")
+                          f"{lease_seconds / 4}\nreap_seconds = 0.1\n{extra}")
         self.config = config
-        self.server = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve", "--config", str(config)],
-                                       env=_env(self.state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.server.stdout.readline()
-            if "serving on" in line:
-                break
-            if not line and self.server.poll() is not None:
-                raise SystemExit("planes serve did not start")
+        self.server = self._serve(config, self.state)
+        self.hosts.append(self.server)
         self.workers: list[subprocess.Popen] = []
         key = SigningKey.load(self.state / "keys" / "kernel-signing.pem")
         self.key = key
         write_secret(self.state / "worker.token",
                      issue_token(key, principal="bench-worker", tenant="*", roles=["worker"],
                                  ttl_seconds=3600).encode())
+
+    @staticmethod
+    def _serve(config: Path, state: Path) -> subprocess.Popen:
+        server = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve", "--config", str(config)],
+                                  env=_env(state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if "serving on" in line:
+                return server
+            if not line and server.poll() is not None:
+                break
+        raise SystemExit(f"planes serve ({config.name}) did not start")
 
     def token(self, roles, tenant="acme") -> str:
         return issue_token(self.key, principal=roles[0], tenant=tenant, roles=list(roles), ttl_seconds=3600)
@@ -141,11 +163,12 @@ class Deployment:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-        self.server.send_signal(signal.SIGTERM)
-        try:
-            self.server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
+        for host in reversed(self.hosts):
+            host.send_signal(signal.SIGTERM)
+            try:
+                host.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                host.kill()
         self.tmp.cleanup()
 
 
@@ -181,8 +204,8 @@ async def _throughput(deployment: Deployment, tasks: int, batched: bool) -> floa
         await client.close()
 
 
-def throughput(workers: int, batched: bool, tasks: int) -> float:
-    deployment = Deployment(lease_seconds=30)
+def throughput(workers: int, batched: bool, tasks: int, split: bool = False) -> float:
+    deployment = Deployment(lease_seconds=30, split_evidence=split)
     try:
         run(deployment.seed())
         for index in range(workers):
@@ -240,8 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--resume-rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["throughput", "resume"], default=None)
+    parser.add_argument("--only", choices=["throughput", "resume", "split"], default=None)
     args = parser.parse_args(argv)
+    if args.only == "split":
+        print(f"| workers | mode | deployment | tasks/s (median of {args.repeat}) | runs |")
+        print("| ---: | --- | --- | ---: | --- |")
+        for split in (False, True):
+            runs = [throughput(4, True, args.tasks, split) for _ in range(args.repeat)]
+            print(f"| 4 | batched | {'evidence on its own host' if split else 'one host'} | "
+                  f"{statistics.median(runs):,.0f} | {', '.join(f'{r:,.0f}' for r in runs)} |", flush=True)
+        return 0
     if args.only in (None, "throughput"):
         print(f"| workers | mode | tasks/s (median of {args.repeat}) | runs |")
         print("| ---: | --- | ---: | --- |")
