@@ -40,11 +40,18 @@ async def _pause_once(marker: str | None) -> None:
 async def count(arguments: dict, context) -> dict:
     """Appends the call's idempotency key to ``ledger``: a side effect that can be counted.
 
+    ``dedupe``: behave as an idempotent service (a key already there is not
+    appended again).
+
     ``pause_before`` / ``pause_after``: marker paths; the first call writes
     the marker and waits there (before or after the effect) to be killed.
     """
     ledger = Path(arguments["ledger"])
     await _pause_once(arguments.get("pause_before"))
+    if arguments.get("dedupe") and ledger.exists() and context.idempotency_key in ledger.read_text().splitlines():
+        # An idempotent service: a repeated key changes nothing.
+        await _pause_once(arguments.get("pause_after"))
+        return {"calls": len(ledger.read_text().splitlines())}
     with ledger.open("a") as handle:
         handle.write(context.idempotency_key + "\n")
         handle.flush()

@@ -294,3 +294,37 @@ def test_a_worker_id_is_bound_to_its_principal(scenario):
                                                               attempt_epoch=lease.attempt_epoch))
         return await cluster.tasks().get_task(pb.GetTaskRequest(task_id=submitted.task.task_id))
     assert scenario(body).task.state == pb.TASK_STATE_LEASED, "the other worker's completion changed nothing"
+
+
+def test_a_payload_changed_at_run_time_needs_a_new_approval(scenario):
+    async def body(cluster):
+        tasks, workers = cluster.tasks(), cluster.workers()
+        operator = cluster.tasks(roles=("operator",), principal="alice")
+        held = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
+        task_id = held.task.task_id
+        pending = held.task.pending_approvals[0]
+        await operator.approve_task(pb.ApproveTaskRequest(task_id=task_id, action_id="a",
+                                                          action_digest=pending.action_digest))
+        worker_id, (lease,) = await _lease_one(workers)
+        changed = pb.Action()
+        changed.CopyFrom(lease.task.spec.actions[0])
+        changed.tool.arguments.update({"text": "v3"})
+        base = dict(tenant="acme", task_id=task_id, attempt_epoch=lease.attempt_epoch)
+        swapped = await workers.record_effect_intent(pb.RecordEffectIntentRequest(
+            **base, idempotency_key=f"{task_id}/a", action=changed, action_digest=action_digest(changed)))
+        waiting = await tasks.get_task(pb.GetTaskRequest(task_id=task_id))
+        with pytest.raises(errors.FailedPrecondition):
+            await workers.complete_task(pb.CompleteTaskRequest(**base))
+        await operator.approve_task(pb.ApproveTaskRequest(task_id=task_id, action_id="a",
+                                                          action_digest=action_digest(changed)))
+        _, (again,) = await _lease_one(workers, worker_id)
+        proceed = await workers.record_effect_intent(pb.RecordEffectIntentRequest(
+            tenant="acme", task_id=task_id, attempt_epoch=again.attempt_epoch, idempotency_key=f"{task_id}/a",
+            action=changed, action_digest=action_digest(changed)))
+        return swapped, waiting, again, proceed
+    swapped, waiting, again, proceed = scenario(body)
+    assert swapped.decision == pb.EFFECT_DECISION_AWAIT_APPROVAL
+    assert waiting.task.state == pb.TASK_STATE_AWAITING_APPROVAL
+    assert waiting.task.pending_approvals[0].action.tool.arguments["text"] == "v3"
+    assert again.attempt_epoch == 2
+    assert proceed.decision == pb.EFFECT_DECISION_PROCEED

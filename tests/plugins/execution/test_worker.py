@@ -89,6 +89,58 @@ def test_sigkill_at_each_step_resumes_with_the_effect_exactly_once(scenario, tmp
         assert (settled[0]["intent_epoch"], settled[0]["outcome_epoch"]) == ("1", "2")
 
 
+@pytest.mark.parametrize("tool_name, expected", [("count-idem", "retried"), ("count-blind", "escalated")])
+def test_an_unknown_outcome_is_retried_with_its_key_or_escalated_never_repeated(scenario, tmp_path, tool_name,
+                                                                                 expected):
+    ledger, marker = tmp_path / "ledger", tmp_path / "marker"
+
+    async def body(cluster):
+        first = cluster.worker_process("doomed")
+        tasks = cluster.tasks()
+        action = tool("b", tool_name, ledger=str(ledger), pause_after=str(marker), dedupe=True)
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(action)))
+        await _until(marker.exists)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        cluster.worker_process("replacement")
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        events = await cluster.events(submitted.task.spec.correlation.correlation_id)
+        return end, events
+    end, events = scenario(body)
+    assert ledger.read_text().splitlines() == [f"{end.task_id}/b"], "the effect happened exactly once"
+    settled = [_fields(e) for e in events if e.event_type in ("effect.committed", "effect.escalated")]
+    assert len(settled) == 1
+    if expected == "retried":
+        assert end.state == pb.TASK_STATE_COMPLETED, end.failure
+        assert settled[0]["note.resolved"] == "retried"
+    else:
+        # A non-idempotent tool that cannot tell: a person decides, nothing is repeated.
+        assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "effect.escalated"
+        assert "outcome unknown" in settled[0]["error"]
+
+
+def test_subprocess_and_mcp_tools_run_through_a_worker_with_their_isolation_in_evidence(scenario):
+    async def body(cluster):
+        cluster.worker_process("w1")
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(
+            tool("a", "shell", greeting="hi"), tool("b", "clock", timezone="UTC"))))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=90)
+        events = await cluster.events(submitted.task.spec.correlation.correlation_id)
+        return end, events
+    end, events = scenario(body)
+    assert end.state == pb.TASK_STATE_COMPLETED, end.failure
+    actions = end.result.summary["actions"]
+    assert actions["a"]["greeting"] == "hi"
+    assert actions["b"]["structured"]["timezone"] == "UTC"
+    invoked = {f["target"]: f for f in (_fields(e) for e in events if e.event_type == "tool.invoked")}
+    assert invoked["shell"]["note.isolation"] in ("bubblewrap", "rlimits+private-tmp")
+    from planes.plugins.execution.adapters.subprocess_tool import bubblewrap
+    if bubblewrap() is not None:
+        assert invoked["shell"]["note.isolation"] == "bubblewrap"
+    assert invoked["clock"]["note.mcp_server"] == "mcp-server-time"
+
+
 def test_cancelling_in_the_middle_of_a_tool_call_stops_it(scenario, tmp_path):
     started = tmp_path / "started"
 
