@@ -217,8 +217,12 @@ class Committer:
                     await self._commit(batch)
                 except asyncio.CancelledError:
                     raise
-                except BaseException as exc:  # never leave a caller waiting
+                except BaseException as exc:  # never leave a caller waiting, nor a transaction open
                     log.exception("execution batch failed")
+                    try:
+                        await self._in_thread(self.store.rollback)
+                    except Exception:
+                        log.exception("rollback after a failed batch failed")
                     for op in batch:
                         if not op.future.done():
                             op.future.set_exception(exc if isinstance(exc, PlanesError)
