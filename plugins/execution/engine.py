@@ -502,7 +502,8 @@ class ExecutionEngine:
 
     # -- the effect ledger ---------------------------------------------------------------
 
-    async def record_intent(self, request: pb.RecordEffectIntentRequest, principal: str) -> pb.RecordEffectIntentResponse:
+    async def record_intent(self, request: pb.RecordEffectIntentRequest,
+                            principal: str) -> pb.RecordEffectIntentResponse:
         if not request.idempotency_key:
             raise InvalidArgument("an effect needs an idempotency key")
         if request.action.WhichOneof("target") is None:
@@ -566,7 +567,8 @@ class ExecutionEngine:
         tx.emit(task.tenant, self._event(task, EFFECT_EVENTS[effect.state], fields, config, suffix=suffix),
                 task.spec.evidence_required)
 
-    async def record_outcome(self, request: pb.RecordEffectOutcomeRequest, principal: str) -> pb.RecordEffectOutcomeResponse:
+    async def record_outcome(self, request: pb.RecordEffectOutcomeRequest,
+                             principal: str) -> pb.RecordEffectOutcomeResponse:
         if request.state not in OUTCOMES:
             raise InvalidArgument(f"{pb.EffectState.Name(request.state)} is not an outcome")
         config = self.config().config

@@ -72,7 +72,8 @@ class OpenAIChatModel(ModelAdapter):
     """POSTs to ``<endpoint>/chat/completions`` in the OpenAI format.
 
     The route's ``endpoint`` is the base URL (``https://host/v1``); the model
-    name comes from the action's ``model`` parameter (default ``"default"``).
+    name is the action's ``model`` parameter, else the route's ``model``; the
+    API key is the route's ``credential_ref``, resolved on the worker.
     """
 
     async def complete(self, route: ModelRoute, request: ModelRequest, secrets=None) -> ModelReply:
@@ -81,14 +82,15 @@ class OpenAIChatModel(ModelAdapter):
         if not route.endpoint:
             raise Unavailable(f"model route {route.name} has no endpoint")
         parameters = dict(request.parameters)
-        body = {"model": str(parameters.pop("model", "default")), "messages": request.messages}
+        body = {"model": str(parameters.pop("model", route.spec.get("model", "default"))), "messages": request.messages}
         for name in ("temperature", "max_tokens", "top_p"):
             if name in parameters:
                 body[name] = parameters[name]
         headers = {}
         if secrets is not None:
             try:
-                headers["Authorization"] = f"Bearer {secrets.get(route.spec.get('credential_ref', '')).decode().strip()}"
+                key = secrets.get(str(route.spec.get("credential_ref", ""))).decode().strip()
+                headers["Authorization"] = f"Bearer {key}"
             except PlanesError:
                 pass
         url = route.endpoint.rstrip("/") + "/chat/completions"

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from planes.plugins.execution import BuiltinAdapters, ExecutionPlugin
 from tests.conftest import make_settings
 
 EXAMPLES = "planes.plugins.execution.examples"
+ECHO_JSON = "import json, sys; print(json.dumps(json.load(sys.stdin)))"
 TOOL = cpb.RESOURCE_KIND_TOOL_CONTRACT
 
 
@@ -54,7 +55,7 @@ SEED = [
     (TOOL, "danger", python_tool("noop")),
     (TOOL, "pause", python_tool("pause")),
     (TOOL, "shell", {"version": "1", "adapter": "subprocess", "side_effect": "none", "classification": "internal",
-                     "target": {"command": ["python3", "-c", "import json,sys; print(json.dumps(json.load(sys.stdin)))"]}}),
+                     "target": {"command": ["python3", "-c", ECHO_JSON]}}),
     (TOOL, "clock", {"version": "1", "adapter": "mcp", "side_effect": "none", "classification": "internal",
                      "timeout_seconds": 60,
                      "target": {"command": "mcp-server-time", "tool": "get_current_time"}}),
@@ -192,4 +193,4 @@ def scenario(run, tmp_path):
     return go
 
 
-__all__ = ["Cluster", "cluster", "replace", "spec", "tool", "wait_state"]
+__all__ = ["Cluster", "cluster", "spec", "tool", "wait_state"]

@@ -16,6 +16,7 @@ from planes.execution.v1 import execution_service_pb2 as pb
 from planes.kernel import errors
 from planes.plugins.execution.config import ModelRoute, RunConfig
 from planes.plugins.execution.models import EchoModel, ModelRequest, OpenAIChatModel, select_routes
+from planes.plugins.execution.tools import Secrets
 from planes.plugins.execution.worker import Worker
 
 from .conftest import spec, wait_state
@@ -88,6 +89,12 @@ def test_the_openai_client_speaks_chat_completions(run, stand_in):
     down = ModelRoute("down", "acme", {"adapter": "openai", "endpoint": "http://127.0.0.1:9/v1"})
     with pytest.raises(errors.Unavailable):
         run(OpenAIChatModel().complete(down, ModelRequest([{"role": "user", "content": "x"}])))
+    keyed = ModelRoute("keyed", "acme", {"adapter": "openai", "endpoint": stand_in, "model": "big",
+                                         "credential_ref": "openai-key", "allowed_classifications": ["internal"]})
+    run(OpenAIChatModel().complete(keyed, ModelRequest([{"role": "user", "content": "k"}]),
+                                   Secrets(lambda ref: b"sk-test\n", "openai-key")))
+    _, authorization, body = _StandIn.requests[-1]
+    assert authorization == "Bearer sk-test" and body["model"] == "big"
     echo = run(EchoModel().complete(route, ModelRequest([{"role": "user", "content": "same"}])))
     assert echo.text == "echo: same"
 
