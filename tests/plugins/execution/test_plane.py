@@ -327,3 +327,35 @@ def test_a_payload_changed_at_run_time_needs_a_new_approval(scenario):
     assert waiting.task.pending_approvals[0].action.tool.arguments["text"] == "v3"
     assert again.attempt_epoch == 2
     assert proceed.decision == pb.EFFECT_DECISION_PROCEED
+
+
+def test_quota_and_budget_limits_carry_the_limit_and_the_actual(scenario):
+    from planes.control.v1 import control_service_pb2 as cpb
+
+    async def body(cluster):
+        await cluster.publish([(cpb.RESOURCE_KIND_QUOTA, "small", {"tasks": 2})])
+        tasks, workers = cluster.tasks(), cluster.workers()
+        budget = pb.Budget(max_tool_calls=1)
+        first = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(
+            tool("a", "count", ledger="/x"), tool("b", "count", ledger="/y"), budget=budget)))
+        await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        with pytest.raises(errors.LimitExceeded) as quota:
+            await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        _, (lease,) = await _lease_one(workers)
+        base = dict(tenant="acme", task_id=first.task.task_id, attempt_epoch=lease.attempt_epoch)
+        one, two = lease.task.spec.actions
+        await workers.record_effect_intent(pb.RecordEffectIntentRequest(
+            **base, idempotency_key="k1", action=one, action_digest=action_digest(one)))
+        with pytest.raises(errors.LimitExceeded) as calls:
+            await workers.record_effect_intent(pb.RecordEffectIntentRequest(
+                **base, idempotency_key="k2", action=two, action_digest=action_digest(two)))
+        await workers.record_effect_outcome(pb.RecordEffectOutcomeRequest(
+            **base, idempotency_key="k1", state=pb.EFFECT_STATE_COMMITTED))
+        with pytest.raises(errors.LimitExceeded) as usage:
+            await workers.complete_task(pb.CompleteTaskRequest(**base, result=pb.TaskResult(
+                usage=pb.Usage(tool_calls=2))))
+        return quota.value, calls.value, usage.value
+    quota, calls, usage = scenario(body)
+    assert (quota.name, quota.limit, quota.actual) == ("tasks", 2, 3)
+    assert (calls.name, calls.limit, calls.actual) == ("tool_calls", 1, 2)
+    assert (usage.name, usage.limit, usage.actual) == ("tool_calls", 1, 2)
