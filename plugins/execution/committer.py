@@ -87,7 +87,7 @@ class BatchWrites:
 class Tx:
     """What one operation sees: the batch's view of the store, the time, and where its effects go."""
 
-    __slots__ = ("batch", "store", "now", "events", "after", "dirty", "inserted", "transitions")
+    __slots__ = ("batch", "store", "now", "events", "after", "dirty", "inserted", "transitions", "_stamp")
 
     def __init__(self, batch: BatchWrites, now: float):
         self.batch = batch
@@ -101,6 +101,15 @@ class Tx:
         self.dirty: dict[str, tuple[Any, bool]] = {}
         self.inserted: list[tuple[str, bytes, str, str]] = []
         self.transitions: list[tuple] = []
+        self._stamp = None
+
+    def stamp(self):
+        """``now`` as a protobuf Timestamp, made once per operation."""
+        if self._stamp is None:
+            from google.protobuf import timestamp_pb2
+            self._stamp = timestamp_pb2.Timestamp()
+            self._stamp.FromNanoseconds(int(self.now * 1e9))
+        return self._stamp
 
     def emit(self, tenant: str, event: epb.Event, required: bool) -> None:
         self.events.append((tenant, event, required))
