@@ -22,10 +22,10 @@ import asyncio
 import functools
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 
 from planes.kernel.errors import DeadlineExceeded, InvalidArgument, PlanesError
@@ -55,14 +55,26 @@ def bubblewrap() -> str | None:
     return path if probe.returncode == 0 else None
 
 
-def _limits(memory_mb: int, cpu_seconds: int, file_bytes: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+# Limits are set by a launcher that then execs the command: a preexec_fn
+# runs between fork and exec in a process with gRPC threads, which is not
+# safe (it crashed children here now and then).
+_LAUNCHER = """
+import os, resource, sys
+memory, cpu, size = (int(v) for v in sys.argv[1:4])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, size),
+                     (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _limited(argv: list[str], memory_mb: int, cpu_seconds: int, file_bytes: int) -> list[str]:
+    """``argv`` run under resource limits (address space, CPU, file size, open files, no core)."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        return [prlimit, f"--as={memory_mb << 20}", f"--cpu={cpu_seconds}", f"--fsize={file_bytes}",
+                "--nofile=256", "--core=0", "--", *argv]
+    return [sys.executable, "-S", "-c", _LAUNCHER, str(memory_mb << 20), str(cpu_seconds), str(file_bytes), *argv]
 
 
 async def _exchange(process, stdin: bytes) -> tuple[bytes, bytes]:
@@ -115,14 +127,14 @@ class SubprocessAdapter(ToolAdapter):
         with tempfile.TemporaryDirectory(prefix="planes-tool-") as workdir:
             os.chmod(workdir, 0o700)
             argv, isolation = self._argv(list(target["command"]), workdir, bool(target.get("network", False)))
+            argv = _limited(argv, memory, cpu, 64 << 20)
             context.notes["isolation"] = isolation
             context.notes["network"] = "allowed" if target.get("network") else "none" if isolation == "bubblewrap" \
                 else "not isolated"
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir}
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=workdir, env=env, start_new_session=True,
-                preexec_fn=_limits(memory, cpu, 64 << 20))
+                stderr=asyncio.subprocess.PIPE, cwd=workdir, env=env, start_new_session=True)
             try:
                 stdin = json.dumps(call.arguments).encode()
                 stdout, stderr = await asyncio.wait_for(_exchange(process, stdin), context.remaining())

@@ -68,7 +68,14 @@ def test_the_sandbox_denies_network_and_writes_outside_its_directory(run, tmp_pa
     assert result.output["inside"] == "ok", "its own directory is writable"
 
 
-def test_without_bubblewrap_it_runs_under_limits_in_a_private_directory(run, tmp_path):
+@pytest.mark.parametrize("launcher", ["prlimit", "python"])
+def test_without_bubblewrap_it_runs_under_limits_in_a_private_directory(run, tmp_path, monkeypatch, launcher):
+    from planes.plugins.execution.adapters import subprocess_tool
+    if launcher == "python":
+        real = subprocess_tool.shutil.which
+        monkeypatch.setattr(subprocess_tool.shutil, "which", lambda name: None if name == "prlimit" else real(name))
+    elif subprocess_tool.shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
     adapter = SubprocessAdapter(use_bubblewrap=False)
     context = _context()
     script = ("import json, os, resource, sys\n"
