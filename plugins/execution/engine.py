@@ -61,6 +61,8 @@ _EPOCH_STATES = frozenset((S.TASK_STATE_LEASED, S.TASK_STATE_RUNNING, S.TASK_STA
                            S.TASK_STATE_CANCELLED))
 OUTCOMES = (S.EFFECT_STATE_COMMITTED, S.EFFECT_STATE_FAILED, S.EFFECT_STATE_COMPENSATED, S.EFFECT_STATE_ESCALATED)
 SUPPORTED_MAJOR = 1
+#: How many queued tasks a lease looks past, for ones the worker has the adapters to run.
+SKIP_AHEAD = 64
 
 
 def _stamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -107,6 +109,8 @@ class ExecutionEngine:
         self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._work = asyncio.Event()
         self._workers: dict[str, tuple[str, str, str]] = {}
+        #: worker_id -> the tool adapters it registered with (empty: not filtered).
+        self._worker_adapters: dict[str, frozenset[str]] = {}
         #: (task_id, epoch) -> when the credential last issued for it expires.
         self._credentials_until: dict[tuple[str, int], float] = {}
 
@@ -401,6 +405,7 @@ class ExecutionEngine:
             tx.store.put_worker(worker_id, principal, request.tenant, request.name, tx.now)
         await self.committer.run(register)
         self._workers[worker_id] = (principal, request.tenant, request.name)
+        self._worker_adapters[worker_id] = frozenset(request.tools)
         return pb.RegisterWorkerResponse(worker_id=worker_id, lease_duration=_duration(self.settings.lease_seconds),
                                          heartbeat_interval=_duration(self.settings.heartbeat_seconds))
 
@@ -439,9 +444,15 @@ class ExecutionEngine:
                config: RunConfig) -> list[pb.TaskLease]:
         leases = []
         expires = tx.now + self.settings.lease_seconds
-        for task in tx.queued(tenant, count):
+        adapters = self._worker_adapters.get(worker_id)
+        # Look past tasks this worker cannot run (another worker will), up to a bound.
+        for task in tx.queued(tenant, count + SKIP_AHEAD):
+            if len(leases) == count:
+                break
             if worker_revision and task.config.revision > worker_revision:
                 continue  # decided under a configuration newer than the worker runs
+            if adapters and not self._runnable(task, adapters, config):
+                continue
             if task.spec.HasField("deadline") and _seconds(task.spec.deadline) <= tx.now:
                 task.failure.CopyFrom(pb.TaskFailure(code="deadline.exceeded", message="deadline passed in queue"))
                 self._transition(tx, task, pb.TASK_STATE_FAILED, "deadline exceeded", config)
@@ -457,6 +468,16 @@ class ExecutionEngine:
                 lease.effects.extend(tx.store.effects(task.task_id))
             leases.append(lease)
         return leases
+
+    @staticmethod
+    def _runnable(task: pb.Task, adapters: frozenset[str], config: RunConfig) -> bool:
+        """True if the worker has the adapter of every tool the task names."""
+        for action in task.spec.actions:
+            if action.WhichOneof("target") == "tool":
+                contract = config.tool(task.tenant, action.tool.tool)
+                if contract is not None and contract.adapter not in adapters:
+                    return False
+        return True
 
     def _credential(self, task: pb.Task, expires: float) -> pb.TaskCredential | None:
         """A credential for the attempt's payloads; None when the task references none (it would grant nothing)."""

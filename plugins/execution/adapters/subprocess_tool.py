@@ -19,6 +19,7 @@ timeout or cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -77,18 +78,13 @@ def _limited(argv: list[str], memory_mb: int, cpu_seconds: int, file_bytes: int)
     return [sys.executable, "-S", "-c", _LAUNCHER, str(memory_mb << 20), str(cpu_seconds), str(file_bytes), *argv]
 
 
-async def _exchange(process, stdin: bytes) -> tuple[bytes, bytes]:
-    """Feed standard input and collect both outputs; a command that exits
-    without reading its input is not an error of ours."""
-    async def feed() -> None:
-        try:
-            process.stdin.write(stdin)
-            await process.stdin.drain()
-            process.stdin.close()
-        except (BrokenPipeError, ConnectionResetError, RuntimeError):
-            pass
-    _, stdout, stderr, _ = await asyncio.gather(feed(), process.stdout.read(), process.stderr.read(), process.wait())
-    return stdout, stderr
+def _exchange(process: subprocess.Popen, stdin: bytes) -> tuple[bytes, bytes]:
+    """Feed standard input and collect both outputs (on a thread); a command
+    that exits without reading its input is not an error of ours."""
+    try:
+        return process.communicate(stdin)
+    except BrokenPipeError:
+        return process.communicate()
 
 
 class SubprocessAdapter(ToolAdapter):
@@ -132,21 +128,28 @@ class SubprocessAdapter(ToolAdapter):
             context.notes["network"] = "allowed" if target.get("network") else "none" if isolation == "bubblewrap" \
                 else "not isolated"
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir}
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=workdir, env=env, start_new_session=True)
+            # subprocess.Popen (vfork, then exec) on a thread rather than the
+            # event loop's spawn: uvloop forks, and gRPC's fork handlers then
+            # run in the child of a threaded worker, which crashed it now and then.
+            process = await asyncio.to_thread(
+                subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=workdir, env=env, start_new_session=True)
+            stdin = json.dumps(call.arguments).encode()
+            exchange = asyncio.ensure_future(asyncio.to_thread(_exchange, process, stdin))
             try:
-                stdin = json.dumps(call.arguments).encode()
-                stdout, stderr = await asyncio.wait_for(_exchange(process, stdin), context.remaining())
+                stdout, stderr = await asyncio.wait_for(asyncio.shield(exchange), context.remaining())
             except TimeoutError:
                 raise DeadlineExceeded(f"tool {call.tool} ran past its timeout") from None
             finally:
-                if process.returncode is None:
+                if process.poll() is None:
                     try:
                         os.killpg(process.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                    await process.wait()
+                # The exchange thread ends once the group is gone; wait for it so
+                # the working directory is removed after the process.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(exchange)
         if process.returncode != 0:
             # stderr may echo inputs: only its size is reported.
             raise ToolFailed(f"tool {call.tool} exited with status {process.returncode} "

@@ -359,3 +359,22 @@ def test_quota_and_budget_limits_carry_the_limit_and_the_actual(scenario):
     assert (quota.name, quota.limit, quota.actual) == ("tasks", 2, 3)
     assert (calls.name, calls.limit, calls.actual) == ("tool_calls", 1, 2)
     assert (usage.name, usage.limit, usage.actual) == ("tool_calls", 1, 2)
+
+
+def test_a_worker_is_leased_only_tasks_it_has_the_adapters_for(scenario):
+    async def body(cluster):
+        tasks, workers = cluster.tasks(), cluster.workers()
+        shell = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "shell", x=1))))
+        plain = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        python_only = await workers.register_worker(pb.RegisterWorkerRequest(tenant="*", name="py", slots=4,
+                                                                            tools=["python"]))
+        got = await workers.lease_tasks(pb.LeaseTasksRequest(tenant="*", worker_id=python_only.worker_id,
+                                                             max_tasks=4))
+        sandboxed = await workers.register_worker(pb.RegisterWorkerRequest(tenant="*", name="sb", slots=4,
+                                                                          tools=["subprocess"]))
+        other = await workers.lease_tasks(pb.LeaseTasksRequest(tenant="*", worker_id=sandboxed.worker_id,
+                                                               max_tasks=4))
+        return shell, plain, got, other
+    shell, plain, got, other = scenario(body)
+    assert [lease.task.task_id for lease in got.leases] == [plain.task.task_id]
+    assert [lease.task.task_id for lease in other.leases] == [shell.task.task_id]
