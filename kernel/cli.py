@@ -41,13 +41,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kernel = Kernel(settings).open()
-    for path in kernel.created:
-        print(f"created {path} (mode 0600)", flush=True)
-    print(f"admin token: {settings.state_dir / ADMIN_TOKEN_FILE} (send as 'authorization: Bearer <token>')",
-          flush=True)
-
     async def serve() -> None:
+        # Opened on the running loop: plugins may make remote plane clients in
+        # setup, and a grpc.aio channel belongs to the loop it was made on.
+        kernel = Kernel(settings).open()
+        for path in kernel.created:
+            print(f"created {path} (mode 0600)", flush=True)
+        print(f"admin token: {settings.state_dir / ADMIN_TOKEN_FILE} (send as 'authorization: Bearer <token>')",
+              flush=True)
         server = KernelServer(kernel)
         server.stop_on_signals()
         port = await server.start()

@@ -119,10 +119,13 @@ def check_implementation(plugin: Plugin, provision: Provision, implementation: A
             )
         missing = PlaneSpec(contract).missing_methods(implementation)
     else:
+        # Missing, or still the contract's abstract method (a concrete method
+        # has no __isabstractmethod__ at all).
         missing = [
             name
             for name in getattr(provision.contract, "__abstractmethods__", ())
-            if getattr(getattr(implementation, name, None), "__isabstractmethod__", True)
+            if getattr(implementation, name, None) is None
+            or getattr(getattr(implementation, name), "__isabstractmethod__", False)
         ]
     if missing:
         raise PluginError(plugin.name, f"{provision.key} implementation lacks {', '.join(sorted(missing))}")

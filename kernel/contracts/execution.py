@@ -52,6 +52,21 @@ class TaskPlane(PlaneContract):
         """
 
     @abc.abstractmethod
+    async def submit_tasks(self, request: pb.SubmitTasksRequest, call: CallContext) -> pb.SubmitTasksResponse:
+        """Submit several tasks at once, each exactly as :meth:`submit_task` would.
+
+        Called by services submitting in bulk. Every task of the batch is
+        validated before any is admitted: one malformed spec refuses the whole
+        batch, naming its index. The admitted tasks are durable, and their
+        transitions in evidence, before the response.
+
+        Raises:
+            InvalidArgument: a malformed spec (the message names its index).
+            AlreadyExists: an idempotency key reused for a different spec.
+            Unavailable: as for :meth:`submit_task`.
+        """
+
+    @abc.abstractmethod
     async def get_task(self, request: pb.GetTaskRequest, call: CallContext) -> pb.GetTaskResponse:
         """Return a task's current state.
 
@@ -230,6 +245,24 @@ class WorkerPlane(PlaneContract):
             FailedPrecondition: the attempt epoch is not current, or an
                 intent is still unsettled.
             LimitExceeded: the reported usage breaks the task's budget.
+        """
+
+    @abc.abstractmethod
+    async def complete_tasks(
+        self, request: pb.CompleteTasksRequest, call: CallContext
+    ) -> pb.CompleteTasksResponse:
+        """Complete several leased tasks in one call, each as :meth:`complete_task`.
+
+        Called by workers that finish tasks faster than one round trip each.
+        Every completion is judged on its own: a lost lease or an unsettled
+        intent refuses that one (reported in its result, nothing committed
+        for it) and the others proceed. Durable and in evidence before the
+        response.
+
+        Raises:
+            NotFound: the worker id is not registered (register again).
+            PermissionDenied: the worker id belongs to another principal, or
+                a completion names a tenant the caller may not act for.
         """
 
     @abc.abstractmethod

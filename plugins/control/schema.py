@@ -18,13 +18,18 @@ SCHEMAS: dict[int, dict[str, tuple[str, bool, tuple[str, ...] | None]]] = {
     pb.RESOURCE_KIND_IDENTITY_MAPPING: {"principal": ("str", True, None), "roles": ("[str]", True, ROLES)},
     pb.RESOURCE_KIND_MODEL_ROUTE: {
         "adapter": ("str", True, None), "endpoint": ("str", False, None),
-        "allowed_classifications": ("[str]", True, CLASSIFICATIONS), "fallbacks": ("[str]", False, None)},
+        "allowed_classifications": ("[str]", True, CLASSIFICATIONS), "fallbacks": ("[str]", False, None),
+        # The route's API key, by reference (resolved on the worker when called), and its model name.
+        "credential_ref": ("str", False, None), "model": ("str", False, None)},
     pb.RESOURCE_KIND_TOOL_CONTRACT: {
         "version": ("str", True, None), "input_schema": ("dict", False, None), "output_schema": ("dict", False, None),
         "side_effect": ("str", True, ("none", "idempotent", "non_idempotent")),
         "classification": ("str", True, CLASSIFICATIONS), "egress": ("[str]", False, None),
         "credential_ref": ("str", False, None), "approval_triggers": ("[str]", False, None),
-        "timeout_seconds": ("num", False, None), "max_attempts": ("num", False, None)},
+        "timeout_seconds": ("num", False, None), "max_attempts": ("num", False, None),
+        # Which tool adapter runs it (python, subprocess, http, mcp or a plugin's) and
+        # the adapter's own settings (a command, a URL, an MCP server, a function).
+        "adapter": ("str", False, None), "target": ("dict", False, None)},
     pb.RESOURCE_KIND_POLICY: {"rules": ("list", True, None), "description": ("str", False, None)},
     pb.RESOURCE_KIND_QUOTA: {"tasks": ("num", False, None), "tokens": ("num", False, None),
                              "bytes": ("num", False, None)},

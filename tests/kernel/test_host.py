@@ -68,7 +68,8 @@ def test_entry_point_plugin_is_discovered_and_served(installed, tmp_path):
     found = {c.name: c for c in discover(settings)}
     assert found["good"].plugin.version == "2.1.0"
     assert "diagnostics" in found, "the built-in plugin is registered the same way"
-    kernel = Kernel(make_settings(tmp_path / "state", plugins=_disable("diagnostics", "evidence", "control", "data"))).open()
+    builtin = _disable("diagnostics", "evidence", "control", "execution", "execution-adapters", "data")
+    kernel = Kernel(make_settings(tmp_path / "state", plugins=builtin)).open()
     assert [lp.name for lp in kernel.host.plugins] == ["good"]
     assert kernel.host.plugins[0].status == "ready"
 
@@ -121,8 +122,8 @@ def test_plugin_from_settings_modules(tmp_path, monkeypatch):
     (tmp_path / "local_plugin.py").write_text(PLUGIN_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     from planes.kernel.settings import PluginSettings
-    settings = make_settings(tmp_path / "s", plugins=PluginSettings(disabled=("diagnostics", "evidence", "control", "data"),
-                                                                     modules=("local_plugin:Good",)))
+    builtin = ("diagnostics", "evidence", "control", "execution", "execution-adapters", "data")
+    settings = make_settings(tmp_path / "s", plugins=PluginSettings(disabled=builtin, modules=("local_plugin:Good",)))
     loaded = Kernel(settings).open().host.plugins
     assert [(lp.name, lp.origin) for lp in loaded] == [("good", "setting plugins.modules local_plugin:Good")]
 

@@ -1,0 +1,176 @@
+"""``planes worker``: run a worker process against a kernel's execution plane."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+
+def add_commands(commands) -> None:
+    worker = commands.add_parser("worker", help="run a worker that leases and runs tasks")
+    worker.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+    worker.add_argument("--token-file", help="worker token file (default: $PLANES_TOKEN); role worker")
+    worker.add_argument("--config", help="settings TOML file")
+    worker.add_argument("--state-dir", help="state directory (default: ./var)")
+    worker.add_argument("--name", help="worker name (default: host-pid)")
+    worker.add_argument("--tenant", default="*", help="tenant whose tasks to run ('*': every tenant)")
+    worker.add_argument("--slots", type=int, default=8, help="tasks run at once (default 8)")
+    worker.add_argument("--python-module", action="append", default=[],
+                        help="allow python tools from this module (and below); repeat")
+    worker.add_argument("--secrets-dir", help="directory of tool credential files, one per reference")
+    worker.add_argument("--control-public-key", help="PEM of the snapshot signing key "
+                                                     "(default: <state-dir>/keys/control-signing.pub.pem)")
+    worker.add_argument("--no-batch", action="store_true", help="complete each task with its own call")
+    worker.set_defaults(handler=cmd_worker)
+
+    task = commands.add_parser("task", help="follow, cancel, approve or deny a task")
+    actions = task.add_subparsers(dest="task_command", metavar="ACTION")
+    for name, help_text in (("get", "show a task"), ("watch", "follow a task's changes until it ends"),
+                            ("cancel", "cancel a task"), ("approve", "approve a pending action"),
+                            ("deny", "deny a pending action")):
+        parser = actions.add_parser(name, help=help_text)
+        parser.add_argument("task_id")
+        parser.add_argument("--tenant", default="", help="tenant (default: the token's)")
+        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+        parser.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the admin token)")
+        parser.add_argument("--config", help="settings TOML file")
+        parser.add_argument("--state-dir", help="state directory (default: ./var)")
+        parser.add_argument("--timeout", type=float, default=10.0)
+        if name in ("approve", "deny"):
+            parser.add_argument("--action-id", required=True)
+            parser.add_argument("--digest", required=True,
+                                help="hex SHA-256 of the action as shown by 'planes task get' (the payload you saw)")
+            parser.add_argument("--comment", default="", help="comment or reason")
+        if name == "cancel":
+            parser.add_argument("--reason", default="")
+        parser.set_defaults(handler=cmd_task, task_action=name)
+    task.set_defaults(handler=lambda args: (task.print_usage(sys.stderr), 2)[1])
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from planes.common.v1 import common_pb2
+    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.clients import connect
+    from planes.kernel.contract import ContractVersion
+    from planes.kernel.contracts import ControlPlane, WorkerPlane
+    from planes.kernel.runtime import run
+    from planes.kernel.settings import load_settings
+    from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
+
+    from . import CONTROL_PUBLIC_KEY, control_keys
+    from .worker import Worker, load_adapters
+
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    address = client_address(args, settings)
+    token = client_token(args, settings, admin_fallback=False)
+    tools, models = load_adapters(settings, tuple(args.python_module))
+    key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
+    name = args.name
+
+    async def main() -> None:
+        import os
+        import socket
+
+        worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
+        cache = CachedConfig(settings.state_dir / "workers" / worker_name / "config", control_keys(key_path),
+                             served={"execution": ContractVersion(1, 0)})
+        client = connect(address, WorkerPlane, token=token)
+        control = connect(address, ControlPlane, token=token)
+        worker = Worker(client, cache=cache, name=worker_name, tenant=args.tenant, slots=args.slots,
+                        adapters=tools, models=models,
+                        secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
+                        batch_completions=not args.no_batch)
+        subscriber = SnapshotSubscriber(control, cache, f"worker:{worker_name}",
+                                        contracts=[common_pb2.ContractVersion(plane="execution", major=1)],
+                                        health=worker._health)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        watching = loop.create_task(subscriber.run())
+        print(f"worker {worker_name} on {address}: {args.slots} slots, tools {', '.join(sorted(tools))}, "
+              f"models {', '.join(sorted(models))}", flush=True)
+        try:
+            await worker.run(stop)
+        finally:
+            watching.cancel()
+            for adapter in tools.values():
+                await adapter.close()
+            await client.close()
+            await control.close()
+        print(f"worker {worker_name} stopped after {worker.completed} tasks", flush=True)
+
+    run(main())
+    return 0
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from planes.common.v1 import common_pb2
+    from planes.execution.v1 import execution_service_pb2 as pb
+    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import TaskPlane
+    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.runtime import run
+    from planes.kernel.settings import load_settings
+
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    address, token = client_address(args, settings), client_token(args, settings)
+
+    def show(task: pb.Task) -> None:
+        state = pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+        print(f"{task.task_id} {state} version {task.version} epoch {task.attempt_epoch} "
+              f"config revision {task.config.revision}")
+        for pending in task.pending_approvals:
+            print(f"  pending approval: action {pending.action.action_id} digest {pending.action_digest.value.hex()}"
+                  f" ({pending.reason})")
+            print("    " + json_format.MessageToJson(pending.action, indent=None))
+        if task.HasField("failure"):
+            print(f"  failure: {task.failure.code}: {task.failure.message}")
+
+    async def act() -> None:
+        client = connect(address, TaskPlane, token=token)
+        try:
+            if args.task_action == "get":
+                show((await client.get_task(pb.GetTaskRequest(tenant=args.tenant, task_id=args.task_id),
+                                            timeout=args.timeout)).task)
+            elif args.task_action == "watch":
+                async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant,
+                                                                           task_id=args.task_id)):
+                    print(f"{change.reason}: ", end="")
+                    show(change.task)
+            elif args.task_action == "cancel":
+                show((await client.cancel_task(pb.CancelTaskRequest(tenant=args.tenant, task_id=args.task_id,
+                                                                    reason=args.reason), timeout=args.timeout)).task)
+            else:
+                try:
+                    value = bytes.fromhex(args.digest)
+                except ValueError:
+                    raise InvalidArgument("--digest must be hex") from None
+                digest = common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256, value=value)
+                if args.task_action == "approve":
+                    reply = await client.approve_task(pb.ApproveTaskRequest(
+                        tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
+                        comment=args.comment), timeout=args.timeout)
+                else:
+                    reply = await client.deny_task(pb.DenyTaskRequest(
+                        tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
+                        reason=args.comment), timeout=args.timeout)
+                print(f"{args.task_action}d by {reply.approval.approver}")
+                show(reply.task)
+        finally:
+            await client.close()
+
+    run(act())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(1)

@@ -1,0 +1,307 @@
+"""Group commit: many requests, one transaction, one evidence append, one fsync.
+
+Every operation of the execution plane is a function of a :class:`Tx`, queued
+from the event loop and run on one thread against the store. Operations that
+arrive while a batch commits form the next batch, so under load the cost of a
+commit (an fsync) and of an evidence append is shared by the whole batch,
+while an idle plane still answers one request at once.
+
+Each operation runs inside a savepoint: one that raises is undone alone and
+its caller gets the error. The batch's evidence events are recorded before
+its transaction commits, and a caller is answered only after both:
+
+* events of evidence-required tasks go through a writer that never spools.
+  If the evidence plane cannot take them, the transaction is rolled back and
+  replayed without those operations, which fail with
+  :class:`~planes.plugins.evidence.writer.EvidenceUnavailable`: nothing they
+  describe happened (fail closed);
+* other events go through a writer that spools them, encrypted and bounded,
+  during an outage (with a gap event for any that do not fit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from planes.evidence.v1 import evidence_service_pb2 as epb
+from planes.kernel.errors import Internal, PlanesError
+
+from .store import TaskStore
+
+log = logging.getLogger("planes.execution.committer")
+
+
+class BatchWrites:
+    """The tasks and transitions a batch changed, written once when the batch ends.
+
+    Operations see each other's changes through it (a task changed by an
+    earlier operation of the batch is read from here, not from the store),
+    and the store gets one multi-row write per table instead of one
+    statement per change.
+    """
+
+    def __init__(self, store: TaskStore):
+        self.store = store
+        self.tasks: dict[str, Any] = {}
+        self.new: dict[str, bytes] = {}
+        self.keys: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self.enqueued: dict[str, int] = {}
+        self.transitions: list[tuple] = []
+        self._order = 0
+
+    def merge(self, tx: Tx) -> None:
+        for task_id, digest, tenant, key in tx.inserted:
+            self.new[task_id] = digest
+            if key:
+                self.keys[(tenant, key)] = (task_id, digest)
+        for task_id, (task, enqueue) in tx.dirty.items():
+            self.tasks[task_id] = task
+            if enqueue:
+                self._order += 1
+                self.enqueued[task_id] = self._order
+        self.transitions.extend(tx.transitions)
+
+    def write(self) -> None:
+        if not self.tasks and not self.transitions:
+            return
+        inserts, updates = [], []
+        for task_id, task in self.tasks.items():
+            enqueue = self.enqueued.get(task_id)
+            if task_id in self.new:
+                inserts.append((task, self.new[task_id], enqueue))
+            else:
+                updates.append((task, enqueue))
+        # Queue order follows the order of enqueueing inside the batch.
+        inserts.sort(key=lambda item: item[2] or 0)
+        updates.sort(key=lambda item: item[1] or 0)
+        self.store.write_tasks(inserts, updates, self.transitions)
+
+
+class Tx:
+    """What one operation sees: the batch's view of the store, the time, and where its effects go."""
+
+    __slots__ = ("batch", "store", "now", "events", "after", "dirty", "inserted", "transitions", "_stamp")
+
+    def __init__(self, batch: BatchWrites, now: float):
+        self.batch = batch
+        self.store = batch.store
+        self.now = now
+        #: (tenant, event, evidence_required)
+        self.events: list[tuple[str, epb.Event, bool]] = []
+        #: Called on the event loop once the batch is committed.
+        self.after: list[Callable[[], None]] = []
+        #: task_id -> (task, enqueue): this operation's changes.
+        self.dirty: dict[str, tuple[Any, bool]] = {}
+        self.inserted: list[tuple[str, bytes, str, str]] = []
+        self.transitions: list[tuple] = []
+        self._stamp = None
+
+    def stamp(self):
+        """``now`` as a protobuf Timestamp, made once per operation."""
+        if self._stamp is None:
+            from google.protobuf import timestamp_pb2
+            self._stamp = timestamp_pb2.Timestamp()
+            self._stamp.FromNanoseconds(int(self.now * 1e9))
+        return self._stamp
+
+    def emit(self, tenant: str, event: epb.Event, required: bool) -> None:
+        self.events.append((tenant, event, required))
+
+    # -- reads through the batch --------------------------------------------------
+
+    def task(self, task_id: str):
+        """The task as the batch has it so far: a copy the operation may change."""
+        known = self.dirty.get(task_id)
+        if known is not None:
+            return known[0]
+        cached = self.batch.tasks.get(task_id)
+        if cached is None:
+            return self.store.task(task_id)
+        copy = type(cached)()
+        copy.CopyFrom(cached)
+        return copy
+
+    def by_idempotency_key(self, tenant: str, key: str) -> tuple[str, bytes] | None:
+        for task_id, digest, owner, used in self.inserted:
+            if (owner, used) == (tenant, key):
+                return task_id, digest
+        return self.batch.keys.get((tenant, key)) or self.store.by_idempotency_key(tenant, key)
+
+    def queued(self, tenant: str | None, limit: int) -> list:
+        # Tasks this batch already changed are skipped (those it queued are
+        # leased by the next batch).
+        exclude = self.batch.tasks.keys() | self.dirty.keys() if self.batch.tasks or self.dirty else frozenset()
+        return self.store.queued(tenant, limit, exclude)
+
+    def expired_leases(self, limit: int) -> list:
+        return [task for task in self.store.expired_leases(self.now, limit)
+                if task.task_id not in self.batch.tasks and task.task_id not in self.dirty]
+
+    # -- writes, deferred to the end of the batch ---------------------------------------
+
+    def insert_task(self, task, spec_digest: bytes) -> None:
+        self.inserted.append((task.task_id, spec_digest, task.tenant, task.spec.idempotency_key))
+        self.dirty[task.task_id] = (task, False)
+
+    def add_transition(self, task_id: str, version: int, previous_state: int, reason: str, body: bytes) -> None:
+        self.transitions.append((task_id, version, previous_state, reason, body))
+
+
+@dataclass
+class _Op:
+    function: Callable[[Tx], Any]
+    future: asyncio.Future
+    result: Any = None
+    error: BaseException | None = None
+    events: list = field(default_factory=list)
+    after: list = field(default_factory=list)
+
+    @property
+    def required(self) -> bool:
+        return any(required for _, _, required in self.events)
+
+
+class Committer:
+    """Runs operations in batched transactions with their evidence; see the module docstring."""
+
+    def __init__(self, store: TaskStore, strict_writer, buffered_writer, *, max_batch: int = 1024,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.strict = strict_writer
+        self.buffered = buffered_writer
+        self.max_batch = max_batch
+        self.clock = clock
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execution-store")
+        self._pending: list[_Op] = []
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        #: Batches committed and operations in them, for the benchmark's report.
+        self.batches = 0
+        self.operations = 0
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            try:
+                await self._runner
+            except asyncio.CancelledError:
+                pass
+        for op in self._pending:
+            if not op.future.done():
+                op.future.set_exception(Internal("execution plane stopping"))
+        self._thread.shutdown(wait=True)
+
+    async def run(self, function: Callable[[Tx], Any]) -> Any:
+        """Run ``function(tx)`` in the next batch; its result once durable and in evidence."""
+        if self._wake is None:
+            raise Internal("execution committer not started")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Op(function, future))
+        self._wake.set()
+        return await future
+
+    async def _in_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:self.max_batch]
+                del self._pending[:self.max_batch]
+                try:
+                    await self._commit(batch)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # never leave a caller waiting, nor a transaction open
+                    log.exception("execution batch failed")
+                    try:
+                        await self._in_thread(self.store.rollback)
+                    except Exception:
+                        log.exception("rollback after a failed batch failed")
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(exc if isinstance(exc, PlanesError)
+                                                    else Internal("execution store failure"))
+
+    def _apply(self, batch: list[_Op]) -> None:
+        store = self.store
+        now = self.clock()
+        store.begin()
+        writes = BatchWrites(store)
+        for op in batch:
+            if op.error is not None:
+                continue
+            tx = Tx(writes, now)
+            store.savepoint()
+            try:
+                op.result = op.function(tx)
+            except Exception as exc:
+                store.undo()
+                op.error = exc
+                op.events, op.after = [], []
+                continue
+            store.release()
+            writes.merge(tx)
+            op.events, op.after = tx.events, tx.after
+        writes.write()
+
+    async def _commit(self, batch: list[_Op]) -> None:
+        from planes.plugins.evidence.writer import EvidenceUnavailable
+
+        while True:
+            await self._in_thread(self._apply, batch)
+            strict = _by_tenant(op for op in batch if op.error is None and op.required)
+            try:
+                for tenant, events in strict.items():
+                    await self.strict.record(tenant, events)
+            except EvidenceUnavailable as exc:
+                # Undo everything and run the batch again without the
+                # operations whose evidence could not be recorded.
+                await self._in_thread(self.store.rollback)
+                for op in batch:
+                    if op.error is None and op.required:
+                        op.error = exc
+                    elif not isinstance(op.error, EvidenceUnavailable):
+                        op.error, op.result = None, None
+                continue
+            break
+        buffered = _by_tenant(op for op in batch if op.error is None and not op.required)
+        for tenant, events in buffered.items():
+            try:
+                await self.buffered.record(tenant, events)
+            except PlanesError:
+                log.exception("evidence writer refused %d events of tenant %s", len(events), tenant)
+        await self._in_thread(self.store.commit)
+        self.batches += 1
+        self.operations += len(batch)
+        for op in batch:
+            if op.future.done():
+                continue
+            if op.error is not None:
+                op.future.set_exception(op.error)
+                continue
+            for hook in op.after:
+                hook()
+            op.future.set_result(op.result)
+
+
+def _by_tenant(ops) -> dict[str, list[epb.Event]]:
+    grouped: dict[str, list[epb.Event]] = defaultdict(list)
+    for op in ops:
+        for tenant, event, _ in op.events:
+            grouped[tenant].append(event)
+    return grouped

@@ -1,0 +1,183 @@
+"""The tool adapter extension point: what a worker needs to run one tool call.
+
+A tool adapter is a plugin extension (``planes.plugins`` entry point) that
+provides ``Provision(ToolAdapter, supports=("1.0", "2.0"), name="<adapter>")``.
+A tool contract in the control plane names its adapter (``adapter = "mcp"``)
+and the adapter's own settings (``target``). Workers load every adapter at
+start-up and validate it then; a tool contract naming an adapter the worker
+lacks fails that task with ``tool.adapter_missing``, never the worker.
+
+See docs/tool-adapters.md for a complete example.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from planes.common.v1 import common_pb2
+from planes.kernel.contract import ContractVersion
+from planes.kernel.errors import DeadlineExceeded, FailedPrecondition, PermissionDenied, Unavailable
+
+from .config import ToolContract
+
+__all__ = ["DataAccess", "Reconciliation", "Secrets", "ToolAdapter", "ToolCall", "ToolContext",
+           "ToolDescription", "ToolResult"]
+
+
+class Reconciliation(enum.Enum):
+    """What an adapter found out about an effect whose outcome was lost."""
+
+    #: The effect happened: record it as committed, do not repeat it.
+    APPLIED = "applied"
+    #: The effect did not happen: it may be performed now, under the same key.
+    NOT_APPLIED = "not_applied"
+    #: Cannot tell: the effect is escalated to a person, never repeated.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ToolDescription:
+    """What the adapter will run for a contract, for people and for evidence."""
+
+    adapter: str
+    summary: str
+    #: Adapter-specific facts worth recording (never secrets).
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    action_id: str
+    tool: str
+    arguments: dict[str, Any]
+    inputs: tuple[common_pb2.PayloadRef, ...]
+    contract: ToolContract
+    #: Stable across attempts: an idempotent tool dedupes on it.
+    idempotency_key: str
+
+
+class Secrets:
+    """Tool credentials, resolved by reference only when a tool is invoked.
+
+    A tool may resolve only the ``credential_ref`` its contract names. The
+    default source is a directory of 0600 files (one per reference) that the
+    worker's operator provisions; the value never enters logs or evidence.
+    """
+
+    def __init__(self, resolve: Callable[[str], bytes], allowed: str):
+        self._resolve = resolve
+        self._allowed = allowed
+
+    def get(self, ref: str) -> bytes:
+        if not ref or ref != self._allowed:
+            raise PermissionDenied(f"this tool may not use credential {ref!r}")
+        return self._resolve(ref)
+
+
+class DataAccess:
+    """Payload reads through the data plane, limited to the attempt's credential.
+
+    Until a data plane is reachable from the worker, reads raise
+    :class:`~planes.kernel.errors.Unavailable` (missing data is an error,
+    never invented).
+    """
+
+    def __init__(self, credential_token: str, payload_ids: frozenset[str], reader=None):
+        self.credential_token = credential_token
+        self.payload_ids = payload_ids
+        self._reader = reader
+
+    async def read(self, ref: common_pb2.PayloadRef) -> bytes:
+        if ref.payload_id not in self.payload_ids:
+            raise PermissionDenied(f"payload {ref.payload_id!r} is outside this task's credential")
+        if self._reader is None:
+            raise Unavailable("no data plane is reachable from this worker")
+        return await self._reader(ref, self.credential_token)
+
+
+@dataclass
+class ToolContext:
+    """Everything an invocation may use besides its arguments."""
+
+    tenant: str
+    task_id: str
+    attempt_epoch: int
+    correlation: common_pb2.Correlation
+    secrets: Secrets
+    data: DataAccess
+    #: Set when the task is cancelled or its lease lost: stop as soon as possible.
+    cancelled: asyncio.Event
+    #: ``time.monotonic()`` by which the call must end.
+    deadline: float
+    #: ``egress_allowed(destination)``: the contract's allow-list and the tenant's egress rules.
+    egress_allowed: Callable[[str], bool]
+    #: The call's idempotency key (stable across attempts).
+    idempotency_key: str = ""
+    #: Facts the adapter reports (``isolation``...), recorded as evidence.
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the tool call ran out of time")
+        return left
+
+    def check_egress(self, destination: str) -> None:
+        if not self.egress_allowed(destination):
+            raise PermissionDenied(f"egress to {destination} is not allowed for this tool")
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise FailedPrecondition("the task was cancelled")
+
+
+@dataclass
+class ToolResult:
+    #: A small JSON-compatible result; bulk output goes to payloads.
+    output: dict[str, Any] = field(default_factory=dict)
+    outputs: list[common_pb2.PayloadRef] = field(default_factory=list)
+
+
+class ToolAdapter(abc.ABC):
+    """Contract of the ``tool_adapter`` extension point."""
+
+    extension_point = "tool_adapter"
+    version = ContractVersion(1, 0)
+
+    @abc.abstractmethod
+    def describe(self, contract: ToolContract) -> ToolDescription:
+        """Check a tool contract's ``target`` for this adapter and say what it runs.
+
+        Called when a worker first meets a contract. Raise
+        :class:`~planes.kernel.errors.InvalidArgument` naming the field when the
+        target is unusable.
+        """
+
+    @abc.abstractmethod
+    async def invoke(self, call: ToolCall, context: ToolContext) -> ToolResult:
+        """Run one tool call and return its result.
+
+        Called by a worker, under the contract's timeout (``context.deadline``)
+        and retry policy, after the effect ledger allowed it. Stop promptly
+        when cancelled (the worker cancels this coroutine) and release what
+        was started. Raise a :class:`~planes.kernel.errors.PlanesError` for a
+        failure the caller should see by kind (``PermissionDenied`` for egress,
+        ``DeadlineExceeded``, ``Unavailable`` for one worth retrying).
+        """
+
+    async def reconcile(self, call: ToolCall, context: ToolContext) -> Reconciliation:
+        """Find out whether a non-idempotent effect whose outcome was lost happened.
+
+        Called on resumption for an intent with no outcome. The default cannot
+        tell, so the effect is escalated, never repeated.
+        """
+        return Reconciliation.UNKNOWN
+
+    async def close(self) -> None:
+        """Release what the adapter holds (connections, servers) when the worker stops."""

@@ -1,0 +1,186 @@
+"""The built-in tool adapters against real things: bubblewrap, a local HTTP server, a real MCP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from planes.common.v1 import common_pb2
+from planes.kernel import errors
+from planes.plugins.execution.adapters import HttpAdapter, McpAdapter, PythonAdapter, SubprocessAdapter
+from planes.plugins.execution.adapters.mcp_tool import find_server
+from planes.plugins.execution.adapters.subprocess_tool import ToolFailed, bubblewrap
+from planes.plugins.execution.config import ToolContract
+from planes.plugins.execution.tools import DataAccess, Secrets, ToolCall, ToolContext
+
+needs_bwrap = pytest.mark.skipif(bubblewrap() is None, reason="bubblewrap cannot make namespaces here")
+
+
+def _context(*, egress=(), secrets=None, timeout=30.0, cancelled=None) -> ToolContext:
+    allowed = set(egress)
+    return ToolContext(tenant="acme", task_id="t-1", attempt_epoch=1,
+                       correlation=common_pb2.Correlation(correlation_id="c-1"),
+                       secrets=secrets or Secrets(lambda ref: b"", ""), data=DataAccess("", frozenset()),
+                       cancelled=cancelled or asyncio.Event(), deadline=time.monotonic() + timeout,
+                       egress_allowed=lambda destination: destination in allowed, idempotency_key="t-1/a")
+
+
+def _call(adapter_name: str, target: dict, arguments: dict | None = None, **spec) -> ToolCall:
+    contract = ToolContract("t", "acme", {"adapter": adapter_name, "target": target, "side_effect": "none",
+                                          "classification": "internal", **spec})
+    return ToolCall("a", "t", arguments or {}, (), contract, "t-1/a")
+
+
+# -- subprocess ------------------------------------------------------------------------------
+
+@needs_bwrap
+def test_the_sandbox_denies_network_and_writes_outside_its_directory(run, tmp_path):
+    outside = tmp_path / "outside.txt"
+    script = (
+        "import json, socket, sys, os\n"
+        "result = {}\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 9), timeout=2); result['network'] = 'reached'\n"
+        "except OSError as exc:\n"
+        "    result['network'] = type(exc).__name__\n"
+        f"for path in ({str(outside)!r}, '/usr/planes-escape', '/etc/planes-escape'):\n"
+        "    try:\n"
+        "        open(path, 'w').write('x'); result[path] = 'written'\n"
+        "    except OSError as exc:\n"
+        "        result[path] = 'refused'\n"
+        "open('inside.txt', 'w').write('ok')\n"
+        "result['inside'] = open('inside.txt').read()\n"
+        "result['interfaces'] = sorted(os.listdir('/sys/class/net')) if os.path.isdir('/sys/class/net') else []\n"
+        "print(json.dumps(result))\n")
+    adapter = SubprocessAdapter()
+    context = _context()
+    result = run(adapter.invoke(_call("subprocess", {"command": ["python3", "-c", script]}), context))
+    assert context.notes["isolation"] == "bubblewrap" and context.notes["network"] == "none"
+    assert result.output["network"] != "reached"
+    assert result.output[str(outside)] == "refused" and not outside.exists()
+    assert result.output["/usr/planes-escape"] == "refused" and result.output["/etc/planes-escape"] == "refused"
+    assert result.output["inside"] == "ok", "its own directory is writable"
+
+
+@pytest.mark.parametrize("launcher", ["prlimit", "python"])
+def test_without_bubblewrap_it_runs_under_limits_in_a_private_directory(run, tmp_path, monkeypatch, launcher):
+    from planes.plugins.execution.adapters import subprocess_tool
+    if launcher == "python":
+        real = subprocess_tool.shutil.which
+        monkeypatch.setattr(subprocess_tool.shutil, "which", lambda name: None if name == "prlimit" else real(name))
+    elif subprocess_tool.shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+    context = _context()
+    script = ("import json, os, resource, sys\n"
+              "data = json.load(sys.stdin)\n"
+              "print(json.dumps({'cwd': os.getcwd(), 'env': sorted(os.environ),"
+              " 'as': resource.getrlimit(resource.RLIMIT_AS)[0], 'echo': data['x']}))\n")
+    result = run(adapter.invoke(_call("subprocess", {"command": ["python3", "-c", script], "memory_mb": 256},
+                                      {"x": 7}), context))
+    assert context.notes["isolation"] == "rlimits+private-tmp"
+    assert result.output["echo"] == 7
+    assert Path(result.output["cwd"]).name.startswith("planes-tool-") and not Path(result.output["cwd"]).exists()
+    # (Python itself may add LC_CTYPE when it coerces the C locale.)
+    assert set(result.output["env"]) - {"LC_CTYPE"} == {"HOME", "PATH", "TMPDIR"}, "nothing of the worker's"
+    assert result.output["as"] == 256 << 20
+
+
+def test_a_failing_or_slow_command_is_a_typed_error_and_is_killed(run):
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+    with pytest.raises(ToolFailed, match="exited with status 3"):
+        run(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", "echo secret >&2; exit 3"]}), _context()))
+    with pytest.raises(errors.DeadlineExceeded):
+        run(adapter.invoke(_call("subprocess", {"command": ["sleep", "30"]}), _context(timeout=0.5)))
+    with pytest.raises(errors.InvalidArgument, match="target.command"):
+        adapter.describe(_call("subprocess", {"command": "sleep 1"}).contract)
+
+
+# -- http ------------------------------------------------------------------------------------
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Recorder.seen.append((self.path, dict(self.headers), json.loads(body)))
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://example.com/")
+            self.end_headers()
+            return
+        reply = json.dumps({"ok": True, "echo": json.loads(body)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Recorder.seen = []
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_calls_allowed_destinations_and_refuses_others_before_connecting(run, http_server):
+    adapter = HttpAdapter()
+    call = _call("http", {"url": f"http://{http_server}/things"}, {"n": 1}, credential_ref="api-key")
+    context = _context(egress=[http_server], secrets=Secrets(lambda ref: b"s3cret", "api-key"))
+    result = run(adapter.invoke(call, context))
+    assert result.output == {"ok": True, "echo": {"n": 1}}
+    path, headers, _ = _Recorder.seen[0]
+    assert headers["Idempotency-Key"] == "t-1/a" and headers["X-Correlation-Id"] == "c-1"
+    with pytest.raises(errors.PermissionDenied, match=f"egress to {http_server} is not allowed"):
+        run(adapter.invoke(call, _context(egress=["127.0.0.1:1"])))
+    with pytest.raises(errors.PermissionDenied, match="egress to example.com:80"):
+        run(adapter.invoke(_call("http", {"url": "http://example.com/"}), _context(egress=[http_server])))
+    assert len(_Recorder.seen) == 1, "refused calls never reached the server"
+    with pytest.raises(errors.PlanesError, match="redirects are not followed|HTTP 302"):
+        run(adapter.invoke(_call("http", {"url": f"http://{http_server}/redirect"}), _context(egress=[http_server])))
+
+
+# -- mcp -------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(find_server("mcp-server-time") == "mcp-server-time", reason="mcp-server-time is not installed")
+def test_mcp_calls_a_tool_of_a_real_mcp_server(run):
+    adapter = McpAdapter()
+    call = _call("mcp", {"command": "mcp-server-time", "args": ["--local-timezone", "UTC"],
+                         "tool": "get_current_time"}, {"timezone": "Europe/Paris"})
+    context = _context(timeout=60)
+    result = run(adapter.invoke(call, context))
+    assert result.output["structured"]["timezone"] == "Europe/Paris"
+    assert "datetime" in result.output["structured"]
+    assert context.notes["mcp_server"] == "mcp-server-time"
+    bad = _call("mcp", {"command": "mcp-server-time", "tool": "get_current_time"}, {"timezone": "Not/AZone"})
+    with pytest.raises(errors.PlanesError):
+        run(adapter.invoke(bad, _context(timeout=60)))
+
+
+def test_mcp_server_that_cannot_start_is_unavailable(run):
+    with pytest.raises(errors.Unavailable, match="cannot start MCP server"):
+        run(McpAdapter().invoke(_call("mcp", {"command": "/nonexistent/mcp-server"}), _context()))
+
+
+# -- python ----------------------------------------------------------------------------------
+
+def test_python_tools_load_only_from_allowed_modules(run):
+    adapter = PythonAdapter()
+    ok = _call("python", {"module": "planes.plugins.execution.examples", "function": "upper"}, {"text": "a"})
+    assert run(adapter.invoke(ok, _context())).output == {"text": "A"}
+    with pytest.raises(errors.PermissionDenied, match="'os' is not allowed"):
+        run(adapter.invoke(_call("python", {"module": "os", "function": "system"}, {}), _context()))
