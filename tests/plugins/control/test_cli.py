@@ -108,12 +108,17 @@ def test_bad_files_are_one_line_errors(served, tmp_path, text, suffix, message):
     assert "Traceback" not in result.stderr
 
 
-def test_status_shows_the_fleet_and_says_when_nobody_subscribed(served):
+def test_status_shows_the_fleet_and_the_hosts_watching(served):
     env, _ = served
     result = config(env, "status")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "no subscribers yet"
     assert result.stdout.startswith("fleet revision ")
+    # The kernel's own execution host subscribes to its control plane.
+    assert any(line.startswith("execution@") and "watching" in line for line in result.stdout.splitlines())
+    from planes.control.v1 import control_service_pb2 as pb
+    from planes.plugins.control.cli import format_status
+
+    assert format_status(pb.GetRolloutStatusResponse(fleet_revision=1))[-1] == "no subscribers yet"
 
 
 def test_status_view_shows_who_runs_what_and_why_a_host_refused():
