@@ -88,12 +88,15 @@ class DataClient:
     """Puts and gets payloads of one tenant through a data plane client (local or remote)."""
 
     def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB,
-                 digest_algorithm: str = "blake3"):
+                 digest_algorithm: str = "blake3", task_credential: str = ""):
+        """``task_credential``: a worker's credential from its lease, sent with every request
+        (the data plane requires one from callers acting only as workers)."""
         if digest_algorithm not in _ALGORITHMS:
             raise ValueError(f"digest_algorithm must be one of {', '.join(_ALGORITHMS)}")
         self.algorithm = _ALGORITHMS[digest_algorithm]
         self.client = client
         self.tenant = tenant
+        self.task_credential = task_credential
         self.chunk_bytes = chunk_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self._put = client.wire("put_payload")
@@ -117,7 +120,7 @@ class DataClient:
         step = chunk_bytes or self.chunk_bytes
         header = pb.PayloadHeader(tenant=self.tenant, classification=_classification(classification), kind=kind,
                                   declared_size=size, declared_chunk_count=math.ceil(size / step),
-                                  media_type=media_type, name=name)
+                                  media_type=media_type, name=name, task_credential=self.task_credential)
         if tensor is not None:
             header.tensor.CopyFrom(tensor)
         if correlation is not None:
@@ -177,7 +180,8 @@ class DataClient:
     def _request(self, payload_id: str, max_age: float | None, expected_digest: common_pb2.Digest | None,
                  chunk_bytes: int | None, chunk_digests: bool) -> pb.GetPayloadRequest:
         request = pb.GetPayloadRequest(tenant=self.tenant, payload_id=payload_id,
-                                       chunk_size=chunk_bytes or self.chunk_bytes, chunk_digests=chunk_digests)
+                                       chunk_size=chunk_bytes or self.chunk_bytes, chunk_digests=chunk_digests,
+                                       task_credential=self.task_credential)
         if max_age is not None:
             request.max_age.FromNanoseconds(int(max_age * 1e9))
         if expected_digest is not None:
@@ -281,7 +285,8 @@ class DataClient:
     # -- the rest ------------------------------------------------------------------------
 
     async def stat(self, payload_id: str) -> pb.PayloadInfo:
-        response = await self.client.stat_payload(pb.StatPayloadRequest(tenant=self.tenant, payload_id=payload_id))
+        response = await self.client.stat_payload(pb.StatPayloadRequest(
+            tenant=self.tenant, payload_id=payload_id, task_credential=self.task_credential))
         return response.payload
 
     async def delete(self, payload_id: str, reason: str = "") -> pb.PayloadInfo:
@@ -300,7 +305,8 @@ class DataClient:
         if kind not in _KINDS or not name:
             raise ValueError(f"destination must be tool:NAME, model_route:NAME or sink:NAME, not {destination!r}")
         response = await self.client.transfer_payload(pb.TransferPayloadRequest(
-            tenant=self.tenant, payload_id=payload_id, destination=pb.Destination(kind=_KINDS[kind], name=name)))
+            tenant=self.tenant, payload_id=payload_id, destination=pb.Destination(kind=_KINDS[kind], name=name),
+            task_credential=self.task_credential))
         if not response.allowed and raise_on_denial:
             raise EgressDenied(response.refusal_reason, response.transfer_id)
         return response
