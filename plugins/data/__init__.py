@@ -17,6 +17,7 @@ import logging
 from planes.kernel.contracts.data import DataPlane
 from planes.kernel.contracts.evidence import EvidencePlane
 from planes.kernel.plugin import Plugin, Provision
+from planes.kernel.tokens import key_id, load_public_key
 
 __all__ = ["DataPlugin"]
 
@@ -54,7 +55,13 @@ class DataPlugin(Plugin):
         evidence = kernel.client(EvidencePlane, kernel.service_identity("data"))
         writer = EvidenceWriter(evidence, kernel.state_dir / "data" / "evidence-spool",
                                 required=REQUIRED_EVIDENCE.__contains__)
-        self.plane = Data(self.store, settings, writer.record)
+        # Task credentials are signed by execution hosts: this kernel's key, and
+        # the keys of remote hosts named in [plugin.data] credential_keys.
+        keys = {kernel.signing_key.kid: kernel.signing_key.public_key}
+        for path in settings.credential_keys:
+            public = load_public_key(kernel.state_dir / path)
+            keys[key_id(public)] = public
+        self.plane = Data(self.store, settings, writer.record, credential_keys=keys)
         self._sweeper: asyncio.Task | None = None
 
     def implementation(self, provision: Provision):

@@ -12,6 +12,7 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     default_ttl_seconds = 604800        # 0: payloads never expire
     durable = true                      # fsync each payload before acknowledging it
     master_key_file = "keys/data-master.key"
+    credential_keys = []                # PEM public keys of remote execution hosts
 
     [plugin.data.classification_max_bytes]   # per classification
     restricted = 268435456
@@ -125,6 +126,7 @@ class DataSettings:
     default_ttl_seconds: float = 7 * 86400.0
     durable: bool = True
     master_key_file: str = "keys/data-master.key"
+    credential_keys: tuple[str, ...] = ()
     classification_max_bytes: Mapping[int, int] = field(default_factory=dict)
     tenant_max_payload_bytes: Mapping[str, int] = field(default_factory=dict)
     tenant_quota_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -134,7 +136,7 @@ class DataSettings:
     def from_mapping(cls, settings: Mapping[str, Any]) -> DataSettings:
         known = {"max_chunk_bytes", "max_chunks", "max_payload_bytes", "get_chunk_bytes", "quota_bytes",
                  "stream_inflight_bytes", "tenant_inflight_bytes", "default_ttl_seconds", "durable",
-                 "master_key_file", "classification_max_bytes", "tenant_max_payload_bytes",
+                 "master_key_file", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
                  "tenant_quota_bytes", "egress"}
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -158,6 +160,7 @@ class DataSettings:
             default_ttl_seconds=float(ttl),
             durable=bool(settings.get("durable", True)),
             master_key_file=str(settings.get("master_key_file", cls.master_key_file)),
+            credential_keys=tuple(str(p) for p in settings.get("credential_keys", ())),
             classification_max_bytes={CLASSIFICATIONS[k]: v for k, v in per_class.items()},
             tenant_max_payload_bytes=_sizes(settings, "tenant_max_payload_bytes"),
             tenant_quota_bytes=_sizes(settings, "tenant_quota_bytes"),

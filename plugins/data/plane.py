@@ -146,8 +146,11 @@ class Data(DataPlane):
     wire_requests = frozenset({"put_payload"})
 
     def __init__(self, store: PayloadStore, settings: DataSettings, record: Callable, *,
-                 clock: Callable[[], int] = time.time_ns):
+                 clock: Callable[[], int] = time.time_ns, credential_keys: dict | None = None):
+        """``credential_keys``: key id -> Ed25519 public key of the execution hosts whose task
+        credentials workers present (see :meth:`_worker_scope`)."""
         self.store = store
+        self.credential_keys = dict(credential_keys or {})
         self.settings = settings
         self._record_events = record
         self.clock = clock
@@ -170,6 +173,27 @@ class Data(DataPlane):
         for name, value in fields.items():
             event.fields.add(name=name, string_value=str(value), classification=common_pb2.CLASSIFICATION_INTERNAL)
         await self._record_events(tenant, [event])
+
+    def _worker_scope(self, call: CallContext, tenant: str, credential: str, payload_id: str | None = None,
+                      *, trusted: frozenset[str] = frozenset({"service"})) -> None:
+        """A caller acting only as a worker must show its attempt's task credential.
+
+        The credential (signed by the execution host that leased the task)
+        must be for ``tenant`` and, for a read, list ``payload_id``: a worker
+        reaches the payloads of the task it runs, nothing else, and nothing
+        once its lease has expired.
+        """
+        roles = call.identity.roles
+        if not roles.isdisjoint(trusted) or "worker" not in roles:
+            return
+        if not credential:
+            raise errors.PermissionDenied("a worker reaches payloads only with its task credential (from its lease)")
+        from planes.plugins.execution.credentials import verify_credential
+
+        scope = verify_credential(credential, self.credential_keys, payload_id=payload_id,
+                                  now=self.clock() / 1e9)
+        if scope.tenant != tenant:
+            raise errors.PermissionDenied(f"task credential of {scope.task_id} is for another tenant")
 
     # -- put ---------------------------------------------------------------------
 
@@ -209,6 +233,7 @@ class Data(DataPlane):
         if not call.identity.may_act_for(header.tenant):
             raise errors.PermissionDenied(f"{call.identity.principal} may not store payloads for tenant "
                                           f"{header.tenant}")
+        self._worker_scope(call, header.tenant, header.task_credential)
         if header.classification not in (1, 2, 3, 4):
             raise errors.InvalidArgument("the payload header needs a classification: public, internal, "
                                          "confidential or restricted")
@@ -376,6 +401,7 @@ class Data(DataPlane):
         return record
 
     async def get_payload(self, request: pb.GetPayloadRequest, call: CallContext):
+        self._worker_scope(call, request.tenant, request.task_credential, request.payload_id)
         record = self._readable(request.tenant, request.payload_id)
         if request.HasField("max_age") and request.max_age.ToNanoseconds() > 0:
             age = self.clock() - record.created_ns
@@ -429,6 +455,8 @@ class Data(DataPlane):
             yield Encoded(codec.encode_chunk(carry, offset, digest=digests))
 
     async def stat_payload(self, request: pb.StatPayloadRequest, call: CallContext) -> pb.StatPayloadResponse:
+        self._worker_scope(call, request.tenant, request.task_credential, request.payload_id,
+                           trusted=frozenset({"service", "operator"}))
         return pb.StatPayloadResponse(payload=self._find(request.tenant, request.payload_id).info)
 
     async def delete_payload(self, request: pb.DeletePayloadRequest, call: CallContext) -> pb.DeletePayloadResponse:
@@ -461,6 +489,7 @@ class Data(DataPlane):
 
     async def transfer_payload(self, request: pb.TransferPayloadRequest,
                                call: CallContext) -> pb.TransferPayloadResponse:
+        self._worker_scope(call, request.tenant, request.task_credential, request.payload_id)
         kind = DESTINATION_KINDS.get(request.destination.kind)
         if kind is None or not request.destination.name:
             raise errors.InvalidArgument("a transfer needs a destination: a tool, model route or sink, by name")

@@ -210,3 +210,57 @@ def test_malformed_streams_are_refused_and_leave_nothing(serve, case, expected):
         return (await put_raw(client, *whole(data, 30))).payload
 
     assert serve(scenario).ref.size == 100
+
+
+def test_workers_reach_only_the_payloads_of_their_task_attempt(serve):
+    """A worker token alone reads nothing; its lease's credential opens its task's payloads, until it expires."""
+    import time
+
+    from planes.plugins.execution.credentials import issue_credential
+
+    async def scenario(served):
+        service = served.data()
+        mine = await service.put(b"the task's input", classification="internal")
+        other = await service.put(b"someone else's", classification="internal")
+        key = served.kernel.signing_key
+
+        def worker(**claims):
+            scope = dict(tenant="acme", task_id="t-1", attempt_epoch=1, payload_ids=[mine.ref.payload_id],
+                         expires_at=time.time() + 60)
+            scope.update(claims)
+            token = issue_credential(key, **scope).token
+            return served.data(roles=("worker",), task_credential=token)
+
+        outcomes = {}
+        for name, client, payload in [
+            ("no credential", served.data(roles=("worker",)), mine),
+            ("own payload", worker(), mine),
+            ("other payload", worker(), other),
+            ("expired", worker(expires_at=time.time() - 1), mine),
+            ("other tenant's credential", worker(tenant="globex"), mine),
+            ("forged", served.data(roles=("worker",), task_credential=worker().task_credential[:-4] + "AAAA"),
+             mine),
+        ]:
+            try:
+                outcomes[name] = await client.get_bytes(payload.ref.payload_id)
+            except errors.PlanesError as exc:
+                outcomes[name] = type(exc).__name__
+        written = await worker(payload_ids=[]).put(b"the task's output", classification="internal")
+        try:
+            await served.data(roles=("worker",)).put(b"x", classification="internal")
+            outcomes["put without credential"] = "stored"
+        except errors.PlanesError as exc:
+            outcomes["put without credential"] = type(exc).__name__
+        return outcomes, written
+
+    outcomes, written = serve(scenario)
+    assert outcomes == {
+        "no credential": "PermissionDenied",
+        "own payload": b"the task's input",
+        "other payload": "PermissionDenied",
+        "expired": "Unauthenticated",
+        "other tenant's credential": "PermissionDenied",
+        "forged": "Unauthenticated",
+        "put without credential": "PermissionDenied",
+    }
+    assert written.ref.size == len(b"the task's output")
