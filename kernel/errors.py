@@ -107,6 +107,16 @@ class Unavailable(PlanesError):
         return cls(message, retry_after=details.get("retry_after"), metadata=metadata)
 
 
+class EvidenceUnavailable(Unavailable):
+    """Evidence-required work refused because the evidence plane cannot record it.
+
+    A kernel error rather than the evidence plugin's, so that every caller,
+    local or remote, gets this class back whichever planes it has installed.
+    """
+
+    reason = "EVIDENCE_UNAVAILABLE"
+
+
 class DeadlineExceeded(PlanesError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
@@ -230,7 +240,7 @@ def _register(*classes: type[PlanesError]) -> None:
 _register(
     InvalidArgument, NotFound, AlreadyExists, Conflict, FailedPrecondition, Unauthenticated,
     PermissionDenied, Unavailable, DeadlineExceeded, Cancelled, Unimplemented, Internal,
-    LimitExceeded, VersionMismatch, PluginError, SettingsError,
+    LimitExceeded, VersionMismatch, PluginError, SettingsError, EvidenceUnavailable,
 )
 # A plain ABORTED from a foreign server is a conflict; RESOURCE_EXHAUSTED without
 # our details is still a limit.

@@ -31,17 +31,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.kernel.errors import Cancelled, DeadlineExceeded, Internal, Unavailable
+from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailable, Internal, Unavailable
+
+__all__ = ["EvidenceUnavailable", "EvidenceWriter", "Gap", "Spool", "SpoolCorrupted"]
 from planes.kernel.secrets import read_secret, write_secret
 
 _RECORD = struct.Struct(">I12s")  # ciphertext length, nonce
 GENESIS = bytes(32)
-
-
-class EvidenceUnavailable(Unavailable):
-    """Evidence-required work refused because the evidence plane cannot record it."""
-
-    reason = "EVIDENCE_UNAVAILABLE"
 
 
 class SpoolCorrupted(Internal):

@@ -23,6 +23,7 @@ CASES = [
     errors.Internal("internal error; correlation id c"),
     errors.LimitExceeded("tenant_bytes", 100, 250, retry_after=3.0),
     errors.VersionMismatch("control", "2.0", "1.3"),
+    errors.EvidenceUnavailable("evidence-required event task.admitted cannot be recorded"),
 ]
 
 
