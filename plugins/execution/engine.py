@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.execution.v1 import execution_service_pb2 as pb
 from planes.kernel.call import CallContext
@@ -431,7 +430,8 @@ class ExecutionEngine:
             work = self._work
             config = self.config().config
             leases = await self.committer.run(
-                lambda tx: self._lease(tx, tenant, request.worker_id, name, count, request.config.revision, config))
+                lambda tx, config=config: self._lease(tx, tenant, request.worker_id, name, count,
+                                                      request.config.revision, config))
             remaining = until - loop.time()
             if leases or remaining <= 0:
                 return pb.LeaseTasksResponse(leases=leases)

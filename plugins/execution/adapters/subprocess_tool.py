@@ -28,8 +28,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
-from planes.kernel.errors import DeadlineExceeded, InvalidArgument, PlanesError
+from planes.kernel.errors import DeadlineExceeded, InvalidArgument, LimitExceeded, PlanesError
 
 from ..tools import ToolAdapter, ToolCall, ToolContext, ToolDescription, ToolResult
 
@@ -78,13 +79,43 @@ def _limited(argv: list[str], memory_mb: int, cpu_seconds: int, file_bytes: int)
     return [sys.executable, "-S", "-c", _LAUNCHER, str(memory_mb << 20), str(cpu_seconds), str(file_bytes), *argv]
 
 
-def _exchange(process: subprocess.Popen, stdin: bytes) -> tuple[bytes, bytes]:
-    """Feed standard input and collect both outputs (on a thread); a command
-    that exits without reading its input is not an error of ours."""
-    try:
-        return process.communicate(stdin)
-    except BrokenPipeError:
-        return process.communicate()
+def _exchange(process: subprocess.Popen, stdin: bytes, limit: int) -> tuple[bytes, int]:
+    """Feed standard input, keep at most ``limit + 1`` bytes of standard output and count standard error.
+
+    Runs on a thread. A command that writes more than ``limit`` is stopped
+    there (its process group killed): its output is never held in full, and
+    the caller sees ``limit + 1`` bytes and refuses it. A command that exits
+    without reading its input is not an error of ours.
+    """
+    def feed() -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            process.stdin.write(stdin)
+        with contextlib.suppress(BrokenPipeError, OSError):
+            process.stdin.close()
+
+    errors_seen = [0]
+
+    def count_stderr() -> None:
+        # Counted, never kept: stderr may echo inputs.
+        while chunk := process.stderr.read(65536):
+            errors_seen[0] += len(chunk)
+
+    helpers = [threading.Thread(target=feed, daemon=True), threading.Thread(target=count_stderr, daemon=True)]
+    for helper in helpers:
+        helper.start()
+    out = bytearray()
+    while len(out) <= limit:
+        chunk = process.stdout.read1(min(65536, limit + 1 - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    if len(out) > limit:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for helper in helpers:
+        helper.join()
+    return bytes(out), errors_seen[0]
 
 
 class SubprocessAdapter(ToolAdapter):
@@ -135,9 +166,9 @@ class SubprocessAdapter(ToolAdapter):
                 subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=workdir, env=env, start_new_session=True)
             stdin = json.dumps(call.arguments).encode()
-            exchange = asyncio.ensure_future(asyncio.to_thread(_exchange, process, stdin))
+            exchange = asyncio.ensure_future(asyncio.to_thread(_exchange, process, stdin, limit))
             try:
-                stdout, stderr = await asyncio.wait_for(asyncio.shield(exchange), context.remaining())
+                stdout, stderr_bytes = await asyncio.wait_for(asyncio.shield(exchange), context.remaining())
             except TimeoutError:
                 raise DeadlineExceeded(f"tool {call.tool} ran past its timeout") from None
             finally:
@@ -150,11 +181,15 @@ class SubprocessAdapter(ToolAdapter):
                 # the working directory is removed after the process.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(exchange)
+        if len(stdout) > limit:
+            raise LimitExceeded("tool output bytes", limit, len(stdout),
+                                message=f"tool {call.tool} wrote more than its max_output_bytes ({limit}) to "
+                                        "stdout; it was stopped")
         if process.returncode != 0:
             # stderr may echo inputs: only its size is reported.
             raise ToolFailed(f"tool {call.tool} exited with status {process.returncode} "
-                             f"({len(stderr)} bytes on stderr)")
-        text = stdout[:limit].decode(errors="replace")
+                             f"({stderr_bytes} bytes on stderr)")
+        text = stdout.decode(errors="replace")
         try:
             output = json.loads(text)
             if not isinstance(output, dict):

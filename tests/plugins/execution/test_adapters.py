@@ -102,6 +102,22 @@ def test_a_failing_or_slow_command_is_a_typed_error_and_is_killed(run):
         adapter.describe(_call("subprocess", {"command": "sleep 1"}).contract)
 
 
+def test_output_past_its_limit_stops_the_command_and_is_refused(run):
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+
+    def call(size):
+        return _call("subprocess", {"command": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x"],
+                                    "max_output_bytes": 1000})
+
+    at_limit = run(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", "head -c 1000 /dev/zero | tr '\\0' x"],
+                                                        "max_output_bytes": 1000}), _context()))
+    with pytest.raises(errors.LimitExceeded) as refused:
+        run(adapter.invoke(call(10_000_000), _context(timeout=60)))
+    assert at_limit.output == {"stdout": "x" * 1000}
+    # 1,001 bytes read of ten million written: the output is never held in full.
+    assert (refused.value.limit, refused.value.actual) == (1000, 1001)
+
+
 # -- http ------------------------------------------------------------------------------------
 
 class _Recorder(BaseHTTPRequestHandler):
