@@ -56,13 +56,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from planes.kernel.cli import client_address, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contract import ContractVersion
-    from planes.kernel.contracts import ControlPlane, WorkerPlane
+    from planes.kernel.contracts import ControlPlane, DataPlane, WorkerPlane
     from planes.kernel.runtime import run
     from planes.kernel.settings import load_settings
     from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
 
     from . import CONTROL_PUBLIC_KEY, control_keys
-    from .worker import Worker, load_adapters
+    from .worker import DataPlaneIO, Worker, load_adapters
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,8 +81,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                              served={"execution": ContractVersion(1, 0)})
         client = connect(address, WorkerPlane, token=token)
         control = connect(address, ControlPlane, token=token)
+        data = DataPlaneIO(connect(address, DataPlane, token=token))
         worker = Worker(client, cache=cache, name=worker_name, tenant=args.tenant, slots=args.slots,
-                        adapters=tools, models=models,
+                        adapters=tools, models=models, data_reader=data.read, data_writer=data.write,
                         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
                         batch_completions=not args.no_batch)
         subscriber = SnapshotSubscriber(control, cache, f"worker:{worker_name}",
@@ -103,6 +104,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 await adapter.close()
             await client.close()
             await control.close()
+            await data.client.close()
         print(f"worker {worker_name} stopped after {worker.completed} tasks", flush=True)
 
     run(main())
