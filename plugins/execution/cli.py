@@ -27,6 +27,13 @@ def add_commands(commands) -> None:
     worker.add_argument("--no-batch", action="store_true", help="complete each task with its own call")
     worker.set_defaults(handler=cmd_worker)
 
+    demo = commands.add_parser("demo", help="run one governed task end to end on a kernel of its own")
+    demo.add_argument("--state-dir", help="state directory (default: a new temporary directory, kept)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
+    demo.add_argument("--bundle", help="where to write the evidence bundle (default: <state-dir>/demo/<task>.bundle)")
+    demo.add_argument("--output", help="also write the output payload's bytes to this file")
+    demo.set_defaults(handler=cmd_demo)
+
     task = commands.add_parser("task", help="follow, cancel, approve or deny a task")
     actions = task.add_subparsers(dest="task_command", metavar="ACTION")
     for name, help_text in (("get", "show a task"), ("watch", "follow a task's changes until it ends"),
@@ -109,6 +116,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     run(main())
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.state_dir) if args.state_dir else None, timeout=args.timeout,
+                    bundle=Path(args.bundle) if args.bundle else None,
+                    output=Path(args.output) if args.output else None)
 
 
 def cmd_task(args: argparse.Namespace) -> int:
