@@ -27,6 +27,13 @@ def add_commands(commands) -> None:
     worker.add_argument("--no-batch", action="store_true", help="complete each task with its own call")
     worker.set_defaults(handler=cmd_worker)
 
+    demo = commands.add_parser("demo", help="run one governed task end to end on a kernel of its own")
+    demo.add_argument("--state-dir", help="state directory (default: a new temporary directory, kept)")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
+    demo.add_argument("--bundle", help="where to write the evidence bundle (default: <state-dir>/demo/<task>.bundle)")
+    demo.add_argument("--output", help="also write the output payload's bytes to this file")
+    demo.set_defaults(handler=cmd_demo)
+
     task = commands.add_parser("task", help="follow, cancel, approve or deny a task")
     actions = task.add_subparsers(dest="task_command", metavar="ACTION")
     for name, help_text in (("get", "show a task"), ("watch", "follow a task's changes until it ends"),
@@ -56,13 +63,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from planes.kernel.cli import client_address, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contract import ContractVersion
-    from planes.kernel.contracts import ControlPlane, WorkerPlane
+    from planes.kernel.contracts import ControlPlane, DataPlane, WorkerPlane
     from planes.kernel.runtime import run
     from planes.kernel.settings import load_settings
     from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
 
     from . import CONTROL_PUBLIC_KEY, control_keys
-    from .worker import Worker, load_adapters
+    from .worker import DataPlaneIO, Worker, load_adapters
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,8 +88,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                              served={"execution": ContractVersion(1, 0)})
         client = connect(address, WorkerPlane, token=token)
         control = connect(address, ControlPlane, token=token)
+        data = DataPlaneIO(connect(address, DataPlane, token=token))
         worker = Worker(client, cache=cache, name=worker_name, tenant=args.tenant, slots=args.slots,
-                        adapters=tools, models=models,
+                        adapters=tools, models=models, data_reader=data.read, data_writer=data.write,
                         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
                         batch_completions=not args.no_batch)
         subscriber = SnapshotSubscriber(control, cache, f"worker:{worker_name}",
@@ -103,10 +111,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 await adapter.close()
             await client.close()
             await control.close()
+            await data.client.close()
         print(f"worker {worker_name} stopped after {worker.completed} tasks", flush=True)
 
     run(main())
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.state_dir) if args.state_dir else None, timeout=args.timeout,
+                    bundle=Path(args.bundle) if args.bundle else None,
+                    output=Path(args.output) if args.output else None)
 
 
 def cmd_task(args: argparse.Namespace) -> int:

@@ -71,3 +71,23 @@ async def pause(arguments: dict, context) -> dict:
     """Waits at ``marker`` the first time (no side effect): a place to kill a worker."""
     await _pause_once(arguments.get("marker"))
     return {}
+
+
+def render_report(text: bytes) -> bytes:
+    """The demo's output for an input: deterministic, so a test can predict it."""
+    lines = text.decode(errors="replace").splitlines()
+    words = sum(len(line.split()) for line in lines)
+    body = "\n".join(line.upper() for line in lines)
+    return f"REPORT ({len(lines)} lines, {words} words)\n{body}\n".encode()
+
+
+async def publish_report(arguments: dict, context) -> dict:
+    """Reads the payload ``input`` (an id) through the data plane and writes a report payload.
+
+    The demo's approval-gated tool: its effect is a new payload (ids and
+    digests come back, never the bytes).
+    """
+    text = await context.data.read(str(arguments["input"]))
+    ref = await context.data.write(render_report(text), classification="internal",
+                                   name=str(arguments.get("name", "report.txt")), media_type="text/plain")
+    return {"output_payload": ref.payload_id, "bytes": ref.size, "digest": ref.digest.value.hex()}

@@ -81,24 +81,56 @@ class Secrets:
 
 
 class DataAccess:
-    """Payload reads through the data plane, limited to the attempt's credential.
+    """Payload reads and writes through the data plane, under the attempt's credential.
 
-    Until a data plane is reachable from the worker, reads raise
-    :class:`~planes.kernel.errors.Unavailable` (missing data is an error,
-    never invented).
+    ``reader(ref, credential_token) -> bytes`` and ``writer(tenant, data,
+    credential_token, **options) -> PayloadRef`` are the worker's hooks onto a
+    data plane client; both always send the attempt's credential. Reads are
+    limited to the payloads the credential names; what a call writes is kept
+    in :attr:`written` and becomes the call's output references. Without a
+    hook, reads and writes raise :class:`~planes.kernel.errors.Unavailable`
+    (missing data is an error, never invented).
     """
 
-    def __init__(self, credential_token: str, payload_ids: frozenset[str], reader=None):
+    def __init__(self, credential_token: str, payload_ids: frozenset[str], reader=None, *, writer=None,
+                 tenant: str = "", correlation: common_pb2.Correlation | None = None,
+                 refs: tuple[common_pb2.PayloadRef, ...] = ()):
         self.credential_token = credential_token
         self.payload_ids = payload_ids
+        self.tenant = tenant
+        self.correlation = correlation
+        self.written: list[common_pb2.PayloadRef] = []
+        #: The task's own references by id: a read by id alone still checks the digest submitted with it.
+        self.refs = {ref.payload_id: ref for ref in refs}
         self._reader = reader
+        self._writer = writer
 
-    async def read(self, ref: common_pb2.PayloadRef) -> bytes:
+    async def read(self, ref: common_pb2.PayloadRef | str) -> bytes:
+        """The bytes of a payload (a reference, or the id of one of the task's references)."""
+        if isinstance(ref, str):
+            ref = self.refs.get(ref) or common_pb2.PayloadRef(payload_id=ref)
         if ref.payload_id not in self.payload_ids:
             raise PermissionDenied(f"payload {ref.payload_id!r} is outside this task's credential")
         if self._reader is None:
             raise Unavailable("no data plane is reachable from this worker")
+        if not ref.tenant and self.tenant:
+            filled = common_pb2.PayloadRef()
+            filled.CopyFrom(ref)
+            filled.tenant = self.tenant
+            ref = filled
         return await self._reader(ref, self.credential_token)
+
+    async def write(self, data: bytes, *, classification: str = "internal", name: str = "",
+                    media_type: str = "") -> common_pb2.PayloadRef:
+        """Store ``data`` as a new payload of the task's tenant, correlated with the task; returns its reference."""
+        if self._writer is None:
+            raise Unavailable("no data plane is reachable from this worker")
+        if not self.credential_token:
+            raise PermissionDenied("this attempt holds no task credential to write with")
+        ref = await self._writer(self.tenant, data, self.credential_token, classification=classification,
+                                 name=name, media_type=media_type, correlation=self.correlation)
+        self.written.append(ref)
+        return ref
 
 
 @dataclass

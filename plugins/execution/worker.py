@@ -84,6 +84,8 @@ class Attempt:
     runner: asyncio.Task | None = None
     calls: list[pb.CallRecord] = field(default_factory=list)
     usage: pb.Usage = field(default_factory=pb.Usage)
+    #: Payloads the attempt's tool calls wrote: the task result's outputs.
+    outputs: list[common_pb2.PayloadRef] = field(default_factory=list)
 
     @property
     def task(self) -> pb.Task:
@@ -110,7 +112,7 @@ class Worker:
     def __init__(self, client, *, cache, name: str | None = None, tenant: str = "*", slots: int = 4,
                  adapters: dict[str, ToolAdapter] | None = None, models: dict[str, ModelAdapter] | None = None,
                  secrets_dir: Path | None = None, batch_completions: bool = True, data_reader=None,
-                 config_wait: float = 0.5):
+                 data_writer=None, config_wait: float = 0.5):
         self.client = client
         self.cache = cache
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -120,7 +122,10 @@ class Worker:
         self.models = dict(models or {})
         self.secrets_dir = secrets_dir
         self.batch_completions = batch_completions
+        #: ``data_reader(ref, credential) -> bytes`` and ``data_writer(tenant, data, credential, **options)
+        #: -> PayloadRef``: the data plane as tools and models see it (see :class:`DataPlaneIO`).
         self.data_reader = data_reader
+        self.data_writer = data_writer
         self.config_wait = config_wait
         self.worker_id = ""
         self.heartbeat_interval = 10.0
@@ -239,7 +244,7 @@ class Worker:
                     outputs[action.action_id] = await self._model(attempt, action)
             summary = struct_pb2.Struct()
             summary.update({"actions": outputs})
-            result = pb.TaskResult(summary=summary, usage=attempt.usage)
+            result = pb.TaskResult(summary=summary, usage=attempt.usage, outputs=attempt.outputs)
             await self._complete(attempt, result)
         except (_LeaseLost, _AwaitApproval):
             pass  # the lease is gone: commit nothing more
@@ -345,7 +350,9 @@ class Worker:
         return ToolContext(tenant=task.tenant, task_id=task.task_id, attempt_epoch=attempt.epoch,
                            correlation=task.spec.correlation,
                            secrets=self._secrets(contract.credential_ref if contract is not None else ""),
-                           data=DataAccess(credential.token, frozenset(credential.payload_ids), self.data_reader),
+                           data=DataAccess(credential.token, frozenset(credential.payload_ids), self.data_reader,
+                                           writer=self.data_writer, tenant=task.tenant,
+                                           correlation=task.spec.correlation, refs=_task_refs(task)),
                            cancelled=attempt.cancel, deadline=deadline, egress_allowed=egress_allowed,
                            idempotency_key=key)
 
@@ -358,6 +365,12 @@ class Worker:
             started = time.monotonic()
             try:
                 result = await _race(adapter.invoke(call, context), attempt.cancel, context.deadline)
+                # What the call wrote through the data plane is its output, whichever adapter ran it.
+                known = {ref.payload_id for ref in result.outputs}
+                result.outputs.extend(ref for ref in context.data.written if ref.payload_id not in known)
+                if result.outputs:
+                    context.notes["outputs"] = ",".join(ref.payload_id for ref in result.outputs)
+                attempt.outputs.extend(result.outputs)
                 return result, context, time.monotonic() - started
             except RETRYABLE:
                 if tries >= retries or attempt.cancel.is_set():
@@ -407,6 +420,7 @@ class Worker:
         decision = reply.decision
         if decision == pb.EFFECT_DECISION_SETTLED:
             if reply.effect.state == pb.EFFECT_STATE_COMMITTED:
+                attempt.outputs.extend(reply.effect.outputs)  # written by an earlier attempt
                 return {"settled": True, "result_digest": reply.effect.result_digest.value.hex()}
             raise TaskProblem("tool.failed", f"effect {call.idempotency_key} settled as "
                                              f"{pb.EffectState.Name(reply.effect.state)}")
@@ -437,7 +451,7 @@ class Worker:
             await self._settle_interrupted(attempt, adapter, call, exc)
             raise
         notes.update(context.notes)
-        await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, result.output, notes)
+        await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, result.output, notes, outputs=result.outputs)
         self._record(attempt, action.action_id, "tool", contract.name, contract.adapter, "ok", seconds, notes,
                      result.output)
         return result.output
@@ -461,9 +475,9 @@ class Worker:
             log.warning("could not record the outcome of %s: %s", call.idempotency_key, failure.message)
 
     async def _outcome(self, attempt: Attempt, call: ToolCall, state: int, output: dict | None,
-                       notes: dict[str, str], *, error: str = "") -> None:
+                       notes: dict[str, str], *, error: str = "", outputs=()) -> None:
         request = pb.RecordEffectOutcomeRequest(**self._request_base(attempt), idempotency_key=call.idempotency_key,
-                                                state=state, error=error[:300], notes=notes)
+                                                state=state, error=error[:300], notes=notes, outputs=outputs)
         if output is not None:
             request.result_digest.CopyFrom(_digest(output))
         await self.client.record_effect_outcome(request, timeout=10)
@@ -508,6 +522,45 @@ class Worker:
             attempt.usage.tokens += reply.prompt_tokens + reply.completion_tokens
             return output
         raise TaskProblem("model.unavailable", last.message if last else "no model route answered", retry=True)
+
+
+def _task_refs(task: pb.Task) -> tuple[common_pb2.PayloadRef, ...]:
+    refs = list(task.spec.inputs)
+    for action in task.spec.actions:
+        target = action.WhichOneof("target")
+        if target:
+            refs += getattr(action, target).inputs
+    return tuple(refs)
+
+
+class DataPlaneIO:
+    """A worker's reader and writer over a data plane client (the ``data_reader``/``data_writer`` hooks).
+
+    Every request carries the attempt's task credential: a caller acting only
+    as a worker is refused without one (to read, it must cover the payload).
+    A read names the digest the reference holds and checks the bytes against
+    it, so a changed payload is an error, not silently different input.
+    """
+
+    def __init__(self, client):
+        self.client = client
+
+    def _data(self, tenant: str, credential: str):
+        from planes.plugins.data.client import DataClient  # the data plane's client library, not its plugin
+
+        return DataClient(self.client, tenant, task_credential=credential)
+
+    async def read(self, ref: common_pb2.PayloadRef, credential: str) -> bytes:
+        expected = ref.digest if ref.digest.value else None
+        return await self._data(ref.tenant, credential).get_bytes(ref.payload_id, expected_digest=expected,
+                                                                  verify=True, timeout=60)
+
+    async def write(self, tenant: str, data: bytes, credential: str, *, classification: str = "internal",
+                    name: str = "", media_type: str = "",
+                    correlation: common_pb2.Correlation | None = None) -> common_pb2.PayloadRef:
+        info = await self._data(tenant, credential).put(data, classification=classification, name=name,
+                                                        media_type=media_type, correlation=correlation, timeout=60)
+        return info.ref
 
 
 async def _race(coroutine, cancel: asyncio.Event, deadline: float):
