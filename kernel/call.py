@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import random
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from .identity import Identity
@@ -145,6 +147,25 @@ def current_call() -> CallContext | None:
 
 def _set_current(call: CallContext | None) -> contextvars.Token:
     return _current.set(call)
+
+
+@contextlib.contextmanager
+def acting_for(identity: Identity, correlation_id: str, *, request_id: str = "",
+               trace_id: str = "") -> Iterator[CallContext]:
+    """Make the calls of this block part of a correlation, as if serving a call of it.
+
+    For code that works for a request outside a served call (a worker running
+    a task): every plane call made in the block carries ``correlation_id``
+    (and a child span of ``trace_id`` when given), so what the planes record
+    joins the request's evidence.
+    """
+    parsed = TraceContext.parse(f"00-{trace_id}-{new_span_id()}-01") if trace_id else None
+    trace = parsed if parsed is not None else None
+    token = _set_current(CallContext(identity, correlation_id, trace, request_id))
+    try:
+        yield current_call()
+    finally:
+        _reset_current(token)
 
 
 def _reset_current(token: contextvars.Token) -> None:

@@ -94,8 +94,11 @@ class DataAccess:
 
     def __init__(self, credential_token: str, payload_ids: frozenset[str], reader=None, *, writer=None,
                  tenant: str = "", correlation: common_pb2.Correlation | None = None,
-                 refs: tuple[common_pb2.PayloadRef, ...] = ()):
+                 refs: tuple[common_pb2.PayloadRef, ...] = (), destination: str = ""):
         self.credential_token = credential_token
+        #: Where what is read goes (``tool:NAME`` or ``model_route:NAME``): the
+        #: data plane's egress rules decide, and record, before any byte is read.
+        self.destination = destination
         self.payload_ids = payload_ids
         self.tenant = tenant
         self.correlation = correlation
@@ -118,7 +121,8 @@ class DataAccess:
             filled.CopyFrom(ref)
             filled.tenant = self.tenant
             ref = filled
-        return await self._reader(ref, self.credential_token)
+        return await self._reader(ref, self.credential_token, destination=self.destination,
+                                  correlation=self.correlation)
 
     async def write(self, data: bytes, *, classification: str = "internal", name: str = "",
                     media_type: str = "") -> common_pb2.PayloadRef:

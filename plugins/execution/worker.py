@@ -34,6 +34,8 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from planes.common.v1 import common_pb2
 from planes.execution.v1 import execution_service_pb2 as pb
+from planes.kernel.call import acting_for
+from planes.kernel.identity import Identity
 from planes.kernel.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -328,7 +330,8 @@ class Worker:
             return path.read_bytes()
         return Secrets(resolve, ref)
 
-    def _context(self, attempt: Attempt, contract, key: str, timeout: float) -> ToolContext:
+    def _context(self, attempt: Attempt, contract, key: str, timeout: float, *,
+                 destination: str = "") -> ToolContext:
         task = attempt.task
         deadline = time.monotonic() + timeout
         if task.spec.HasField("deadline"):
@@ -352,7 +355,9 @@ class Worker:
                            secrets=self._secrets(contract.credential_ref if contract is not None else ""),
                            data=DataAccess(credential.token, frozenset(credential.payload_ids), self.data_reader,
                                            writer=self.data_writer, tenant=task.tenant,
-                                           correlation=task.spec.correlation, refs=_task_refs(task)),
+                                           correlation=task.spec.correlation, refs=_task_refs(task),
+                                           destination=destination or (f"tool:{contract.name}" if contract
+                                                                       is not None else "")),
                            cancelled=attempt.cancel, deadline=deadline, egress_allowed=egress_allowed,
                            idempotency_key=key)
 
@@ -490,7 +495,7 @@ class Worker:
         messages = parameters.pop("messages", None) or [{"role": "user", "content": str(parameters.pop("prompt", ""))}]
         refs = list(task.spec.inputs) + list(action.model.inputs)
         rank = max((class_rank(ref.classification) for ref in refs), default=0)
-        context = self._context(attempt, None, "", 60.0)
+        context = self._context(attempt, None, "", 60.0, destination=f"model_route:{action.model.route}")
         for ref in action.model.inputs:
             content = await context.data.read(ref)
             messages.append({"role": "user", "content": content.decode(errors="replace")})
@@ -533,6 +538,13 @@ def _task_refs(task: pb.Task) -> tuple[common_pb2.PayloadRef, ...]:
     return tuple(refs)
 
 
+def _correlated(tenant: str, correlation: common_pb2.Correlation | None):
+    if correlation is None or not correlation.correlation_id:
+        return contextlib.nullcontext()
+    return acting_for(Identity("worker", tenant, frozenset({"worker"})), correlation.correlation_id,
+                      request_id=correlation.request_id, trace_id=correlation.trace_id)
+
+
 class DataPlaneIO:
     """A worker's reader and writer over a data plane client (the ``data_reader``/``data_writer`` hooks).
 
@@ -550,16 +562,28 @@ class DataPlaneIO:
 
         return DataClient(self.client, tenant, task_credential=credential)
 
-    async def read(self, ref: common_pb2.PayloadRef, credential: str) -> bytes:
-        expected = ref.digest if ref.digest.value else None
-        return await self._data(ref.tenant, credential).get_bytes(ref.payload_id, expected_digest=expected,
-                                                                  verify=True, timeout=60)
+    async def read(self, ref: common_pb2.PayloadRef, credential: str, *, destination: str = "",
+                   correlation: common_pb2.Correlation | None = None) -> bytes:
+        """The payload's bytes; with ``destination``, only once the data plane's egress rules allow it there.
+
+        The calls carry the task's ``correlation``, so the data plane's records
+        (the egress decision above all) join the task's evidence.
+        """
+        data = self._data(ref.tenant, credential)
+        with _correlated(ref.tenant, correlation):
+            if destination:
+                # Refused (EgressDenied) or allowed, the decision is recorded by the data plane.
+                await data.transfer(ref.payload_id, destination)
+            expected = ref.digest if ref.digest.value else None
+            return await data.get_bytes(ref.payload_id, expected_digest=expected, verify=True, timeout=60)
 
     async def write(self, tenant: str, data: bytes, credential: str, *, classification: str = "internal",
                     name: str = "", media_type: str = "",
                     correlation: common_pb2.Correlation | None = None) -> common_pb2.PayloadRef:
-        info = await self._data(tenant, credential).put(data, classification=classification, name=name,
-                                                        media_type=media_type, correlation=correlation, timeout=60)
+        with _correlated(tenant, correlation):
+            info = await self._data(tenant, credential).put(data, classification=classification, name=name,
+                                                            media_type=media_type, correlation=correlation,
+                                                            timeout=60)
         return info.ref
 
 

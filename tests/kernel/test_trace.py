@@ -107,3 +107,24 @@ def test_trace_context_header_round_trip():
     assert TraceContext.parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra") is None
     # A future version may append fields; they are ignored, as the spec asks.
     assert TraceContext.parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra") is not None
+
+
+def test_calls_made_while_acting_for_a_request_carry_its_correlation(run, tmp_path):
+    from planes.kernel.call import acting_for
+    from planes.kernel.contracts.diagnostics import pb as dpb
+    from planes.kernel.identity import Identity
+    from tests.conftest import running_kernel
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            client = k.client(k.token())
+            with acting_for(Identity("worker", "acme", frozenset()), "task-corr-1", request_id="req-9", trace_id=trace):
+                inside = await client.who_am_i(dpb.WhoAmIRequest(), timeout=5)
+            outside = await client.who_am_i(dpb.WhoAmIRequest(), timeout=5)
+            return inside.correlation, outside.correlation
+
+    inside, outside = run(scenario())
+    assert (inside.correlation_id, inside.request_id, inside.trace_id) == ("task-corr-1", "req-9", trace)
+    assert outside.correlation_id not in ("", "task-corr-1")

@@ -54,8 +54,12 @@ def test_demo_runs_a_governed_task_end_to_end(tmp_path):
     # The evidence names every governed step, and an auditor's own verify accepts the bundle.
     events = re.search(r"^      events: (.*)$", out, re.MULTILINE).group(1).split(", ")
     for kind in ("request.admitted", "policy.decided", "approval.requested", "approval.granted",
-                 "effect.intent", "effect.committed", "model.called", "tool.invoked", "task.completed"):
+                 "effect.intent", "effect.committed", "model.called", "tool.invoked", "task.completed",
+                 "data.stored"):
         assert kind in events
+    # The data plane decided (and recorded, in the task's correlation) each hand-over of the
+    # input: to the model route, then to the tool.
+    assert events.count("data.transferred") == 2
     bundle = done.group(5)
     assert os.path.exists(bundle) and str(state) in bundle
     verified = _planes("evidence", "verify", bundle, "--public-key", str(state / "keys/evidence-signing.pub.pem"))
