@@ -156,7 +156,7 @@ class _Session:
         self.dir = state / "demo"
         self.dir.mkdir(exist_ok=True, mode=0o700)
         self.worker_log = self.dir / "worker.log"
-        self.worker: asyncio.subprocess.Process | None = None
+        self.worker: subprocess.Popen | None = None
         self.draining: asyncio.Task | None = None
         self.clients: list = []
 
@@ -174,13 +174,13 @@ class _Session:
         return made
 
     async def close(self) -> None:
-        if self.worker is not None and self.worker.returncode is None:
+        if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
             try:
-                await asyncio.wait_for(self.worker.wait(), 10)
-            except TimeoutError:
+                await asyncio.to_thread(self.worker.wait, 10)
+            except subprocess.TimeoutExpired:
                 self.worker.kill()
-                await self.worker.wait()
+                await asyncio.to_thread(self.worker.wait)
         if self.draining is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.draining, 5)
@@ -266,26 +266,29 @@ class _Session:
         token_file.unlink(missing_ok=True)
         write_secret(token_file, self.token("demo-worker", "*", "worker").encode())
         env = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
-        with open(self.worker_log, "ab") as log:
-            self.worker = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "planes.kernel.cli", "worker", "--address", self.address,
+        argv = [sys.executable, "-m", "planes.kernel.cli", "worker", "--address", self.address,
                 "--token-file", str(token_file), "--state-dir", str(self.state), "--name", "demo-worker",
-                "--tenant", DEMO_TENANT, "--slots", "2",
-                env=env, stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log)
-        line = await self.worker.stdout.readline()
+                "--tenant", DEMO_TENANT, "--slots", "2"]
+        with open(self.worker_log, "ab") as log:
+            # subprocess.Popen (vfork, then exec) on a thread, not the event
+            # loop's fork: a fork of this threaded gRPC process can crash the
+            # child before it execs.
+            self.worker = await asyncio.to_thread(subprocess.Popen, argv, env=env, stdin=subprocess.DEVNULL,
+                                                  stdout=subprocess.PIPE, stderr=log)
+        line = await asyncio.to_thread(self.worker.stdout.readline)
         with open(self.worker_log, "ab") as log:
             log.write(line)
         if not line:
-            await self.worker.wait()
+            await asyncio.to_thread(self.worker.wait)
             raise DemoFailed(f"the worker exited ({self.worker.returncode}) before starting; see {self.worker_log}")
         # Keep draining its few lines so it never blocks on a full pipe.
-        self.draining = asyncio.get_running_loop().create_task(self._drain())
+        self.draining = asyncio.ensure_future(asyncio.to_thread(self._drain))
         self.say("worker", f"'planes worker' subprocess, pid {self.worker.pid}, tenant {DEMO_TENANT}; "
                            f"log {self.worker_log}")
 
-    async def _drain(self) -> None:
+    def _drain(self) -> None:
         with open(self.worker_log, "ab") as log:
-            while self.worker is not None and (line := await self.worker.stdout.readline()):
+            while self.worker is not None and (line := self.worker.stdout.readline()):
                 log.write(line)
                 log.flush()
 
@@ -311,7 +314,7 @@ class _Session:
         intended = {action.action_id: action_digest(action) for action in spec.actions}
         watch = tasks.watch_task(pb.WatchTaskRequest(tenant=DEMO_TENANT, task_id=task_id))
         stream = watch.__aiter__()
-        worker_exit = asyncio.ensure_future(self.worker.wait())
+        worker_exit = asyncio.ensure_future(asyncio.to_thread(self.worker.wait))
         try:
             while True:
                 following = asyncio.ensure_future(stream.__anext__())
@@ -385,10 +388,11 @@ class _Session:
         key = self.state / "keys" / "evidence-signing.pub.pem"
         pinned = ["--public-key", str(key)] if key.exists() else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
-        checker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "planes.kernel.cli", "evidence", "verify", str(path), *pinned, env=env,
-            stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await checker.communicate()
+        # On a thread, with subprocess (vfork, then exec), not the loop's fork: see start_worker.
+        checker = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "planes.kernel.cli", "evidence", "verify", str(path), *pinned],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        out, err = checker.stdout, checker.stderr
         if checker.returncode != 0:
             said = (err or out).decode().strip() or "no output"
             raise DemoFailed(f"'planes evidence verify {path}' refused the bundle (exit {checker.returncode}): "
