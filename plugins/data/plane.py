@@ -268,7 +268,11 @@ class Data(DataPlane):
         kind, header = self._part(first)
         if kind != "header":
             raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
-        self._admit_header(header, call)
+        try:
+            self._admit_header(header, call)
+        except errors.PlanesError:
+            await _settle(stream)
+            raise
         tenant = header.tenant
         payload_id = f"pl_{os.urandom(16).hex()}"
         encrypted = header.classification in ENCRYPTED
@@ -547,6 +551,22 @@ class Data(DataPlane):
         entry = record.quarantine
         await self._retire(record, call, "data.deleted", request.reason or "deleted from quarantine")
         return pb.DeleteQuarantinedResponse(payload=entry)
+
+
+async def _settle(stream, *, messages: int = 4, seconds: float = 0.05) -> None:
+    """Read a few more of a refused stream's messages, briefly, before answering.
+
+    A small put arrives whole at once; refusing it after its header while its
+    chunks are still in flight can reach the producer as a reset stream
+    (INTERNAL) instead of the refusal. Bounded, so a refused producer cannot
+    make the plane read its payload.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            for _ in range(messages):
+                await stream.__anext__()
+    except Exception:  # the end of the stream, the time bound, or a producer gone: all the same here
+        pass
 
 
 def _check_digest(digest: common_pb2.Digest, where: str, *, value_optional: bool = False) -> common_pb2.Digest:
