@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -148,3 +153,35 @@ async def running_kernel(state_dir: Path, *, settings: Settings | None = None,
         for client in running.clients:
             await client.close()
         await server.stop(grace=1)
+
+
+#: The ``planes`` command, as a fresh installation runs it.
+CLI = [sys.executable, "-m", "planes.kernel.cli"]
+
+
+def serve_env(state_dir: Path) -> dict[str, str]:
+    """The environment of a ``planes serve`` on ``state_dir`` and a free loopback port (none of ours leaks in)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("PLANES_")},
+            "PLANES_STATE_DIR": str(state_dir), "PLANES_SERVER__BIND": f"127.0.0.1:{port}"}
+
+
+def start_serve(env: dict[str, str]) -> subprocess.Popen:
+    """A real ``planes serve`` subprocess, once it says it is serving."""
+    server = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if "serving on" in line:
+            return server
+        if not line and server.poll() is not None:
+            break
+    server.kill()
+    pytest.fail("planes serve did not start")
+
+
+def stop_serve(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.communicate(timeout=30)

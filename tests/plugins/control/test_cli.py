@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
-CLI = [sys.executable, "-m", "planes.kernel.cli"]
+from tests.conftest import CLI, serve_env, start_serve, stop_serve
 
 ROUTES = """
 [[resource]]
@@ -45,18 +41,10 @@ resource:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     state = tmp_path_factory.mktemp("control-cli")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PLANES_")},
-           "PLANES_STATE_DIR": str(state), "PLANES_SERVER__BIND": f"127.0.0.1:{port}"}
-    server = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "serving on" not in server.stdout.readline():
-        pass
+    env = serve_env(state)
+    server = start_serve(env)
     yield env, state
-    server.terminate()
-    server.communicate(timeout=30)
+    stop_serve(server)
 
 
 def config(env, *args, stdin=None):

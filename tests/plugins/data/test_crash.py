@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -17,32 +13,16 @@ from planes.kernel.clients import connect
 from planes.kernel.contracts import DataPlane
 from planes.kernel.tokens import SigningKey, issue_token
 from planes.plugins.data.client import DataClient
+from tests.conftest import serve_env, start_serve, stop_serve
 
-CLI = [sys.executable, "-m", "planes.kernel.cli"]
 MiB = 1 << 20
-
-
-def _start(env):
-    server = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
-        if "serving on" in line:
-            return server
-        if not line and server.poll() is not None:
-            break
-    server.kill()
-    pytest.fail("planes serve did not start")
 
 
 @pytest.mark.slow
 def test_kill_during_a_put_keeps_acknowledged_payloads_and_drops_the_partial_one(run, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PLANES_")},
-           "PLANES_STATE_DIR": str(tmp_path), "PLANES_SERVER__BIND": f"127.0.0.1:{port}"}
-    server = _start(env)
+    env = serve_env(tmp_path)
+    port = int(env["PLANES_SERVER__BIND"].rsplit(":", 1)[1])
+    server = start_serve(env)
     key, _ = SigningKey.load_or_create(tmp_path / "keys" / "kernel-signing.pem")
     token = issue_token(key, principal="svc", tenant="acme", roles=["service"], ttl_seconds=600)
     kept_bytes = os.urandom(3 * MiB)
@@ -72,7 +52,7 @@ def test_kill_during_a_put_keeps_acknowledged_payloads_and_drops_the_partial_one
     kept = run(before_kill())
     server.wait(timeout=30)
     incoming_at_kill = os.listdir(tmp_path / "data" / "incoming")
-    server = _start(env)
+    server = start_serve(env)
     try:
         async def after_restart():
             client = connect(f"127.0.0.1:{port}", DataPlane, token=token)
@@ -87,5 +67,4 @@ def test_kill_during_a_put_keeps_acknowledged_payloads_and_drops_the_partial_one
         assert os.listdir(tmp_path / "data" / "incoming") == [], "the partial put is removed at start"
         assert sorted(os.listdir(tmp_path / "data" / "objects")) == [kept.ref.payload_id]
     finally:
-        server.terminate()
-        server.communicate(timeout=30)
+        stop_serve(server)
