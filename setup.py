@@ -56,7 +56,9 @@ def extensions() -> list[Extension]:
                   extra_compile_args=["-O3"], libraries=["crypto"] if source.stem in CRYPTO_USERS else [])
         for source in sources
     ]
-    return cythonize(modules, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+    # native/ on the include path: the modules cimport its shared declarations (sha256_threads.pxd).
+    return cythonize(modules, language_level=3, include_path=[str(ROOT / "native")],
+                     compiler_directives={"boundscheck": False, "wraparound": False})
 
 
 #: Native modules that link OpenSSL's libcrypto (for SHA-256).

@@ -35,6 +35,9 @@ import operator
 
 from planes.native import chain_py as _twin
 
+from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
+                             pthread_join, pthread_t, thread_main)
+
 cdef extern from *:
     """
     /* SHA256_Init/Update/Final are deprecated in OpenSSL 3 yet faster than EVP for small inputs. */
@@ -65,18 +68,6 @@ cdef extern from *:
     static inline int planes_popcount(uint64_t x) { return __builtin_popcountll(x); }
     static inline int planes_log2(uint64_t x) { return 63 - __builtin_clzll(x); }
     """
-    ctypedef struct SHA256_CTX:
-        pass
-    int SHA256_Init(SHA256_CTX *c) nogil
-    int SHA256_Update(SHA256_CTX *c, const void *data, size_t length) nogil
-    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
-
-    ctypedef unsigned long pthread_t
-    ctypedef struct pthread_attr_t:
-        pass
-    ctypedef void *(*thread_main)(void *) noexcept nogil
-    int pthread_create(pthread_t *thread, const pthread_attr_t *attr, thread_main start, void *arg) nogil
-    int pthread_join(pthread_t thread, void **result) nogil
     int sched_yield() nogil
 
     uint64_t planes_load_u64(const uint8_t *p) nogil

@@ -38,25 +38,8 @@ import pyarrow as pa
 
 from planes.native import codec_py as _twin
 
-cdef extern from *:
-    """
-    /* SHA256_Init/Update/Final are deprecated in OpenSSL 3 yet faster than EVP for small inputs. */
-    #define OPENSSL_SUPPRESS_DEPRECATED 1
-    #include <openssl/sha.h>
-    #include <pthread.h>
-    """
-    ctypedef struct SHA256_CTX:
-        pass
-    int SHA256_Init(SHA256_CTX *c) nogil
-    int SHA256_Update(SHA256_CTX *c, const void *data, size_t length) nogil
-    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
-
-    ctypedef unsigned long pthread_t
-    ctypedef struct pthread_attr_t:
-        pass
-    ctypedef void *(*thread_main)(void *) noexcept nogil
-    int pthread_create(pthread_t *thread, const pthread_attr_t *attr, thread_main start, void *arg) nogil
-    int pthread_join(pthread_t thread, void **result) nogil
+from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
+                             pthread_join, pthread_t, thread_main)
 
 __all__ = _twin.__all__
 

@@ -31,6 +31,9 @@ import array as _array
 
 from planes.native import eventbatch_py as _twin
 
+from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
+                             pthread_join, pthread_t, thread_main)
+
 cdef extern from *:
     """
     #define OPENSSL_SUPPRESS_DEPRECATED 1
@@ -73,19 +76,8 @@ cdef extern from *:
         return 1;
     }
     """
-    ctypedef struct SHA256_CTX:
-        pass
-    int SHA256_Init(SHA256_CTX *c) nogil
-    int SHA256_Update(SHA256_CTX *c, const void *data, size_t length) nogil
-    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
     int RAND_bytes(unsigned char *buf, int num) nogil
     int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) noexcept nogil
-    ctypedef unsigned long pthread_t
-    ctypedef struct pthread_attr_t:
-        pass
-    ctypedef void *(*thread_main)(void *) noexcept nogil
-    int pthread_create(pthread_t *thread, const pthread_attr_t *attr, thread_main start, void *arg) nogil
-    int pthread_join(pthread_t thread, void **result) nogil
     int pe_utf8_valid(const uint8_t *s, Py_ssize_t n) noexcept nogil
 
 __all__ = _twin.__all__
