@@ -14,23 +14,28 @@ import pytest
 
 from planes.native import extensions_disabled
 
-IMPLEMENTATIONS = {"native": "planes.native.chain", "python": "planes.native.chain_py"}
+KINDS = ("native", "python")
 OTHER = {"native": "python", "python": "native"}
 
 
-def _module(kind: str):
+def implementation(module: str, kind: str):
+    """``planes.native.<module>`` (kind ``native``) or its twin ``<module>_py`` (kind ``python``).
+
+    The native kind is skipped under ``PLANES_NO_EXTENSIONS``: that run is for
+    installations without the extensions.
+    """
     if kind == "native" and extensions_disabled():
         pytest.skip("PLANES_NO_EXTENSIONS is set: the compiled module is not under test")
-    return importlib.import_module(IMPLEMENTATIONS[kind])
+    return importlib.import_module(f"planes.native.{module}{'' if kind == 'native' else '_py'}")
 
 
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+@pytest.fixture(params=KINDS)
 def chain(request):
     """planes.native.chain (id ``native``) or planes.native.chain_py (id ``python``)."""
-    return _module(request.param)
+    return implementation("chain", request.param)
 
 
 @pytest.fixture
 def twin(request, chain):
     """The other implementation than ``chain``, for parity checks."""
-    return _module(OTHER[request.node.callspec.params["chain"]])
+    return implementation("chain", OTHER[request.node.callspec.params["chain"]])

@@ -7,7 +7,6 @@ encode parses with them, and what they serialize decodes with us.
 
 from __future__ import annotations
 
-import importlib
 import os
 from hashlib import sha256
 
@@ -17,30 +16,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from planes.data.v1 import data_service_pb2 as pb
-from planes.native import extensions_disabled
+
+from .conftest import KINDS, OTHER, implementation
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-IMPLEMENTATIONS = {"native": "planes.native.codec", "python": "planes.native.codec_py"}
-OTHER = {"native": "python", "python": "native"}
 MiB = 1 << 20
 
 
-def _module(kind: str):
-    if kind == "native" and extensions_disabled():
-        pytest.skip("PLANES_NO_EXTENSIONS is set: the compiled module is not under test")
-    return importlib.import_module(IMPLEMENTATIONS[kind])
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+@pytest.fixture(params=KINDS)
 def codec(request):
     """planes.native.codec (id ``native``) or planes.native.codec_py (id ``python``)."""
-    return _module(request.param)
+    return implementation("codec", request.param)
 
 
 @pytest.fixture
 def twin(request, codec):
     """The other implementation than ``codec``, for parity checks."""
-    return _module(OTHER[request.node.callspec.params["codec"]])
+    return implementation("codec", OTHER[request.node.callspec.params["codec"]])
 
 
 def outcome(call):

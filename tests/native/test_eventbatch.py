@@ -13,21 +13,16 @@ import pytest
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.native import extensions_disabled
 from planes.plugins.evidence import leaf as leaves
+
+from .conftest import KINDS, implementation
 
 LIMITS = dict(max_events=100, max_fields=8, max_value_bytes=256, max_id_chars=32)
 
 
-def _module(kind: str):
-    if kind == "native" and extensions_disabled():
-        pytest.skip("PLANES_NO_EXTENSIONS is set: the compiled module is not under test")
-    return importlib.import_module(f"planes.native.eventbatch{'' if kind == 'native' else '_py'}")
-
-
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=KINDS)
 def batch(request):
-    return _module(request.param)
+    return implementation("eventbatch", request.param)
 
 
 def counting_salts(size: int) -> bytes:
@@ -91,7 +86,7 @@ def test_leaf_bytes_equal_the_reference_encoder(batch):
 
 
 def test_twin_parity_on_random_batches(batch):
-    other = _module("python" if batch.__name__.endswith("eventbatch") else "native")
+    other = implementation("eventbatch", "python" if batch.__name__.endswith("eventbatch") else "native")
     rng = random.Random(4)
     for _ in range(30):
         events = []
