@@ -30,13 +30,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
-from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PlanesError
 from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
+from planes.plugins.evidence.writer import call_event
 
 from .schema import kind_name, validate
 from .store import DesiredStateStore, canonical_spec, digest_of
@@ -109,14 +109,7 @@ class Control(ControlPlane):
     # -- evidence ---------------------------------------------------------------
 
     async def _record(self, call: CallContext, tenant: str, event_type: str, **fields: str) -> None:
-        event = epb.Event(event_id=f"control:{event_type}:{os.urandom(12).hex()}", event_type=event_type,
-                          correlation=common_pb2.Correlation(correlation_id=call.correlation_id,
-                                                             request_id=call.request_id,
-                                                             trace_id=call.trace.trace_id, tenant=tenant,
-                                                             actor=call.identity.principal))
-        for name, value in fields.items():
-            event.fields.add(name=name, string_value=str(value), classification=common_pb2.CLASSIFICATION_INTERNAL)
-        await self._record_events(tenant, [event])
+        await self._record_events(tenant, [call_event("control", call, tenant, event_type, **fields)])
 
     # -- resources ----------------------------------------------------------------
 

@@ -39,13 +39,13 @@ import blake3
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from planes.common.v1 import common_pb2
-from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel import errors
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.data import DataPlane, pb
 from planes.kernel.identity import ALL_TENANTS
 from planes.native import codec
+from planes.plugins.evidence.writer import call_event
 
 from .limits import DESTINATION_KINDS, ENCRYPTED, ByteBudget, DataSettings, classification_name
 from .store import ObjectWriter, PayloadStore, StoredPayload
@@ -165,14 +165,7 @@ class Data(DataPlane):
         return budget
 
     async def _record(self, call: CallContext, tenant: str, event_type: str, **fields) -> None:
-        event = epb.Event(
-            event_id=f"data:{event_type}:{os.urandom(12).hex()}", event_type=event_type,
-            correlation=common_pb2.Correlation(correlation_id=call.correlation_id, request_id=call.request_id,
-                                               trace_id=call.trace.trace_id, tenant=tenant,
-                                               actor=call.identity.principal))
-        for name, value in fields.items():
-            event.fields.add(name=name, string_value=str(value), classification=common_pb2.CLASSIFICATION_INTERNAL)
-        await self._record_events(tenant, [event])
+        await self._record_events(tenant, [call_event("data", call, tenant, event_type, **fields)])
 
     def _worker_scope(self, call: CallContext, tenant: str, credential: str, payload_id: str | None = None,
                       *, trusted: frozenset[str] = frozenset({"service"})) -> None:

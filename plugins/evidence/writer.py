@@ -33,7 +33,7 @@ from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailable, Internal, Unavailable
 
-__all__ = ["EvidenceUnavailable", "EvidenceWriter", "Gap", "Spool", "SpoolCorrupted"]
+__all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
 from planes.kernel.secrets import read_secret, write_secret
 
 _RECORD = struct.Struct(">I12s")  # ciphertext length, nonce
@@ -130,6 +130,20 @@ class Spool:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
         self._tail = GENESIS
+
+
+def call_event(source: str, call, tenant: str, event_type: str, **fields) -> pb.Event:
+    """An event recording what ``call`` did: its correlation, the caller as actor, ``fields`` as internal text.
+
+    ``source`` prefixes the random event id (``control``, ``data``...).
+    """
+    event = pb.Event(event_id=f"{source}:{event_type}:{os.urandom(12).hex()}", event_type=event_type,
+                     correlation=common_pb2.Correlation(correlation_id=call.correlation_id, request_id=call.request_id,
+                                                        trace_id=call.trace.trace_id, tenant=tenant,
+                                                        actor=call.identity.principal))
+    for name, value in fields.items():
+        event.fields.add(name=name, string_value=str(value), classification=common_pb2.CLASSIFICATION_INTERNAL)
+    return event
 
 
 class EvidenceWriter:
