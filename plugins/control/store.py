@@ -32,7 +32,7 @@ from planes.kernel.errors import AlreadyExists, Conflict, FailedPrecondition, In
 from planes.kernel.tokens import SigningKey
 
 from .schema import kind_name, validate
-from .subscriber import SNAPSHOT_CONTEXT
+from .subscriber import SNAPSHOT_CONTEXT, content_digest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -78,6 +78,7 @@ def canonical_spec(spec: struct_pb2.Struct) -> bytes:
 
 def digest_of(data: bytes) -> common_pb2.Digest:
     return common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256, value=hashlib.sha256(data).digest())
+
 
 
 class DesiredStateStore(Protocol):
@@ -317,7 +318,7 @@ class ControlStore:
             count = len(pb.SnapshotContent.FromString(content).resources)
         now = self.clock()
         header = pb.Snapshot(
-            revision=latest + 1, content_digest=digest_of(content),
+            revision=latest + 1, content_digest=content_digest(content),
             not_before=timestamp_pb2.Timestamp(seconds=int(now)),
             expires_at=timestamp_pb2.Timestamp(seconds=int(now + validity)),
             lease=duration_pb2.Duration(seconds=int(lease)), on_lease_expiry=on_lease_expiry,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import blake3
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.tokens import SigningKey
@@ -102,6 +104,8 @@ def test_publish_signs_a_snapshot_the_subscriber_accepts(store, key, clock, tmp_
     first = store.publish(key, expected_revision=0, actor="alice", lease=60, message="initial")
     header = verify_snapshot(first, {key.kid: key.public_key}, clock.now).header
     assert (header.revision, header.resource_count, header.created_by) == (1, 2, "alice")
+    assert header.content_digest.algorithm == common_pb2.DIGEST_ALGORITHM_BLAKE3
+    assert header.content_digest.value == blake3.blake3(first.content).digest()
     names = [r.name for r in pb.SnapshotContent.FromString(first.content).resources]
     assert names == ["acme", "gpt"], "ordered by kind, tenant, name"
     cache = CachedConfig(tmp_path / "sub", {key.kid: key.public_key}, clock=clock)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import blake3
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
@@ -15,6 +16,7 @@ from planes.plugins.control.subscriber import (
     SNAPSHOT_CONTEXT, CachedConfig, ConfigState, SnapshotRejected, verify_snapshot)
 
 T0 = 1_800_000_000.0
+HASHES = {common_pb2.DIGEST_ALGORITHM_SHA256: hashlib.sha256, common_pb2.DIGEST_ALGORITHM_BLAKE3: blake3.blake3}
 
 
 class Clock:
@@ -26,14 +28,15 @@ class Clock:
 
 
 def signed_snapshot(key: SigningKey, revision: int, *, valid_from=T0 - 10, valid_for=3600, lease=60,
-                    policy=pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING, requires=(), note="") -> pb.SignedSnapshot:
+                    policy=pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING, requires=(), note="",
+                    algorithm=common_pb2.DIGEST_ALGORITHM_BLAKE3) -> pb.SignedSnapshot:
     content = pb.SnapshotContent(resources=[pb.Resource(
         name=f"route-{revision}", tenant="acme", spec=struct_pb2.Struct(fields={
             "note": struct_pb2.Value(string_value=note or f"r{revision}")}))]).SerializeToString()
     header = pb.Snapshot(
         revision=revision,
-        content_digest=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
-                                          value=hashlib.sha256(content).digest()),
+        content_digest=common_pb2.Digest(algorithm=algorithm, value=HASHES.get(algorithm, hashlib.sha256)(
+            content).digest()),
         not_before=timestamp_pb2.Timestamp(seconds=int(valid_from)),
         expires_at=timestamp_pb2.Timestamp(seconds=int(valid_from + valid_for)),
         lease=duration_pb2.Duration(seconds=lease), on_lease_expiry=policy, key_id=key.kid,
@@ -93,6 +96,18 @@ def test_tampered_header_and_content(cache, key):
     swapped = pb.SignedSnapshot(snapshot=signed.snapshot, signature=signed.signature, key_id=signed.key_id,
                                 content=signed_snapshot(key, 1, note="evil").content)
     assert _rejected(cache, swapped).reason == pb.NACK_REASON_DIGEST_MISMATCH
+
+
+def test_sha256_content_digests_still_verify(cache, key):
+    """Snapshots cut and cached before BLAKE3 became the content digest stay valid."""
+    applied = cache.offer(signed_snapshot(key, 1, algorithm=common_pb2.DIGEST_ALGORITHM_SHA256))
+    assert applied.header.content_digest.algorithm == common_pb2.DIGEST_ALGORITHM_SHA256
+    assert cache.state() == (ConfigState.ACTIVE, "revision 1")
+
+
+def test_content_digest_with_no_known_algorithm_is_refused(cache, key):
+    signed = signed_snapshot(key, 1, algorithm=common_pb2.DIGEST_ALGORITHM_UNSPECIFIED)
+    assert _rejected(cache, signed).reason == pb.NACK_REASON_DIGEST_MISMATCH
 
 
 def test_unknown_key(cache):
