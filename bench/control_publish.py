@@ -2,7 +2,7 @@
 
 For 1, 10 and 100 subscribers watching over loopback (one channel each, one
 process), each round publishes a snapshot and times until the last subscriber
-has verified it (Ed25519 signature over the header, SHA-256 of the content).
+has verified it (Ed25519 signature over the header, BLAKE3 digest of the content).
 The baseline, in the same run and interleaved: a bare grpc.aio server stream
 pushing the same signed bytes to the same number of subscribers, each
 verifying the same way. Each subscriber count runs ``--repeat`` times,
