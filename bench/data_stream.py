@@ -25,7 +25,12 @@ alternating), and each figure is the median over rounds; ratios are medians of
 per-round ratios against ``raw`` in the same round. Peak memory is the
 receiver's (the client for Get, the server for Put): the growth of its peak
 resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) during the
-transfer, relative to the payload size.
+transfer, relative to the payload size. CPU is what each process spent during
+the transfer, all its threads, user and system (``time.process_time``): the
+client is this process, the server the one hosting every side (idle sides
+cost it nothing); the kernel's own writeback threads count for neither. On
+two cores shared by both, a side whose two figures add up to about twice its
+time is CPU-bound.
 
     python -m bench.data_stream [--mib 256] [--chunks 1,4,16] [--rounds 5] [--sides raw,protobuf,flight,planes]
 """
@@ -44,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -174,6 +180,8 @@ async def serve(mib: int) -> None:
                 print(reset_peak(), flush=True)
             elif command == "peak":
                 print(peak(), flush=True)
+            elif command == "cpu":
+                print(time.process_time_ns() // 1000, flush=True)
         os._exit(0)
 
     threading.Thread(target=commands, daemon=True).start()
@@ -308,21 +316,31 @@ class Client:
         return out
 
 
-async def measure(client: Client, remote: Remote, direction: str, side: str, step: int) -> tuple[float, float]:
-    """Seconds and the receiver's peak memory growth (bytes) of one transfer (0 for a get: see probe)."""
-    if direction == "get":
-        start = time.perf_counter()
-        result = await client.get(side, step)
-        elapsed = time.perf_counter() - start
-        assert result.nbytes == client.payload.nbytes
-        return elapsed, 0
-    before = remote.ask("reset")
+class Transfer(NamedTuple):
+    seconds: float
+    grown: int            # the receiver's peak memory growth in bytes (0 for a get: see probe_get)
+    client_cpu: float     # CPU seconds, all threads, of this process and of the server process
+    server_cpu: float
+
+
+async def measure(client: Client, remote: Remote, direction: str, side: str, step: int) -> Transfer:
+    """One transfer: its time, the receiver's peak memory growth, and what each process spent in CPU."""
+    before = remote.ask("reset") if direction == "put" else 0
+    server_cpu = remote.ask("cpu")
+    client_cpu = time.process_time()
     start = time.perf_counter()
-    await client.put(side, step)
+    if direction == "get":
+        result = await client.get(side, step)
+        assert result.nbytes == client.payload.nbytes
+    else:
+        await client.put(side, step)
     elapsed = time.perf_counter() - start
-    grown = remote.ask("peak") - before
-    await client.forget_old()
-    return elapsed, grown
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = (remote.ask("cpu") - server_cpu) / 1e6
+    grown = remote.ask("peak") - before if direction == "put" else 0
+    if direction == "put":
+        await client.forget_old()
+    return Transfer(elapsed, grown, client_cpu, server_cpu)
 
 
 async def run_bench(args) -> None:
@@ -343,6 +361,7 @@ async def run_bench(args) -> None:
                     await measure(client, remote, direction, side, step)
                 times = {side: [] for side in sides}
                 memory = {side: [] for side in sides}
+                cpu = {side: [] for side in sides}
                 if direction == "get":
                     # In a fresh process each: this one holds the source tensor and
                     # whatever the previous transfers left to its allocators.
@@ -350,13 +369,14 @@ async def run_bench(args) -> None:
                         memory[side].append(probe_get(remote, client, side, step))
                 for round_ in range(args.rounds):
                     for side in sides if round_ % 2 == 0 else list(reversed(sides)):
-                        seconds, grown = await measure(client, remote, direction, side, step)
-                        times[side].append(seconds)
+                        transfer = await measure(client, remote, direction, side, step)
+                        times[side].append(transfer.seconds)
+                        cpu[side].append((transfer.client_cpu, transfer.server_cpu))
                         if direction == "put":
-                            memory[side].append(grown)
+                            memory[side].append(transfer.grown)
                 print(f"\n{direction} {args.mib} MiB in {chunk_mib} MiB chunks")
                 print(f"  {'side':<14} {'median ms':>10} {'MB/s':>8} {'vs raw':>7} {'vs protobuf':>12} "
-                      f"{'vs flight':>10} {'peak mem':>9}")
+                      f"{'vs flight':>10} {'peak mem':>9} {'client CPU ms':>14} {'server CPU ms':>14}")
                 for side in sides:
                     median = statistics.median(times[side])
 
@@ -366,7 +386,9 @@ async def run_bench(args) -> None:
                         return f"{statistics.median(b / t for b, t in zip(times[base], times[side])):.2f}x"
                     mem = statistics.median(memory[side]) / total
                     print(f"  {side:<14} {median * 1e3:>10.0f} {total / median / 1e6:>8.0f} {ratio('raw'):>7} "
-                          f"{ratio('protobuf'):>12} {ratio('flight'):>10} {mem:>8.2f}x")
+                          f"{ratio('protobuf'):>12} {ratio('flight'):>10} {mem:>8.2f}x "
+                          f"{statistics.median(c for c, _ in cpu[side]) * 1e3:>14.0f} "
+                          f"{statistics.median(s for _, s in cpu[side]) * 1e3:>14.0f}")
     finally:
         remote.close()
 
