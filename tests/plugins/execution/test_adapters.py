@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,7 +175,13 @@ def test_http_calls_allowed_destinations_and_refuses_others_before_connecting(ru
 # -- mcp -------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(find_server("mcp-server-time") == "mcp-server-time", reason="mcp-server-time is not installed")
-def test_mcp_calls_a_tool_of_a_real_mcp_server(run):
+def test_mcp_calls_a_tool_of_a_real_mcp_server(run, monkeypatch):
+    import anyio
+
+    def through_the_loop(*args, **kwargs):
+        raise AssertionError("spawned through the event loop, which forks under uvloop")
+    monkeypatch.setattr(anyio, "open_process", through_the_loop)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", through_the_loop)
     adapter = McpAdapter()
     call = _call("mcp", {"command": "mcp-server-time", "args": ["--local-timezone", "UTC"],
                          "tool": "get_current_time"}, {"timezone": "Europe/Paris"})
@@ -190,6 +198,65 @@ def test_mcp_calls_a_tool_of_a_real_mcp_server(run):
 def test_mcp_server_that_cannot_start_is_unavailable(run):
     with pytest.raises(errors.Unavailable, match="cannot start MCP server"):
         run(McpAdapter().invoke(_call("mcp", {"command": "/nonexistent/mcp-server"}), _context()))
+
+
+HANGING_SERVER = """
+import os, signal, sys, time
+from mcp.server.mcpserver import MCPServer
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+server = MCPServer("hangs")
+
+
+@server.tool()
+def wait() -> str:
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(600)
+    return "late"
+
+
+server.run()
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as stat:           # a zombie has exited too
+        return stat.read().split(") ")[1].startswith("Z")
+
+
+def test_mcp_server_past_the_deadline_is_stopped(run, tmp_path):
+    """A server that hangs in a tool and ignores SIGTERM: the call times out and the server is killed."""
+    script, pid_file = tmp_path / "hangs.py", tmp_path / "pid"
+    script.write_text(HANGING_SERVER)
+    call = _call("mcp", {"command": sys.executable, "args": [str(script), str(pid_file)], "tool": "wait"})
+    with pytest.raises(errors.DeadlineExceeded, match="MCP tool wait did not answer in time"):
+        run(McpAdapter().invoke(call, _context(timeout=8)))
+    pid = int(pid_file.read_text())
+    assert _gone(pid), "the server process outlived its call"
+
+
+def test_mcp_server_that_writes_garbage_is_an_error_not_a_hang(run, tmp_path):
+    script = tmp_path / "garbage.py"
+    script.write_text("import sys\nsys.stdout.write('not json-rpc\\n{\"half\": \\n')\nsys.stdout.flush()\n")
+    call = _call("mcp", {"command": sys.executable, "args": [str(script)], "tool": "anything"})
+    with pytest.raises(errors.PlanesError) as raised:
+        run(McpAdapter().invoke(call, _context(timeout=20)))
+    assert "not json-rpc" not in str(raised.value), "what the server wrote is not echoed"
+
+
+def test_mcp_message_over_the_line_limit_ends_the_session(run, tmp_path, monkeypatch):
+    from planes.plugins.execution.adapters import mcp_tool
+
+    monkeypatch.setattr(mcp_tool, "MAX_MESSAGE_BYTES", 1024)
+    script = tmp_path / "long.py"
+    script.write_text("import sys, time\nsys.stdout.write('x' * 4096 + '\\n')\nsys.stdout.flush()\ntime.sleep(60)\n")
+    call = _call("mcp", {"command": sys.executable, "args": [str(script)], "tool": "anything"})
+    with pytest.raises(errors.Unavailable, match="failed the session: the connection closed"):
+        run(McpAdapter().invoke(call, _context(timeout=30)))
 
 
 # -- python ----------------------------------------------------------------------------------
