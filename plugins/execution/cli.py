@@ -1,4 +1,4 @@
-"""``planes worker``: run a worker process against a kernel's execution plane."""
+"""``planes worker``, ``planes demo`` and ``planes task``: the execution plane from the command line."""
 
 from __future__ import annotations
 
@@ -34,13 +34,19 @@ def add_commands(commands) -> None:
     demo.add_argument("--output", help="also write the output payload's bytes to this file")
     demo.set_defaults(handler=cmd_demo)
 
-    task = commands.add_parser("task", help="follow, cancel, approve or deny a task")
+    task = commands.add_parser("task", help="submit, follow, cancel, approve or deny a task")
     actions = task.add_subparsers(dest="task_command", metavar="ACTION")
-    for name, help_text in (("get", "show a task"), ("watch", "follow a task's changes until it ends"),
-                            ("cancel", "cancel a task"), ("approve", "approve a pending action"),
-                            ("deny", "deny a pending action")):
+    for name, help_text in (("submit", "submit a task from a spec file"), ("get", "show a task"),
+                            ("watch", "follow a task's changes until it ends"), ("cancel", "cancel a task"),
+                            ("approve", "approve a pending action"), ("deny", "deny a pending action")):
         parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("task_id")
+        if name == "submit":
+            parser.add_argument("-f", "--file", required=True,
+                                help="a TaskSpec with protobuf JSON field names: .json, .toml or .yaml/.yml, "
+                                     "or - for JSON on stdin")
+            parser.add_argument("--watch", action="store_true", help="then follow the task until it ends")
+        else:
+            parser.add_argument("task_id")
         parser.add_argument("--tenant", default="", help="tenant (default: the token's)")
         parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
         parser.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the admin token)")
@@ -140,6 +146,7 @@ def cmd_task(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     address, token = client_address(args, settings), client_token(args, settings)
+    spec = load_task_spec(args.file) if args.task_action == "submit" else None
 
     def show(task: pb.Task) -> None:
         state = pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
@@ -152,17 +159,27 @@ def cmd_task(args: argparse.Namespace) -> int:
         if task.HasField("failure"):
             print(f"  failure: {task.failure.code}: {task.failure.message}")
 
+    async def watch(client, task_id: str, after_version: int) -> None:
+        async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant, task_id=task_id,
+                                                                   after_version=after_version)):
+            print(f"{change.reason}: ", end="")
+            show(change.task)
+
     async def act() -> None:
         client = connect(address, TaskPlane, token=token)
         try:
             if args.task_action == "get":
                 show((await client.get_task(pb.GetTaskRequest(tenant=args.tenant, task_id=args.task_id),
                                             timeout=args.timeout)).task)
+            elif args.task_action == "submit":
+                reply = await client.submit_task(pb.SubmitTaskRequest(tenant=args.tenant, task=spec),
+                                                 timeout=args.timeout)
+                print("submitted" if reply.created else "already submitted (same idempotency key)")
+                show(reply.task)
+                if args.watch:
+                    await watch(client, reply.task.task_id, reply.task.version)
             elif args.task_action == "watch":
-                async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant,
-                                                                           task_id=args.task_id)):
-                    print(f"{change.reason}: ", end="")
-                    show(change.task)
+                await watch(client, args.task_id, 0)
             elif args.task_action == "cancel":
                 show((await client.cancel_task(pb.CancelTaskRequest(tenant=args.tenant, task_id=args.task_id,
                                                                     reason=args.reason), timeout=args.timeout)).task)
@@ -187,6 +204,43 @@ def cmd_task(args: argparse.Namespace) -> int:
 
     run(act())
     return 0
+
+
+def load_task_spec(path: str):
+    """A TaskSpec from a file (JSON, TOML or YAML in protobuf JSON field names); InvalidArgument naming the problem."""
+    import json
+    import tomllib
+
+    from google.protobuf import json_format
+
+    from planes.execution.v1 import execution_service_pb2 as pb
+    from planes.kernel.errors import InvalidArgument
+
+    if path == "-":
+        raw, suffix = sys.stdin.buffer.read(), ".json"
+    else:
+        try:
+            raw, suffix = Path(path).read_bytes(), Path(path).suffix.lower()
+        except OSError as exc:
+            raise InvalidArgument(f"{path}: {exc.strerror}") from None
+    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(suffix, "JSON")
+    try:
+        if kind == "TOML":
+            document = tomllib.loads(raw.decode())
+        elif kind == "YAML":
+            import yaml
+
+            document = yaml.safe_load(raw)
+        else:
+            document = json.loads(raw)
+    except Exception as exc:
+        raise InvalidArgument(f"{path}: not valid {kind}: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"{path}: expected a TaskSpec object at the top level")
+    try:
+        return json_format.ParseDict(document, pb.TaskSpec())
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"{path}: not a TaskSpec: {exc}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

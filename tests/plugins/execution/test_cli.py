@@ -40,3 +40,33 @@ def test_task_get_then_approve_with_the_digest_shown(scenario):
     assert wrong[0] == 1 and "changed since it was shown" in wrong[2]
     assert approved[0] == 0, approved[2]
     assert "approved by alice" in approved[1] and " queued " in approved[1]
+
+
+def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
+    json_spec = tmp_path / "deploy.json"
+    json_spec.write_text('{"idempotencyKey": "deploy-v2", "allowedTools": ["deploy"], '
+                         '"actions": [{"actionId": "a", "tool": {"tool": "deploy", "arguments": {"text": "v2"}}}]}')
+    toml_spec = tmp_path / "deploy.toml"
+    toml_spec.write_text('idempotency_key = "deploy-v3"\nallowed_tools = ["deploy"]\n'
+                         '[[actions]]\naction_id = "a"\ntool = { tool = "deploy", arguments = { text = "v3" } }\n')
+    broken, unknown = tmp_path / "broken.json", tmp_path / "unknown.yaml"
+    broken.write_text('{"actions": [')
+    unknown.write_text("idempotency_key: x\nno_such_field: 1\n")
+
+    async def body(cluster):
+        token = cluster.state_dir / "shop.token"
+        write_secret(token, cluster.token(("service",), "acme", "shop").encode())
+        common = ("--address", cluster.address, "--token-file", str(token))
+        results = [await _planes(cluster, "task", "submit", "-f", str(path), *common)
+                   for path in (json_spec, json_spec, toml_spec, broken, unknown)]
+        task_id = re.search(r"^(\S+) awaiting_approval", results[0][1], re.M).group(1)
+        stored = (await cluster.tasks().get_task(pb.GetTaskRequest(task_id=task_id))).task
+        return results, stored
+    (first, again, toml, bad, odd), stored = scenario(body)
+    assert first[0] == 0 and first[1].startswith("submitted\n") and " awaiting_approval " in first[1], first[2]
+    assert again[0] == 0 and again[1].startswith("already submitted (same idempotency key)")
+    assert again[1].split("\n")[1].split()[0] == first[1].split("\n")[1].split()[0], "the same task"
+    assert toml[0] == 0 and toml[1].startswith("submitted\n"), toml[2]
+    assert stored.spec.idempotency_key == "deploy-v2" and stored.spec.correlation.tenant == "acme"
+    assert bad[0] == 1 and "broken.json: not valid JSON" in bad[2]
+    assert odd[0] == 1 and "unknown.yaml: not a TaskSpec" in odd[2] and "no_such_field" in odd[2]
