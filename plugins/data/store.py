@@ -6,7 +6,9 @@ Layout (``<state>/data``, mode 0700)::
     incoming/<id>        a payload being received; removed if the put fails
     objects/<id>         a stored payload (plain, or sealed segments; see crypto)
 
-A put writes ``incoming/<id>``, fsyncs it, renames it into ``objects/`` and
+A durable put writes ``incoming/<id>`` with direct I/O where the filesystem
+takes it (``O_DIRECT``: aligned writes from a staging buffer, the unaligned
+tail through the page cache), fsyncs it, renames it into ``objects/`` and
 fsyncs the directory before the catalogue row commits (SQLite WAL,
 ``synchronous=FULL``), so an acknowledged payload survives a crash and a
 crash before the acknowledgement leaves only an ``incoming`` file, removed at
@@ -23,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import mmap
 import os
 import sqlite3
 import threading
@@ -59,6 +62,13 @@ CREATE INDEX IF NOT EXISTS payloads_by_expiry ON payloads (expires_ns) WHERE exp
 SYNC_EVERY = 16 << 20
 #: Interim syncs of every payload being written (they wait on the disk, not the CPU).
 _SYNCER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="data-sync")
+#: Durable payloads are written around the page cache (O_DIRECT) in aligned
+#: writes of this many bytes, copied into a page-aligned staging buffer. On
+#: this machine 256 MiB took 0.10 s and 0.01 s of CPU that way, against 0.35 s
+#: and 0.21-0.25 s of CPU through the page cache with fdatasync (bench/RESULTS.md).
+DIRECT_STAGE = 1 << 20
+#: Offsets, lengths and buffer addresses of direct writes are multiples of this.
+DIRECT_ALIGN = 4096
 #: States whose bytes count against the tenant's quota.
 _HELD = (pb.PAYLOAD_STATE_AVAILABLE, pb.PAYLOAD_STATE_QUARANTINED)
 
@@ -77,6 +87,112 @@ class StoredPayload:
 
     def expired(self, now_ns: int) -> bool:
         return self.expires_ns > 0 and now_ns >= self.expires_ns
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of ``path`` for direct I/O, or None where the filesystem does not take it."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class _DirectWrites:
+    """A durable payload's bytes, written around the page cache from two page-aligned stages.
+
+    One stage fills while the other is written on a sync thread. The last
+    stage's unaligned tail goes through the page cache (fsync covers it). A
+    filesystem that takes the ``O_DIRECT`` open but refuses the writes
+    (EINVAL) gets the refused stage and everything after through the page
+    cache instead, nothing lost.
+    """
+
+    def __init__(self, direct_fd: int, fd: int):
+        self.direct_fd, self.fd = direct_fd, fd
+        self.stages = [mmap.mmap(-1, DIRECT_STAGE), mmap.mmap(-1, DIRECT_STAGE)]
+        self.current = self.staged = self.offset = 0
+        self.inflight: tuple[concurrent.futures.Future, memoryview, int] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.direct_fd >= 0
+
+    def write(self, view: memoryview) -> None:
+        while view and self.active:
+            taken = min(view.nbytes, DIRECT_STAGE - self.staged)
+            self.stages[self.current][self.staged:self.staged + taken] = view[:taken]
+            self.staged += taken
+            view = view[taken:]
+            if self.staged == DIRECT_STAGE:
+                self._settle()
+                full = memoryview(self.stages[self.current])
+                if self.active:
+                    self.inflight = (_SYNCER.submit(_pwrite_all, self.direct_fd, full, self.offset), full, self.offset)
+                else:  # refused just now: this stage too goes through the page cache
+                    _pwrite_all(self.fd, full, self.offset)
+                    full.release()
+                self.offset += DIRECT_STAGE
+                self.current, self.staged = 1 - self.current, 0
+        if view:
+            _pwrite_all(self.fd, view, self.offset)
+            self.offset += view.nbytes
+
+    def finish(self) -> None:
+        self._settle()
+        stage = memoryview(self.stages[self.current])[:self.staged]
+        aligned = self.staged - self.staged % DIRECT_ALIGN if self.active else 0
+        self._direct_or_buffered(stage[:aligned], self.offset)
+        _pwrite_all(self.fd, stage[aligned:], self.offset + aligned)
+        self.offset += self.staged
+        self.staged = 0
+        stage.release()
+
+    def _settle(self) -> None:
+        """Wait for the stage being written; on a refusal write it through the page cache."""
+        if self.inflight is None:
+            return
+        future, stage, offset = self.inflight
+        self.inflight = None
+        try:
+            future.result()
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._stop_direct()
+            _pwrite_all(self.fd, stage, offset)
+        finally:
+            stage.release()
+
+    def _direct_or_buffered(self, view: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(self.direct_fd if self.active else self.fd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._stop_direct()
+            _pwrite_all(self.fd, view, offset)
+
+    def _stop_direct(self) -> None:
+        os.close(self.direct_fd)
+        self.direct_fd = -1
+
+    def close(self) -> None:
+        if self.inflight is not None:
+            concurrent.futures.wait([self.inflight[0]])
+            self.inflight[1].release()
+            self.inflight = None
+        if self.active:
+            self._stop_direct()
+        for stage in self.stages:
+            stage.close()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,6 +222,11 @@ class ObjectWriter:
         self._written = self._unsynced = 0
         self._sync: concurrent.futures.Future | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Durable payloads skip the page cache: the copy into it and the
+        # writeback that fdatasync waits for cost more CPU than the disk
+        # time they hide. The page-aligned stage is what direct writes need.
+        direct_fd = _open_direct(path) if durable else None
+        self._direct = _DirectWrites(direct_fd, self._fd) if direct_fd is not None else None
         self._allocated = 0
         if expected_size:
             if cipher is not None:
@@ -117,9 +238,14 @@ class ObjectWriter:
                 self._allocated = expected_size
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    os.close(self._fd)
+                    self._close()
                     path.unlink(missing_ok=True)
                     raise
+
+    @property
+    def direct(self) -> bool:
+        """True while bytes go to disk by direct I/O."""
+        return self._direct is not None and self._direct.active
 
     def write(self, data, chunk_digest: bytes = b"") -> bool:
         """Append ``data``; False when ``chunk_digest`` is set and does not match it (stored anyway)."""
@@ -141,12 +267,14 @@ class ObjectWriter:
         return matches
 
     def _write_all(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-            self._written += written
-            self._unsynced += written
+        view = memoryview(data).cast("B")
+        if self._direct is not None:
+            self._direct.write(view)
+            self._written += view.nbytes
+            return
+        _pwrite_all(self._fd, view, self._written)
+        self._written += view.nbytes
+        self._unsynced += view.nbytes
         if self._durable and self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
             # Flush as we go, on a thread of its own, so the sync before the
             # acknowledgement finds little left to write and writing goes on
@@ -161,6 +289,8 @@ class ObjectWriter:
         if self._cipher is not None:
             self._write_all(self._cipher.seal(self._segment, self._pending, final=True))
             self._pending.clear()
+        if self._direct is not None:
+            self._direct.finish()
         if self._sync is not None:
             self._sync.result()
             self._sync = None
@@ -168,18 +298,23 @@ class ObjectWriter:
             os.ftruncate(self._fd, self._written)
         if self._durable:
             os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        self._close()
         return self._hash.digest()
 
     def discard(self) -> None:
         if self._sync is not None:
             concurrent.futures.wait([self._sync])
             self._sync = None
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.path.unlink(missing_ok=True)
 
 
 class PayloadStore:
