@@ -16,7 +16,6 @@ a canary and still shows who runs what.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
+from planes.kernel import digests
 from planes.kernel.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from planes.kernel.tokens import SigningKey
 
@@ -77,7 +77,7 @@ def canonical_spec(spec: struct_pb2.Struct) -> bytes:
 
 
 def digest_of(data: bytes) -> common_pb2.Digest:
-    return common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256, value=hashlib.sha256(data).digest())
+    return digests.digest(digests.SHA256, data)
 
 
 

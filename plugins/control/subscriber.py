@@ -18,7 +18,6 @@ so every path is tested deterministically.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 import time
@@ -26,29 +25,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
+from planes.kernel import digests
 from planes.kernel.contract import ContractVersion
 
 SNAPSHOT_CONTEXT = b"planes.control.v1.Snapshot\x00"
 SNAPSHOT_FILE = "snapshot.bin"
 STATE_FILE = "subscriber.json"
 
-# What a signed header may name as its content digest. Snapshots are cut with
-# BLAKE3: every subscriber hashes the whole content on every push, and on this
-# CPU (no SHA extensions) SHA-256 of 1,000 resources cost about 0.5 ms per
-# subscriber, most of a push to 100 (bench/RESULTS.md, control section).
-# SHA-256 stays accepted for snapshots cached before the change.
-CONTENT_HASHES = {common_pb2.DIGEST_ALGORITHM_BLAKE3: blake3.blake3,
-                  common_pb2.DIGEST_ALGORITHM_SHA256: hashlib.sha256}
-
 
 def content_digest(content: bytes) -> common_pb2.Digest:
-    return common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_BLAKE3, value=blake3.blake3(content).digest())
+    """A snapshot's content digest: BLAKE3, as every subscriber hashes the whole content on every push.
+
+    On this CPU (no SHA extensions) SHA-256 of 1,000 resources cost about
+    0.5 ms per subscriber, most of a push to 100 (bench/RESULTS.md, control
+    section). Subscribers accept any algorithm of ``planes.kernel.digests``,
+    so SHA-256 snapshots cached before the change stay valid.
+    """
+    return digests.digest(digests.BLAKE3, content)
 
 
 class ConfigState(enum.Enum):
@@ -110,7 +108,7 @@ def verify_snapshot(signed: pb.SignedSnapshot, keys: dict[str, Ed25519PublicKey]
     if header.key_id != signed.key_id:
         raise SnapshotRejected(pb.NACK_REASON_BAD_SIGNATURE, "snapshot key id differs from its signature's")
     digest = header.content_digest
-    hasher = CONTENT_HASHES.get(digest.algorithm)
+    hasher = digests.HASHES.get(digest.algorithm)
     if hasher is None or hasher(signed.content).digest() != digest.value:
         raise SnapshotRejected(pb.NACK_REASON_DIGEST_MISMATCH,
                                f"content of revision {header.revision} does not match its digest")

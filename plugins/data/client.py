@@ -31,19 +31,18 @@ only with ``verify=True`` (see :mod:`.plane` for why).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import blake3
 import numpy as np
 import pyarrow as pa
 
 from planes.common.v1 import common_pb2
 from planes.kernel import errors
 from planes.kernel.contract import Encoded
+from planes.kernel.digests import HASHES, NAMES
 from planes.kernel.contracts.data import pb
 from planes.native import codec
 
@@ -55,7 +54,7 @@ MiB = 1 << 20
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SHA256 = common_pb2.DIGEST_ALGORITHM_SHA256
 BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
-_ALGORITHMS = {"sha256": SHA256, "blake3": BLAKE3}
+_ALGORITHMS = {name: algorithm for algorithm, name in NAMES.items()}
 _KINDS = {name: value for value, name in DESTINATION_KINDS.items()}
 
 
@@ -313,11 +312,9 @@ class DataClient:
 
 
 def _hasher(algorithm: int):
-    if algorithm == BLAKE3:
-        return blake3.blake3()
-    if algorithm == SHA256:
-        return hashlib.sha256()
-    raise IntegrityError(f"unknown content digest algorithm {algorithm}")
+    if algorithm not in HASHES:
+        raise IntegrityError(f"unknown content digest algorithm {algorithm}")
+    return HASHES[algorithm]()
 
 
 def _content_digest(algorithm: int, buffer: pa.Buffer) -> bytes:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -34,7 +33,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import blake3
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -43,6 +41,7 @@ from planes.kernel import errors
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.data import DataPlane, pb
+from planes.kernel.digests import HASHES, NAMES, SHA256
 from planes.kernel.identity import ALL_TENANTS
 from planes.native import codec
 from planes.plugins.evidence.writer import call_event
@@ -56,11 +55,6 @@ log = logging.getLogger("planes.plugins.data")
 
 _ID = re.compile(r"pl_[0-9a-f]{32}")
 _HEADER_TAG, _CHUNK_TAG, _TRAILER_TAG = 0x0A, 0x12, 0x1A
-SHA256 = common_pb2.DIGEST_ALGORITHM_SHA256
-BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
-#: Content digest algorithms and their running hashes.
-HASHES = {SHA256: hashlib.sha256, BLAKE3: blake3.blake3}
-ALGORITHM_NAMES = {SHA256: "sha256", BLAKE3: "blake3"}
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -292,8 +286,8 @@ class Data(DataPlane):
                     ingest.trailer_digest = _check_digest(value.declared_digest, "trailer declared_digest")
                     if ingest.trailer_digest.algorithm != algorithm:
                         raise errors.InvalidArgument(
-                            f"the trailer's digest is {ALGORITHM_NAMES[ingest.trailer_digest.algorithm]}, but the "
-                            f"header announced {ALGORITHM_NAMES[algorithm]}")
+                            f"the trailer's digest is {NAMES[ingest.trailer_digest.algorithm]}, but the "
+                            f"header announced {NAMES[algorithm]}")
                 else:
                     raise errors.InvalidArgument("PutPayload carries a second header")
             declared = _declared_digest(header, ingest.trailer_digest)
@@ -341,7 +335,7 @@ class Data(DataPlane):
         record = await asyncio.get_running_loop().run_in_executor(
             ingest.pool, self.store.commit, ingest.writer, info, wrapped, quarantine)
         fields = {"payload_id": payload_id, "size": ingest.received, "digest": digest.hex(),
-                  "digest_algorithm": ALGORITHM_NAMES[content.algorithm],
+                  "digest_algorithm": NAMES[content.algorithm],
                   "classification": classification_name(header.classification),
                   "encrypted_at_rest": wrapped is not None}
         if quarantine is not None:
@@ -567,7 +561,7 @@ def _check_digest(digest: common_pb2.Digest, where: str, *, value_optional: bool
         raise errors.InvalidArgument(f"{where}: the algorithm must be DIGEST_ALGORITHM_SHA256 or "
                                      "DIGEST_ALGORITHM_BLAKE3")
     if len(digest.value) != 32 and not (value_optional and not digest.value):
-        raise errors.InvalidArgument(f"{where}: a {ALGORITHM_NAMES[digest.algorithm]} digest is 32 bytes, not "
+        raise errors.InvalidArgument(f"{where}: a {NAMES[digest.algorithm]} digest is 32 bytes, not "
                                      f"{len(digest.value)}")
     return digest
 
