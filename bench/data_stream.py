@@ -32,7 +32,7 @@ cost it nothing); the kernel's own writeback threads count for neither. On
 two cores shared by both, a side whose two figures add up to about twice its
 time is CPU-bound.
 
-    python -m bench.data_stream [--mib 256] [--chunks 1,4,16] [--rounds 5] [--sides raw,protobuf,flight,planes]
+    python -m bench.data_stream [--mib 256] [--chunks 1,4,16] [--rounds 5] [--probes 3] [--sides raw,protobuf,flight,planes]
 """
 
 from __future__ import annotations
@@ -364,9 +364,12 @@ async def run_bench(args) -> None:
                 cpu = {side: [] for side in sides}
                 if direction == "get":
                     # In a fresh process each: this one holds the source tensor and
-                    # whatever the previous transfers left to its allocators.
-                    for side in sides:
-                        memory[side].append(probe_get(remote, client, side, step))
+                    # whatever the previous transfers left to its allocators. The
+                    # peak depends on how far gRPC reads ahead, which varies with
+                    # timing: several probes, interleaved, and their median.
+                    for _ in range(args.probes):
+                        for side in sides:
+                            memory[side].append(probe_get(remote, client, side, step))
                 for round_ in range(args.rounds):
                     for side in sides if round_ % 2 == 0 else list(reversed(sides)):
                         transfer = await measure(client, remote, direction, side, step)
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=256, help="payload size in MiB")
     parser.add_argument("--chunks", default="1,4,16", help="chunk sizes in MiB")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--probes", type=int, default=3, help="fresh-process Get memory probes per side and size")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
