@@ -1,11 +1,14 @@
 """Publish-to-applied latency of control snapshots, against a bare grpc.aio push.
 
 For 1, 10 and 100 subscribers watching over loopback (one channel each, one
-process), each round publishes a snapshot and times until the last subscriber
-has verified it (Ed25519 signature over the header, BLAKE3 digest of the content).
+process), each round changes one resource (not timed), publishes a snapshot
+and times until the last subscriber has verified it (Ed25519 signature over
+the header, BLAKE3 digest of the content). The kernel pushes each revision
+as a delta to the previous one, which every subscriber rebuilds into the
+whole content before verifying it (``--full-snapshots``: whole snapshots).
 The baseline, in the same run and interleaved: a bare grpc.aio server stream
-pushing the same signed bytes to the same number of subscribers, each
-verifying the same way. Each subscriber count runs ``--repeat`` times,
+pushing whole signed snapshots of the same size to the same number of
+subscribers, each verifying the same way. Each subscriber count runs ``--repeat`` times,
 kernel and bare alternating which goes first; the summary row gives the
 median over runs of each figure and of the per-run p99 ratio. Also: snapshot
 size, publish (cut, digest, sign, commit) and Ed25519 sign and subscriber
@@ -17,6 +20,7 @@ process over a pipe when the last of them has verified a revision; the
 publisher's loop then no longer verifies 100 snapshots itself.
 
     python -m bench.control_publish [--rounds 20] [--repeat 3] [--subscribers 1,10,100] [--remote-subscribers]
+                                    [--full-snapshots]
 """
 
 from __future__ import annotations
@@ -44,11 +48,41 @@ from planes.kernel.settings import ServerSettings, Settings
 from planes.kernel.tokens import SigningKey, issue_token
 from planes.plugins.control import ControlPlugin
 from planes.plugins.control.store import ControlStore
+from planes.plugins.control.delta import element_bounds, rebuild
 from planes.plugins.control.subscriber import SNAPSHOT_CONTEXT, verify_snapshot
 from planes.plugins.evidence import EvidencePlugin
 
 SPEC = json_format.ParseDict({"adapter": "echo", "endpoint": "http://127.0.0.1:9/v1",
                               "allowed_classifications": ["public", "internal"]}, struct_pb2.Struct())
+OTHER_SPEC = json_format.ParseDict({"adapter": "echo", "endpoint": "http://127.0.0.1:9/v2",
+                                    "allowed_classifications": ["public", "internal"]}, struct_pb2.Struct())
+
+
+class Applied:
+    """What one subscriber runs: each push rebuilt (a delta) and verified as CachedConfig does, minus its disk writes."""
+
+    def __init__(self, keys: dict):
+        self.keys = keys
+        self.content = b""
+        self.bounds: list[int] | None = None
+
+    def apply(self, message: pb.WatchSnapshotsResponse) -> int:
+        if message.HasField("delta"):
+            content, bounds = rebuild(message.delta.runs, self.content, self.bounds)
+            signed = pb.SignedSnapshot()
+            signed.CopyFrom(message.delta.snapshot)
+            signed.content = content
+            revision = verify_snapshot(signed, self.keys, time.time()).revision
+        else:
+            signed = message.snapshot
+            revision = verify_snapshot(signed, self.keys, time.time()).revision
+            bounds = element_bounds(signed.content)       # as CachedConfig finds them, for the next delta
+        self.content, self.bounds = signed.content, bounds
+        return revision
+
+
+def _pushes(message: pb.WatchSnapshotsResponse) -> bool:
+    return message.HasField("snapshot") or message.HasField("delta")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -74,9 +108,10 @@ def _remote_subscribers(conn, address: str, kind: str, count: int, token: str, p
 
         async def kernel_subscriber(index: int) -> None:
             client = connect(address, ControlPlane, token=token)
+            state = Applied(keys)
             async for message in client.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id=f"s{index}")):
-                if message.HasField("snapshot"):
-                    applied(index, verify_snapshot(message.snapshot, keys, time.time()).revision)
+                if _pushes(message):
+                    applied(index, state.apply(message))
 
         async def bare_subscriber(index: int) -> None:
             channel = grpc.aio.insecure_channel(address)
@@ -124,8 +159,9 @@ class RemoteSubscribers:
 
 
 async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int,
-                      remote: bool = False) -> tuple[list[float], list[float]]:
-    settings = Settings(state_dir=state, server=ServerSettings(bind="127.0.0.1:0"))
+                      remote: bool = False, deltas: bool = True) -> tuple[list[float], list[float]]:
+    settings = Settings(state_dir=state, server=ServerSettings(bind="127.0.0.1:0"),
+                        plugin={"control": {"deltas": deltas}})
     plugins = [EvidencePlugin(), ControlPlugin()]
     kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "b", p) for p in plugins])).open()
     server = KernelServer(kernel)
@@ -143,19 +179,27 @@ async def kernel_side(state: Path, subscribers: int, rounds: int, resources: int
     target = [0]
 
     async def subscriber(index: int, client) -> None:
+        state = Applied(keys)
         async for message in client.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id=f"s{index}")):
-            verify_snapshot(message.snapshot, keys, time.time())
-            if message.target_revision >= target[0]:
+            if _pushes(message) and state.apply(message) >= target[0]:
                 applied[index].set()
 
     remote_side = RemoteSubscribers(f"127.0.0.1:{port}", "kernel", subscribers, worker_token, keys) if remote else None
     tasks = [] if remote else [asyncio.create_task(subscriber(i, c)) for i, c in enumerate(clients)]
     latencies, publishing = [], []
+    versions: dict[int, int] = {}
     try:
         for revision in range(1, rounds + 2):
             for event in applied:
                 event.clear()
             target[0] = revision
+            # One resource changes between publishes, as in a config change (not timed).
+            changed = SPEC if revision % 2 else OTHER_SPEC
+            await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=pb.RESOURCE_KIND_MODEL_ROUTE,
+                                                           name=f"route-{revision % resources}", spec=changed,
+                                                           expected_resource_version=versions.get(revision % resources, 1)),
+                                     timeout=30)
+            versions[revision % resources] = versions.get(revision % resources, 1) + 1
             start = time.perf_counter()
             await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=revision - 1), timeout=30)
             published = time.perf_counter()
@@ -272,10 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000", help="resource counts for the size/sign/verify table")
     parser.add_argument("--remote-subscribers", action="store_true",
                         help="run the subscribers in a second process (as on other hosts)")
+    parser.add_argument("--full-snapshots", action="store_true",
+                        help="the kernel pushes every revision whole (no deltas), as the bare side does")
     args = parser.parse_args(argv)
     print(f"publish-to-applied, {args.rounds} rounds per run, snapshot of {args.resources} resources, signature "
           "and digest verified by every subscriber"
-          + (", subscribers in a second process" if args.remote_subscribers else ", subscribers in this process"))
+          + (", subscribers in a second process" if args.remote_subscribers else ", subscribers in this process")
+          + "; one resource changes per round; the kernel pushes "
+          + ("full snapshots" if args.full_snapshots else "deltas (rebuilt, then verified whole)")
+          + ", the bare side full snapshots")
     print("kernel: from the PublishSnapshot call to the last subscriber verified; publish RPC: that call alone "
           "(evidence record + signed, fsynced commit)")
     print(f"{'subscribers':>11} {'run':>4} {'kernel p50 ms':>14} {'kernel p99 ms':>14} {'publish RPC p50':>16} "
@@ -287,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             def kernel_run(count=count):
                 with tempfile.TemporaryDirectory() as state:
                     return run(kernel_side(Path(state), count, args.rounds, args.resources,
-                                           args.remote_subscribers))
+                                           args.remote_subscribers, not args.full_snapshots))
 
             def bare_run(count=count):
                 return run(bare_side(signed, count, keys, args.remote_subscribers))

@@ -31,7 +31,9 @@ STORE_FILE = "control/desired-state.sqlite3"
 class ControlPlugin(Plugin):
     """Settings (``[plugin.control]``): ``read_only`` (bool): serve reads, refuse mutations;
     ``keepalive_seconds`` (number, default 15): silence on a watch stream before a keepalive, which
-    renews subscribers' leases; keep it well under the shortest snapshot lease.
+    renews subscribers' leases; keep it well under the shortest snapshot lease;
+    ``deltas`` (bool, default true): push a revision as a change to the one a subscriber runs when
+    that is under half the size of the full snapshot.
 
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
@@ -77,7 +79,8 @@ class ControlPlugin(Plugin):
         writer = EvidenceWriter(evidence, kernel.state_dir / "control" / "evidence-spool",
                                 required=lambda event_type: True)
         self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
-                             keepalive=float(settings.get("keepalive_seconds", 15.0)))
+                             keepalive=float(settings.get("keepalive_seconds", 15.0)),
+                             deltas=bool(settings.get("deltas", True)))
 
     def implementation(self, provision: Provision):
         return self.plane

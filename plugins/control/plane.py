@@ -38,6 +38,7 @@ from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
 from planes.plugins.evidence.writer import call_event
 
+from .delta import element_bounds, make_runs
 from .schema import kind_name, validate
 from .store import DesiredStateStore, canonical_spec, digest_of
 
@@ -58,14 +59,24 @@ def _duration(message: duration_pb2.Duration, default: float) -> float:
     return value if value > 0 else default
 
 
+def _remember(cache: dict, key, value, keep: int = 4) -> None:
+    """Keep ``value`` under ``key``, dropping the oldest entries beyond ``keep``."""
+    while len(cache) >= keep and key not in cache:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def _seconds(stamp) -> float:
     return stamp.seconds + stamp.nanos / 1e9
 
 
 class Control(ControlPlane):
     def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
-                 clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0):
+                 clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0,
+                 deltas: bool = True):
         self.store = store
+        #: Push a revision as a delta to the one a watcher runs, when that is under half the size.
+        self.deltas = deltas
         #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
         self.keepalive = keepalive
         self.key = key
@@ -105,6 +116,10 @@ class Control(ControlPlane):
         #: watcher, and reading and parsing a large snapshot once per watcher
         #: was most of the distribution time.
         self._pushes: dict[int, Encoded] = {}
+        #: Recent revisions' signed snapshots and content element bounds, to build deltas from.
+        self._snapshots: dict[int, tuple[pb.SignedSnapshot, list[int]]] = {}
+        #: Delta pushes by (base, target); None where the full snapshot is the smaller push.
+        self._delta_pushes: dict[tuple[int, int], Encoded | None] = {}
 
     # -- evidence ---------------------------------------------------------------
 
@@ -348,7 +363,7 @@ class Control(ControlPlane):
                     yield pb.WatchSnapshotsResponse(target_revision=target, sent_at=_stamp(self.clock()))
                     continue
                 status.target_revision = target
-                yield self._push(target)
+                yield self._push(target, known)
                 known = target
         finally:
             # A reconnecting subscriber may open its new stream before the old one ends.
@@ -371,7 +386,12 @@ class Control(ControlPlane):
                 self._ticks += 1
                 self._changed.notify_all()
 
-    def _push(self, revision: int) -> Encoded:
+    def _push(self, revision: int, base: int = 0) -> Encoded:
+        """The push of ``revision`` to a watcher running ``base`` (0: none): a delta when worth it."""
+        if base and self.deltas:
+            delta = self._delta_push(base, revision)
+            if delta is not None:
+                return delta
         message = self._pushes.get(revision)
         if message is None:
             message = self._encode_push(revision, self.store.snapshot(revision))
@@ -382,9 +402,38 @@ class Control(ControlPlane):
         message = Encoded(pb.WatchSnapshotsResponse(snapshot=signed, target_revision=revision,
                                                     sent_at=_stamp(self.clock())).SerializeToString())
         self._content_digests = {revision: pb.Snapshot.FromString(signed.snapshot).content_digest.value.hex()}
-        if len(self._pushes) >= 4 and revision not in self._pushes:
-            del self._pushes[min(self._pushes)]
-        self._pushes[revision] = message
+        _remember(self._pushes, revision, message)
+        return message
+
+    def _snapshot(self, revision: int) -> tuple[pb.SignedSnapshot, list[int]] | None:
+        """A recent revision's snapshot and element bounds; None if the store does not have it."""
+        known = self._snapshots.get(revision)
+        if known is None:
+            try:
+                signed = self.store.snapshot(revision)
+                known = (signed, element_bounds(signed.content))
+            except (PlanesError, ValueError):
+                return None
+            _remember(self._snapshots, revision, known)
+        return known
+
+    def _delta_push(self, base: int, revision: int) -> Encoded | None:
+        """``revision`` as runs over ``base``'s content, built once per pair; None when not worth it."""
+        key = (base, revision)
+        if key in self._delta_pushes:
+            return self._delta_pushes[key]
+        message = None
+        old, new = self._snapshot(base), self._snapshot(revision)
+        if old is not None and new is not None:
+            (base_signed, base_bounds), (signed, bounds) = old, new
+            header = pb.SignedSnapshot(snapshot=signed.snapshot, signature=signed.signature, key_id=signed.key_id)
+            delta = pb.SnapshotDelta(base_revision=base, snapshot=header,
+                                     runs=make_runs(base_signed.content, base_bounds, signed.content, bounds))
+            encoded = pb.WatchSnapshotsResponse(delta=delta, target_revision=revision,
+                                                sent_at=_stamp(self.clock())).SerializeToString()
+            if 2 * len(encoded) < len(signed.content):
+                message = Encoded(encoded)
+        _remember(self._delta_pushes, key, message, keep=16)
         return message
 
     async def report_status(self, request: pb.ReportStatusRequest, call: CallContext) -> pb.ReportStatusResponse:

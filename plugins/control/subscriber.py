@@ -17,6 +17,7 @@ so every path is tested deterministically.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -32,6 +33,8 @@ from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import digests
 from planes.kernel.contract import ContractVersion
+
+from .delta import DeltaUnusable, element_bounds, rebuild
 
 SNAPSHOT_CONTEXT = b"planes.control.v1.Snapshot\x00"
 SNAPSHOT_FILE = "snapshot.bin"
@@ -138,6 +141,7 @@ class CachedConfig:
         self.served = dict(served or {})
         self.clock = clock
         self.current: VerifiedSnapshot | None = None
+        self._bounds: list[int] | None = None       # element bounds of the current content, once a delta needs them
         self.last_contact = 0.0
         self.high_water = 0
         self.load_problem = ""
@@ -190,11 +194,12 @@ class CachedConfig:
 
     # -- applying ---------------------------------------------------------------
 
-    def offer(self, signed: pb.SignedSnapshot) -> VerifiedSnapshot:
+    def offer(self, signed: pb.SignedSnapshot, bounds: list[int] | None = None) -> VerifiedSnapshot:
         """Verify and apply a snapshot atomically; SnapshotRejected with the NACK reason otherwise.
 
         Offering the snapshot already applied (same bytes) is a no-op, not a
-        NACK: a watch that reconnects may deliver it again.
+        NACK: a watch that reconnects may deliver it again. ``bounds``: the
+        content's element bounds when the caller has them (a rebuilt delta).
         """
         now = self.clock()
         if self.current is not None and signed.snapshot == self.current.signed.snapshot \
@@ -209,10 +214,45 @@ class CachedConfig:
                                    "already applied (rollback or replay)")
         self._write_atomically(SNAPSHOT_FILE, signed.SerializeToString())
         self.current = verified
+        self._bounds = bounds
+        if bounds is None:
+            # Where the next delta's elements are: found now, while applying
+            # is slow anyway, rather than on the push that needs them.
+            with contextlib.suppress(ValueError):
+                self._bounds = element_bounds(signed.content)
         self.high_water = verified.revision
         self.last_contact = now
         self._save_state()
         return verified
+
+    def offer_delta(self, delta: pb.SnapshotDelta) -> VerifiedSnapshot:
+        """Rebuild a revision from the current one and :meth:`offer` it.
+
+        DeltaUnusable when the delta cannot be applied here (another base,
+        runs that do not fit, or content that does not match the signed
+        digest): fetch the full snapshot then. Any other refusal is the
+        revision's own, a SnapshotRejected as for the full snapshot.
+        """
+        current = self.current
+        if current is None or current.revision != delta.base_revision:
+            raise DeltaUnusable(f"the delta is against revision {delta.base_revision}; this subscriber runs "
+                                f"{current.revision if current else 'none'}")
+        if self._bounds is None:
+            try:
+                self._bounds = element_bounds(current.signed.content)
+            except ValueError as exc:
+                raise DeltaUnusable(f"the current content has no elements to build on: {exc}") from None
+        content, bounds = rebuild(delta.runs, current.signed.content, self._bounds)
+        signed = pb.SignedSnapshot()
+        signed.CopyFrom(delta.snapshot)
+        signed.content = content
+        try:
+            return self.offer(signed, bounds)
+        except SnapshotRejected as rejected:
+            if rejected.reason == pb.NACK_REASON_DIGEST_MISMATCH:
+                raise DeltaUnusable(f"content rebuilt on revision {delta.base_revision} does not match "
+                                    "the signed digest") from None
+            raise
 
     def heard_from_control(self) -> None:
         """The control plane answered: the lease starts again from now."""
@@ -289,18 +329,29 @@ class SnapshotSubscriber:
         periodic health and capacity report.
         """
         self.cache.heard_from_control()
-        if not message.HasField("snapshot"):
+        if not message.HasField("snapshot") and not message.HasField("delta"):
             await self.report()
             return
         revision = message.target_revision
         try:
-            applied = self.cache.offer(message.snapshot)
+            if message.HasField("delta"):
+                applied = await self._apply_delta(message.delta, revision)
+            else:
+                applied = self.cache.offer(message.snapshot)
         except SnapshotRejected as rejected:
             await self.report(revision, rejected)
             return
         if self.on_applied is not None:
             self.on_applied(applied)
         await self.report(applied.revision)
+
+    async def _apply_delta(self, delta: pb.SnapshotDelta, revision: int) -> VerifiedSnapshot:
+        try:
+            return self.cache.offer_delta(delta)
+        except DeltaUnusable as unusable:
+            self.last_error = f"delta to revision {revision} unusable ({unusable}); fetched the full snapshot"
+        reply = await self.control.get_snapshot(pb.GetSnapshotRequest(revision=revision), timeout=30)
+        return self.cache.offer(reply.snapshot)
 
     async def run(self) -> None:
         """Watch until cancelled."""

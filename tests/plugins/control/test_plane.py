@@ -490,3 +490,50 @@ def test_a_subscriber_is_watching_until_its_last_stream_ends(run, tmp_path):
         return after_old, await settled(False)
 
     assert _serve(run, tmp_path, scenario) == (True, False)
+
+
+def test_a_watcher_on_the_previous_revision_gets_a_delta_and_one_without_it_fetches_the_full_snapshot(
+        run, tmp_path):
+    from planes.kernel.tokens import key_id
+    from planes.plugins.control.subscriber import SnapshotSubscriber
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        for index in range(40):
+            await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name=f"r{index:02d}",
+                                                           spec=GOOD), timeout=5)
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        keys = {key_id(key): key}
+        cache = CachedConfig(tmp_path / "agent", keys)
+        applied = []
+        agent = SnapshotSubscriber(client(ControlPlane, ("worker",)), cache, "host-d", on_applied=applied.append)
+        task = asyncio.create_task(agent.run())
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        await _until(lambda: applied)
+        # A watcher that says it runs revision 1 gets revision 2 as a delta.
+        worker = client(ControlPlane, ("worker",))
+        stream = worker.watch_snapshots(pb.WatchSnapshotsRequest(subscriber_id="host-w", known_revision=1))
+        changed = json_format.ParseDict({"adapter": "echo", "allowed_classifications": ["public", "internal"]},
+                                        struct_pb2.Struct())
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="r07", spec=changed,
+                                                       expected_resource_version=1), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1), timeout=5)
+        pushed = await asyncio.wait_for(stream.__anext__(), 5)
+        await stream.aclose()
+        await _until(lambda: len(applied) == 2)
+        task.cancel()
+        # A subscriber with nothing to build on: the delta is unusable, the full snapshot is fetched.
+        empty = SnapshotSubscriber(client(ControlPlane, ("worker",)), CachedConfig(tmp_path / "empty", keys),
+                                   "host-e")
+        await empty.handle(pushed)
+        full = (await admin.get_snapshot(pb.GetSnapshotRequest(revision=2), timeout=5)).snapshot
+        return pushed, full, cache, empty
+
+    pushed, full, cache, empty = _serve(run, tmp_path, scenario)
+    assert pushed.HasField("delta") and not pushed.HasField("snapshot")
+    assert pushed.delta.base_revision == 1 and pushed.target_revision == 2
+    assert pushed.ByteSize() * 10 < full.ByteSize(), "one changed resource of 40"
+    assert cache.current.revision == 2 and cache.current.signed.content == full.content
+    assert [r.name for r in cache.current.content().resources if "internal" in str(r.spec)] == ["r07"]
+    assert empty.cache.current.revision == 2 and empty.cache.current.signed.content == full.content
+    assert "fetched the full snapshot" in empty.last_error
