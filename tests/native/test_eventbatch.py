@@ -364,3 +364,29 @@ def test_chunks_of_many_commitments_match_the_twin(batch):
     with pytest.raises(batch.BatchRuleError, match="does not match its value") as caught:
         batch.encode_events(request_bytes(events), "acme", "svc", 1, 0, threads=2, **limits)
     assert caught.value.index == 150
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count", [0, 1, 255, 256, 1000])
+def test_chain_heads_come_back_when_the_previous_head_is_given(batch, threads, count):
+    """With two threads the chain follows the helper thread's progress; the heads are the chain's either way."""
+    events = many_field_events(count)
+    data = request_bytes(events)
+    limits = dict(max_events=1000, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    previous = bytes(range(32))
+    result = batch.encode_events(data, "acme", "svc", 1, 0, threads=threads, previous_head=previous, **limits)
+    chain = importlib.import_module("planes.native.chain_py")
+    assert result.heads == chain.chain(previous, result.leaf_hashes)
+    assert result.leaf_hashes == chain.leaf_hashes(result.leaves, result.offsets)
+    assert batch.encode_events(data, "acme", "svc", 1, 0, threads=threads, **limits).heads is None
+
+
+def test_a_refused_batch_with_a_previous_head_still_names_the_event(batch):
+    events = many_field_events(600)
+    events[450].fields[0].commitment.value = bytes(32)
+    limits = dict(max_events=1000, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    with pytest.raises(batch.BatchRuleError, match="does not match its value") as caught:
+        batch.encode_events(request_bytes(events), "acme", "svc", 1, 0, threads=2, previous_head=bytes(32), **limits)
+    assert caught.value.index == 450
+    with pytest.raises(ValueError, match="previous_head must be a 32-byte SHA-256 hash, got 31 bytes"):
+        batch.encode_events(request_bytes(events[:1]), "acme", "svc", 1, 0, previous_head=bytes(31), **limits)
