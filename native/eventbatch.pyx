@@ -24,11 +24,12 @@ Failure is the rare path; the twin not raising there is a bug and says so.
 
 cimport cython
 from cpython cimport array
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyBytes_Resize
+from cpython.ref cimport PyObject, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 import array as _array
 
@@ -36,6 +37,10 @@ from planes.native import eventbatch_py as _twin
 
 from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
                              pthread_join, pthread_t, thread_main)
+
+cdef extern from "Python.h":
+    # A new bytes object as a bare reference, so that it can be shrunk in place (_PyBytes_Resize).
+    PyObject *new_bytes "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t size)
 
 cdef extern from "sha256_mb.h":
     ctypedef struct planes_sha256_msg:
@@ -415,6 +420,7 @@ cdef struct Out:
     uint8_t *data
     Py_ssize_t size
     Py_ssize_t capacity
+    bint fixed          # a window of an output object, sized to a proven bound: never grown
 
 
 cdef int out_reserve(Out *out, Py_ssize_t extra) noexcept nogil:
@@ -422,6 +428,8 @@ cdef int out_reserve(Out *out, Py_ssize_t extra) noexcept nogil:
     cdef uint8_t *grown
     if wanted <= capacity:
         return OK
+    if out.fixed:
+        return FAIL
     while capacity < wanted:
         capacity = capacity * 2 + 4096
     grown = <uint8_t *>realloc(out.data, capacity)
@@ -753,15 +761,16 @@ cdef enum:
     CHAINING_SHARE = 4          # ...and when this thread also chains, it encodes 1/CHAINING_SHARE of it
 
 
-cdef Py_ssize_t _count_fields(const Span *spans, Py_ssize_t count) noexcept nogil:
-    """An upper bound of the salts a batch can need: its EventField entries (-1: malformed)."""
+cdef Py_ssize_t _count_fields(const Span *spans, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """The EventField entries of events ``start .. stop - 1`` (-1: malformed): an upper bound of
+    the salts they can need, and part of the bound of their leaves' and values' sizes."""
     cdef Reader r
     cdef uint32_t number
     cdef int wire
     cdef uint64_t scalar
     cdef Span span
     cdef Py_ssize_t index, total = 0
-    for index in range(count):
+    for index in range(start, stop):
         r.p, r.end = spans[index].p, spans[index].p + spans[index].n
         while r.p < r.end:
             if next_field(&r, &number, &wire, &scalar, &span) != OK:
@@ -769,6 +778,32 @@ cdef Py_ssize_t _count_fields(const Span *spans, Py_ssize_t count) noexcept nogi
             if number == 7:
                 total += 1
     return total
+
+
+cdef enum:
+    # A leaf is its event's bytes rearranged (each string keeps its length, now 4 bytes instead of
+    # a tag and a varint) plus at most this much: its fixed-size parts, the tenant and the actor
+    # (which may not be in the event), and per field the commitment and kind, less the field's
+    # 4 or more bytes of tag and lengths in the event...
+    LEAF_EXTRA = 4 + 8 + 4 + 4 + 4 * 4 + 4 + 8 + 4 + 8 + 4 + 4 + 4
+    LEAF_FIELD_EXTRA = 4 + 2 + H - 4
+    # ...and a field's raw value record holds its name, salt and value (when sent, in the event
+    # too) plus at most its sequence, three lengths and a salt drawn here.
+    VALUE_FIELD_EXTRA = 8 + 3 * 4 + SALT
+
+
+cdef PyObject *_window(Py_ssize_t size) except NULL:
+    """A bytes object (bare reference) to write ``size`` bytes into, then shrink; never the empty singleton."""
+    cdef PyObject *made = new_bytes(NULL, size + 1)
+    if made == NULL:
+        raise MemoryError()
+    return made
+
+
+cdef object _shrunk(PyObject **window, Py_ssize_t size):
+    """The window shrunk in place to ``size`` bytes, as an object (the bare reference is released)."""
+    _PyBytes_Resize(window, size)
+    return <object>window[0]
 
 
 cdef object _fail(args):
@@ -847,7 +882,12 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     cdef bint chained = heads is not None
     cdef uint8_t *heads_at = <uint8_t *>PyBytes_AS_STRING(heads) if chained else NULL
     cdef const uint8_t *head_at = <const uint8_t *>PyBytes_AS_STRING(head_before) if chained else NULL
-    cdef Py_ssize_t split, linked = 0
+    cdef Py_ssize_t split, linked = 0, start, stop
+    cdef Py_ssize_t nfields[2]
+    cdef Py_ssize_t leaf_bound[2]
+    cdef Py_ssize_t value_bound[2]
+    cdef PyObject *leaves_window = NULL
+    cdef PyObject *values_window = NULL
     cdef const uint8_t[::1] drawn
     cdef pthread_t helper
     cdef bint started = False
@@ -868,17 +908,30 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
         # A salt source given (tests) is called ahead, as the twin calls it (256 salts a call),
         # and then one thread runs, so that salts go to fields in order.
         njobs = 2 if count >= PARALLEL_EVENTS and salts is None and wanted_threads > 1 else 1
-        if salts is not None:
-            needed = _count_fields(spans, count)
-            if needed < 0:
+        # Two threads: the helper encodes the second part while this one encodes the first and then
+        # chains behind the helper; chaining costs about half as much as encoding, hence the shares.
+        split = (count // CHAINING_SHARE if chained else count // 2) if njobs == 2 else count
+        # Leaves and values are written straight into the output objects, each job into its own
+        # window sized to a bound of what its events can produce; the windows are then closed up.
+        for k in range(2):
+            start = 0 if k == 0 else split
+            stop = split if k == 0 else count
+            nfields[k] = _count_fields(spans, start, stop)
+            if nfields[k] < 0:
                 return _fail(call)
+            leaf_bound[k] = nfields[k] * LEAF_FIELD_EXTRA + (stop - start) * (LEAF_EXTRA + tenant_span.n + actor_span.n)
+            value_bound[k] = nfields[k] * VALUE_FIELD_EXTRA
+            for i in range(start, stop):
+                leaf_bound[k] += spans[i].n
+                value_bound[k] += spans[i].n
+        leaves_window = _window(leaf_bound[0] + leaf_bound[1])
+        values_window = _window(value_bound[0] + value_bound[1])
+        if salts is not None:
+            needed = nfields[0] + nfields[1]
             pool = b"".join(bytes(salts(SALT_POOL)) for _ in range((needed + 255) // 256))
             if len(pool) != SALT_POOL * ((needed + 255) // 256):
                 raise ValueError("the salt source returned the wrong number of bytes")
             drawn = pool if len(pool) else b"\0"
-        # Two threads: the helper encodes the second part while this one encodes the first and then
-        # chains behind the helper; chaining costs about half as much as encoding, hence the shares.
-        split = (count // CHAINING_SHARE if chained else count // 2) if njobs == 2 else count
         for k in range(njobs):
             job = &jobs[k]
             job.spans = spans
@@ -893,6 +946,10 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
                 job.salts = &drawn[0]
                 job.salts_size = len(pool)
             job.offsets = offset
+            job.out.data = <uint8_t *>PyBytes_AS_STRING(<object>leaves_window) + (leaf_bound[0] if k else 0)
+            job.out.capacity, job.out.fixed = leaf_bound[k], True
+            job.vals.data = <uint8_t *>PyBytes_AS_STRING(<object>values_window) + (value_bound[0] if k else 0)
+            job.vals.capacity, job.vals.fixed = value_bound[k], True
             job.leaf_hashes = <uint8_t *>PyBytes_AS_STRING(leaf_hashes)
             job.id_hashes = <uint8_t *>PyBytes_AS_STRING(hashes)
             job.run_starts = <Py_ssize_t *>malloc((job.stop - job.start + 1) * sizeof(Py_ssize_t))
@@ -917,20 +974,17 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
         for k in range(njobs):
             if jobs[k].status != OK:
                 return _fail(call)
-        # Merge: the second job's offsets move past the first job's leaves.
+        # Merge: the second job's leaves and values move down to follow the first job's, its
+        # offsets with them.
         if njobs == 2:
             shift = jobs[0].out.size
             for i in range(jobs[1].start, jobs[1].stop):
                 offset[i + 1] += shift
-        leaves = PyBytes_FromStringAndSize(NULL, jobs[0].out.size + jobs[1].out.size)
-        values = PyBytes_FromStringAndSize(NULL, jobs[0].vals.size + jobs[1].vals.size)
+            memmove(jobs[0].out.data + jobs[0].out.size, jobs[1].out.data, jobs[1].out.size)
+            memmove(jobs[0].vals.data + jobs[0].vals.size, jobs[1].vals.data, jobs[1].vals.size)
+        leaves = _shrunk(&leaves_window, jobs[0].out.size + jobs[1].out.size)
+        values = _shrunk(&values_window, jobs[0].vals.size + jobs[1].vals.size)
         for k in range(njobs):
-            if jobs[k].out.size:
-                memcpy(PyBytes_AS_STRING(leaves) + (jobs[0].out.size if k else 0), jobs[k].out.data,
-                       jobs[k].out.size)
-            if jobs[k].vals.size:
-                memcpy(PyBytes_AS_STRING(values) + (jobs[0].vals.size if k else 0), jobs[k].vals.data,
-                       jobs[k].vals.size)
             for i in range(jobs[k].nruns):
                 span = jobs[k].run_correlations[i]
                 end_index = (jobs[k].run_starts[i + 1] if i + 1 < jobs[k].nruns else jobs[k].stop) - 1
@@ -945,10 +999,10 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
             min_time = min(min_time, jobs[1].min_time)
             max_time = max(max_time, jobs[1].max_time)
     finally:
+        Py_XDECREF(leaves_window)
+        Py_XDECREF(values_window)
         free(spans)
         for k in range(2):
-            free(jobs[k].out.data)
-            free(jobs[k].vals.data)
             free(jobs[k].run_starts)
             free(jobs[k].run_correlations)
             free(jobs[k].fields)
