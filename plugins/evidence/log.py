@@ -306,8 +306,12 @@ class EvidenceLog:
         hashes = batch.leaf_hashes or chain.leaf_hashes(batch.leaves, batch.offsets)
         heads = batch.heads if batch.heads is not None else chain.chain(self.head, hashes)
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
-        frontier.append(hashes)
-        self.store.append(tenant, batch, hashes, heads, {"frontier": frontier.to_bytes()}, event_ids=event_ids)
+
+        def grown_frontier() -> dict[str, bytes]:  # runs while the segment is being synced
+            frontier.append(hashes)
+            return {"frontier": frontier.to_bytes()}
+
+        self.store.append(tenant, batch, hashes, heads, grown_frontier, event_ids=event_ids)
         self.frontier = frontier
         self.size += len(batch)
         self.head = heads[-32:]

@@ -390,3 +390,24 @@ def test_a_refused_batch_with_a_previous_head_still_names_the_event(batch):
     assert caught.value.index == 450
     with pytest.raises(ValueError, match="previous_head must be a 32-byte SHA-256 hash, got 31 bytes"):
         batch.encode_events(request_bytes(events[:1]), "acme", "svc", 1, 0, previous_head=bytes(31), **limits)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_smallest_events_and_fields_grow_the_most_and_still_fit(batch, threads):
+    """Leaves and values are written into outputs sized from the request: the tightest case is many
+    one-letter fields with empty values (each becomes a 32-byte commitment and a salted record)."""
+    other = implementation("eventbatch", "python" if batch.__name__.endswith("eventbatch") else "native")
+    events = []
+    for number in range(600):
+        event = pb.Event(event_id=chr(97 + number % 26), event_type="a")
+        for f in range(number % 65):
+            event.fields.add(name=chr(65 + f % 26) + chr(65 + f // 26) if f >= 26 else chr(65 + f), string_value="")
+        events.append(event)
+    data = request_bytes(events)
+    limits = dict(max_events=600, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    tenant, actor = "t" * 100, "a" * 100
+    mine = batch.encode_events(data, tenant, actor, 1, 0, threads=threads, **limits)
+    theirs = other.encode_events(data, tenant, actor, 1, 0, **limits)
+    assert (len(mine.leaves), list(mine.offsets), len(mine.values)) == \
+           (len(theirs.leaves), list(theirs.offsets), len(theirs.values))
+    assert mine.leaf_hashes == importlib.import_module("planes.native.chain_py").leaf_hashes(mine.leaves, mine.offsets)
