@@ -130,26 +130,30 @@ def bench_log(count: int, rounds: int, threads: int) -> None:
 
 def bench_hashes(count: int, rounds: int) -> None:
     for size in (256, 65):
-        messages = [os.urandom(size) for _ in range(count)]
-        data = b"".join(messages)
-        offsets = array("Q", range(0, size * count + 1, size))
-        sides: dict[str, Callable[[], object]] = {
-            name: (lambda name=name: multi.hash_many(data, offsets, implementation=name))
-            for name in multi.implementations()
-        }
-        sides["hashlib-loop"] = lambda: b"".join([sha256(message).digest() for message in messages])
-        expected = sides["hashlib-loop"]()
-        for name, side in sides.items():
-            assert side() == expected, name
-        times = interleaved(sides, rounds)
-        ratio = ratios(times, "openssl")
-        blocks = (size + 8) // 64 + 1
-        print(f"hashes: {count:,} messages of {size} bytes ({blocks} blocks each) x {rounds} rounds, one thread")
-        print(f"{'side':<20} {'median ms':>10} {'M hashes/s':>11} {'M blocks/s':>11} {'vs openssl':>11}")
-        for name, per_round in times.items():
-            median = statistics.median(per_round)
-            print(f"{name:<20} {median * 1e3:>10.1f} {count / median / 1e6:>11.2f} "
-                  f"{count * blocks / median / 1e6:>11.1f} {ratio[name]:>10.2f}x")
+        bench_hashes_of_size(size, count, rounds)
+
+
+def bench_hashes_of_size(size: int, count: int, rounds: int) -> None:
+    messages = [os.urandom(size) for _ in range(count)]
+    data = b"".join(messages)
+    offsets = array("Q", range(0, size * count + 1, size))
+    sides: dict[str, Callable[[], object]] = {
+        name: (lambda name=name: multi.hash_many(data, offsets, implementation=name))
+        for name in multi.implementations()
+    }
+    sides["hashlib-loop"] = lambda: b"".join([sha256(message).digest() for message in messages])
+    expected = sides["hashlib-loop"]()
+    for name, side in sides.items():
+        assert side() == expected, name
+    times = interleaved(sides, rounds)
+    ratio = ratios(times, "openssl")
+    blocks = (size + 8) // 64 + 1
+    print(f"hashes: {count:,} messages of {size} bytes ({blocks} blocks each) x {rounds} rounds, one thread")
+    print(f"{'side':<20} {'median ms':>10} {'M hashes/s':>11} {'M blocks/s':>11} {'vs openssl':>11}")
+    for name, per_round in times.items():
+        median = statistics.median(per_round)
+        print(f"{name:<20} {median * 1e3:>10.1f} {count / median / 1e6:>11.2f} "
+              f"{count * blocks / median / 1e6:>11.1f} {ratio[name]:>10.2f}x")
 
 
 def report(title: str, sides: dict[str, Callable[[], object]], rounds: int, count: int, unit: str) -> None:
