@@ -10,11 +10,14 @@ for its field commitments; the raw values go into a second buffer and the
 event-id hashes into a third. Every 64 events (a chunk still in cache) the
 chunk's commitments are hashed side by side into their leaves, then the
 leaves' RFC 6962 hashes (``sha256_mb.h``: 16 messages a pass in AVX-512
-lanes on this machine, about 5x OpenSSL one at a time). A batch of 256
-events or more is split in two halves encoded by two threads (this one and
-a helper created per call, joined before returning), then the halves are
-joined; only the sequential chain is left to the caller. Python objects
-are made only for the correlation runs.
+lanes on this machine, about 5x OpenSSL one at a time). Leaves and values
+are written straight into the bytes objects returned, sized to a bound of
+what the events can produce and shrunk in place at the end. A batch of 256
+events or more is split between two threads (this one and a helper created
+per call, joined before returning): in halves, or, when the caller gives
+the previous chain head, a quarter here, after which this thread runs the
+sequential chain behind the helper's progress. Python objects are made
+only for the correlation runs.
 
 Every C helper returns ``OK`` or ``FAIL`` and nothing else: on ``FAIL`` the
 batch is handed to the twin, whose parser raises the exact exception (the
