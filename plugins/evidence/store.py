@@ -220,6 +220,7 @@ class SqliteEvidenceStore:
         self._write.executescript(SCHEMA)
         self._local = threading.local()
         self._syncer: ThreadPoolExecutor | None = None
+        self._syncer_pid = 0
         if not writer and self._write.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
             self._write.close()
@@ -262,8 +263,16 @@ class SqliteEvidenceStore:
             self._local.segments = OrderedDict()
         return connection
 
+    def _sync_thread(self) -> ThreadPoolExecutor:
+        """The helper thread that writes and syncs segments; made again in a forked child, which
+        inherits the pool but not its thread (a submission there would wait forever)."""
+        if self._syncer is None or self._syncer_pid != os.getpid():
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-segments")
+            self._syncer_pid = os.getpid()
+        return self._syncer
+
     def close(self) -> None:
-        if self._syncer is not None:
+        if self._syncer is not None and self._syncer_pid == os.getpid():
             self._syncer.shutdown()
         self._write.close()
         os.close(self._fd)
@@ -306,10 +315,8 @@ class SqliteEvidenceStore:
                 if key in batch_keys or self._ids.get(key) is not None:
                     collisions.append((event_id, sequence))
                 batch_keys.add(key)
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-segments")
         offset = self._end
-        synced = self._syncer.submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
+        synced = self._sync_thread().submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
                                                            chain_heads, batch.id_hashes, batch.values], offset)
         connection = self._write
         try:
