@@ -51,18 +51,24 @@ def extensions() -> list[Extension]:
         return []
     from Cython.Build import cythonize
 
+    # native/ on both include paths: the modules cimport its shared declarations (sha256_threads.pxd)
+    # and include the multi-buffer SHA-256 (sha256_mb.h), which is compiled per target by function
+    # attributes and so needs no -march flag.
+    shared = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "native").iterdir() if path.suffix in SHARED)
     modules = [
-        Extension(f"planes.native.{source.stem}", [str(source.relative_to(ROOT))],
-                  extra_compile_args=["-O3"], libraries=["crypto"] if source.stem in CRYPTO_USERS else [])
+        Extension(f"planes.native.{source.stem}", [str(source.relative_to(ROOT))], include_dirs=["native"],
+                  depends=shared, extra_compile_args=["-O3"],
+                  libraries=["crypto"] if source.stem in CRYPTO_USERS else [])
         for source in sources
     ]
-    # native/ on the include path: the modules cimport its shared declarations (sha256_threads.pxd).
     return cythonize(modules, language_level=3, include_path=[str(ROOT / "native")],
                      compiler_directives={"boundscheck": False, "wraparound": False})
 
 
 #: Native modules that link OpenSSL's libcrypto (for SHA-256).
-CRYPTO_USERS: set[str] = {"chain", "codec", "eventbatch"}
+CRYPTO_USERS: set[str] = {"chain", "codec", "eventbatch", "sha256"}
+#: Files of native/ that the modules share; listed as dependencies, so they rebuild and ship in the sdist.
+SHARED = {".h", ".pxd"}
 
 setup(
     package_dir=SOURCE_PACKAGES,

@@ -12,8 +12,13 @@ interleaved, in alternating order, so a noisy machine slows them alike):
 * root: ``merkle_root`` of ``--log`` leaves, same sides.
 * proof: an inclusion proof in a ``--log``-leaf tree: its size, the time to
   build it (native) and to verify it (native and twin).
+* hashes: SHA-256 of ``--messages`` independent messages of 256 and of 65
+  bytes (a leaf and a Merkle node with their prefix byte), one thread:
+  ``planes.native.sha256.hash_many`` with each implementation this CPU runs
+  (multi-buffer AVX-512 and AVX2, OpenSSL one message at a time) against a
+  Python hashlib loop. Ratio = median over rounds of OpenSSL time / side time.
 
-    python -m bench.chain_runner [--events 200000] [--log 1000000] [--rounds 7]
+    python -m bench.chain_runner [--events 200000] [--log 1000000] [--messages 200000] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hashlib import sha256
 
 from planes.native import chain as native
 from planes.native import chain_py as twin
+from planes.native import sha256 as multi
 
 ZERO = bytes(32)
 
@@ -122,6 +128,34 @@ def bench_log(count: int, rounds: int, threads: int) -> None:
         print(f"{name:<20} verify {statistics.median(per_round) / calls * 1e6:>8.2f} us")
 
 
+def bench_hashes(count: int, rounds: int) -> None:
+    for size in (256, 65):
+        bench_hashes_of_size(size, count, rounds)
+
+
+def bench_hashes_of_size(size: int, count: int, rounds: int) -> None:
+    messages = [os.urandom(size) for _ in range(count)]
+    data = b"".join(messages)
+    offsets = array("Q", range(0, size * count + 1, size))
+    sides: dict[str, Callable[[], object]] = {
+        name: (lambda name=name: multi.hash_many(data, offsets, implementation=name))
+        for name in multi.implementations()
+    }
+    sides["hashlib-loop"] = lambda: b"".join([sha256(message).digest() for message in messages])
+    expected = sides["hashlib-loop"]()
+    for name, side in sides.items():
+        assert side() == expected, name
+    times = interleaved(sides, rounds)
+    ratio = ratios(times, "openssl")
+    blocks = (size + 8) // 64 + 1
+    print(f"hashes: {count:,} messages of {size} bytes ({blocks} blocks each) x {rounds} rounds, one thread")
+    print(f"{'side':<20} {'median ms':>10} {'M hashes/s':>11} {'M blocks/s':>11} {'vs openssl':>11}")
+    for name, per_round in times.items():
+        median = statistics.median(per_round)
+        print(f"{name:<20} {median * 1e3:>10.1f} {count / median / 1e6:>11.2f} "
+              f"{count * blocks / median / 1e6:>11.1f} {ratio[name]:>10.2f}x")
+
+
 def report(title: str, sides: dict[str, Callable[[], object]], rounds: int, count: int, unit: str) -> None:
     times = interleaved(sides, rounds)
     ratio = ratios(times, "twin")
@@ -136,16 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000, help="256-byte events per chain round")
     parser.add_argument("--log", type=int, default=1_000_000, help="events in the log to verify, leaves in the tree")
+    parser.add_argument("--messages", type=int, default=200_000, help="messages per size in the hashes part")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=native.DEFAULT_THREADS, help="threads for the native side")
-    parser.add_argument("--only", choices=("chain", "log"), help="run one part")
+    parser.add_argument("--only", choices=("chain", "log", "hashes"), help="run one part")
     args = parser.parse_args(argv)
     print(f"# {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"native default threads {native.DEFAULT_THREADS}")
+          f"native default threads {native.DEFAULT_THREADS}, SHA-256 implementation {multi.implementation()}")
     if args.only in (None, "chain"):
         bench_chain(args.events, args.rounds, args.threads)
     if args.only in (None, "log"):
         bench_log(args.log, args.rounds, args.threads)
+    if args.only in (None, "hashes"):
+        bench_hashes(args.messages, args.rounds)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Rows, interleaved round by round (each figure the median of the rounds):
   gRPC servicer calls), with two encode threads (the default) and with one;
 - in-process from a list of ``pb.Event`` (``EvidenceLog.append``, which
   serializes the list first);
-- two baselines on the same batches, for the ratios: *encode + chain only*
-  (the native encoder and the chain, no storage) and *file floor* (the same
-  number of bytes per batch appended to a plain file with one fdatasync per
-  batch, the issue's 1.06 M rows/s reference);
+- baselines on the same batches, for the ratios: *encode + chain only*
+  (the native encoder, then the chain and the Merkle frontier, one thread,
+  no storage), the same CPU work as an append does it (the encoder on two
+  threads, chaining behind its helper, then the frontier) and *file floor*
+  (the same number of bytes per batch appended to a plain file with one
+  fdatasync per batch, the issue's 1.06 M rows/s reference);
 - over gRPC (127.0.0.1, one process): streaming batches and unary calls.
 
     python -m bench.evidence_append [--events 100000] [--batch 10000] [--unary 1000] [--repeat 3]
@@ -90,15 +92,19 @@ def in_process_messages(events: int, batch: int) -> float:
     return len(batches) * batch / elapsed
 
 
-def encode_and_chain_only(events: int, batch: int) -> tuple[float, int]:
-    """The CPU work of an append without storage; also the bytes a batch's segment takes."""
-    requests = request_bytes("e", events, batch)
+def encode_and_chain_only(events: int, batch: int, threads: int = 1) -> tuple[float, int]:
+    """The CPU work of an append without storage; also the bytes a batch's segment takes.
+
+    One thread: the encoder, then the chain. More: the encoder chains behind its helper, as the log has it.
+    """
+    requests = request_bytes(f"e{threads}", events, batch)
     head, frontier, size, sequence = bytes(32), chain.MerkleFrontier(), 0, 1
     start = time.perf_counter()
     for data in requests:
         encoded = eventbatch.encode_events(data, "acme", "bench", sequence, 0, max_events=10_000, max_fields=64,
-                                           max_value_bytes=65_536, max_id_chars=128, threads=1)
-        heads = chain.chain(head, encoded.leaf_hashes)
+                                           max_value_bytes=65_536, max_id_chars=128, threads=threads,
+                                           previous_head=head if threads > 1 else None)
+        heads = encoded.heads if threads > 1 else chain.chain(head, encoded.leaf_hashes)
         frontier.append(encoded.leaf_hashes)
         head, sequence = heads[-32:], sequence + len(encoded)
         size = (len(encoded.leaves) + len(encoded.values) + len(encoded.offsets) * 8 + len(encoded) * 72)
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows: dict[str, list[float]] = {name: [] for name in (
         "in-process, batched, request bytes", "in-process, batched, 1 encode thread",
-        "in-process, batched, pb.Event list", "encode + chain only (no storage)", "file floor (write + fdatasync)",
+        "in-process, batched, pb.Event list", "encode + chain only (no storage)",
+        "encode + chain, 2 threads (no storage)", "file floor (write + fdatasync)",
         "gRPC streaming batches", "gRPC unary, one event")}
     names = list(rows)
     for round_ in range(args.repeat):
@@ -175,14 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             step()
         rate, segment_bytes = encode_and_chain_only(args.events, args.batch)
         rows[names[3]].append(rate)
-        rows[names[4]].append(file_floor(args.events, args.batch, segment_bytes))
+        rows[names[4]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
+        rows[names[5]].append(file_floor(args.events, args.batch, segment_bytes))
         streaming, unary = run(over_grpc(args.events, args.batch, args.unary))
-        rows[names[5]].append(streaming)
-        rows[names[6]].append(unary)
+        rows[names[6]].append(streaming)
+        rows[names[7]].append(unary)
     print(f"evidence appends: {args.events} events in batches of {args.batch}, {args.unary} unary; "
           f"median of {args.repeat} rounds, durable (segment fdatasync + SQLite synchronous=FULL)")
     encode_only = statistics.median(rows[names[3]])
-    floor = statistics.median(rows[names[4]])
+    floor = statistics.median(rows[names[5]])
     print(f"{'path':<42} {'events/s':>12} {'/ encode-only':>14} {'/ file floor':>13}")
     for name, values in rows.items():
         value = statistics.median(values)

@@ -15,7 +15,7 @@ from types import ModuleType
 __all__ = ["NATIVE_MODULES", "extensions_disabled", "load"]
 
 #: The compiled modules a build must produce (each with a ``<name>_py`` twin).
-NATIVE_MODULES = ("chain", "codec", "eventbatch")
+NATIVE_MODULES = ("chain", "codec", "eventbatch", "sha256")
 
 
 def extensions_disabled() -> bool:

@@ -42,6 +42,8 @@ import sys
 from array import array
 from hashlib import sha256
 
+from planes.native import chain_py
+
 __all__ = [
     "BatchFormatError",
     "ValuesFormatError",
@@ -118,15 +120,19 @@ class EncodedBatch:
     consecutive events with the same correlation id, and ``min_time`` /
     ``max_time`` bound the events' times (0 for an empty batch).
     ``leaf_hashes`` holds the n RFC 6962 leaf hashes (``None`` when the
-    batch was put together elsewhere and they are still to compute).
+    batch was put together elsewhere and they are still to compute), and
+    ``heads`` the n chain heads when :func:`encode_events` was given the head
+    before the batch (else ``None``).
     """
 
     __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "runs", "min_time", "max_time",
-                 "leaf_hashes")
+                 "leaf_hashes", "heads")
 
     def __init__(self, first_sequence: int, leaves: bytes, offsets: array, values: bytes, id_hashes: bytes,
-                 runs: list, min_time: int, max_time: int, leaf_hashes: bytes | None = None):
+                 runs: list, min_time: int, max_time: int, leaf_hashes: bytes | None = None,
+                 heads: bytes | None = None):
         self.leaf_hashes = leaf_hashes
+        self.heads = heads
         self.first_sequence = first_sequence
         self.leaves = leaves
         self.offsets = offsets
@@ -499,14 +505,17 @@ def _threads_arg(value) -> int:
 
 def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: int, *, max_events: int,
                   max_fields: int, max_value_bytes: int, max_id_chars: int, salts=None,
-                  threads=None) -> EncodedBatch:
+                  threads=None, previous_head=None) -> EncodedBatch:
     """Validate, commit and encode the events of a serialized append request (see the module docstring).
 
     Event i gets sequence ``first_sequence + i``; an event without a time gets
     ``now_ns``; one without an actor gets ``actor``. ``salts`` (for tests) is
     an ``os.urandom``-like callable; salts sent with a field are used as is.
     ``threads`` caps the threads the compiled module encodes with (accepted
-    and checked here, for parity).
+    and checked here, for parity). Given ``previous_head`` (the chain head
+    before the batch), the batch's chain heads come back too, as
+    :func:`planes.native.chain_py.chain` computes them; the compiled module
+    runs the chain on one thread while the other encodes.
     """
     try:
         data = bytes(memoryview(data).cast("B"))
@@ -518,6 +527,8 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
     limits = (max_events, _limit_arg(max_fields, "max_fields"), _limit_arg(max_value_bytes, "max_value_bytes"))
     max_id_chars = _limit_arg(max_id_chars, "max_id_chars")
     _threads_arg(threads)
+    if previous_head is not None:
+        previous_head = _head_arg(previous_head)
     tenant_raw, actor_raw = tenant.encode(), actor.encode()
     spans = []
     for number, wire, got, at in _fields(data, 0, len(data)):
@@ -553,9 +564,20 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
             runs[-1][2] = sequence
         else:
             runs.append([correlation_id, sequence, sequence])
+    joined = b"".join(leaf_hashes)
     return EncodedBatch(first_sequence, b"".join(leaves), offsets, pack_values(values), _little(hashes),
                         [(c.decode(), a, b) for c, a, b in runs], min(times, default=0), max(times, default=0),
-                        b"".join(leaf_hashes))
+                        joined, None if previous_head is None else chain_py.chain(previous_head, joined))
+
+
+def _head_arg(value) -> bytes:
+    try:
+        head = bytes(memoryview(value).cast("B"))
+    except TypeError:
+        raise TypeError(f"previous_head must be a bytes-like object, not {type(value).__name__}") from None
+    if len(head) != 32:
+        raise ValueError(f"previous_head must be a 32-byte SHA-256 hash, got {len(head)} bytes")
+    return head
 
 
 def _little(values: array) -> bytes:

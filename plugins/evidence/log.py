@@ -150,7 +150,8 @@ class EvidenceLog:
             batch = eventbatch.encode_events(
                 data, tenant, appender.principal, self.size + 1, int(self.clock() * 1e9),
                 max_events=limits.events_per_batch, max_fields=limits.fields_per_event,
-                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars, threads=self.encode_threads)
+                max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars, threads=self.encode_threads,
+                previous_head=self.head)
         except eventbatch.BatchLimitError as exc:
             if exc.limit_name == "events_per_batch":
                 raise LimitExceeded(exc.limit_name, exc.limit, exc.actual) from None
@@ -303,10 +304,14 @@ class EvidenceLog:
     def _commit_batch(self, tenant: str, batch, *, event_ids: list[str] | None = None) -> None:
         """Hash, chain and store an encoded batch as one segment; durable when this returns."""
         hashes = batch.leaf_hashes or chain.leaf_hashes(batch.leaves, batch.offsets)
-        heads = chain.chain(self.head, hashes)
+        heads = batch.heads if batch.heads is not None else chain.chain(self.head, hashes)
         frontier = chain.MerkleFrontier.from_bytes(self.frontier.to_bytes())
-        frontier.append(hashes)
-        self.store.append(tenant, batch, hashes, heads, {"frontier": frontier.to_bytes()}, event_ids=event_ids)
+
+        def grown_frontier() -> dict[str, bytes]:  # runs while the segment is being synced
+            frontier.append(hashes)
+            return {"frontier": frontier.to_bytes()}
+
+        self.store.append(tenant, batch, hashes, heads, grown_frontier, event_ids=event_ids)
         self.frontier = frontier
         self.size += len(batch)
         self.head = heads[-32:]

@@ -2,8 +2,9 @@
 
 Format 2. Every appended batch is one *segment*: the batch's leaves back to
 back, their offsets, leaf hashes, chain heads and event-id hashes, appended
-to ``<store>.segments`` with one write and made durable with ``fdatasync``;
-then one SQLite transaction (``synchronous=FULL``) records where it is, and
+to ``<store>.segments`` with one write and made durable with ``fdatasync``
+(on a helper thread, while the index rows are inserted); then one SQLite
+transaction (``synchronous=FULL``) that records where it is commits, and
 the batch is acknowledged after that commit. So an acknowledged batch
 survives a process kill or a power cut, and a crash between the two leaves
 only unreferenced bytes at the end of the file, which the next writer cuts
@@ -40,7 +41,8 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +219,8 @@ class SqliteEvidenceStore:
         self._write = self._connect(synchronous)
         self._write.executescript(SCHEMA)
         self._local = threading.local()
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncer_pid = 0
         if not writer and self._write.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
             self._write.close()
@@ -259,13 +263,22 @@ class SqliteEvidenceStore:
             self._local.segments = OrderedDict()
         return connection
 
+    def _sync_thread(self) -> ThreadPoolExecutor:
+        """The helper thread that writes and syncs segments; made again in a forked child, which
+        inherits the pool but not its thread (a submission there would wait forever)."""
+        if self._syncer is None or self._syncer_pid != os.getpid():
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-segments")
+            self._syncer_pid = os.getpid()
+        return self._syncer
+
     def close(self) -> None:
+        if self._syncer is not None and self._syncer_pid == os.getpid():
+            self._syncer.shutdown()
         self._write.close()
         os.close(self._fd)
 
-    def _write_segment(self, parts: list[bytes]) -> int:
-        """Append a segment's bytes to the file and make them durable; its offset."""
-        at = self._end
+    def _write_segment(self, parts: list[bytes], at: int) -> int:
+        """Write a segment's bytes at ``at`` (the end of the file) and make them durable; ``at``."""
         expected = sum(len(part) for part in parts)
         written = os.pwritev(self._fd, parts, at)
         if written != expected:
@@ -279,9 +292,15 @@ class SqliteEvidenceStore:
         """True when no event id of a batch (by hash) is stored or repeated in the batch: the fast path."""
         return self._ids.unknown(id_hashes)
 
-    def append(self, tenant: str, batch, leaf_hashes: bytes, chain_heads: bytes, meta: dict[str, bytes], *,
-               event_ids: list[str] | None = None) -> None:
+    def append(self, tenant: str, batch, leaf_hashes: bytes, chain_heads: bytes,
+               meta: Callable[[], dict[str, bytes]], *, event_ids: list[str] | None = None) -> None:
         """Store an encoded batch (:class:`~planes.native.eventbatch_py.EncodedBatch`) as one segment.
+
+        Durable when this returns. The segment is written and synced on a
+        helper thread while this one inserts its index rows and calls
+        ``meta`` for the meta rows to commit with it (the log computes its
+        Merkle frontier there); the transaction commits once the segment is
+        durable, so an index row never points at bytes a crash can lose.
 
         ``event_ids`` is given when some id hashes may already be taken by
         other ids (the message-by-message path); those ids are recorded as
@@ -296,23 +315,28 @@ class SqliteEvidenceStore:
                 if key in batch_keys or self._ids.get(key) is not None:
                     collisions.append((event_id, sequence))
                 batch_keys.add(key)
-        offset = self._write_segment([batch.leaves, u64_bytes(batch.offsets), leaf_hashes, chain_heads,
-                                      batch.id_hashes, batch.values])
+        offset = self._end
+        synced = self._sync_thread().submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
+                                                           chain_heads, batch.id_hashes, batch.values], offset)
         connection = self._write
-        connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves),
-                                len(batch.values)))
-            connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
-                                   [(tenant, correlation, start, end) for correlation, start, end in batch.runs])
-            if collisions:
-                connection.executemany("INSERT INTO id_collisions VALUES (?, ?)", collisions)
-            connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves),
+                                    len(batch.values)))
+                connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
+                                       [(tenant, correlation, start, end) for correlation, start, end in batch.runs])
+                if collisions:
+                    connection.executemany("INSERT INTO id_collisions VALUES (?, ?)", collisions)
+                connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta().items()))
+                synced.result()
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        finally:
+            wait([synced])  # a failed append leaves no write in flight behind it
         self._end = offset + record_length(count, len(batch.leaves), len(batch.values))
         self._ids.add(batch.id_hashes, first)
 
@@ -625,7 +649,7 @@ class SqliteEvidenceStore:
                 leaves_data = b"".join(row[6] for row in group)
                 kept = eventbatch_py.pack_values([record for row in group for record in values.get(row[0], [])])
                 at = self._write_segment([leaves_data, u64_bytes(offsets), b"".join(row[7] for row in group),
-                                          b"".join(row[8] for row in group), u64_bytes(keys), kept])
+                                          b"".join(row[8] for row in group), u64_bytes(keys), kept], self._end)
                 self._end = at + record_length(len(group), len(leaves_data), len(kept))
                 connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    (first, len(group), tenant, min(times), max(times), at, len(leaves_data),

@@ -321,3 +321,93 @@ def test_random_damage_to_a_large_batch_never_crashes_either_thread(batch):
             encode(batch, bytes(data), max_events=300, salts=None, threads=2)
         except (batch.BatchFormatError, batch.BatchLimitError, batch.BatchRuleError, batch.NotCanonical):
             pass
+
+
+def many_field_events(count: int) -> list[pb.Event]:
+    """Events of 0 to 40 fields with values around SHA-256 block boundaries, some with the client's salt
+    and a correct commitment: commitments and leaves are hashed in chunks, many messages side by side."""
+    events = []
+    for number in range(count):
+        event = pb.Event(event_id=f"id-{number}", event_type="tool.invoked")
+        for f in range((number * 7) % 41):
+            value = bytes([number % 256]) * ((number * 13 + f * 29) % 300)
+            field = event.fields.add(name=f"field-{f}" * (1 + f % 3), bytes_value=value)
+            if (number + f) % 5 == 0:
+                field.salt = f"salt-{number}-{f}".encode()
+                field.commitment.value = leaves.commitment(field.salt, field.name, leaves.KIND_BYTES, value)
+        events.append(event)
+    return events
+
+
+def test_chunks_of_many_commitments_match_the_twin(batch):
+    other = implementation("eventbatch", "python" if batch.__name__.endswith("eventbatch") else "native")
+    events = many_field_events(200)
+    data = request_bytes(events)
+    limits = dict(max_events=200, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    mine = batch.encode_events(data, "acme", "svc", 1, 0, salts=counting_salts, **limits)
+    theirs = other.encode_events(data, "acme", "svc", 1, 0, salts=counting_salts, **limits)
+    assert (mine.leaves, list(mine.offsets), mine.values, mine.leaf_hashes) == \
+           (theirs.leaves, list(theirs.offsets), theirs.values, theirs.leaf_hashes)
+    random_salts = batch.encode_events(data, "acme", "svc", 1, 0, threads=2, **limits)
+    chain = importlib.import_module("planes.native.chain_py")
+    assert random_salts.leaf_hashes == chain.leaf_hashes(random_salts.leaves, random_salts.offsets)
+    stored = {(sequence, name): (salt, value) for sequence, name, salt, value in
+              batch.decode_values(random_salts.values)}
+    assert len(stored) == sum(len(event.fields) for event in events)
+    for index in range(len(random_salts)):
+        leaf = leaves.decode(random_salts.leaves[random_salts.offsets[index]:random_salts.offsets[index + 1]])
+        for field in leaf.fields:
+            salt, value = stored[(index + 1, field.name)]
+            assert leaves.commitment(salt, field.name, field.kind, value) == field.commitment
+
+    events[150].fields[20].commitment.value = bytes(32)
+    with pytest.raises(batch.BatchRuleError, match="does not match its value") as caught:
+        batch.encode_events(request_bytes(events), "acme", "svc", 1, 0, threads=2, **limits)
+    assert caught.value.index == 150
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count", [0, 1, 255, 256, 1000])
+def test_chain_heads_come_back_when_the_previous_head_is_given(batch, threads, count):
+    """With two threads the chain follows the helper thread's progress; the heads are the chain's either way."""
+    events = many_field_events(count)
+    data = request_bytes(events)
+    limits = dict(max_events=1000, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    previous = bytes(range(32))
+    result = batch.encode_events(data, "acme", "svc", 1, 0, threads=threads, previous_head=previous, **limits)
+    chain = importlib.import_module("planes.native.chain_py")
+    assert result.heads == chain.chain(previous, result.leaf_hashes)
+    assert result.leaf_hashes == chain.leaf_hashes(result.leaves, result.offsets)
+    assert batch.encode_events(data, "acme", "svc", 1, 0, threads=threads, **limits).heads is None
+
+
+def test_a_refused_batch_with_a_previous_head_still_names_the_event(batch):
+    events = many_field_events(600)
+    events[450].fields[0].commitment.value = bytes(32)
+    limits = dict(max_events=1000, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    with pytest.raises(batch.BatchRuleError, match="does not match its value") as caught:
+        batch.encode_events(request_bytes(events), "acme", "svc", 1, 0, threads=2, previous_head=bytes(32), **limits)
+    assert caught.value.index == 450
+    with pytest.raises(ValueError, match="previous_head must be a 32-byte SHA-256 hash, got 31 bytes"):
+        batch.encode_events(request_bytes(events[:1]), "acme", "svc", 1, 0, previous_head=bytes(31), **limits)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_smallest_events_and_fields_grow_the_most_and_still_fit(batch, threads):
+    """Leaves and values are written into outputs sized from the request: the tightest case is many
+    one-letter fields with empty values (each becomes a 32-byte commitment and a salted record)."""
+    other = implementation("eventbatch", "python" if batch.__name__.endswith("eventbatch") else "native")
+    events = []
+    for number in range(600):
+        event = pb.Event(event_id=chr(97 + number % 26), event_type="a")
+        for f in range(number % 65):
+            event.fields.add(name=chr(65 + f % 26) + chr(65 + f // 26) if f >= 26 else chr(65 + f), string_value="")
+        events.append(event)
+    data = request_bytes(events)
+    limits = dict(max_events=600, max_fields=64, max_value_bytes=300, max_id_chars=32)
+    tenant, actor = "t" * 100, "a" * 100
+    mine = batch.encode_events(data, tenant, actor, 1, 0, threads=threads, **limits)
+    theirs = other.encode_events(data, tenant, actor, 1, 0, **limits)
+    assert (len(mine.leaves), list(mine.offsets), len(mine.values)) == \
+           (len(theirs.leaves), list(theirs.offsets), len(theirs.values))
+    assert mine.leaf_hashes == importlib.import_module("planes.native.chain_py").leaf_hashes(mine.leaves, mine.offsets)
