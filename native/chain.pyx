@@ -42,15 +42,7 @@ from planes.native import chain_py as _twin
 
 from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
                              pthread_join, pthread_t, thread_main)
-
-cdef extern from "sha256_mb.h":
-    ctypedef struct planes_sha256_msg:
-        const uint8_t *head
-        size_t head_len
-        const uint8_t *data
-        size_t len
-        uint8_t *out
-    void planes_sha256_many(const planes_sha256_msg *m, size_t count) nogil
+from sha256_mb cimport planes_sha256_many, planes_sha256_msg
 
 cdef extern from *:
     """

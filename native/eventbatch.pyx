@@ -40,19 +40,11 @@ from planes.native import eventbatch_py as _twin
 
 from sha256_threads cimport (SHA256_CTX, SHA256_Final, SHA256_Init, SHA256_Update, pthread_attr_t, pthread_create,
                              pthread_join, pthread_t, thread_main)
+from sha256_mb cimport planes_sha256_many, planes_sha256_msg
 
 cdef extern from "Python.h":
     # A new bytes object as a bare reference, so that it can be shrunk in place (_PyBytes_Resize).
     PyObject *new_bytes "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t size)
-
-cdef extern from "sha256_mb.h":
-    ctypedef struct planes_sha256_msg:
-        const uint8_t *head
-        size_t head_len
-        const uint8_t *data
-        size_t len
-        uint8_t *out
-    void planes_sha256_many(const planes_sha256_msg *m, size_t count) nogil
 
 cdef extern from *:
     """

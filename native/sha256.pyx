@@ -16,19 +16,8 @@ from libc.string cimport memcpy
 
 from planes.native import sha256_py as _twin
 
-cdef extern from "sha256_mb.h":
-    ctypedef struct planes_sha256_msg:
-        const uint8_t *head
-        size_t head_len
-        const uint8_t *data
-        size_t len
-        uint8_t *out
-    enum:
-        PLANES_SHA256_OPENSSL
-        PLANES_SHA256_AVX2
-        PLANES_SHA256_AVX512
-    int planes_sha256_implementation() nogil
-    void planes_sha256_many_with(const planes_sha256_msg *m, size_t count, int implementation) nogil
+from sha256_mb cimport (PLANES_SHA256_AVX2, PLANES_SHA256_AVX512, PLANES_SHA256_OPENSSL, planes_sha256_implementation,
+                       planes_sha256_many_with, planes_sha256_msg)
 
 __all__ = _twin.__all__
 
