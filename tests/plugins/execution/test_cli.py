@@ -59,10 +59,14 @@ def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
         common = ("--address", cluster.address, "--token-file", str(token))
         results = [await _planes(cluster, "task", "submit", "-f", str(path), *common)
                    for path in (json_spec, json_spec, toml_spec, broken, unknown)]
+        operator = cluster.state_dir / "alice.token"
+        write_secret(operator, cluster.token(("operator",), "acme", "alice").encode())
+        results.append(await _planes(cluster, "task", "submit", "-f", str(json_spec), "--address", cluster.address,
+                                     "--token-file", str(operator)))
         task_id = re.search(r"^(\S+) awaiting_approval", results[0][1], re.M).group(1)
         stored = (await cluster.tasks().get_task(pb.GetTaskRequest(task_id=task_id))).task
         return results, stored
-    (first, again, toml, bad, odd), stored = scenario(body)
+    (first, again, toml, bad, odd, refused), stored = scenario(body)
     assert first[0] == 0 and first[1].startswith("submitted\n") and " awaiting_approval " in first[1], first[2]
     assert again[0] == 0 and again[1].startswith("already submitted (same idempotency key)")
     assert again[1].split("\n")[1].split()[0] == first[1].split("\n")[1].split()[0], "the same task"
@@ -70,3 +74,4 @@ def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
     assert stored.spec.idempotency_key == "deploy-v2" and stored.spec.correlation.tenant == "acme"
     assert bad[0] == 1 and "broken.json: not valid JSON" in bad[2]
     assert odd[0] == 1 and "unknown.yaml: not a TaskSpec" in odd[2] and "no_such_field" in odd[2]
+    assert refused[0] == 1 and "needs one of the roles service; alice has operator" in refused[2]
