@@ -141,7 +141,7 @@ class CachedConfig:
         self.served = dict(served or {})
         self.clock = clock
         self.current: VerifiedSnapshot | None = None
-        self._bounds: list[int] | None = None       # element bounds of the current content, once a delta needs them
+        self._bounds: list[int] | None = None       # element bounds of the current content, for the next delta
         self.last_contact = 0.0
         self.high_water = 0
         self.load_problem = ""
