@@ -426,6 +426,45 @@ def decode_chunk(message, *, max_chunk_bytes, field=2, verify=False):
     return chunk.offset, buffer.slice(chunk.data_at, chunk.data_size), digest
 
 
+def field_ends(message):
+    """The end offset of each top-level field of a protobuf message, from keys and lengths alone.
+
+    The twin's docstring states the rules; a malformed message is handed to
+    the twin, which raises the exact exception.
+    """
+    cdef const uint8_t[::1] view = _bytes_view(message, "message")
+    cdef Py_ssize_t size = view.shape[0], pos = 0
+    cdef const uint8_t *buf = &view[0] if size else NULL
+    cdef uint64_t key, value
+    cdef Failure failure
+    cdef int wire
+    ends = []
+    while pos < size:
+        if read_varint(buf, &pos, size, &key, &failure) != OK or key >> 3 == 0:
+            return _refuse_fields(message)
+        wire = key & 7
+        if wire == 0:
+            if read_varint(buf, &pos, size, &value, &failure) != OK:
+                return _refuse_fields(message)
+        elif wire == 2:
+            if read_varint(buf, &pos, size, &value, &failure) != OK or value > <uint64_t>(size - pos):
+                return _refuse_fields(message)
+            pos += <Py_ssize_t>value
+        elif wire == 1 or wire == 5:
+            if (8 if wire == 1 else 4) > size - pos:
+                return _refuse_fields(message)
+            pos += 8 if wire == 1 else 4
+        else:
+            return _refuse_fields(message)
+        ends.append(pos)
+    return ends
+
+
+cdef object _refuse_fields(message):
+    _twin.field_ends(message)
+    raise AssertionError("codec: the twin accepted a message field_ends refused")
+
+
 # -- reassembly ------------------------------------------------------------------------------
 
 @cython.auto_pickle(False)

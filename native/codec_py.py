@@ -53,6 +53,7 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "encode_chunk_with_digest",
+    "field_ends",
 ]
 
 #: SHA-256 digest size, the only digest the codec computes.
@@ -330,6 +331,43 @@ def decode_chunk(message, *, max_chunk_bytes, field=2, verify=False) -> tuple[in
     if verify and digest and sha256(view[data_at:data_at + data_size]).digest() != digest:
         raise ChunkFormatError(f"chunk at offset {offset} ({data_size} bytes): digest does not match its data")
     return offset, buffer.slice(data_at, data_size), digest
+
+
+def field_ends(message) -> list[int]:
+    """The end offset of each top-level field of a protobuf message, from keys and lengths alone.
+
+    The offsets split a message into its fields (a repeated field's entries,
+    each with its key and length) without parsing any. A malformed message
+    (field number 0, a group or unknown wire type, a truncated varint or
+    field) raises :class:`ChunkFormatError`, as :func:`decode_chunk` would.
+    """
+    view = _bytes_view(message, "message")
+    ends, pos, end = [], 0, view.nbytes
+    try:
+        while pos < end:
+            at = pos
+            key, pos = _read_varint(view, pos, end)
+            number, wire = key >> 3, key & 7
+            if number == 0:
+                raise _ParseFailure(ZERO_FIELD, at)
+            if wire == 0:
+                _, pos = _read_varint(view, pos, end)
+            elif wire == 2:
+                length, pos = _read_varint(view, pos, end)
+                if length > end - pos:
+                    raise _ParseFailure(LENGTH_BEYOND_END, at, number, length, end - pos)
+                pos += length
+            elif wire in (1, 5):
+                need = 8 if wire == 1 else 4
+                if need > end - pos:
+                    raise _ParseFailure(FIXED_BEYOND_END, at, number, need, end - pos)
+                pos += need
+            else:
+                raise _ParseFailure(UNSUPPORTED_WIRE_TYPE, at, number, wire)
+            ends.append(pos)
+    except _ParseFailure as failure:
+        raise _parse_error(*failure.args_) from None
+    return ends
 
 
 # -- reassembly ----------------------------------------------------------------

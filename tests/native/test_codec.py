@@ -454,3 +454,44 @@ def test_assembly_of_any_split(codec, sizes):
         offset += size
     buffer, digest = target.finish()
     assert (buffer.to_pybytes(), digest) == (payload, sha256(payload).digest())
+
+
+# -- field_ends: a message split into its top-level fields ------------------------------------
+
+def test_field_ends_split_a_message_into_its_fields(codec):
+    pieces = [key(1, 2) + varint(3) + b"abc",            # length-delimited, one-byte length
+              key(2, 0) + varint(300),                    # varint
+              key(3, 1) + bytes(8),                       # fixed64
+              key(4, 5) + bytes(4),                       # fixed32
+              key(1, 2) + varint(20_000) + bytes(20_000),  # a three-byte length
+              key(2**20, 2) + varint(0)]                  # a large field number, empty
+    message = b"".join(pieces)
+    ends = [sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    assert codec.field_ends(message) == ends
+    assert codec.field_ends(b"") == []
+    real = pb.PutPayloadRequest(chunk=pb.DataChunk(offset=5, data=b"x" * 500)).SerializeToString()
+    assert codec.field_ends(real) == [len(real)]
+
+
+@pytest.mark.parametrize("message, problem", [
+    (key(1, 2) + varint(5) + b"abc", "claims 5 bytes but only 3 remain"),
+    (key(3, 1) + bytes(4), "needs 8 bytes but only 4 remain"),
+    (key(1, 3), "unsupported wire type 3"),
+    (key(0, 0) + varint(1), "field number 0"),
+    (b"\x0a\x80", "truncated varint"),
+    (b"\xff" * 11, "longer than 64 bits"),
+])
+def test_field_ends_refuse_malformed_messages(codec, message, problem):
+    with pytest.raises(codec.ChunkFormatError, match=problem):
+        codec.field_ends(message)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_field_ends_agree_with_the_twin_on_any_bytes(codec, twin, data):
+    def ends(module):
+        try:
+            return module.field_ends(data)
+        except ValueError as error:
+            return type(error).__name__, str(error)
+    assert ends(codec) == ends(twin)
