@@ -272,21 +272,26 @@ def _parse_inner(view: memoryview, pos: int, end: int, max_chunk_bytes: int):
             else:
                 digest = (pos, length)
             pos += length
-        elif wire == _VARINT:
-            _, pos = _read_varint(view, pos, end)
-        elif wire == _FIXED64 or wire == _FIXED32:
-            need = 8 if wire == _FIXED64 else 4
-            if need > end - pos:
-                raise _ParseFailure(FIXED_BEYOND_END, at, number, need, end - pos)
-            pos += need
-        elif wire == _LENGTH:
-            length, pos = _read_varint(view, pos, end)
-            if length > end - pos:
-                raise _ParseFailure(LENGTH_BEYOND_END, at, number, length, end - pos)
-            pos += length
         else:
-            raise _ParseFailure(UNSUPPORTED_WIRE_TYPE, at, number, wire)
+            pos = _skip_value(view, pos, end, at, number, wire)
     return offset, data, digest
+
+
+def _skip_value(view: memoryview, pos: int, end: int, at: int, number: int, wire: int) -> int:
+    """The position after the value of field ``number`` (key at ``at``), whatever its wire type."""
+    if wire == _VARINT:
+        return _read_varint(view, pos, end)[1]
+    if wire == _FIXED64 or wire == _FIXED32:
+        need = 8 if wire == _FIXED64 else 4
+        if need > end - pos:
+            raise _ParseFailure(FIXED_BEYOND_END, at, number, need, end - pos)
+        return pos + need
+    if wire == _LENGTH:
+        length, pos = _read_varint(view, pos, end)
+        if length > end - pos:
+            raise _ParseFailure(LENGTH_BEYOND_END, at, number, length, end - pos)
+        return pos + length
+    raise _ParseFailure(UNSUPPORTED_WIRE_TYPE, at, number, wire)
 
 
 def _parse(view: memoryview, field: int, max_chunk_bytes: int):
@@ -350,20 +355,7 @@ def field_ends(message) -> list[int]:
             number, wire = key >> 3, key & 7
             if number == 0:
                 raise _ParseFailure(ZERO_FIELD, at)
-            if wire == 0:
-                _, pos = _read_varint(view, pos, end)
-            elif wire == 2:
-                length, pos = _read_varint(view, pos, end)
-                if length > end - pos:
-                    raise _ParseFailure(LENGTH_BEYOND_END, at, number, length, end - pos)
-                pos += length
-            elif wire in (1, 5):
-                need = 8 if wire == 1 else 4
-                if need > end - pos:
-                    raise _ParseFailure(FIXED_BEYOND_END, at, number, need, end - pos)
-                pos += need
-            else:
-                raise _ParseFailure(UNSUPPORTED_WIRE_TYPE, at, number, wire)
+            pos = _skip_value(view, pos, end, at, number, wire)
             ends.append(pos)
     except _ParseFailure as failure:
         raise _parse_error(*failure.args_) from None
