@@ -70,20 +70,23 @@ def request_bytes(prefix: str, events: int, batch: int) -> list[bytes]:
             for i in range(events // batch)]
 
 
-def in_process_bytes(events: int, batch: int, threads: int, profile: bool = False) -> float:
-    requests = request_bytes(f"t{threads}-", events, batch)
+def in_process_bytes(events: int, batch: int, threads: int, profile: bool = False, pipelined: bool = False) -> float:
+    requests = request_bytes(f"t{threads}{'p' if pipelined else ''}-", events, batch)
     with tempfile.TemporaryDirectory() as state:
         log = open_log(Path(state), {"checkpoint_every": 100_000, "encode_threads": threads})
         profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        for data in requests:
-            log.append_encoded("acme", data, WHO)
+        if pipelined:
+            log.append_many([("acme", data) for data in requests], WHO)
+        else:
+            for data in requests:
+                log.append_encoded("acme", data, WHO)
         if profiler is not None:
             profiler.disable()
         elapsed = time.perf_counter() - start
-        log.store.close()
+        log.close()
     if profiler is not None:
         print(f"in-process appends under cProfile: {elapsed / len(requests) * 1e3:.2f} ms a batch; "
               "the encoder's native time shows as EvidenceLog._append's own")
@@ -99,7 +102,7 @@ def in_process_messages(events: int, batch: int) -> float:
         for item in batches:
             log.append("acme", item, WHO)
         elapsed = time.perf_counter() - start
-        log.store.close()
+        log.close()
     return len(batches) * batch / elapsed
 
 
@@ -178,35 +181,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="only profile the in-process appends (cProfile, by own time) and stop")
+    parser.add_argument("--pipelined", action="store_true", help="with --profile: profile append_many")
     args = parser.parse_args(argv)
     if args.profile:
-        in_process_bytes(args.events, args.batch, 2, profile=True)
+        in_process_bytes(args.events, args.batch, 2, profile=True, pipelined=args.pipelined)
         return 0
     rows: dict[str, list[float]] = {name: [] for name in (
-        "in-process, batched, request bytes", "in-process, batched, 1 encode thread",
+        "in-process, batched, pipelined (append_many)", "in-process, batched, request bytes",
+        "in-process, batched, 1 encode thread",
         "in-process, batched, pb.Event list", "encode + chain only (no storage)",
         "encode + chain, 2 threads (no storage)", "file floor (write + fdatasync)",
         "gRPC streaming batches", "gRPC unary, one event")}
     names = list(rows)
     for round_ in range(args.repeat):
         steps = [
-            lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2)),
-            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 1)),
-            lambda: rows[names[2]].append(in_process_messages(args.events, args.batch)),
+            lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True)),
+            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2)),
+            lambda: rows[names[2]].append(in_process_bytes(args.events, args.batch, 1)),
+            lambda: rows[names[3]].append(in_process_messages(args.events, args.batch)),
         ]
         for step in steps if round_ % 2 == 0 else steps[::-1]:
             step()
         rate, segment_bytes = encode_and_chain_only(args.events, args.batch)
-        rows[names[3]].append(rate)
-        rows[names[4]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
-        rows[names[5]].append(file_floor(args.events, args.batch, segment_bytes))
+        rows[names[4]].append(rate)
+        rows[names[5]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
+        rows[names[6]].append(file_floor(args.events, args.batch, segment_bytes))
         streaming, unary = run(over_grpc(args.events, args.batch, args.unary))
-        rows[names[6]].append(streaming)
-        rows[names[7]].append(unary)
+        rows[names[7]].append(streaming)
+        rows[names[8]].append(unary)
     print(f"evidence appends: {args.events} events in batches of {args.batch}, {args.unary} unary; "
           f"median of {args.repeat} rounds, durable (segment fdatasync + SQLite synchronous=FULL)")
-    encode_only = statistics.median(rows[names[3]])
-    floor = statistics.median(rows[names[5]])
+    encode_only = statistics.median(rows[names[4]])
+    floor = statistics.median(rows[names[6]])
     print(f"{'path':<42} {'events/s':>12} {'/ encode-only':>14} {'/ file floor':>13}")
     for name, values in rows.items():
         value = statistics.median(values)

@@ -86,7 +86,7 @@ class EvidencePlugin(Plugin):
             # the host stops, not only after the next start.
             await self.plane._run(self.log.checkpoint_now)
         self.plane.close()
-        self.log.store.close()
+        self.log.close()
 
     def add_cli_commands(self, commands) -> None:
         evidence = commands.add_parser("evidence", help="verify evidence bundles and check the evidence log")

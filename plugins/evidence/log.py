@@ -18,7 +18,8 @@ import re
 import time
 from collections import OrderedDict
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -26,7 +27,8 @@ from google.protobuf.message import DecodeError
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.kernel.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
+from planes.kernel.errors import (FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied,
+                                  PlanesError)
 from planes.kernel.identity import Identity
 from planes.kernel.tokens import SigningKey
 from planes.native import eventbatch_py, load
@@ -51,6 +53,72 @@ class Limits:
     fields_per_event: int = 64
     field_value_bytes: int = 64 * 1024
     id_chars: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A request through the native encoder (``batch`` None: the fast path refused it), and what it was
+    encoded on: the log ending at ``first_sequence - 1`` with chain head ``head``."""
+
+    index: int | None
+    tenant: str
+    data: bytes
+    appender: Identity
+    first_sequence: int
+    head: bytes
+    batch: object
+    events: list[pb.Event] | None
+
+    def tip(self) -> tuple[int, bytes]:
+        """Where the log ends once this batch is stored whole: the next request is encoded on that."""
+        if self.batch is None or not len(self.batch):
+            return self.first_sequence, self.head
+        return self.first_sequence + len(self.batch), self.batch.heads[-32:]
+
+
+class AppendPipeline:
+    """One producer's batches, appended in order; :meth:`EvidenceLog.pipeline` makes one.
+
+    :meth:`push` hands the next request to a worker thread, which encodes it
+    (commitments, leaves, hashes, chain) as if the batch pushed before it
+    were already stored, while this thread stores that batch (fdatasync and
+    index commit); it returns that batch's result, durable. :meth:`finish`
+    stores the last one. Every batch is acknowledged only once durable, in
+    order. Like every log method, push and finish run on the log's one
+    thread; other operations may run between them: a batch encoded ahead on
+    a log that has moved since (another append, or a batch before it that
+    held replays) is encoded again when stored, so the pipeline only ever
+    saves work. On an error nothing pushed after the last acknowledged batch
+    is stored, and the pipeline is empty again.
+    """
+
+    def __init__(self, log: EvidenceLog, appender: Identity):
+        self.log = log
+        self.appender = appender
+        self.pushed = 0
+        self._pending: _Encoded | None = None
+
+    def push(self, tenant: str, data: bytes) -> AppendResult | None:
+        """Start appending a serialized ``AppendEventsRequest``; the result of the batch pushed before it."""
+        log, index, pending = self.log, self.pushed, self._pending
+        self.pushed += 1
+        if pending is None:
+            self._pending = log._encode_request(index, tenant, data, self.appender, log.size + 1, log.head)
+            return None
+        self._pending = None
+        ahead = log._encoder().submit(log._encode_request, index, tenant, data, self.appender, *pending.tip())
+        try:
+            result = log._settle(pending)
+        except BaseException:
+            wait([ahead])  # nothing of the next batch is stored; let its encoder finish first
+            raise
+        self._pending = ahead.result()
+        return result
+
+    def finish(self) -> AppendResult | None:
+        """Store the batch pushed last; its result (None if there is none)."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else self.log._settle(pending)
 
 
 @dataclass(frozen=True)
@@ -111,6 +179,8 @@ class EvidenceLog:
         self._valid_types: set[str] = set()
         self._proofs: OrderedDict[int, InclusionProofs] = OrderedDict()
         self._checkpointed_at = clock()
+        self._encoder_pool: ThreadPoolExecutor | None = None
+        self._encoder_pid = 0
 
     def _load_frontier(self):
         saved = self.store.meta("frontier")
@@ -144,40 +214,97 @@ class EvidenceLog:
         """
         return self._append(tenant, data, appender, None)
 
+    def append_many(self, requests: Iterable[tuple[str, bytes]], appender: Identity) -> list[AppendResult]:
+        """:meth:`append_encoded` of ``(tenant, request bytes)`` after another, pipelined (:meth:`pipeline`).
+
+        On an error, the batches before the failing one are durable and the
+        rest are not stored; the error says which batch failed (an index
+        into ``requests``). Retrying the whole list is harmless: stored
+        event ids make a replayed event a no-op.
+        """
+        pipeline = self.pipeline(appender)
+        results = [result for tenant, data in requests if (result := pipeline.push(tenant, data)) is not None]
+        last = pipeline.finish()
+        return results if last is None else [*results, last]
+
+    def pipeline(self, appender: Identity) -> AppendPipeline:
+        """Appends of one producer's batches, each encoded while the one before it is stored."""
+        return AppendPipeline(self, appender)
+
+    def _encoder(self) -> ThreadPoolExecutor:
+        """The worker that encodes a batch ahead; made again in a forked child (the pool's thread is not
+        inherited, so a submission there would wait forever)."""
+        if self._encoder_pool is None or self._encoder_pid != os.getpid():
+            self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-encode")
+            self._encoder_pid = os.getpid()
+        return self._encoder_pool
+
+    def close(self) -> None:
+        """Stop the encoder worker and close the store."""
+        if self._encoder_pool is not None and self._encoder_pid == os.getpid():
+            self._encoder_pool.shutdown()
+        self.store.close()
+
     def _append(self, tenant: str, data: bytes, appender: Identity, events: list[pb.Event] | None) -> AppendResult:
+        return self._settle(self._encode_request(None, tenant, data, appender, self.size + 1, self.head, events))
+
+    def _encode_request(self, index: int | None, tenant: str, data: bytes, appender: Identity, first_sequence: int,
+                        head: bytes, events: list[pb.Event] | None = None) -> _Encoded:
+        """Run the native encoder on a request as if the log ended at ``first_sequence - 1`` with ``head``;
+        touches no state of the log, so it can run ahead on the worker."""
         limits = self.limits
         try:
             batch = eventbatch.encode_events(
-                data, tenant, appender.principal, self.size + 1, int(self.clock() * 1e9),
+                data, tenant, appender.principal, first_sequence, int(self.clock() * 1e9),
                 max_events=limits.events_per_batch, max_fields=limits.fields_per_event,
                 max_value_bytes=limits.field_value_bytes, max_id_chars=limits.id_chars, threads=self.encode_threads,
-                previous_head=self.head)
+                previous_head=head)
         except eventbatch.BatchLimitError as exc:
             if exc.limit_name == "events_per_batch":
-                raise LimitExceeded(exc.limit_name, exc.limit, exc.actual) from None
+                where = "" if index is None else f"batch {index}: "
+                raise LimitExceeded(exc.limit_name, exc.limit, exc.actual,
+                                    message=f"{where}{exc.actual} events > {exc.limit}") from None
             batch = None
         except (eventbatch.BatchRuleError, eventbatch.BatchFormatError, eventbatch.NotCanonical):
             batch = None
+        return _Encoded(index, tenant, data, appender, first_sequence, head, batch, events)
+
+    def _settle(self, encoded: _Encoded) -> AppendResult:
+        """Store an encoded request; durable when this returns."""
+        batch = encoded.batch
+        if batch is not None and (encoded.first_sequence != self.size + 1 or encoded.head != self.head):
+            # Encoded ahead on a tip the batch before did not reach (it had replays): encode again.
+            encoded = self._encode_request(encoded.index, encoded.tenant, encoded.data, encoded.appender,
+                                           self.size + 1, self.head, encoded.events)
+            batch = encoded.batch
         if batch is not None:
             count = len(batch)
             if not count:
                 return AppendResult([], 0, 0, self.head)
             if self.store.ids_unknown(batch.id_hashes):
-                self._commit_batch(tenant, batch)
+                self._commit_batch(encoded.tenant, batch)
                 self._maybe_checkpoint()
                 first = batch.first_sequence
                 return AppendResult(list(range(first, first + count)), count, 0, self.head)
         # The rare path, and the authority on every refusal: replays and
         # duplicates, bad events, and encodings the native path leaves to
         # protobuf all go through the message-by-message append.
+        events, limits = encoded.events, self.limits
+        where = "" if encoded.index is None else f"batch {encoded.index}: "
         if events is None:
             try:
-                events = list(pb.AppendEventsRequest.FromString(data).events)
+                events = list(pb.AppendEventsRequest.FromString(encoded.data).events)
             except DecodeError:
-                raise InvalidArgument("the append request is not a well-formed protobuf message") from None
+                raise InvalidArgument(f"{where}the append request is not a well-formed protobuf message") from None
             if len(events) > limits.events_per_batch:
                 raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
-        return self._append_messages(tenant, events, appender)
+        try:
+            return self._append_messages(encoded.tenant, events, encoded.appender)
+        except PlanesError as exc:
+            if where:  # name the batch of the list that failed
+                exc.message = where + exc.message
+                exc.args = (exc.message,)
+            raise
 
     def _append_messages(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
         known = self.store.known_event_ids(e.event_id for e in events)

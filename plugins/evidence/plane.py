@@ -34,6 +34,25 @@ def _tenant_and_bytes(request) -> tuple[str, bytes]:
     return request.tenant, request.SerializeToString()
 
 
+class _StreamTotals:
+    """What a streamed append acknowledges, summed batch by batch (a stream's sequences are not kept)."""
+
+    def __init__(self):
+        self.appended = self.duplicates = self.last = 0
+        self.head = b""
+
+    def add(self, result) -> None:
+        if result is not None and result.sequences:
+            self.appended += result.appended
+            self.duplicates += result.duplicates
+            self.last = max(self.last, *result.sequences)
+            self.head = result.chain_head
+
+    def response(self) -> pb.AppendEventStreamResponse:
+        return pb.AppendEventStreamResponse(appended=self.appended, duplicates=self.duplicates,
+                                            last_sequence=self.last, chain_head=self.head)
+
+
 class Evidence(EvidencePlane):
     #: Appends reach the native batch encoder as the bytes that arrived: no
     #: protobuf parse and re-serialization of a batch on the way. The kernel
@@ -56,20 +75,17 @@ class Evidence(EvidencePlane):
 
     async def append_event_stream(self, requests: AsyncIterator[pb.AppendEventStreamRequest],
                                   call: CallContext) -> pb.AppendEventStreamResponse:
-        appended = duplicates = last = 0
-        head = b""
+        """Each batch is encoded while the one before it is stored (:class:`~.log.AppendPipeline`); the
+        reply comes once every batch is durable. A failed stream leaves the batches before the failing
+        one stored; the client resends the stream (stored event ids make the replays no-ops)."""
+        pipeline = self.log.pipeline(call.identity)
+        totals = _StreamTotals()
         async for request in requests:
             if type(request) is not Encoded and not request.events:
                 continue
-            result = await self._run(self.log.append_encoded, *_tenant_and_bytes(request), call.identity)
-            if not result.sequences:
-                continue
-            appended += result.appended
-            duplicates += result.duplicates
-            last = max(last, *result.sequences)
-            head = result.chain_head
-        return pb.AppendEventStreamResponse(appended=appended, duplicates=duplicates, last_sequence=last,
-                                            chain_head=head)
+            totals.add(await self._run(pipeline.push, *_tenant_and_bytes(request)))
+        totals.add(await self._run(pipeline.finish))
+        return totals.response()
 
     async def query_events(self, request: pb.QueryEventsRequest, call: CallContext) -> AsyncIterator[pb.QueryEventsResponse]:
         remaining = request.limit or None

@@ -25,4 +25,4 @@ def event(event_id: str, *, event_type="tool.invoked", correlation="corr-1", ten
 def log(tmp_path):
     opened = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
     yield opened
-    opened.store.close()
+    opened.close()

@@ -74,6 +74,35 @@ def test_append_query_and_tenant_scope(run, tmp_path):
     assert other == [], "another tenant sees none of acme's events"
 
 
+def test_a_stream_with_a_bad_batch_keeps_the_batches_before_it_and_names_the_bad_one(run, tmp_path):
+    async def scenario(client):
+        service = client(("service",))
+
+        async def batches():
+            for n in range(3):
+                yield pb.AppendEventStreamRequest(events=[event(f"s{n}-{i}") for i in range(100)])
+            yield pb.AppendEventStreamRequest(events=[event("bad", event_type="Not A Type")])
+            yield pb.AppendEventStreamRequest(events=[event("after")])
+
+        with pytest.raises(errors.InvalidArgument) as raised:
+            await service.append_event_stream(batches(), timeout=10)
+        stored = [e.event_id async for page in client(("reviewer",)).query_events(pb.QueryEventsRequest(limit=1000))
+                  for e in page.events]
+
+        async def again():
+            for n in range(3):
+                yield pb.AppendEventStreamRequest(events=[event(f"s{n}-{i}") for i in range(100)])
+            yield pb.AppendEventStreamRequest(events=[event("after")])
+
+        resent = await service.append_event_stream(again(), timeout=10)
+        return raised.value, stored, resent
+
+    error, stored, resent = _serve(run, tmp_path, scenario)
+    assert error.message.startswith("batch 3: event 0: event_type must be"), error.message
+    assert stored == [f"s{n}-{i}" for n in range(3) for i in range(100)], "the batches before the bad one, in order"
+    assert (resent.appended, resent.duplicates, resent.last_sequence) == (1, 300, 301), "resending is harmless"
+
+
 def test_limit_error_crosses_the_wire_with_its_numbers(run, tmp_path):
     async def scenario(client):
         with pytest.raises(errors.LimitExceeded) as raised:
