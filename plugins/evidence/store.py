@@ -8,7 +8,10 @@ transaction (``synchronous=FULL``) that records where it is commits, and
 the batch is acknowledged after that commit. So an acknowledged batch
 survives a process kill or a power cut, and a crash between the two leaves
 only unreferenced bytes at the end of the file, which the next writer cuts
-off. One sequential write per batch instead of a row, an index entry and a
+off. Segments of ``DIRECT_MIN`` bytes or more are written around the page
+cache (``O_DIRECT``): they start on a page boundary and are zero-padded to
+whole pages, so the file may hold a few unreferenced bytes between
+segments; readers go by each segment's recorded offset. One sequential write per batch instead of a row, an index entry and a
 unique-key probe per event (format 1 did that: about 24 us an event; SQLite
 blobs in WAL mode cost 2 us an event, the file 0.6 us). In SQLite, beside
 each segment's row:
