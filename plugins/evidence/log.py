@@ -297,7 +297,8 @@ class EvidenceLog:
             except DecodeError:
                 raise InvalidArgument(f"{where}the append request is not a well-formed protobuf message") from None
             if len(events) > limits.events_per_batch:
-                raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events))
+                raise LimitExceeded("events_per_batch", limits.events_per_batch, len(events),
+                                    message=f"{where}{len(events)} events > {limits.events_per_batch}")
         try:
             return self._append_messages(encoded.tenant, events, encoded.appender)
         except PlanesError as exc:
