@@ -225,9 +225,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ObjectWriter:
-    """Writes one payload's bytes to ``incoming/`` as they arrive, hashing them in the same pass.
+    """Writes one payload's bytes to ``incoming/`` as they arrive, hashing them as they pass.
 
-    Not thread-safe: one stream feeds it, from one thread at a time.
+    Not thread-safe: one stream feeds it, from one thread at a time, or from
+    two when one calls :meth:`update_digest` and the other :meth:`append`.
     """
 
     def __init__(self, path: Path, payload_id: str, cipher: SegmentCipher | None, durable: bool, content_hash,
@@ -273,11 +274,25 @@ class ObjectWriter:
 
     def write(self, data, chunk_digest: bytes = b"") -> bool:
         """Append ``data``; False when ``chunk_digest`` is set and does not match it (stored anyway)."""
+        matches = self.update_digest(data, chunk_digest)
+        self.append(data)
+        return matches
+
+    # write() in two halves, for a caller that runs them on two threads: each
+    # half must see every chunk, in order, from one thread at a time.
+
+    def update_digest(self, data, chunk_digest: bytes = b"") -> bool:
+        """Hash ``data`` into the content digest; False when ``chunk_digest`` is set and does not match it."""
         view = memoryview(data).cast("B")
         matches = True
         if chunk_digest:
             matches = hashlib.sha256(view).digest() == chunk_digest
         self._hash.update(view)
+        return matches
+
+    def append(self, data) -> None:
+        """Write ``data`` after the bytes already written (sealed first when encrypted)."""
+        view = memoryview(data).cast("B")
         self.size += view.nbytes
         if self._cipher is None:
             self._write_all(view)
@@ -288,7 +303,6 @@ class ObjectWriter:
                 self._write_all(self._cipher.seal(self._segment, self._pending[:SEGMENT], final=False))
                 del self._pending[:SEGMENT]
                 self._segment += 1
-        return matches
 
     def _write_all(self, data) -> None:
         view = memoryview(data).cast("B")

@@ -100,13 +100,13 @@ async def _after_release(budget, size):
 def test_a_producer_faster_than_storage_waits_instead_of_growing_memory(serve, monkeypatch):
     """A stalled disk writer stops the plane reading the stream, so the producer waits."""
     gate = threading.Event()
-    real_write = ObjectWriter.write
+    real_append = ObjectWriter.append  # the disk half of a write (the plane hashes on another thread)
 
-    def slow_write(self, data, chunk_digest=b""):
+    def slow_append(self, data):
         gate.wait(30)
-        return real_write(self, data, chunk_digest)
+        return real_append(self, data)
 
-    monkeypatch.setattr(ObjectWriter, "write", slow_write)
+    monkeypatch.setattr(ObjectWriter, "append", slow_append)
     total, step = 48 * MiB, 256 * 1024
     payload = bytes(total)
 
