@@ -2,16 +2,17 @@
 
 Put runs as a pipeline: the event loop reads a chunk message, checks it with
 the native codec (limits before anything is allocated; the data stays a
-zero-copy slice of the received bytes) and hands it to the stream's writer
-thread, which hashes it, encrypts it when the class asks for it and writes it
-to disk while the loop reads the next one. Memory stays bounded twice over:
-at most ``stream_inflight_bytes`` per stream and ``tenant_inflight_bytes`` per
-tenant are received and not yet written; beyond that the loop stops reading,
-so gRPC flow control makes the producer wait.
+zero-copy slice of the received bytes) and hands it to the stream's two
+lanes, threads that take every chunk in order: one hashes it, the other
+encrypts it when the class asks for it and writes it to disk, while the loop
+reads the next one. Memory stays bounded twice over: at most
+``stream_inflight_bytes`` per stream and ``tenant_inflight_bytes`` per
+tenant are received and not yet through both lanes; beyond that the loop
+stops reading, so gRPC flow control makes the producer wait.
 
-Where the digest is computed, and why: once, at ingest, on the writer thread
-(it releases the GIL, so it runs beside the receiving loop on the second
-core); the result is stored in the payload's info. The content digest is
+Where the digest is computed, and why: once, at ingest, on the hashing lane
+(it releases the GIL, so it runs beside the receiving loop and the storing
+lane); the result is stored in the payload's info. The content digest is
 BLAKE3 by default (``DataClient``), SHA-256 on request: on this machine's CPU
 (no SHA extensions) SHA-256 runs at 0.39 GB/s, a third of what loopback gRPC
 carries, while BLAKE3 runs at 4.6 GB/s on one core, so only BLAKE3 lets a put
