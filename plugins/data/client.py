@@ -51,10 +51,11 @@ from .limits import CLASSIFICATIONS, DESTINATION_KINDS
 __all__ = ["DataClient", "EgressDenied", "IntegrityError"]
 
 MiB = 1 << 20
-#: Messages gRPC holds at once beside the payload while a get's stream is read,
-#: at most: 6-8 at 8-16 MiB messages (peak receive memory of 1.24x and 1.40x
-#: for 256 MiB, bench/RESULTS.md), relatively more for smaller ones.
-HELD_MESSAGES = 8
+#: What gRPC holds beside the payload while a get's stream is read, in
+#: messages: 6-8 of them at 8-16 MiB (peak receive memory of 1.24x and 1.40x
+#: for 256 MiB), about 12 at 1-4 MiB (bench/RESULTS.md). Dividing a budget by
+#: 12 kept a 256 MiB get within 1.17-1.19x with the default budget.
+HELD_MESSAGES = 12
 #: Below this a receive budget bounds nothing: smaller messages only cost more per byte.
 MIN_GET_MESSAGE = 64 * 1024
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -103,7 +104,7 @@ class DataClient:
         messages at once while a stream is read (its transport buffers, the
         slices of a message and the message joined from them), so a get asks
         for messages of at most 1/:data:`HELD_MESSAGES` of the budget,
-        whatever its ``chunk_bytes``: with the default, 8 MiB.
+        whatever its ``chunk_bytes``: with the default, about 5.3 MiB.
         """
         if digest_algorithm not in _ALGORITHMS:
             raise ValueError(f"digest_algorithm must be one of {', '.join(_ALGORITHMS)}")

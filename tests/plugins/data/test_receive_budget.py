@@ -40,16 +40,16 @@ def test_a_budget_bounds_the_message_size_asked_for_and_the_payload_arrives_whol
     (bounded, unbounded), got = serve(scenario)
     assert got == [payload, payload]
     assert max(bounded) == 8 * MiB // HELD_MESSAGES and sum(bounded) == len(payload), \
-        "within an 8 MiB budget a get asks for 1 MiB messages, whatever chunk_bytes says"
+        "within an 8 MiB budget a get asks for small messages, whatever chunk_bytes says"
     assert max(unbounded) == 4 * MiB and len(unbounded) == 2, "without a budget it asks for chunk_bytes"
 
 
-def test_the_default_budget_leaves_small_chunks_alone_and_caps_large_ones(serve):
+def test_the_default_budget_leaves_chunks_up_to_4_mib_alone_and_caps_larger_ones(serve):
     async def scenario(served):
         data = served.data()
         return data.get_message_bytes(), data.get_message_bytes(4 * MiB), data.get_message_bytes(16 * MiB)
 
-    assert serve(scenario) == (MiB, 4 * MiB, 8 * MiB)
+    assert serve(scenario) == (MiB, 4 * MiB, 64 * MiB // HELD_MESSAGES)
 
 
 def test_a_tiny_budget_still_asks_for_useful_messages(serve):
