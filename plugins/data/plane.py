@@ -72,10 +72,10 @@ def _short(digest: bytes) -> str:
 class _Lane(threading.Thread):
     """One thread taking a put's chunks in order and doing one half of the writer's work on each.
 
-    Chunks come through a ``SimpleQueue`` (no future, no callback, no lock
-    per chunk); ``done`` counts the bytes finished, and the lane tells the
-    loop through ``progressed``, which coalesces. Calls queued behind the
-    chunks (finish, commit, discard) run in order after them.
+    Chunks come through a ``SimpleQueue`` (no future or callback per chunk,
+    as ``run_in_executor`` makes); ``done`` counts the bytes finished, and the
+    lane tells the loop through ``progressed``, which coalesces. Calls queued
+    behind the chunks (finish, commit, discard) run in order after them.
     """
 
     def __init__(self, name: str, work: Callable, progressed: Callable[[], None],
