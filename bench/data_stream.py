@@ -32,7 +32,7 @@ cost it nothing); the kernel's own writeback threads count for neither. On
 two cores shared by both, a side whose two figures add up to about twice its
 time is CPU-bound.
 
-    python -m bench.data_stream [--mib 256] [--chunks 1,4,16] [--rounds 5] [--probes 3] [--sides raw,protobuf,flight,planes]
+    python -m bench.data_stream [--mib 256] [--chunks 1,4,16] [--rounds 5] [--probes 3] [--sides raw,protobuf,flight,planes] [--directions get,put]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,8 @@ async def serve(mib: int) -> None:
                 print(peak(), flush=True)
             elif command == "cpu":
                 print(time.process_time_ns() // 1000, flush=True)
+        # Each run stores a payload or two per side (hundreds of MiB): leave nothing behind.
+        shutil.rmtree(state, ignore_errors=True)
         os._exit(0)
 
     threading.Thread(target=commands, daemon=True).start()
@@ -354,7 +357,7 @@ async def run_bench(args) -> None:
         print(f"# {args.mib} MiB float32 tensor over loopback; {args.rounds} rounds; Python "
               f"{platform.python_version()}, grpcio {grpc.__version__}, pyarrow {pa.__version__}, "
               f"{os.cpu_count()} cores")
-        for direction in ("get", "put"):
+        for direction in [d for d in args.directions.split(",") if d]:
             for chunk_mib in [int(c) for c in args.chunks.split(",")]:
                 step = chunk_mib * MiB
                 for side in sides:                          # warm-up, not timed
@@ -425,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--probes", type=int, default=3, help="fresh-process Get memory probes per side and size")
     parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--directions", default="get,put", help="get, put or both")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

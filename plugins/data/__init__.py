@@ -41,12 +41,14 @@ class DataPlugin(Plugin):
         from planes.plugins.evidence.writer import EvidenceWriter
 
         from .crypto import MasterKey
+        from .heap import keep_freed_memory
         from .limits import DataSettings
         from .plane import Data
         from .store import PayloadStore
 
         self.kernel = kernel
         settings = DataSettings.from_mapping(kernel.settings.plugin_settings(self.name))
+        keep_freed_memory(settings.heap_keep_bytes)
         key_path = kernel.state_dir / settings.master_key_file
         master = MasterKey.load_or_create(key_path)
         self.store = PayloadStore(kernel.state_dir / "data", master, durable=settings.durable)

@@ -51,6 +51,13 @@ from .limits import CLASSIFICATIONS, DESTINATION_KINDS
 __all__ = ["DataClient", "EgressDenied", "IntegrityError"]
 
 MiB = 1 << 20
+#: What gRPC holds beside the payload while a get's stream is read, in
+#: messages: 6-8 of them at 8-16 MiB (peak receive memory of 1.24x and 1.40x
+#: for 256 MiB), about 12 at 1-4 MiB (bench/RESULTS.md). Dividing a budget by
+#: 12 kept a 256 MiB get within 1.17-1.19x with the default budget.
+HELD_MESSAGES = 12
+#: Below this a receive budget bounds nothing: smaller messages only cost more per byte.
+MIN_GET_MESSAGE = 64 * 1024
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SHA256 = common_pb2.DIGEST_ALGORITHM_SHA256
 BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
@@ -87,9 +94,18 @@ class DataClient:
     """Puts and gets payloads of one tenant through a data plane client (local or remote)."""
 
     def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB,
-                 digest_algorithm: str = "blake3", task_credential: str = ""):
+                 digest_algorithm: str = "blake3", task_credential: str = "",
+                 receive_budget_bytes: int = 64 * MiB):
         """``task_credential``: a worker's credential from its lease, sent with every request
-        (the data plane requires one from callers acting only as workers)."""
+        (the data plane requires one from callers acting only as workers).
+
+        ``receive_budget_bytes``: memory a get may hold in received messages
+        beside the payload's own buffer (0: no bound). gRPC holds several
+        messages at once while a stream is read (its transport buffers, the
+        slices of a message and the message joined from them), so a get asks
+        for messages of at most 1/:data:`HELD_MESSAGES` of the budget,
+        whatever its ``chunk_bytes``: with the default, about 5.3 MiB.
+        """
         if digest_algorithm not in _ALGORITHMS:
             raise ValueError(f"digest_algorithm must be one of {', '.join(_ALGORITHMS)}")
         self.algorithm = _ALGORITHMS[digest_algorithm]
@@ -98,6 +114,7 @@ class DataClient:
         self.task_credential = task_credential
         self.chunk_bytes = chunk_bytes
         self.max_chunk_bytes = max_chunk_bytes
+        self.receive_budget_bytes = receive_budget_bytes
         self._put = client.wire("put_payload")
         self._get = client.wire("get_payload")
 
@@ -176,10 +193,17 @@ class DataClient:
 
     # -- get -----------------------------------------------------------------------
 
+    def get_message_bytes(self, chunk_bytes: int | None = None) -> int:
+        """The chunk size a get asks for: ``chunk_bytes`` (or the client's), bounded by the receive budget."""
+        size = chunk_bytes or self.chunk_bytes
+        if self.receive_budget_bytes:
+            size = min(size, max(MIN_GET_MESSAGE, self.receive_budget_bytes // HELD_MESSAGES))
+        return size
+
     def _request(self, payload_id: str, max_age: float | None, expected_digest: common_pb2.Digest | None,
                  chunk_bytes: int | None, chunk_digests: bool) -> pb.GetPayloadRequest:
         request = pb.GetPayloadRequest(tenant=self.tenant, payload_id=payload_id,
-                                       chunk_size=chunk_bytes or self.chunk_bytes, chunk_digests=chunk_digests,
+                                       chunk_size=self.get_message_bytes(chunk_bytes), chunk_digests=chunk_digests,
                                        task_credential=self.task_credential)
         if max_age is not None:
             request.max_age.FromNanoseconds(int(max_age * 1e9))
@@ -206,7 +230,8 @@ class DataClient:
         (``info.ref.digest`` of the reference held) one whose digest changed;
         ``verify`` checks the bytes against the content digest (one more
         pass over them); ``chunk_digests`` asks for and checks each chunk's
-        SHA-256 as it arrives.
+        SHA-256 as it arrives. ``chunk_bytes`` is the message size asked for,
+        within the client's ``receive_budget_bytes``.
         """
         info, stream = await self._chunks(
             self._request(payload_id, max_age, expected_digest, chunk_bytes, chunk_digests), timeout)

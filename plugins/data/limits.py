@@ -11,6 +11,7 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     tenant_inflight_bytes = 268435456   # the same, summed over a tenant's streams
     default_ttl_seconds = 604800        # 0: payloads never expire
     durable = true                      # fsync each payload before acknowledging it
+    heap_keep_bytes = 67108864          # freed memory kept for reuse (glibc; 0: allocator defaults); see heap.py
     master_key_file = "keys/data-master.key"
     credential_keys = []                # PEM public keys of remote execution hosts
 
@@ -125,6 +126,7 @@ class DataSettings:
     tenant_inflight_bytes: int = 256 * MiB
     default_ttl_seconds: float = 7 * 86400.0
     durable: bool = True
+    heap_keep_bytes: int = 64 * MiB
     master_key_file: str = "keys/data-master.key"
     credential_keys: tuple[str, ...] = ()
     classification_max_bytes: Mapping[int, int] = field(default_factory=dict)
@@ -135,7 +137,7 @@ class DataSettings:
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> DataSettings:
         known = {"max_chunk_bytes", "max_chunks", "max_payload_bytes", "get_chunk_bytes", "quota_bytes",
-                 "stream_inflight_bytes", "tenant_inflight_bytes", "default_ttl_seconds", "durable",
+                 "stream_inflight_bytes", "tenant_inflight_bytes", "default_ttl_seconds", "durable", "heap_keep_bytes",
                  "master_key_file", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
                  "tenant_quota_bytes", "egress"}
         unknown = sorted(set(settings) - known)
@@ -159,6 +161,7 @@ class DataSettings:
             tenant_inflight_bytes=_size(settings, "tenant_inflight_bytes", cls.tenant_inflight_bytes),
             default_ttl_seconds=float(ttl),
             durable=bool(settings.get("durable", True)),
+            heap_keep_bytes=_size(settings, "heap_keep_bytes", cls.heap_keep_bytes, minimum=0),
             master_key_file=str(settings.get("master_key_file", cls.master_key_file)),
             credential_keys=tuple(str(p) for p in settings.get("credential_keys", ())),
             classification_max_bytes={CLASSIFICATIONS[k]: v for k, v in per_class.items()},

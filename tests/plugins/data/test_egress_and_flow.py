@@ -100,13 +100,13 @@ async def _after_release(budget, size):
 def test_a_producer_faster_than_storage_waits_instead_of_growing_memory(serve, monkeypatch):
     """A stalled disk writer stops the plane reading the stream, so the producer waits."""
     gate = threading.Event()
-    real_write = ObjectWriter.write
+    real_append = ObjectWriter.append  # the disk half of a write (the plane hashes on another thread)
 
-    def slow_write(self, data, chunk_digest=b""):
+    def slow_append(self, data):
         gate.wait(30)
-        return real_write(self, data, chunk_digest)
+        return real_append(self, data)
 
-    monkeypatch.setattr(ObjectWriter, "write", slow_write)
+    monkeypatch.setattr(ObjectWriter, "append", slow_append)
     total, step = 48 * MiB, 256 * 1024
     payload = bytes(total)
 
@@ -208,3 +208,39 @@ def test_without_evidence_transfers_fail_closed_and_puts_are_spooled(run, tmp_pa
     info, back, spooled = run(main())
     assert back == b"kept while evidence is down" and info.state == pb.PAYLOAD_STATE_AVAILABLE
     assert spooled, "the data.stored event waits in the encrypted spool"
+
+
+def test_a_failed_disk_write_fails_the_put_keeps_nothing_and_frees_its_budget(serve, monkeypatch):
+    """The storing lane's error reaches the caller; the partial file and the in-flight bytes go."""
+    real_append, appended = ObjectWriter.append, []
+
+    def failing_append(self, data):
+        appended.append(len(data))
+        if len(appended) == 3:
+            raise OSError(5, "Input/output error")
+        return real_append(self, data)
+
+    monkeypatch.setattr(ObjectWriter, "append", failing_append)
+    total, step = 8 * MiB, MiB
+    payload = bytes(range(256)) * (total // 256)
+
+    async def scenario(served):
+        client = served.remote()
+        messages = [header(total), *(chunk(payload[o:o + step], o) for o in range(0, total, step)), trailer(payload)]
+        try:
+            await put_raw(client, *messages)
+        except errors.PlanesError as exc:
+            failure = exc
+        else:
+            failure = None
+        incoming = list((served.state_dir / "data" / "incoming").iterdir())
+        objects = list((served.state_dir / "data" / "objects").iterdir())
+        monkeypatch.setattr(ObjectWriter, "append", real_append)
+        after = await served.data().put(payload, classification="internal")
+        return failure, incoming, objects, served.plugin.plane.tenant_budget("acme").used, after
+
+    failure, incoming, objects, used, after = serve(scenario)
+    assert isinstance(failure, errors.Internal), failure
+    assert incoming == [] and objects == [], "nothing of the failed put stays on disk"
+    assert used == 0, "its in-flight bytes went back to the tenant's budget"
+    assert after.ref.size == total, "the next put goes through"
