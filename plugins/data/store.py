@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from planes.data.v1 import data_service_pb2 as pb
+from planes.kernel.files import DIRECT_ALIGN, open_direct
 from planes.kernel.secrets import ensure_private_dir
 
 from .crypto import SEGMENT, TAG, MasterKey, SegmentCipher, StoredDataCorrupt
@@ -74,8 +75,6 @@ DIRECT_STAGE = 2 << 20
 #: disk for 150-230 ms of a 256 MiB put: 1 MiB direct writes one after the
 #: other ran at 0.5-1.7 GB/s here, three or four at once at 2.1-2.6 GB/s.
 DIRECT_STAGES = 4
-#: Offsets, lengths and buffer addresses of direct writes are multiples of this.
-DIRECT_ALIGN = 4096
 #: States whose bytes count against the tenant's quota.
 _HELD = (pb.PAYLOAD_STATE_AVAILABLE, pb.PAYLOAD_STATE_QUARANTINED)
 
@@ -94,16 +93,6 @@ class StoredPayload:
 
     def expired(self, now_ns: int) -> bool:
         return self.expires_ns > 0 and now_ns >= self.expires_ns
-
-
-def _open_direct(path: Path) -> int | None:
-    """A second descriptor of ``path`` for direct I/O, or None where the filesystem does not take it."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return None
-        raise
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -247,7 +236,7 @@ class ObjectWriter:
         # Durable payloads skip the page cache: the copy into it and the
         # writeback that fdatasync waits for cost more CPU than the disk
         # time they hide. The page-aligned stage is what direct writes need.
-        direct_fd = _open_direct(path) if durable else None
+        direct_fd = open_direct(path) if durable else None
         self._direct = _DirectWrites(direct_fd, self._fd) if direct_fd is not None else None
         self._allocated = 0
         if expected_size:

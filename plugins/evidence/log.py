@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from array import array
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -30,6 +30,7 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import (FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied,
                                   PlanesError)
 from planes.kernel.identity import Identity
+from planes.kernel.runtime import ProcessLocalWorker
 from planes.kernel.tokens import SigningKey
 from planes.native import eventbatch_py, load
 
@@ -108,7 +109,7 @@ class AppendPipeline:
             self._pending = log._encode_request(index, tenant, data, self.appender, log.size + 1, log.head)
             return None
         self._pending = None
-        ahead = log._encoder().submit(log._encode_request, index, tenant, data, self.appender,
+        ahead = log._encoder.submit(log._encode_request, index, tenant, data, self.appender,
                                       pending.next_sequence(), None)
         try:
             result = log._settle(pending)
@@ -182,8 +183,7 @@ class EvidenceLog:
         self._valid_types: set[str] = set()
         self._proofs: OrderedDict[int, InclusionProofs] = OrderedDict()
         self._checkpointed_at = clock()
-        self._encoder_pool: ThreadPoolExecutor | None = None
-        self._encoder_pid = 0
+        self._encoder = ProcessLocalWorker("evidence-encode")  # encodes a pipelined batch ahead
 
     def _load_frontier(self):
         saved = self.store.meta("frontier")
@@ -234,18 +234,9 @@ class EvidenceLog:
         """Appends of one producer's batches, each encoded while the one before it is stored."""
         return AppendPipeline(self, appender)
 
-    def _encoder(self) -> ThreadPoolExecutor:
-        """The worker that encodes a batch ahead; made again in a forked child (the pool's thread is not
-        inherited, so a submission there would wait forever)."""
-        if self._encoder_pool is None or self._encoder_pid != os.getpid():
-            self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-encode")
-            self._encoder_pid = os.getpid()
-        return self._encoder_pool
-
     def close(self) -> None:
         """Stop the encoder worker and close the store."""
-        if self._encoder_pool is not None and self._encoder_pid == os.getpid():
-            self._encoder_pool.shutdown()
+        self._encoder.shutdown()
         self.store.close()
 
     def _append(self, tenant: str, data: bytes, appender: Identity, events: list[pb.Event] | None) -> AppendResult:

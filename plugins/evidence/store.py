@@ -47,11 +47,13 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from planes.kernel.errors import PlanesError
+from planes.kernel.files import DIRECT_ALIGN, align_up, open_direct
+from planes.kernel.runtime import ProcessLocalWorker
 from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
@@ -107,21 +109,9 @@ CREATE TABLE IF NOT EXISTS meta (
 DIRECT_MIN = 256 << 10
 #: Larger segments go through the page cache too, rather than hold a stage that size.
 DIRECT_MAX = 32 << 20
-#: Offsets, lengths and buffer addresses of direct writes are multiples of this.
-DIRECT_ALIGN = 4096
 
 SEGMENT_COLUMNS = "first_sequence, count, tenant, min_time, max_time, file_offset, leaves_length, values_length"
 CACHED_SEGMENTS = 8
-
-
-def _open_direct(path: Path) -> int | None:
-    """A second descriptor of ``path`` for direct writes, or None where the filesystem does not take them."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return None
-        raise
 
 
 def part_sizes(count: int, leaves_length: int, values_length: int) -> tuple[int, ...]:
@@ -244,8 +234,7 @@ class SqliteEvidenceStore:
         self._write = self._connect(synchronous)
         self._write.executescript(SCHEMA)
         self._local = threading.local()
-        self._syncer: ThreadPoolExecutor | None = None
-        self._syncer_pid = 0
+        self._syncer = ProcessLocalWorker("evidence-segments")  # writes and syncs segments
         if not writer and self._write.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
             self._write.close()
@@ -255,7 +244,7 @@ class SqliteEvidenceStore:
             self._fd = os.open(self.segment_path, (os.O_RDWR | os.O_CREAT) if writer else os.O_RDONLY, 0o600)
         else:  # a log nothing was ever appended to, checked read-only
             self._fd = os.open(os.devnull, os.O_RDONLY)
-        self._direct_fd = _open_direct(self.segment_path) if writer else None
+        self._direct_fd = open_direct(self.segment_path) if writer else None
         self._stage: mmap.mmap | None = None
         row = self._write.execute("SELECT file_offset, count, leaves_length, values_length FROM segments "
                                   "ORDER BY first_sequence DESC LIMIT 1").fetchone()
@@ -290,17 +279,8 @@ class SqliteEvidenceStore:
             self._local.segments = OrderedDict()
         return connection
 
-    def _sync_thread(self) -> ThreadPoolExecutor:
-        """The helper thread that writes and syncs segments; made again in a forked child, which
-        inherits the pool but not its thread (a submission there would wait forever)."""
-        if self._syncer is None or self._syncer_pid != os.getpid():
-            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-segments")
-            self._syncer_pid = os.getpid()
-        return self._syncer
-
     def close(self) -> None:
-        if self._syncer is not None and self._syncer_pid == os.getpid():
-            self._syncer.shutdown()
+        self._syncer.shutdown()
         self._write.close()
         os.close(self._fd)
         self._stop_direct()
@@ -311,7 +291,7 @@ class SqliteEvidenceStore:
     def _segment_at(self, length: int) -> int:
         """Where a segment of ``length`` bytes goes: the end of the file, rounded up to a page for a direct write."""
         if self._direct_fd is not None and DIRECT_MIN <= length <= DIRECT_MAX:
-            return -(-self._end // DIRECT_ALIGN) * DIRECT_ALIGN
+            return align_up(self._end)
         return self._end
 
     def _write_segment(self, parts: list[bytes], at: int) -> int:
@@ -319,7 +299,7 @@ class SqliteEvidenceStore:
         aligned it for that, through the page cache otherwise (and from then on if the filesystem refuses)."""
         expected = sum(len(part) for part in parts)
         if self._direct_fd is not None and at % DIRECT_ALIGN == 0 and DIRECT_MIN <= expected <= DIRECT_MAX:
-            padded = -(-expected // DIRECT_ALIGN) * DIRECT_ALIGN
+            padded = align_up(expected)
             if self._stage is None or len(self._stage) < padded:
                 if self._stage is not None:
                     self._stage.close()
@@ -384,7 +364,7 @@ class SqliteEvidenceStore:
                     collisions.append((event_id, sequence))
                 batch_keys.add(key)
         offset = self._segment_at(record_length(count, len(batch.leaves), len(batch.values)))
-        synced = self._sync_thread().submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
+        synced = self._syncer.submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
                                                            chain_heads, batch.id_hashes, batch.values], offset)
         connection = self._write
         try:
