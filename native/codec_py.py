@@ -242,15 +242,21 @@ def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
+def _read_tag(view: memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """A field's number, wire type and the position after its tag; field number 0 is malformed."""
+    at = pos
+    key, pos = _read_varint(view, pos, end)
+    if key >> 3 == 0:
+        raise _ParseFailure(ZERO_FIELD, at)
+    return key >> 3, key & 7, pos
+
+
 def _parse_inner(view: memoryview, pos: int, end: int, max_chunk_bytes: int):
     offset, data, digest = 0, (pos, 0), (pos, 0)
     seen = set()
     while pos < end:
         at = pos
-        key, pos = _read_varint(view, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _ParseFailure(ZERO_FIELD, at)
+        number, wire, pos = _read_tag(view, pos, end)
         if number in _WIRE_TYPES:
             if wire != _WIRE_TYPES[number]:
                 raise _ParseFailure(WRONG_WIRE_TYPE, at, number, wire, _WIRE_TYPES[number])
@@ -298,10 +304,7 @@ def _parse(view: memoryview, field: int, max_chunk_bytes: int):
     pos, end, found = 0, view.nbytes, None
     while pos < end:
         at = pos
-        key, pos = _read_varint(view, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _ParseFailure(ZERO_FIELD, at)
+        number, wire, pos = _read_tag(view, pos, end)
         if number != field:
             raise _ParseFailure(UNEXPECTED_FIELD, at, field, number)
         if wire != _LENGTH:
@@ -351,10 +354,7 @@ def field_ends(message) -> list[int]:
     try:
         while pos < end:
             at = pos
-            key, pos = _read_varint(view, pos, end)
-            number, wire = key >> 3, key & 7
-            if number == 0:
-                raise _ParseFailure(ZERO_FIELD, at)
+            number, wire, pos = _read_tag(view, pos, end)
             pos = _skip_value(view, pos, end, at, number, wire)
             ends.append(pos)
     except _ParseFailure as failure:
