@@ -75,7 +75,16 @@ cdef extern from *:
         Py_ssize_t i = 0;
         while (i < n) {
             unsigned char c = s[i];
-            if (c < 0x80) { i++; continue; }
+            if (c < 0x80) {  /* ASCII, most of what events hold: eight bytes at a time */
+                i++;
+                while (i + 8 <= n) {
+                    uint64_t word;
+                    memcpy(&word, s + i, 8);
+                    if (word & 0x8080808080808080ULL) break;
+                    i += 8;
+                }
+                continue;
+            }
             if (c >= 0xC2 && c <= 0xDF) {
                 if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return 0;
                 i += 2; continue;

@@ -156,6 +156,28 @@ def test_malformed_bytes_are_format_errors_that_name_the_offset(batch, data, off
     assert caught.value.offset == offset and "malformed evidence batch" in str(caught.value)
 
 
+@pytest.mark.parametrize("tail", [b"\xff", b"\xc3\xa9", b"\xc3", b"\xe2\x82\xac", b"\xed\xa0\x80", b"\xe0\x80\xaf",
+                                  b"\xf0\x9f\x98\x80", b"\xf4\x90\x80\x80", b"\x80"],
+                         ids=["ff", "e-acute", "cut-2-byte", "euro", "surrogate", "overlong", "emoji", "past-10ffff",
+                              "lone-continuation"])
+def test_utf8_is_checked_as_python_decodes_it_after_any_run_of_ascii(batch, tail):
+    """The validator skips ASCII eight bytes at a time: a sequence at every offset after a run is still seen."""
+    for run in range(0, 20):
+        for after in (b"", b"abc"):
+            raw_id = b"a" * run + tail + after
+            placeholder = "x" * len(raw_id)
+            event = pb.Event(event_id=placeholder, event_type="tool.invoked").SerializeToString()
+            event = event.replace(placeholder.encode(), raw_id)
+            data = b"\x12" + bytes([len(event)]) + event
+            try:
+                raw_id.decode("utf-8")
+            except UnicodeDecodeError:
+                with pytest.raises(batch.BatchFormatError, match="UTF-8"):
+                    encode(batch, data)
+            else:
+                assert len(encode(batch, data)) == 1
+
+
 def test_random_garbage_never_crashes(batch):
     rng = random.Random(9)
     base = request_bytes(sample_events())
