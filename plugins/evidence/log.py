@@ -303,7 +303,7 @@ class EvidenceLog:
             raise
 
     def _append_messages(self, tenant: str, events: list[pb.Event], appender: Identity) -> AppendResult:
-        known = self.store.known_event_ids(e.event_id for e in events)
+        known = self.store.known_event_ids(tenant, (e.event_id for e in events))
         sequences: list[int] = []
         seen: dict[str, int] = {}
         blobs: list[bytes] = []
@@ -524,9 +524,8 @@ class EvidenceLog:
     # -- reads ----------------------------------------------------------------
 
     def _own_event(self, tenant: str, event_id: str) -> StoredEvent:
-        stored = self.store.event(event_id)
-        if stored is None or stored.tenant != tenant:
-            # Another tenant's event is reported exactly like a missing one.
+        stored = self.store.event(tenant, event_id)
+        if stored is None:  # another tenant's event with this id is not this tenant's: missing, like any other
             raise NotFound(f"event {event_id!r} not found in tenant {tenant!r}")
         return stored
 

@@ -28,8 +28,9 @@ each segment's row:
 - Replays are found through an in-memory index of event-id hashes (64-bit
   FNV-1a) to sequences (``eventbatch.IdIndex``: 16-32 bytes an event in the
   compiled module), built from the segments at open and confirmed against
-  the stored leaf; the rare distinct ids whose hashes collide are kept in
-  ``id_collisions``.
+  the stored leaf; the rare distinct ids whose hashes collide, and an id
+  that another tenant stored first (event ids are per tenant), are kept in
+  ``event_id_collisions``.
 
 A log in format 1 (one ``events`` row per event) is migrated to segments in
 one transaction when opened (the file is written first, as for an append).
@@ -86,9 +87,10 @@ CREATE TABLE IF NOT EXISTS correlation_runs (
     last_sequence  INTEGER NOT NULL,
     PRIMARY KEY (tenant, correlation_id, first_sequence)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS id_collisions (
-    event_id TEXT PRIMARY KEY,
-    sequence INTEGER NOT NULL
+CREATE TABLE IF NOT EXISTS event_id_collisions (
+    event_id TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    PRIMARY KEY (event_id, sequence)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size  INTEGER PRIMARY KEY,
@@ -250,6 +252,7 @@ class SqliteEvidenceStore:
                                   "ORDER BY first_sequence DESC LIMIT 1").fetchone()
         self._end = row[0] + record_length(*row[1:]) if row else 0
         if writer:
+            self._migrate_collisions()
             self._migrate_format_1()
             if os.fstat(self._fd).st_size > self._end:
                 # Written, never committed, never acknowledged: a crash between the two steps.
@@ -376,7 +379,7 @@ class SqliteEvidenceStore:
                 connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
                                        [(tenant, correlation, start, end) for correlation, start, end in batch.runs])
                 if collisions:
-                    connection.executemany("INSERT INTO id_collisions VALUES (?, ?)", collisions)
+                    connection.executemany("INSERT INTO event_id_collisions VALUES (?, ?)", collisions)
                 connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta().items()))
                 synced.result()
                 connection.execute("COMMIT")
@@ -503,14 +506,21 @@ class SqliteEvidenceStore:
         segment = self._segment_of(sequence)
         return segment.event(sequence) if segment is not None else None
 
-    def known_event_ids(self, event_ids: Iterable[str]) -> dict[str, int]:
+    def known_event_ids(self, tenant: str, event_ids: Iterable[str]) -> dict[str, int]:
+        """The sequences of those of ``event_ids`` that ``tenant`` has stored.
+
+        Event ids are per tenant: another tenant's event with the same id is
+        not one of them (it neither makes an append a replay nor answers a
+        lookup).
+        """
         found: dict[str, int] = {}
         missed = []
         for event_id in event_ids:
             sequence = self._ids.get(eventbatch_py.id_hash(event_id.encode()))
             if sequence is not None:
                 segment = self._segment_of(sequence)
-                if segment is not None and leaf_event_id(segment.leaf(sequence)) == event_id:
+                if (segment is not None and segment.tenant == tenant
+                        and leaf_event_id(segment.leaf(sequence)) == event_id):
                     found[event_id] = sequence
                     continue
                 missed.append(event_id)
@@ -518,12 +528,17 @@ class SqliteEvidenceStore:
             chunk = missed[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for event_id, sequence in self._read.execute(
-                    f"SELECT event_id, sequence FROM id_collisions WHERE event_id IN ({marks})", chunk):
-                found[event_id] = sequence
+                    f"SELECT event_id, sequence FROM event_id_collisions WHERE event_id IN ({marks}) "
+                    "ORDER BY sequence", chunk):
+                if event_id not in found:
+                    segment = self._segment_of(sequence)
+                    if segment is not None and segment.tenant == tenant:
+                        found[event_id] = sequence
         return found
 
-    def event(self, event_id: str) -> StoredEvent | None:
-        sequence = self.known_event_ids([event_id]).get(event_id)
+    def event(self, tenant: str, event_id: str) -> StoredEvent | None:
+        """``tenant``'s event with that id, or None."""
+        sequence = self.known_event_ids(tenant, [event_id]).get(event_id)
         return self.event_at(sequence) if sequence is not None else None
 
     def values(self, sequences: list[int]) -> dict[int, dict[str, StoredValue]]:
@@ -656,6 +671,21 @@ class SqliteEvidenceStore:
 
     # -- format 1 ---------------------------------------------------------------
 
+    def _migrate_collisions(self) -> None:
+        """Move the rows of ``id_collisions`` (one sequence an id, from before event ids were per tenant)."""
+        connection = self._write
+        if not connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'id_collisions'").fetchone():
+            return
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("INSERT OR IGNORE INTO event_id_collisions SELECT event_id, sequence FROM id_collisions")
+            connection.execute("DROP TABLE id_collisions")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
     def _migrate_format_1(self) -> None:
         """Regroup a format-1 log (an ``events`` row per event) into segments, in one transaction.
 
@@ -686,7 +716,7 @@ class SqliteEvidenceStore:
                     key = eventbatch_py.id_hash(row[1].encode())
                     keys.append(key)
                     if key in taken:
-                        connection.execute("INSERT INTO id_collisions VALUES (?, ?)", (row[1], row[0]))
+                        connection.execute("INSERT INTO event_id_collisions VALUES (?, ?)", (row[1], row[0]))
                     taken.add(key)
                     if runs and runs[-1][0] == row[3]:
                         runs[-1][2] = row[0]

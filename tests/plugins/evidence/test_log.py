@@ -121,12 +121,12 @@ def test_checkpoint_every_n_events_and_proofs(log):
 
 def test_correction_links_to_the_original_which_never_changes(log):
     log.append("acme", [event("e1", amount="100")], SERVICE)
-    before = log.store.event("e1")
+    before = log.store.event("acme", "e1")
     from planes.evidence.v1 import evidence_service_pb2 as pb
     correction = log.correct("acme", "e1", [pb.EventField(name="amount", string_value="110")], "typo", SERVICE)
     assert correction.event_type == "correction" and correction.corrects_event_id == "e1"
     assert {f.name: f.string_value for f in correction.fields} == {"amount": "110", "reason": "typo"}
-    assert log.store.event("e1") == before
+    assert log.store.event("acme", "e1") == before
 
 
 def test_redaction_removes_the_value_keeps_the_commitment_and_proofs(log):
@@ -155,6 +155,67 @@ def test_tenants_are_isolated(log):
         log.prove_inclusion("acme", "g1")
     with pytest.raises(errors.NotFound):
         log.redact("acme", "g1", "x", "r", SERVICE)
+
+
+def test_event_ids_are_per_tenant_another_tenants_id_is_a_new_event(tmp_path):
+    """A reused id from another tenant is stored as that tenant's event, never taken for a replay of the first."""
+    globex = Identity("g", "globex", frozenset({"service"}))
+    initech = Identity("i", "initech", frozenset({"service"}))
+    log = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
+    first = log.append("acme", [event("order-42", amount="100")], SERVICE)
+    second = log.append("globex", [event("order-42", amount="999")], globex)  # one event: the native path
+    assert (second.appended, second.duplicates) == (1, 0) and second.sequences != first.sequences
+    mixed = log.append("initech", [event("order-42", amount="7"), event("order-43", amount="8")], initech)
+    assert (mixed.appended, mixed.duplicates) == (2, 0)
+    replay = log.append("globex", [event("order-42", amount="999"), event("order-44")], globex)
+    assert replay.sequences[0] == second.sequences[0] and (replay.appended, replay.duplicates) == (1, 1)
+
+    def amounts(tenant):
+        return [(e.event_id, {f.name: f.string_value for f in e.fields}.get("amount")) for e in log.query(tenant)]
+
+    def checks(log):
+        assert amounts("acme") == [("order-42", "100")]
+        assert amounts("globex") == [("order-42", "999"), ("order-44", None)]
+        assert amounts("initech") == [("order-42", "7"), ("order-43", "8")]
+        for tenant, sequence in (("acme", first.sequences[0]), ("globex", second.sequences[0]),
+                                 ("initech", mixed.sequences[0])):
+            assert log.prove_inclusion(tenant, "order-42").leaf_index == sequence - 1
+        with pytest.raises(errors.NotFound):
+            log.prove_inclusion("umbrella", "order-42")
+
+    checks(log)
+    log.redact("globex", "order-42", "amount", "mistake", globex)
+    assert amounts("acme") == [("order-42", "100")], "redacting one tenant's event leaves the other's"
+    log.close()
+    reopened = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})  # index rebuilt from disk
+    try:
+        again = reopened.append("initech", [event("order-42", amount="7")], initech)
+        assert (again.appended, again.duplicates, again.sequences) == (0, 1, [mixed.sequences[0]])
+        assert reopened.prove_inclusion("initech", "order-42").leaf_index == mixed.sequences[0] - 1
+        assert reopened.store.event("acme", "order-42").sequence == first.sequences[0]
+        assert reopened.store.event("umbrella", "order-42") is None
+    finally:
+        reopened.close()
+
+
+def test_collisions_of_the_earlier_format_move_to_the_per_tenant_table(tmp_path):
+    import sqlite3
+    log = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
+    log.append("acme", [event("a1"), event("a2")], SERVICE)
+    path = log.store.path
+    log.close()
+    with sqlite3.connect(path) as connection:  # as a log written before ids were per tenant had it
+        connection.execute("CREATE TABLE id_collisions (event_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL) "
+                           "WITHOUT ROWID")
+        connection.execute("INSERT INTO id_collisions VALUES ('a2', 2)")
+    reopened = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
+    try:
+        tables = {row[0] for row in reopened.store._write.execute("SELECT name FROM sqlite_master")}
+        assert "id_collisions" not in tables
+        assert reopened.store._write.execute("SELECT * FROM event_id_collisions").fetchall() == [("a2", 2)]
+        assert reopened.store.event("acme", "a2").sequence == 2
+    finally:
+        reopened.close()
 
 
 def test_query_filters(log):
