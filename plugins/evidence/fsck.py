@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from planes.evidence.v1 import evidence_service_pb2 as pb
+from planes.kernel.tokens import key_id
 from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
@@ -164,7 +165,25 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
     for sequence in store.stray_removals():
         problem(f"a removed value is recorded for sequence {sequence}, which the log does not hold")
 
-    for tree_size, body, signature, _key_id in store.checkpoints():
+    saved = store.meta("frontier")
+    if saved is not None:
+        # The log appends to this frontier and signs its root in the next checkpoint: a changed byte here
+        # would be signed into every later checkpoint, so it must match the leaves like everything else.
+        try:
+            stored_frontier = chain.MerkleFrontier.from_bytes(saved)
+        except ValueError as exc:
+            problem(f"the stored Merkle frontier does not parse: {exc}")
+        else:
+            if stored_frontier.size == report.events:
+                rebuilt = chain.MerkleFrontier()
+                rebuilt.append(bytes(all_hashes))
+                if stored_frontier.to_bytes() != rebuilt.to_bytes():
+                    problem(f"the stored Merkle frontier (size {stored_frontier.size}) does not match the stored "
+                            "leaves")
+            # A frontier of another size is stale and rebuilt from the leaves when the log opens.
+
+    expected_key_id = key_id(public_key)
+    for tree_size, body, signature, stored_key_id in store.checkpoints():
         report.checkpoints += 1
         where = f"checkpoint at tree size {tree_size}"
         try:
@@ -173,6 +192,9 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
             problem(f"{where}: signature does not verify")
             continue
         checkpoint = pb.Checkpoint.FromString(body)
+        if checkpoint.key_id != expected_key_id or stored_key_id != checkpoint.key_id:
+            problem(f"{where}: key id {stored_key_id!r} (signed: {checkpoint.key_id!r}) is not the log key's "
+                    f"{expected_key_id!r}")
         if checkpoint.tree_size != tree_size or tree_size > report.events:
             problem(f"{where}: covers {checkpoint.tree_size} events, the log holds {report.events}")
             continue

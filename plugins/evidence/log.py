@@ -188,13 +188,24 @@ class EvidenceLog:
     def _load_frontier(self):
         saved = self.store.meta("frontier")
         if saved is not None:
-            frontier = chain.MerkleFrontier.from_bytes(saved)
-            if frontier.size == self.size:
+            try:
+                frontier = chain.MerkleFrontier.from_bytes(saved)
+            except ValueError:
+                frontier = None
+            if frontier is not None and frontier.size == self.size and self._agrees_with_checkpoint(frontier):
                 return frontier
         frontier = chain.MerkleFrontier()  # rebuilt from the stored leaf hashes
         if self.size:
             frontier.append(self.store.leaf_hashes(self.size))
         return frontier
+
+    def _agrees_with_checkpoint(self, frontier) -> bool:
+        """False when the last checkpoint covers the frontier's size and signed another root (a damaged frontier:
+        rebuilt from the leaves then, rather than signed into the next checkpoint)."""
+        last = self.store.checkpoint()
+        if last is None or last[0] != frontier.size:
+            return True
+        return pb.Checkpoint.FromString(last[1]).root_hash == frontier.root()
 
     # -- append ---------------------------------------------------------------
 
@@ -630,5 +641,6 @@ def to_event(leaf: leaves.Leaf, values: dict[str, StoredValue]) -> pb.Event:
 
 
 def _signed(row: tuple[int, bytes, bytes, str]) -> pb.SignedCheckpoint:
-    _, body, signature, key_id = row
-    return pb.SignedCheckpoint(checkpoint=body, signature=signature, key_id=key_id)
+    _, body, signature, _column = row
+    # The key id the signature covers, not the index column beside it (which nothing signs).
+    return pb.SignedCheckpoint(checkpoint=body, signature=signature, key_id=pb.Checkpoint.FromString(body).key_id)

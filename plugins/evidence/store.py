@@ -283,9 +283,13 @@ class SqliteEvidenceStore:
         return connection
 
     def close(self) -> None:
+        """Release the files and the sync thread; closing again does nothing."""
+        if self._fd < 0:
+            return
         self._syncer.shutdown()
         self._write.close()
         os.close(self._fd)
+        self._fd = -1
         self._stop_direct()
         if self._stage is not None:
             self._stage.close()

@@ -165,6 +165,32 @@ def test_changed_checkpoint_is_located(filled, column, problem):
     assert _problems(filled) == [f"checkpoint at tree size {row[0]}: {problem}"]
 
 
+def test_a_changed_key_id_column_is_located_and_never_handed_out(filled):
+    row = filled.store.checkpoint()
+    _sql(filled, "UPDATE checkpoints SET key_id = 'forged-key-id' WHERE tree_size = ?", row[0])
+    assert _problems(filled) == [f"checkpoint at tree size {row[0]}: key id 'forged-key-id' (signed: "
+                                 f"{filled.key.kid!r}) is not the log key's {filled.key.kid!r}"]
+    assert filled.checkpoint().key_id == filled.key.kid, "clients get the key id the signature covers"
+
+
+@pytest.mark.parametrize("at", [-1, 9, 12])
+def test_a_changed_merkle_frontier_is_located_and_not_signed_into_the_next_checkpoint(tmp_path, filled, at):
+    """The log appends to the stored frontier and signs its root: a flipped byte must not reach a checkpoint."""
+    saved = filled.store.meta("frontier")
+    _sql(filled, "UPDATE meta SET value = ? WHERE key = 'frontier'", _flip(saved, at))
+    problems = _problems(filled)
+    assert len(problems) == 1 and problems[0].startswith("the stored Merkle frontier")
+    filled.close()
+    reopened = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
+    try:  # the last checkpoint covers the frontier's size and disagrees: rebuilt from the leaves
+        reopened.append("acme", [event("g1")], SERVICE)
+        reopened.checkpoint_now()
+        report = fsck(reopened.store, reopened.key.public_key)
+        assert report.ok and report.checkpoints == 3, report.problems
+    finally:
+        reopened.close()
+
+
 def test_redaction_and_retention_erase_the_bytes_and_keep_fsck_clean(log):
     log.append("acme", [event(f"e{i}", prompt=f"secret-prompt-{i}", blob=bytes([i]) * 8) for i in range(4)], SERVICE)
     log.append("acme", [event("f0", prompt="secret-prompt-f0")], SERVICE)
