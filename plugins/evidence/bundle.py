@@ -44,6 +44,8 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a base64 string, got {type(text).__name__}")
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
@@ -99,6 +101,10 @@ def verify(data: bytes, *, public_key_pem: bytes | None = None, expected_key_id:
         return _verify(data, public_key_pem, expected_key_id)
     except BundleError as exc:
         return Verdict(False, str(exc))
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        # Every field is checked as it is read; this is the net under those checks, so that a malformed
+        # bundle is a verdict, never a traceback.
+        return Verdict(False, f"malformed bundle: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _verify(data: bytes, public_key_pem: bytes | None, expected_key_id: str) -> Verdict:
@@ -141,10 +147,10 @@ def _verify(data: bytes, public_key_pem: bytes | None, expected_key_id: str) -> 
         raise BundleError("events missing")
     previous = 0
     for position, entry in enumerate(events):
-        _verify_event(position, entry, document.get("tenant", ""), checkpoint)
-        if entry["sequence"] <= previous:
-            raise BundleError(f"event #{position}: sequence {entry['sequence']} out of order")
-        previous = entry["sequence"]
+        sequence = _verify_event(position, entry, document.get("tenant", ""), checkpoint)
+        if sequence <= previous:
+            raise BundleError(f"event #{position}: sequence {sequence} out of order")
+        previous = sequence
 
     try:
         key.verify(_unb64(document["manifest_signature"]), MANIFEST_CONTEXT + canonical(document))
@@ -154,15 +160,24 @@ def _verify(data: bytes, public_key_pem: bytes | None, expected_key_id: str) -> 
     return Verdict(True, events=len(events), tree_size=checkpoint.tree_size, key_id=kid, notes=notes)
 
 
-def _verify_event(position: int, entry: dict, tenant: str, checkpoint: pb.Checkpoint) -> None:
+def _verify_event(position: int, entry: dict, tenant: str, checkpoint: pb.Checkpoint) -> int:
+    """Check one exported event against the checkpoint; its sequence."""
     label = f"event #{position}"
     try:
+        if not isinstance(entry, dict):
+            raise ValueError(f"an entry is an object, not {type(entry).__name__}")
         raw_leaf = _unb64(entry["leaf"])
-        sequence = int(entry["sequence"])
+        sequence = entry["sequence"]
+        if type(sequence) is not int or sequence < 1:
+            raise ValueError(f"sequence must be a positive integer, got {sequence!r:.40}")
+        if not isinstance(entry["audit_path"], list) or not isinstance(entry["values"], dict):
+            raise ValueError("audit_path is a list and values an object")
         path = [_unb64(node) for node in entry["audit_path"]]
+        if any(len(node) != 32 for node in path):
+            raise ValueError("every audit path node is 32 bytes")
         values = {name: (_unb64(v["salt"]), _unb64(v["value"])) for name, v in entry["values"].items()}
-    except (KeyError, TypeError, ValueError):
-        raise BundleError(f"{label}: malformed entry") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{label}: malformed entry: {str(exc)[:200]}") from None
     try:
         leaf = leaves.decode(raw_leaf)
     except ValueError as exc:
@@ -183,3 +198,4 @@ def _verify_event(position: int, entry: dict, tenant: str, checkpoint: pb.Checkp
         raise BundleError(f"{label}: not covered by the checkpoint (tree size {checkpoint.tree_size})")
     if not chain.verify_inclusion(leaf_hash, sequence - 1, checkpoint.tree_size, path, checkpoint.root_hash):
         raise BundleError(f"{label}: wrong proof: the audit path does not lead to the checkpoint's root")
+    return sequence

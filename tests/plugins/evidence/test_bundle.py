@@ -70,6 +70,39 @@ def test_each_tamper_is_named(exported, change, problem):
     assert problem in verdict.problem
 
 
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda d: d["events"][0].update(values=[]), "event #0: malformed entry"),
+    (lambda d: d["events"][0]["audit_path"].__setitem__(0, base64.b64encode(b"x" * 31).decode()),
+     "event #0: malformed entry: every audit path node is 32 bytes"),
+    (lambda d: d["events"][0].update(leaf=5), "event #0: malformed entry: expected a base64 string, got int"),
+    (lambda d: d["events"][1].update(sequence="3"), "event #1: malformed entry: sequence must be a positive integer"),
+    (lambda d: d["events"][1].update(sequence=True), "event #1: malformed entry: sequence must be a positive integer"),
+    (lambda d: d["events"].__setitem__(2, "e3"), "event #2: malformed entry: an entry is an object, not str"),
+    (lambda d: d["checkpoint"].update(signature=7), "checkpoint missing or not base64"),
+    (lambda d: d.update(checkpoint=[]), "checkpoint missing or not base64"),
+    (lambda d: d.update(manifest_signature=None), "manifest signature invalid"),
+    (lambda d: d.update(public_key=3), "bad public key"),
+], ids=["values-list", "short-node", "leaf-number", "sequence-string", "sequence-bool", "entry-string",
+        "signature-number", "checkpoint-list", "manifest-null", "key-number"])
+def test_a_malformed_bundle_is_a_named_verdict_never_an_exception(exported, change, problem):
+    log, data, _, _ = exported
+    verdict = bundle.verify(_edit(data, change), public_key_pem=log.key.public_pem())
+    assert not verdict.ok and problem in verdict.problem, verdict.problem
+
+
+def test_the_cli_names_a_malformed_bundle_in_one_line(exported, tmp_path):
+    import subprocess
+    import sys
+    log, data, _, _ = exported
+    path, key = tmp_path / "bad.json", tmp_path / "key.pem"
+    path.write_bytes(_edit(data, lambda d: d["events"][0].update(values=[])))
+    key.write_bytes(log.key.public_pem())
+    result = subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "verify", str(path),
+                             "--public-key", str(key)], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "event #0: malformed entry" in result.stderr
+
+
 def test_a_bundle_from_another_key_fails_a_pinned_check(exported):
     _, data, _, _ = exported
     other = SigningKey.generate()
