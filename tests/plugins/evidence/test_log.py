@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from planes.kernel import errors
@@ -113,6 +115,8 @@ def test_checkpoint_every_n_events_and_proofs(log):
     for index in range(11):
         proof = log.prove_inclusion("acme", f"e{index}", 11)
         assert proof.leaf_index == index
+        # The proof is of this event's own leaf, hashed here, not of whatever hash the log sent along.
+        assert proof.leaf_hash == hashlib.sha256(b"\x00" + log.store.event("acme", f"e{index}").leaf).digest()
         assert chain.verify_inclusion(proof.leaf_hash, index, 11, list(proof.audit_path), checkpoint.root_hash)
     consistency = log.prove_consistency(10, 11)
     first = pb.Checkpoint.FromString(consistency.first.checkpoint)
@@ -141,6 +145,7 @@ def test_redaction_removes_the_value_keeps_the_commitment_and_proofs(log):
     from planes.evidence.v1 import evidence_service_pb2 as pb
     checkpoint = pb.Checkpoint.FromString(signed_before.checkpoint)
     proof = log.prove_inclusion("acme", "e1", checkpoint.tree_size)
+    assert proof.leaf_hash == hashlib.sha256(b"\x00" + log.store.event("acme", "e1").leaf).digest()
     assert chain.verify_inclusion(proof.leaf_hash, 0, 1, list(proof.audit_path), checkpoint.root_hash)
     from planes.plugins.evidence.fsck import fsck
     assert fsck(log.store, log.key.public_key).ok
