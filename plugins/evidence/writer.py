@@ -19,10 +19,12 @@ The spool key is a 0600 file made on first use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,14 @@ from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailabl
 __all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
 from planes.kernel.secrets import read_secret, write_secret
 
-_RECORD = struct.Struct(">I12s")  # ciphertext length, nonce
+#: Opens a spool file in the current format; an older spool (records from the
+#: start of the file, no header checksums) is read once and rewritten in it.
+MAGIC = b"\x89SPOOL2\n"
+_RECORD = struct.Struct(">I12sI")  # ciphertext length, nonce, CRC-32 of the two
+_LEGACY_RECORD = struct.Struct(">I12s")
 GENESIS = bytes(32)
+
+log = logging.getLogger(__name__)
 
 
 class SpoolCorrupted(Internal):
@@ -53,8 +61,43 @@ class Gap:
     cause: str = ""
 
 
+def _header(length: int, nonce: bytes) -> bytes:
+    return _RECORD.pack(length, nonce, zlib.crc32(_LEGACY_RECORD.pack(length, nonce)))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: a 0600 temporary file, fsync, rename, fsync the directory."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
 class Spool:
-    """An append-only file of encrypted, chained records with a byte bound."""
+    """An append-only file of encrypted, chained records with a byte bound.
+
+    The file starts with :data:`MAGIC`; each record is a header (ciphertext
+    length, nonce, CRC-32 of both) and the ciphertext. The checksum is what
+    tells a crash from damage: only a last record cut short (an incomplete
+    header, or a good header whose ciphertext runs past the end) is a write
+    torn by a crash; any other mismatch is :class:`SpoolCorrupted`, and the
+    file is left as it was.
+    """
 
     def __init__(self, directory: Path, *, max_bytes: int):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -64,72 +107,154 @@ class Spool:
         self.path = directory / "spool.log"
         self.max_bytes = max_bytes
         self._tail = GENESIS
-        self._records = 0
         #: Bytes cut from the end at start-up: a record torn by a crash while it
         #: was written, so never acknowledged to its caller.
-        self.torn_bytes = self._cut_torn_tail()
-        for _ in self.records():  # find the chain's tail; also checks the file
-            pass
+        self.torn_bytes = self._open()
 
-    def _cut_torn_tail(self) -> int:
+    def _open(self) -> int:
         if not self.path.exists():
             return 0
         data = self.path.read_bytes()
-        at = 0
-        while at + _RECORD.size <= len(data):
-            length, _ = _RECORD.unpack_from(data, at)
-            if at + _RECORD.size + length > len(data):
-                break
-            at += _RECORD.size + length
-        if at < len(data):
+        if data and data[:1] != MAGIC[:1] and data[1:len(MAGIC)] != MAGIC[1:]:
+            data = self._migrate(data)
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            end = 0  # the crash hit the file's first write
+        else:
+            end = len(MAGIC)
+            for _, _, _, end in _walk(self.path, data, torn_tail=True):
+                pass
+        if end < len(data):
+            log.warning("evidence spool %s: cut %d bytes of a record torn by a crash", self.path, len(data) - end)
             with open(self.path, "r+b") as handle:
-                handle.truncate(at)
+                handle.truncate(end)
                 os.fsync(handle.fileno())
-        return len(data) - at
+        for _, self._tail in self._chain():  # find the chain's tail; also checks every record decrypts
+            pass
+        return len(data) - end
+
+    def _migrate(self, data: bytes) -> bytes:
+        """Rewrite a spool of the format before :data:`MAGIC` (same records, no checksums) in the current one."""
+        out, at, previous = [MAGIC], 0, GENESIS
+        while at < len(data):
+            if at + _LEGACY_RECORD.size > len(data) or \
+                    at + _LEGACY_RECORD.size + _LEGACY_RECORD.unpack_from(data, at)[0] > len(data):
+                # That format cannot tell a torn last write from a damaged length.
+                raise SpoolCorrupted(
+                    f"evidence spool {self.path} (format without record checksums) has an incomplete record at "
+                    f"offset {at}: a crash while it was written, or damage. If the process crashed, keep a copy, "
+                    f"then truncate the file to {at} bytes and restart; otherwise restore it from a backup")
+            length, nonce = _LEGACY_RECORD.unpack_from(data, at)
+            ciphertext = data[at + _LEGACY_RECORD.size:at + _LEGACY_RECORD.size + length]
+            try:
+                self._aead.decrypt(nonce, ciphertext, previous)
+            except InvalidTag:
+                raise SpoolCorrupted(f"evidence spool {self.path}: record at offset {at} was altered, removed "
+                                     f"or reordered") from None
+            previous = hashlib.sha256(previous + ciphertext).digest()
+            out += [_header(length, nonce), ciphertext]
+            at += _LEGACY_RECORD.size + length
+        migrated = b"".join(out)
+        _replace(self.path, migrated)
+        log.info("evidence spool %s: rewritten with record checksums", self.path)
+        return migrated
 
     @property
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
     def fits(self, payload: int) -> bool:
-        return self.size + _RECORD.size + payload + 16 <= self.max_bytes
+        return (self.size or len(MAGIC)) + _RECORD.size + payload + 16 <= self.max_bytes
 
     def append(self, plaintext: bytes) -> None:
         nonce = os.urandom(12)
         ciphertext = self._aead.encrypt(nonce, plaintext, self._tail)
-        with open(self.path, "ab") as handle:
-            handle.write(_RECORD.pack(len(ciphertext), nonce) + ciphertext)
-            handle.flush()
-            os.fsync(handle.fileno())
+        record = _header(len(ciphertext), nonce) + ciphertext
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            created = os.fstat(fd).st_size == 0
+            os.write(fd, MAGIC + record if created else record)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)
         self._tail = hashlib.sha256(self._tail + ciphertext).digest()
-        self._records += 1
 
-    def records(self) -> Iterable[bytes]:
-        """Decrypted records in order; SpoolCorrupted names the first bad one."""
+    def records(self) -> Iterator[bytes]:
+        """Decrypted records in order, as the file was when iteration began; SpoolCorrupted names the first bad one.
+
+        Reading changes nothing, so records may be appended while a caller
+        walks an earlier snapshot.
+        """
+        for plaintext, _ in self._chain():
+            yield plaintext
+
+    def _chain(self) -> Iterator[tuple[bytes, bytes]]:
+        """Each record's plaintext and the chain hash after it."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        at, previous, index = 0, GENESIS, 0
-        while at < len(data):
-            if at + _RECORD.size > len(data):
-                raise SpoolCorrupted(f"evidence spool record {index} is truncated")
-            length, nonce = _RECORD.unpack_from(data, at)
-            end = at + _RECORD.size + length
-            if end > len(data):
-                raise SpoolCorrupted(f"evidence spool record {index} is truncated")
-            ciphertext = data[at + _RECORD.size:end]
+        previous = GENESIS
+        for index, nonce, ciphertext, end in _walk(self.path, data, torn_tail=False):
             try:
                 plaintext = self._aead.decrypt(nonce, ciphertext, previous)
             except InvalidTag:
-                raise SpoolCorrupted(f"evidence spool record {index} was altered, removed or reordered") from None
+                raise SpoolCorrupted(f"evidence spool record {index} was altered, removed or reordered "
+                                     f"(offset {end - len(ciphertext) - _RECORD.size})") from None
             previous = hashlib.sha256(previous + ciphertext).digest()
-            self._tail = previous
-            yield plaintext
-            at, index = end, index + 1
+            yield plaintext, previous
+
+    def drop(self, count: int) -> None:
+        """Remove the first ``count`` records (delivered ones), keeping any appended since they were read."""
+        if count <= 0:
+            return
+        rest = list(self.records())[count:]
+        if not rest:
+            self.clear()
+            return
+        out, previous = [MAGIC], GENESIS
+        for plaintext in rest:
+            nonce = os.urandom(12)
+            ciphertext = self._aead.encrypt(nonce, plaintext, previous)
+            out += [_header(len(ciphertext), nonce), ciphertext]
+            previous = hashlib.sha256(previous + ciphertext).digest()
+        _replace(self.path, b"".join(out))
+        self._tail = previous
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
         self._tail = GENESIS
+
+
+
+def _walk(path: Path, data: bytes, *, torn_tail: bool) -> Iterator[tuple[int, bytes, bytes, int]]:
+    """(index, nonce, ciphertext, end offset) of each record whose header checks.
+
+    With ``torn_tail`` an incomplete last record ends the walk (the caller cuts
+    it); without, it is SpoolCorrupted like any other damage.
+    """
+    if not data:
+        return  # created, and the crash came before the first write
+    if not data.startswith(MAGIC):
+        raise SpoolCorrupted(f"evidence spool {path} does not start with the spool file signature")
+    at, index = len(MAGIC), 0
+    while at < len(data):
+        if at + _RECORD.size > len(data):
+            if torn_tail:
+                return
+            raise SpoolCorrupted(f"evidence spool record {index} (offset {at}) is truncated")
+        length, nonce, check = _RECORD.unpack_from(data, at)
+        if zlib.crc32(data[at:at + _LEGACY_RECORD.size]) != check:
+            raise SpoolCorrupted(f"evidence spool {path}: the header of record {index} (offset {at}) is damaged; "
+                                 f"the records from there on cannot be read")
+        end = at + _RECORD.size + length
+        if end > len(data):
+            if torn_tail:
+                return
+            raise SpoolCorrupted(f"evidence spool record {index} (offset {at}) is truncated")
+        yield index, nonce, data[at + _RECORD.size:end], end
+        at, index = end, index + 1
 
 
 def call_event(source: str, call, tenant: str, event_type: str, **fields) -> pb.Event:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from planes.kernel import errors
 from planes.kernel.identity import Identity
 from planes.plugins.evidence.plane import Evidence
-from planes.plugins.evidence.writer import EvidenceUnavailable, EvidenceWriter, Spool, SpoolCorrupted
+from planes.plugins.evidence.writer import MAGIC, EvidenceUnavailable, EvidenceWriter, Spool, SpoolCorrupted
 from tests.plugins.evidence.conftest import event
 
 
@@ -119,7 +123,7 @@ def test_removed_spool_record_breaks_the_chain(tmp_path):
     spool.append(b"second")
     spool.append(b"third")
     data = spool.path.read_bytes()
-    spool.path.write_bytes(data[:0] + data[first_size:])  # drop the first record
+    spool.path.write_bytes(MAGIC + data[first_size:])  # drop the first record
     with pytest.raises(SpoolCorrupted, match="record 0"):
         Spool(tmp_path, max_bytes=10_000)
 
@@ -139,13 +143,75 @@ def test_replay_after_a_second_outage_is_safe(run, plane, tmp_path, log):
     assert [e.event_id for e in log.query("acme")] == ["x1", "x2"]
 
 
-def test_record_torn_by_a_crash_is_cut_and_the_rest_kept(tmp_path):
+@pytest.mark.parametrize("kept", [7, 25], ids=["in the header", "in the ciphertext"])
+def test_record_torn_by_a_crash_is_cut_and_the_rest_kept(tmp_path, kept):
     spool = Spool(tmp_path, max_bytes=10_000)
     spool.append(b"acknowledged")
-    with open(spool.path, "ab") as handle:
-        handle.write(b"\x00\x00\x01\x00" + b"n" * 12 + b"half a record")  # the crash hit mid-write
+    acknowledged = spool.size
+    spool.append(b"the crash hit while this was written")
+    with open(spool.path, "r+b") as handle:
+        handle.truncate(acknowledged + kept)
     reopened = Spool(tmp_path, max_bytes=10_000)
-    assert reopened.torn_bytes == 4 + 12 + 13
+    assert reopened.torn_bytes == kept
     assert list(reopened.records()) == [b"acknowledged"]
     reopened.append(b"next")
     assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"acknowledged", b"next"]
+
+
+@pytest.mark.parametrize(("kept", "torn"), [(0, 0), (3, 3), (len(MAGIC) + 9, 9)],
+                         ids=["empty", "in the signature", "in the first record"])
+def test_first_write_torn_by_a_crash_leaves_an_empty_spool(tmp_path, kept, torn):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.append(b"never acknowledged")
+    with open(spool.path, "r+b") as handle:
+        handle.truncate(kept)
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert reopened.torn_bytes == torn and list(reopened.records()) == []
+    reopened.append(b"next")
+    assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"next"]
+
+
+def test_damaged_length_in_a_middle_record_is_corruption_not_a_torn_tail(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    ends = []
+    for index in range(5):
+        spool.append(f"record-{index}".encode() * 10)
+        ends.append(spool.size)
+    data = bytearray(spool.path.read_bytes())
+    data[ends[0]] ^= 0x01  # one bit of record 1's length: it now runs past the end of the file
+    spool.path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupted, match=f"record 1 \\(offset {ends[0]}\\) is damaged"):
+        Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.path.read_bytes() == bytes(data), "nothing was cut"
+
+
+def _legacy_spool(directory, records):
+    """A spool file as written before record checksums: length, nonce, ciphertext from the first byte."""
+    spool = Spool(directory, max_bytes=10_000)  # makes the key
+    aead, previous, out = AESGCM((directory / "spool.key").read_bytes()), bytes(32), []
+    for plaintext in records:
+        nonce = bytes([len(out)]) * 12
+        ciphertext = aead.encrypt(nonce, plaintext, previous)
+        out.append(struct.pack(">I12s", len(ciphertext), nonce) + ciphertext)
+        previous = hashlib.sha256(previous + ciphertext).digest()
+    spool.path.write_bytes(b"".join(out))
+    return spool.path
+
+
+def test_spool_without_record_checksums_is_read_and_rewritten_with_them(tmp_path):
+    path = _legacy_spool(tmp_path, [b"one", b"two", b"three"])
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert list(reopened.records()) == [b"one", b"two", b"three"]
+    assert path.read_bytes().startswith(MAGIC)
+    reopened.append(b"four")
+    assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"one", b"two", b"three", b"four"]
+
+
+def test_spool_without_record_checksums_ending_in_an_incomplete_record_is_refused(tmp_path):
+    path = _legacy_spool(tmp_path, [b"one", b"two"])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])
+    keep = len(whole) - (16 + 3 + 16)
+    with pytest.raises(SpoolCorrupted, match=f"{path}.*offset {keep}.*truncate the file to {keep} bytes"):
+        Spool(tmp_path, max_bytes=10_000)
+    assert path.read_bytes() == whole[:-3]
