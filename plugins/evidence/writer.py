@@ -9,15 +9,17 @@ When the evidence plane answers, events go straight to it. When it does not
   AES-GCM-encrypted and chained to the one before (the previous record's hash
   is the associated data, so a removed, reordered or altered record fails to
   decrypt). :meth:`EvidenceWriter.replay` sends them in order once the plane
-  is back. When the bound is hit, the events that do not fit are counted, not
-  kept, and one ``gap`` event records the range, the counts, the cause and the
-  policy in force, after the replayed records.
+  is back, and removes each record only once it is delivered. When the bound is
+  hit, the events that do not fit are counted, not kept, and one ``gap`` event
+  records the range, the counts, the cause and the policy in force, after the
+  replayed records.
 
 The spool key is a 0600 file made on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -275,6 +277,11 @@ class EvidenceWriter:
     """Records events through an evidence plane client, surviving its outages.
 
     ``required`` tells whether an event type is evidence-required (fail closed).
+
+    :meth:`record` and :meth:`replay` run on one event loop: the spool is only
+    read, appended to and cut between awaits, so a record made while a replay
+    waits on the plane is spooled behind the records being sent, and the
+    replay removes only the records it has delivered.
     """
 
     def __init__(self, client, spool_dir: Path, *, required: Callable[[str], bool] = lambda _: False,
@@ -284,12 +291,16 @@ class EvidenceWriter:
         self.required = required
         self.timeout = timeout
         self.clock = clock
-        #: Events that did not fit in the spool, per tenant.
+        #: Events that did not fit in the spool, per tenant, still being counted.
         self.gaps: dict[str, Gap] = {}
+        #: Gaps closed for sending, in order: their counts (and so their event
+        #: ids) no longer change, so a resent gap event is a duplicate there.
+        self.sealed: list[tuple[str, Gap]] = []
+        self._replaying = asyncio.Lock()
 
     @property
     def backlog(self) -> bool:
-        return self.spool.size > 0 or bool(self.gaps)
+        return self.spool.size > 0 or bool(self.gaps) or bool(self.sealed)
 
     async def record(self, tenant: str, events: list[pb.Event]) -> None:
         """Append ``events``; raises EvidenceUnavailable for required ones during an outage."""
@@ -322,21 +333,35 @@ class EvidenceWriter:
         gap.cause = cause
 
     async def replay(self) -> int:
-        """Send spooled batches in order, then the gap event if any were lost. Returns events sent.
+        """Send spooled batches in order, then a gap event for each tenant that lost some. Returns events sent.
 
-        A batch the plane already has is a duplicate there, so a replay cut
-        short by another outage is safe to run again.
+        Runs until nothing is left, so records spooled meanwhile are sent too,
+        after the earlier ones. A replay cut short by another outage has removed
+        what it delivered and raises; running it again sends the rest.
         """
-        sent = 0
-        for plaintext in self.spool.records():
-            request = pb.AppendEventsRequest.FromString(plaintext)
-            await self.client.append_events(request, timeout=self.timeout)
-            sent += len(request.events)
-        for tenant in sorted(self.gaps):
-            await self.client.append_events(self._gap_request(tenant, self.gaps[tenant]), timeout=self.timeout)
-            del self.gaps[tenant]
-        self.spool.clear()
-        return sent
+        async with self._replaying:
+            sent = 0
+            while self.backlog:
+                delivered = 0
+                try:
+                    for plaintext in self.spool.records():
+                        request = pb.AppendEventsRequest.FromString(plaintext)
+                        await self.client.append_events(request, timeout=self.timeout)
+                        sent += len(request.events)
+                        delivered += 1
+                finally:
+                    self.spool.drop(delivered)
+                if self.spool.size:
+                    continue  # spooled while this pass was sending
+                if self.gaps:
+                    # Counts go on in a new gap while these are sent.
+                    self.sealed += sorted(self.gaps.items())
+                    self.gaps = {}
+                while self.sealed:
+                    tenant, gap = self.sealed[0]
+                    await self.client.append_events(self._gap_request(tenant, gap), timeout=self.timeout)
+                    del self.sealed[0]
+            return sent
 
     def _gap_request(self, tenant: str, gap: Gap) -> pb.AppendEventsRequest:
         event = pb.Event(event_id=f"gap:{tenant}:{gap.first_ns}:{gap.last_ns}:{gap.events}", event_type="gap",

@@ -21,10 +21,23 @@ class Switchable:
     def __init__(self, log):
         self.plane = Evidence(log)
         self.up = True
+        #: Batches the plane takes before it goes down, like an outage in mid-replay; None for no limit.
+        self.down_after: int | None = None
+        #: Awaited with each request before it is stored: what the writer's callers do while it waits.
+        self.meanwhile = None
+        #: Event ids of every batch the plane took, resent ones included.
+        self.received: list[str] = []
 
     async def append_events(self, request, *, timeout=None):
+        if self.down_after == 0:
+            self.up = False
         if not self.up:
             raise errors.Unavailable("connection refused")
+        if self.down_after is not None:
+            self.down_after -= 1
+        if self.meanwhile is not None:
+            await self.meanwhile(request)
+        self.received += [e.event_id for e in request.events]
         from planes.kernel.call import CallContext, TraceContext
         call = CallContext(Identity("svc", request.tenant or "*", frozenset({"service"})), "c",
                            TraceContext("a" * 32, "b" * 16))
@@ -70,6 +83,51 @@ def test_outage_buffers_then_replays_in_order(run, plane, tmp_path, log):
     assert [e.event_id for e in log.query("acme")] == ["a1", "a2", "a3", "a4"]
     assert [e.event_id for e in log.query("globex")] == ["g1"]
     assert not writer.backlog and writer.spool.size == 0
+
+
+def test_records_spooled_during_a_replay_are_kept_and_sent_after_the_earlier_ones(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+
+    async def meanwhile(request):
+        if request.events[0].event_id == "a1":
+            await writer.record("acme", [event("a3")])  # acknowledged while a1 is on its way
+
+    async def scenario():
+        plane.up = False
+        await writer.record("acme", [event("a1")])
+        await writer.record("acme", [event("a2")])
+        plane.up, plane.meanwhile = True, meanwhile
+        return await writer.replay()
+
+    assert run(scenario()) == 3
+    assert [e.event_id for e in log.query("acme")] == ["a1", "a2", "a3"]
+    assert plane.received == ["a1", "a2", "a3"], "a3 waited behind the spooled records"
+    assert not writer.backlog and writer.spool.size == 0
+
+
+def test_losses_counted_while_a_gap_event_is_sent_get_a_gap_event_of_their_own(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=400)
+
+    async def meanwhile(request):
+        if request.events[0].event_type == "gap":
+            plane.meanwhile = None
+            await writer.record("acme", [event("too-big", blob=b"x" * 500)])  # can never fit: lost
+            await writer.record("acme", [event("late")])
+
+    async def scenario():
+        plane.up = False
+        for index in range(4):
+            await writer.record("acme", [event(f"a{index}", blob=b"x" * 100)])
+        plane.up, plane.meanwhile = True, meanwhile
+        return await writer.replay()
+
+    sent = run(scenario())
+    events = log.query("acme")
+    kinds = [e.event_id if e.event_type != "gap" else "gap" for e in events]
+    assert kinds == [f"a{i}" for i in range(sent - 1)] + ["gap", "late", "gap"]
+    counts = [{f.name: f.string_value for f in e.fields} for e in events if e.event_type == "gap"]
+    assert [(c["lost_events"], c["lost_batches"]) for c in counts] == [(str(5 - sent), str(5 - sent)), ("1", "1")]
+    assert not writer.backlog and not (tmp_path / "spool" / "gaps.state").exists()
 
 
 def test_spool_holds_no_plaintext(run, plane, tmp_path):
@@ -128,19 +186,26 @@ def test_removed_spool_record_breaks_the_chain(tmp_path):
         Spool(tmp_path, max_bytes=10_000)
 
 
-def test_replay_after_a_second_outage_is_safe(run, plane, tmp_path, log):
+def test_replay_cut_short_by_a_second_outage_sends_the_rest_once_and_in_order(run, plane, tmp_path, log):
     writer = EvidenceWriter(plane, tmp_path / "spool")
 
     async def scenario():
         plane.up = False
-        await writer.record("acme", [event("x1")])
-        await writer.record("acme", [event("x2")])
-        plane.up = True
-        first = await writer.replay()
-        return first, await writer.replay()
+        for index in range(1, 6):
+            await writer.record("acme", [event(f"x{index}")])
+        plane.up, plane.down_after = True, 2
+        with pytest.raises(errors.Unavailable):
+            await writer.replay()
+        cut_short = [e.event_id for e in log.query("acme")], sum(1 for _ in writer.spool.records())
+        plane.up, plane.down_after = True, None
+        return cut_short, await writer.replay()
 
-    assert run(scenario()) == (2, 0)
-    assert [e.event_id for e in log.query("acme")] == ["x1", "x2"]
+    (stored, left), second = run(scenario())
+    assert stored == ["x1", "x2"] and left == 3, "the second outage hit after two deliveries; those left the spool"
+    assert second == 3
+    assert [e.event_id for e in log.query("acme")] == ["x1", "x2", "x3", "x4", "x5"]
+    assert plane.received == ["x1", "x2", "x3", "x4", "x5"], "each event was sent exactly once"
+    assert not writer.backlog
 
 
 @pytest.mark.parametrize("kept", [7, 25], ids=["in the header", "in the ciphertext"])
