@@ -12,7 +12,8 @@ When the evidence plane answers, events go straight to it. When it does not
   is back, and removes each record only once it is delivered. When the bound is
   hit, the events that do not fit are counted, not kept, and one ``gap`` event
   records the range, the counts, the cause and the policy in force, after the
-  replayed records.
+  replayed records. The counts are kept on disk, encrypted, until that event is
+  delivered, so a restart does not lose them.
 
 The spool key is a 0600 file made on first use.
 """
@@ -20,7 +21,9 @@ The spool key is a 0600 file made on first use.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -46,6 +49,7 @@ MAGIC = b"\x89SPOOL2\n"
 _RECORD = struct.Struct(">I12sI")  # ciphertext length, nonce, CRC-32 of the two
 _LEGACY_RECORD = struct.Struct(">I12s")
 GENESIS = bytes(32)
+_GAPS_AAD = b"planes evidence spool gaps v1"
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ class Spool:
         write_secret(key_path, AESGCM.generate_key(bit_length=256))
         self._aead = AESGCM(read_secret(key_path))
         self.path = directory / "spool.log"
+        #: Gaps not yet delivered, kept across restarts (see :class:`EvidenceWriter`).
+        self.gaps_path = directory / "gaps.state"
         self.max_bytes = max_bytes
         self._tail = GENESIS
         #: Bytes cut from the end at start-up: a record torn by a crash while it
@@ -228,6 +234,27 @@ class Spool:
         _fsync_dir(self.path.parent)
         self._tail = GENESIS
 
+    def load_gaps(self) -> dict:
+        """The gap state :meth:`save_gaps` last wrote, or an empty one."""
+        try:
+            data = self.gaps_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            return json.loads(self._aead.decrypt(data[:12], data[12:], _GAPS_AAD))
+        except (InvalidTag, ValueError):
+            raise SpoolCorrupted(f"evidence spool gap state {self.gaps_path} is damaged: the counts of events "
+                                 f"lost in an outage cannot be read; restore it from a backup") from None
+
+    def save_gaps(self, state: dict) -> None:
+        """Keep ``state`` durably and encrypted; an empty state removes the file."""
+        if not state:
+            if self.gaps_path.exists():
+                self.gaps_path.unlink()
+                _fsync_dir(self.gaps_path.parent)
+            return
+        nonce = os.urandom(12)
+        _replace(self.gaps_path, nonce + self._aead.encrypt(nonce, json.dumps(state).encode(), _GAPS_AAD))
 
 
 def _walk(path: Path, data: bytes, *, torn_tail: bool) -> Iterator[tuple[int, bytes, bytes, int]]:
@@ -291,11 +318,12 @@ class EvidenceWriter:
         self.required = required
         self.timeout = timeout
         self.clock = clock
+        state = self.spool.load_gaps()
         #: Events that did not fit in the spool, per tenant, still being counted.
-        self.gaps: dict[str, Gap] = {}
+        self.gaps: dict[str, Gap] = {tenant: Gap(**gap) for tenant, gap in state.get("open", {}).items()}
         #: Gaps closed for sending, in order: their counts (and so their event
         #: ids) no longer change, so a resent gap event is a duplicate there.
-        self.sealed: list[tuple[str, Gap]] = []
+        self.sealed: list[tuple[str, Gap]] = [(tenant, Gap(**gap)) for tenant, gap in state.get("sealed", [])]
         self._replaying = asyncio.Lock()
 
     @property
@@ -331,6 +359,15 @@ class EvidenceWriter:
         gap.events += len(request.events)
         gap.batches += 1
         gap.cause = cause
+        self._save_gaps()
+
+    def _save_gaps(self) -> None:
+        state = {}
+        if self.gaps:
+            state["open"] = {tenant: dataclasses.asdict(gap) for tenant, gap in self.gaps.items()}
+        if self.sealed:
+            state["sealed"] = [[tenant, dataclasses.asdict(gap)] for tenant, gap in self.sealed]
+        self.spool.save_gaps(state)
 
     async def replay(self) -> int:
         """Send spooled batches in order, then a gap event for each tenant that lost some. Returns events sent.
@@ -357,10 +394,12 @@ class EvidenceWriter:
                     # Counts go on in a new gap while these are sent.
                     self.sealed += sorted(self.gaps.items())
                     self.gaps = {}
+                    self._save_gaps()
                 while self.sealed:
                     tenant, gap = self.sealed[0]
                     await self.client.append_events(self._gap_request(tenant, gap), timeout=self.timeout)
                     del self.sealed[0]
+                    self._save_gaps()
             return sent
 
     def _gap_request(self, tenant: str, gap: Gap) -> pb.AppendEventsRequest:

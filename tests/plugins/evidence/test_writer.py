@@ -163,6 +163,52 @@ def test_overflow_writes_exactly_one_gap_event_per_tenant_with_counts(run, plane
     assert [e.event_id for e in events[:-1]] == [f"{p}{i}" for i in range(spooled) for p in "ab"]
 
 
+def test_gap_counts_survive_a_restart_encrypted(run, plane, tmp_path, log):
+    async def before_the_crash():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=200)
+        plane.up = False
+        for index in range(10):
+            await writer.record("acme-tenant", [event(f"e{index}")])
+        return sum(1 for _ in writer.spool.records())
+
+    async def after_the_restart():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=200)
+        assert writer.backlog
+        plane.up = True
+        return await writer.replay()
+
+    spooled = run(before_the_crash())
+    state = tmp_path / "spool" / "gaps.state"
+    assert b"acme-tenant" not in state.read_bytes() and oct(state.stat().st_mode & 0o777) == "0o600"
+    assert run(after_the_restart()) == spooled
+    events = log.query("acme-tenant")
+    gaps = [{f.name: f.string_value for f in e.fields} for e in events if e.event_type == "gap"]
+    assert len(gaps) == 1 and events[-1].event_type == "gap"
+    assert (gaps[0]["lost_events"], gaps[0]["lost_batches"]) == (str(10 - spooled), str(10 - spooled))
+    assert "unavailable" in gaps[0]["cause"].lower() and "200 bytes" in gaps[0]["policy"]
+    assert not state.exists() and not EvidenceWriter(plane, tmp_path / "spool").backlog
+
+
+def test_undelivered_gap_event_survives_a_restart_apart_from_later_losses(run, plane, tmp_path, log):
+    async def gap_refused():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=10)
+        plane.up = False
+        await writer.record("acme", [event("lost-1"), event("lost-2")])
+        plane.up, plane.down_after = True, 0
+        with pytest.raises(errors.Unavailable):
+            await writer.replay()
+        await writer.record("acme", [event("lost-3")])  # counted in a gap of its own
+
+    async def after_the_restart():
+        plane.up, plane.down_after = True, None
+        return await EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=10).replay()
+
+    run(gap_refused())
+    assert run(after_the_restart()) == 0
+    gaps = [{f.name: f.string_value for f in e.fields} for e in log.query("acme")]
+    assert [g["lost_events"] for g in gaps] == ["2", "1"]
+
+
 def test_tampered_spool_is_refused_by_record(tmp_path):
     spool = Spool(tmp_path, max_bytes=10_000)
     for index in range(3):
