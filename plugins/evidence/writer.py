@@ -9,20 +9,27 @@ When the evidence plane answers, events go straight to it. When it does not
   AES-GCM-encrypted and chained to the one before (the previous record's hash
   is the associated data, so a removed, reordered or altered record fails to
   decrypt). :meth:`EvidenceWriter.replay` sends them in order once the plane
-  is back. When the bound is hit, the events that do not fit are counted, not
-  kept, and one ``gap`` event records the range, the counts, the cause and the
-  policy in force, after the replayed records.
+  is back, and removes each record only once it is delivered. When the bound is
+  hit, the events that do not fit are counted, not kept, and one ``gap`` event
+  records the range, the counts, the cause and the policy in force, after the
+  replayed records. The counts are kept on disk, encrypted, until that event is
+  delivered, so a restart does not lose them.
 
 The spool key is a 0600 file made on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import json
+import logging
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +43,15 @@ from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailabl
 __all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
 from planes.kernel.secrets import read_secret, write_secret
 
-_RECORD = struct.Struct(">I12s")  # ciphertext length, nonce
+#: Opens a spool file in the current format; an older spool (records from the
+#: start of the file, no header checksums) is read once and rewritten in it.
+MAGIC = b"\x89SPOOL2\n"
+_RECORD = struct.Struct(">I12sI")  # ciphertext length, nonce, CRC-32 of the two
+_LEGACY_RECORD = struct.Struct(">I12s")
 GENESIS = bytes(32)
+_GAPS_AAD = b"planes evidence spool gaps v1"
+
+log = logging.getLogger(__name__)
 
 
 class SpoolCorrupted(Internal):
@@ -53,8 +67,43 @@ class Gap:
     cause: str = ""
 
 
+def _header(length: int, nonce: bytes) -> bytes:
+    return _RECORD.pack(length, nonce, zlib.crc32(_LEGACY_RECORD.pack(length, nonce)))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: a 0600 temporary file, fsync, rename, fsync the directory."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
 class Spool:
-    """An append-only file of encrypted, chained records with a byte bound."""
+    """An append-only file of encrypted, chained records with a byte bound.
+
+    The file starts with :data:`MAGIC`; each record is a header (ciphertext
+    length, nonce, CRC-32 of both) and the ciphertext. The checksum is what
+    tells a crash from damage: only a last record cut short (an incomplete
+    header, or a good header whose ciphertext runs past the end) is a write
+    torn by a crash; any other mismatch is :class:`SpoolCorrupted`, and the
+    file is left as it was.
+    """
 
     def __init__(self, directory: Path, *, max_bytes: int):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -62,74 +111,179 @@ class Spool:
         write_secret(key_path, AESGCM.generate_key(bit_length=256))
         self._aead = AESGCM(read_secret(key_path))
         self.path = directory / "spool.log"
+        #: Gaps not yet delivered, kept across restarts (see :class:`EvidenceWriter`).
+        self.gaps_path = directory / "gaps.state"
         self.max_bytes = max_bytes
         self._tail = GENESIS
-        self._records = 0
         #: Bytes cut from the end at start-up: a record torn by a crash while it
         #: was written, so never acknowledged to its caller.
-        self.torn_bytes = self._cut_torn_tail()
-        for _ in self.records():  # find the chain's tail; also checks the file
-            pass
+        self.torn_bytes = self._open()
 
-    def _cut_torn_tail(self) -> int:
+    def _open(self) -> int:
         if not self.path.exists():
             return 0
         data = self.path.read_bytes()
-        at = 0
-        while at + _RECORD.size <= len(data):
-            length, _ = _RECORD.unpack_from(data, at)
-            if at + _RECORD.size + length > len(data):
-                break
-            at += _RECORD.size + length
-        if at < len(data):
+        if data and data[:1] != MAGIC[:1] and data[1:len(MAGIC)] != MAGIC[1:]:
+            data = self._migrate(data)
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            end = 0  # the crash hit the file's first write
+        else:
+            end = len(MAGIC)
+            for _, _, _, end in _walk(self.path, data, torn_tail=True):
+                pass
+        if end < len(data):
+            log.warning("evidence spool %s: cut %d bytes of a record torn by a crash", self.path, len(data) - end)
             with open(self.path, "r+b") as handle:
-                handle.truncate(at)
+                handle.truncate(end)
                 os.fsync(handle.fileno())
-        return len(data) - at
+        for _, self._tail in self._chain():  # find the chain's tail; also checks every record decrypts
+            pass
+        return len(data) - end
+
+    def _migrate(self, data: bytes) -> bytes:
+        """Rewrite a spool of the format before :data:`MAGIC` (same records, no checksums) in the current one."""
+        out, at, previous = [MAGIC], 0, GENESIS
+        while at < len(data):
+            if at + _LEGACY_RECORD.size > len(data) or \
+                    at + _LEGACY_RECORD.size + _LEGACY_RECORD.unpack_from(data, at)[0] > len(data):
+                # That format cannot tell a torn last write from a damaged length.
+                raise SpoolCorrupted(
+                    f"evidence spool {self.path} (format without record checksums) has an incomplete record at "
+                    f"offset {at}: a crash while it was written, or damage. If the process crashed, keep a copy, "
+                    f"then truncate the file to {at} bytes and restart; otherwise restore it from a backup")
+            length, nonce = _LEGACY_RECORD.unpack_from(data, at)
+            ciphertext = data[at + _LEGACY_RECORD.size:at + _LEGACY_RECORD.size + length]
+            try:
+                self._aead.decrypt(nonce, ciphertext, previous)
+            except InvalidTag:
+                raise SpoolCorrupted(f"evidence spool {self.path}: record at offset {at} was altered, removed "
+                                     f"or reordered") from None
+            previous = hashlib.sha256(previous + ciphertext).digest()
+            out += [_header(length, nonce), ciphertext]
+            at += _LEGACY_RECORD.size + length
+        migrated = b"".join(out)
+        _replace(self.path, migrated)
+        log.info("evidence spool %s: rewritten with record checksums", self.path)
+        return migrated
 
     @property
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
 
     def fits(self, payload: int) -> bool:
-        return self.size + _RECORD.size + payload + 16 <= self.max_bytes
+        return (self.size or len(MAGIC)) + _RECORD.size + payload + 16 <= self.max_bytes
 
     def append(self, plaintext: bytes) -> None:
         nonce = os.urandom(12)
         ciphertext = self._aead.encrypt(nonce, plaintext, self._tail)
-        with open(self.path, "ab") as handle:
-            handle.write(_RECORD.pack(len(ciphertext), nonce) + ciphertext)
-            handle.flush()
-            os.fsync(handle.fileno())
+        record = _header(len(ciphertext), nonce) + ciphertext
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            created = os.fstat(fd).st_size == 0
+            os.write(fd, MAGIC + record if created else record)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)
         self._tail = hashlib.sha256(self._tail + ciphertext).digest()
-        self._records += 1
 
-    def records(self) -> Iterable[bytes]:
-        """Decrypted records in order; SpoolCorrupted names the first bad one."""
+    def records(self) -> Iterator[bytes]:
+        """Decrypted records in order, as the file was when iteration began; SpoolCorrupted names the first bad one.
+
+        Reading changes nothing, so records may be appended while a caller
+        walks an earlier snapshot.
+        """
+        for plaintext, _ in self._chain():
+            yield plaintext
+
+    def _chain(self) -> Iterator[tuple[bytes, bytes]]:
+        """Each record's plaintext and the chain hash after it."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        at, previous, index = 0, GENESIS, 0
-        while at < len(data):
-            if at + _RECORD.size > len(data):
-                raise SpoolCorrupted(f"evidence spool record {index} is truncated")
-            length, nonce = _RECORD.unpack_from(data, at)
-            end = at + _RECORD.size + length
-            if end > len(data):
-                raise SpoolCorrupted(f"evidence spool record {index} is truncated")
-            ciphertext = data[at + _RECORD.size:end]
+        previous = GENESIS
+        for index, nonce, ciphertext, end in _walk(self.path, data, torn_tail=False):
             try:
                 plaintext = self._aead.decrypt(nonce, ciphertext, previous)
             except InvalidTag:
-                raise SpoolCorrupted(f"evidence spool record {index} was altered, removed or reordered") from None
+                raise SpoolCorrupted(f"evidence spool record {index} was altered, removed or reordered "
+                                     f"(offset {end - len(ciphertext) - _RECORD.size})") from None
             previous = hashlib.sha256(previous + ciphertext).digest()
-            self._tail = previous
-            yield plaintext
-            at, index = end, index + 1
+            yield plaintext, previous
+
+    def drop(self, count: int) -> None:
+        """Remove the first ``count`` records (delivered ones), keeping any appended since they were read."""
+        if count <= 0:
+            return
+        rest = list(self.records())[count:]
+        if not rest:
+            self.clear()
+            return
+        out, previous = [MAGIC], GENESIS
+        for plaintext in rest:
+            nonce = os.urandom(12)
+            ciphertext = self._aead.encrypt(nonce, plaintext, previous)
+            out += [_header(len(ciphertext), nonce), ciphertext]
+            previous = hashlib.sha256(previous + ciphertext).digest()
+        _replace(self.path, b"".join(out))
+        self._tail = previous
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
         self._tail = GENESIS
+
+    def load_gaps(self) -> dict:
+        """The gap state :meth:`save_gaps` last wrote, or an empty one."""
+        try:
+            data = self.gaps_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            return json.loads(self._aead.decrypt(data[:12], data[12:], _GAPS_AAD))
+        except (InvalidTag, ValueError):
+            raise SpoolCorrupted(f"evidence spool gap state {self.gaps_path} is damaged: the counts of events "
+                                 f"lost in an outage cannot be read; restore it from a backup") from None
+
+    def save_gaps(self, state: dict) -> None:
+        """Keep ``state`` durably and encrypted; an empty state removes the file."""
+        if not state:
+            if self.gaps_path.exists():
+                self.gaps_path.unlink()
+                _fsync_dir(self.gaps_path.parent)
+            return
+        nonce = os.urandom(12)
+        _replace(self.gaps_path, nonce + self._aead.encrypt(nonce, json.dumps(state).encode(), _GAPS_AAD))
+
+
+def _walk(path: Path, data: bytes, *, torn_tail: bool) -> Iterator[tuple[int, bytes, bytes, int]]:
+    """(index, nonce, ciphertext, end offset) of each record whose header checks.
+
+    With ``torn_tail`` an incomplete last record ends the walk (the caller cuts
+    it); without, it is SpoolCorrupted like any other damage.
+    """
+    if not data:
+        return  # created, and the crash came before the first write
+    if not data.startswith(MAGIC):
+        raise SpoolCorrupted(f"evidence spool {path} does not start with the spool file signature")
+    at, index = len(MAGIC), 0
+    while at < len(data):
+        if at + _RECORD.size > len(data):
+            if torn_tail:
+                return
+            raise SpoolCorrupted(f"evidence spool record {index} (offset {at}) is truncated")
+        length, nonce, check = _RECORD.unpack_from(data, at)
+        if zlib.crc32(data[at:at + _LEGACY_RECORD.size]) != check:
+            raise SpoolCorrupted(f"evidence spool {path}: the header of record {index} (offset {at}) is damaged; "
+                                 f"the records from there on cannot be read")
+        end = at + _RECORD.size + length
+        if end > len(data):
+            if torn_tail:
+                return
+            raise SpoolCorrupted(f"evidence spool record {index} (offset {at}) is truncated")
+        yield index, nonce, data[at + _RECORD.size:end], end
+        at, index = end, index + 1
 
 
 def call_event(source: str, call, tenant: str, event_type: str, **fields) -> pb.Event:
@@ -150,6 +304,11 @@ class EvidenceWriter:
     """Records events through an evidence plane client, surviving its outages.
 
     ``required`` tells whether an event type is evidence-required (fail closed).
+
+    :meth:`record` and :meth:`replay` run on one event loop: the spool is only
+    read, appended to and cut between awaits, so a record made while a replay
+    waits on the plane is spooled behind the records being sent, and the
+    replay removes only the records it has delivered.
     """
 
     def __init__(self, client, spool_dir: Path, *, required: Callable[[str], bool] = lambda _: False,
@@ -159,12 +318,17 @@ class EvidenceWriter:
         self.required = required
         self.timeout = timeout
         self.clock = clock
-        #: Events that did not fit in the spool, per tenant.
-        self.gaps: dict[str, Gap] = {}
+        state = self.spool.load_gaps()
+        #: Events that did not fit in the spool, per tenant, still being counted.
+        self.gaps: dict[str, Gap] = {tenant: Gap(**gap) for tenant, gap in state.get("open", {}).items()}
+        #: Gaps closed for sending, in order: their counts (and so their event
+        #: ids) no longer change, so a resent gap event is a duplicate there.
+        self.sealed: list[tuple[str, Gap]] = [(tenant, Gap(**gap)) for tenant, gap in state.get("sealed", [])]
+        self._replaying = asyncio.Lock()
 
     @property
     def backlog(self) -> bool:
-        return self.spool.size > 0 or bool(self.gaps)
+        return self.spool.size > 0 or bool(self.gaps) or bool(self.sealed)
 
     async def record(self, tenant: str, events: list[pb.Event]) -> None:
         """Append ``events``; raises EvidenceUnavailable for required ones during an outage."""
@@ -195,23 +359,48 @@ class EvidenceWriter:
         gap.events += len(request.events)
         gap.batches += 1
         gap.cause = cause
+        self._save_gaps()
+
+    def _save_gaps(self) -> None:
+        state = {}
+        if self.gaps:
+            state["open"] = {tenant: dataclasses.asdict(gap) for tenant, gap in self.gaps.items()}
+        if self.sealed:
+            state["sealed"] = [[tenant, dataclasses.asdict(gap)] for tenant, gap in self.sealed]
+        self.spool.save_gaps(state)
 
     async def replay(self) -> int:
-        """Send spooled batches in order, then the gap event if any were lost. Returns events sent.
+        """Send spooled batches in order, then a gap event for each tenant that lost some. Returns events sent.
 
-        A batch the plane already has is a duplicate there, so a replay cut
-        short by another outage is safe to run again.
+        Runs until nothing is left, so records spooled meanwhile are sent too,
+        after the earlier ones. A replay cut short by another outage has removed
+        what it delivered and raises; running it again sends the rest.
         """
-        sent = 0
-        for plaintext in self.spool.records():
-            request = pb.AppendEventsRequest.FromString(plaintext)
-            await self.client.append_events(request, timeout=self.timeout)
-            sent += len(request.events)
-        for tenant in sorted(self.gaps):
-            await self.client.append_events(self._gap_request(tenant, self.gaps[tenant]), timeout=self.timeout)
-            del self.gaps[tenant]
-        self.spool.clear()
-        return sent
+        async with self._replaying:
+            sent = 0
+            while self.backlog:
+                delivered = 0
+                try:
+                    for plaintext in self.spool.records():
+                        request = pb.AppendEventsRequest.FromString(plaintext)
+                        await self.client.append_events(request, timeout=self.timeout)
+                        sent += len(request.events)
+                        delivered += 1
+                finally:
+                    self.spool.drop(delivered)
+                if self.spool.size:
+                    continue  # spooled while this pass was sending
+                if self.gaps:
+                    # Counts go on in a new gap while these are sent.
+                    self.sealed += sorted(self.gaps.items())
+                    self.gaps = {}
+                    self._save_gaps()
+                while self.sealed:
+                    tenant, gap = self.sealed[0]
+                    await self.client.append_events(self._gap_request(tenant, gap), timeout=self.timeout)
+                    del self.sealed[0]
+                    self._save_gaps()
+            return sent
 
     def _gap_request(self, tenant: str, gap: Gap) -> pb.AppendEventsRequest:
         event = pb.Event(event_id=f"gap:{tenant}:{gap.first_ns}:{gap.last_ns}:{gap.events}", event_type="gap",

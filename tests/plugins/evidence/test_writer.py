@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from planes.kernel import errors
 from planes.kernel.identity import Identity
 from planes.plugins.evidence.plane import Evidence
-from planes.plugins.evidence.writer import EvidenceUnavailable, EvidenceWriter, Spool, SpoolCorrupted
+from planes.plugins.evidence.writer import MAGIC, EvidenceUnavailable, EvidenceWriter, Spool, SpoolCorrupted
 from tests.plugins.evidence.conftest import event
 
 
@@ -17,10 +21,23 @@ class Switchable:
     def __init__(self, log):
         self.plane = Evidence(log)
         self.up = True
+        #: Batches the plane takes before it goes down, like an outage in mid-replay; None for no limit.
+        self.down_after: int | None = None
+        #: Awaited with each request before it is stored: what the writer's callers do while it waits.
+        self.meanwhile = None
+        #: Event ids of every batch the plane took, resent ones included.
+        self.received: list[str] = []
 
     async def append_events(self, request, *, timeout=None):
+        if self.down_after == 0:
+            self.up = False
         if not self.up:
             raise errors.Unavailable("connection refused")
+        if self.down_after is not None:
+            self.down_after -= 1
+        if self.meanwhile is not None:
+            await self.meanwhile(request)
+        self.received += [e.event_id for e in request.events]
         from planes.kernel.call import CallContext, TraceContext
         call = CallContext(Identity("svc", request.tenant or "*", frozenset({"service"})), "c",
                            TraceContext("a" * 32, "b" * 16))
@@ -68,6 +85,51 @@ def test_outage_buffers_then_replays_in_order(run, plane, tmp_path, log):
     assert not writer.backlog and writer.spool.size == 0
 
 
+def test_records_spooled_during_a_replay_are_kept_and_sent_after_the_earlier_ones(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+
+    async def meanwhile(request):
+        if request.events[0].event_id == "a1":
+            await writer.record("acme", [event("a3")])  # acknowledged while a1 is on its way
+
+    async def scenario():
+        plane.up = False
+        await writer.record("acme", [event("a1")])
+        await writer.record("acme", [event("a2")])
+        plane.up, plane.meanwhile = True, meanwhile
+        return await writer.replay()
+
+    assert run(scenario()) == 3
+    assert [e.event_id for e in log.query("acme")] == ["a1", "a2", "a3"]
+    assert plane.received == ["a1", "a2", "a3"], "a3 waited behind the spooled records"
+    assert not writer.backlog and writer.spool.size == 0
+
+
+def test_losses_counted_while_a_gap_event_is_sent_get_a_gap_event_of_their_own(run, plane, tmp_path, log):
+    writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=400)
+
+    async def meanwhile(request):
+        if request.events[0].event_type == "gap":
+            plane.meanwhile = None
+            await writer.record("acme", [event("too-big", blob=b"x" * 500)])  # can never fit: lost
+            await writer.record("acme", [event("late")])
+
+    async def scenario():
+        plane.up = False
+        for index in range(4):
+            await writer.record("acme", [event(f"a{index}", blob=b"x" * 100)])
+        plane.up, plane.meanwhile = True, meanwhile
+        return await writer.replay()
+
+    sent = run(scenario())
+    events = log.query("acme")
+    kinds = [e.event_id if e.event_type != "gap" else "gap" for e in events]
+    assert kinds == [f"a{i}" for i in range(sent - 1)] + ["gap", "late", "gap"]
+    counts = [{f.name: f.string_value for f in e.fields} for e in events if e.event_type == "gap"]
+    assert [(c["lost_events"], c["lost_batches"]) for c in counts] == [(str(5 - sent), str(5 - sent)), ("1", "1")]
+    assert not writer.backlog and not (tmp_path / "spool" / "gaps.state").exists()
+
+
 def test_spool_holds_no_plaintext(run, plane, tmp_path):
     writer = EvidenceWriter(plane, tmp_path / "spool")
     plane.up = False
@@ -101,6 +163,52 @@ def test_overflow_writes_exactly_one_gap_event_per_tenant_with_counts(run, plane
     assert [e.event_id for e in events[:-1]] == [f"{p}{i}" for i in range(spooled) for p in "ab"]
 
 
+def test_gap_counts_survive_a_restart_encrypted(run, plane, tmp_path, log):
+    async def before_the_crash():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=200)
+        plane.up = False
+        for index in range(10):
+            await writer.record("acme-tenant", [event(f"e{index}")])
+        return sum(1 for _ in writer.spool.records())
+
+    async def after_the_restart():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=200)
+        assert writer.backlog
+        plane.up = True
+        return await writer.replay()
+
+    spooled = run(before_the_crash())
+    state = tmp_path / "spool" / "gaps.state"
+    assert b"acme-tenant" not in state.read_bytes() and oct(state.stat().st_mode & 0o777) == "0o600"
+    assert run(after_the_restart()) == spooled
+    events = log.query("acme-tenant")
+    gaps = [{f.name: f.string_value for f in e.fields} for e in events if e.event_type == "gap"]
+    assert len(gaps) == 1 and events[-1].event_type == "gap"
+    assert (gaps[0]["lost_events"], gaps[0]["lost_batches"]) == (str(10 - spooled), str(10 - spooled))
+    assert "unavailable" in gaps[0]["cause"].lower() and "200 bytes" in gaps[0]["policy"]
+    assert not state.exists() and not EvidenceWriter(plane, tmp_path / "spool").backlog
+
+
+def test_undelivered_gap_event_survives_a_restart_apart_from_later_losses(run, plane, tmp_path, log):
+    async def gap_refused():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=10)
+        plane.up = False
+        await writer.record("acme", [event("lost-1"), event("lost-2")])
+        plane.up, plane.down_after = True, 0
+        with pytest.raises(errors.Unavailable):
+            await writer.replay()
+        await writer.record("acme", [event("lost-3")])  # counted in a gap of its own
+
+    async def after_the_restart():
+        plane.up, plane.down_after = True, None
+        return await EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=10).replay()
+
+    run(gap_refused())
+    assert run(after_the_restart()) == 0
+    gaps = [{f.name: f.string_value for f in e.fields} for e in log.query("acme")]
+    assert [g["lost_events"] for g in gaps] == ["2", "1"]
+
+
 def test_tampered_spool_is_refused_by_record(tmp_path):
     spool = Spool(tmp_path, max_bytes=10_000)
     for index in range(3):
@@ -119,33 +227,102 @@ def test_removed_spool_record_breaks_the_chain(tmp_path):
     spool.append(b"second")
     spool.append(b"third")
     data = spool.path.read_bytes()
-    spool.path.write_bytes(data[:0] + data[first_size:])  # drop the first record
+    spool.path.write_bytes(MAGIC + data[first_size:])  # drop the first record
     with pytest.raises(SpoolCorrupted, match="record 0"):
         Spool(tmp_path, max_bytes=10_000)
 
 
-def test_replay_after_a_second_outage_is_safe(run, plane, tmp_path, log):
+def test_replay_cut_short_by_a_second_outage_sends_the_rest_once_and_in_order(run, plane, tmp_path, log):
     writer = EvidenceWriter(plane, tmp_path / "spool")
 
     async def scenario():
         plane.up = False
-        await writer.record("acme", [event("x1")])
-        await writer.record("acme", [event("x2")])
-        plane.up = True
-        first = await writer.replay()
-        return first, await writer.replay()
+        for index in range(1, 6):
+            await writer.record("acme", [event(f"x{index}")])
+        plane.up, plane.down_after = True, 2
+        with pytest.raises(errors.Unavailable):
+            await writer.replay()
+        cut_short = [e.event_id for e in log.query("acme")], sum(1 for _ in writer.spool.records())
+        plane.up, plane.down_after = True, None
+        return cut_short, await writer.replay()
 
-    assert run(scenario()) == (2, 0)
-    assert [e.event_id for e in log.query("acme")] == ["x1", "x2"]
+    (stored, left), second = run(scenario())
+    assert stored == ["x1", "x2"] and left == 3, "the second outage hit after two deliveries; those left the spool"
+    assert second == 3
+    assert [e.event_id for e in log.query("acme")] == ["x1", "x2", "x3", "x4", "x5"]
+    assert plane.received == ["x1", "x2", "x3", "x4", "x5"], "each event was sent exactly once"
+    assert not writer.backlog
 
 
-def test_record_torn_by_a_crash_is_cut_and_the_rest_kept(tmp_path):
+@pytest.mark.parametrize("kept", [7, 25], ids=["in the header", "in the ciphertext"])
+def test_record_torn_by_a_crash_is_cut_and_the_rest_kept(tmp_path, kept):
     spool = Spool(tmp_path, max_bytes=10_000)
     spool.append(b"acknowledged")
-    with open(spool.path, "ab") as handle:
-        handle.write(b"\x00\x00\x01\x00" + b"n" * 12 + b"half a record")  # the crash hit mid-write
+    acknowledged = spool.size
+    spool.append(b"the crash hit while this was written")
+    with open(spool.path, "r+b") as handle:
+        handle.truncate(acknowledged + kept)
     reopened = Spool(tmp_path, max_bytes=10_000)
-    assert reopened.torn_bytes == 4 + 12 + 13
+    assert reopened.torn_bytes == kept
     assert list(reopened.records()) == [b"acknowledged"]
     reopened.append(b"next")
     assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"acknowledged", b"next"]
+
+
+@pytest.mark.parametrize(("kept", "torn"), [(0, 0), (3, 3), (len(MAGIC) + 9, 9)],
+                         ids=["empty", "in the signature", "in the first record"])
+def test_first_write_torn_by_a_crash_leaves_an_empty_spool(tmp_path, kept, torn):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.append(b"never acknowledged")
+    with open(spool.path, "r+b") as handle:
+        handle.truncate(kept)
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert reopened.torn_bytes == torn and list(reopened.records()) == []
+    reopened.append(b"next")
+    assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"next"]
+
+
+def test_damaged_length_in_a_middle_record_is_corruption_not_a_torn_tail(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    ends = []
+    for index in range(5):
+        spool.append(f"record-{index}".encode() * 10)
+        ends.append(spool.size)
+    data = bytearray(spool.path.read_bytes())
+    data[ends[0]] ^= 0x01  # one bit of record 1's length: it now runs past the end of the file
+    spool.path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupted, match=f"record 1 \\(offset {ends[0]}\\) is damaged"):
+        Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.path.read_bytes() == bytes(data), "nothing was cut"
+
+
+def _legacy_spool(directory, records):
+    """A spool file as written before record checksums: length, nonce, ciphertext from the first byte."""
+    spool = Spool(directory, max_bytes=10_000)  # makes the key
+    aead, previous, out = AESGCM((directory / "spool.key").read_bytes()), bytes(32), []
+    for plaintext in records:
+        nonce = bytes([len(out)]) * 12
+        ciphertext = aead.encrypt(nonce, plaintext, previous)
+        out.append(struct.pack(">I12s", len(ciphertext), nonce) + ciphertext)
+        previous = hashlib.sha256(previous + ciphertext).digest()
+    spool.path.write_bytes(b"".join(out))
+    return spool.path
+
+
+def test_spool_without_record_checksums_is_read_and_rewritten_with_them(tmp_path):
+    path = _legacy_spool(tmp_path, [b"one", b"two", b"three"])
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert list(reopened.records()) == [b"one", b"two", b"three"]
+    assert path.read_bytes().startswith(MAGIC)
+    reopened.append(b"four")
+    assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"one", b"two", b"three", b"four"]
+
+
+def test_spool_without_record_checksums_ending_in_an_incomplete_record_is_refused(tmp_path):
+    path = _legacy_spool(tmp_path, [b"one", b"two"])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])
+    keep = len(whole) - (16 + 3 + 16)
+    with pytest.raises(SpoolCorrupted, match=f"{path}.*offset {keep}.*truncate the file to {keep} bytes"):
+        Spool(tmp_path, max_bytes=10_000)
+    assert path.read_bytes() == whole[:-3]
