@@ -95,6 +95,14 @@ class Control(ControlPlane):
         #: One publish (or rollback, or rollout step) at a time: between the
         #: evidence record and the commit nothing else may take the revision.
         self._publishing = asyncio.Lock()
+        #: One resource write at a time, for the same reason: the version check, the evidence
+        #: record and the write happen with no other write between, so a write that loses a race
+        #: is refused before its record, and evidence never shows a change that did not happen.
+        #: Apart from ``_publishing``: a publish cuts its content in one read, before its record,
+        #: so a write landing meanwhile goes into the next revision and need not wait for it.
+        #: In-process only: control planes of several hosts sharing one store still refuse the
+        #: loser in the store's transaction, but after its record.
+        self._writing = asyncio.Lock()
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
         self._checkpointing: asyncio.Task | None = None
@@ -131,16 +139,18 @@ class Control(ControlPlane):
     async def put_resource(self, request: pb.PutResourceRequest, call: CallContext) -> pb.PutResourceResponse:
         self._writable("writing a resource")
         validate(request.kind, request.tenant, request.name, request.spec)
-        # Refuse early what the store would refuse, so a refused write leaves no record.
-        current = self.store.check_version(request.kind, request.tenant, request.name,
-                                           request.expected_resource_version)
-        await self._record(
-            call, request.tenant, "config.resource.put", kind=kind_name(request.kind), name=request.name,
-            version_before=current.resource_version if current else 0,
-            digest_before=current.spec_digest.value.hex() if current else "",
-            digest_after=digest_of(canonical_spec(request.spec)).value.hex())
-        _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
-                                  request.expected_resource_version, call.identity.principal)
+        async with self._writing:
+            # Refuse early what the store would refuse, so a refused write leaves no record; under
+            # the lock, so no other write can take the version while this one's record is written.
+            current = self.store.check_version(request.kind, request.tenant, request.name,
+                                               request.expected_resource_version)
+            await self._record(
+                call, request.tenant, "config.resource.put", kind=kind_name(request.kind), name=request.name,
+                version_before=current.resource_version if current else 0,
+                digest_before=current.spec_digest.value.hex() if current else "",
+                digest_after=digest_of(canonical_spec(request.spec)).value.hex())
+            _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
+                                      request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.PutResourceResponse(resource=after)
 
@@ -158,13 +168,14 @@ class Control(ControlPlane):
 
     async def delete_resource(self, request: pb.DeleteResourceRequest, call: CallContext) -> pb.DeleteResourceResponse:
         self._writable("deleting a resource")
-        current = self.store.get(request.kind, request.tenant, request.name)
-        self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
-        await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
-                           name=request.name, version_before=current.resource_version,
-                           digest_before=current.spec_digest.value.hex())
-        before = self.store.delete(request.kind, request.tenant, request.name, request.expected_resource_version,
-                                   call.identity.principal)
+        async with self._writing:  # as in put_resource: check, record and delete with no write between
+            current = self.store.get(request.kind, request.tenant, request.name)
+            self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
+            await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
+                               name=request.name, version_before=current.resource_version,
+                               digest_before=current.spec_digest.value.hex())
+            before = self.store.delete(request.kind, request.tenant, request.name,
+                                       request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.DeleteResourceResponse(resource=before)
 
