@@ -257,6 +257,10 @@ class Control(ControlPlane):
 
     async def rollback_snapshot(self, request: pb.RollbackSnapshotRequest, call: CallContext) -> pb.RollbackSnapshotResponse:
         self._all_tenants(call, "a rollback")
+        if request.to_revision < 1:
+            # The store reads revision 0 as "the latest": republishing it would record a rollback that undoes nothing.
+            raise InvalidArgument(f"to_revision must name a published revision (1 or more), "
+                                  f"got {request.to_revision}")
         self.store.snapshot(request.to_revision)  # NotFound before anything is recorded
         async with self._publishing:
             self._can_publish(request.expected_revision)
@@ -277,14 +281,19 @@ class Control(ControlPlane):
         return pb.RollbackSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
 
     async def diff_snapshots(self, request: pb.DiffSnapshotsRequest, call: CallContext) -> pb.DiffSnapshotsResponse:
-        def resources(revision: int) -> dict:
+        """Compare two revisions; ``to_revision`` 0 is the current, unpublished desired state (what the
+        next publish would cut), so an admin sees what publishing would change. ``from_revision`` 0 is
+        "nothing published": everything shows as added."""
+        def keyed(found) -> dict:
+            return {(r.kind, r.tenant, r.name): r for r in found if request.tenant in (ALL_TENANTS, r.tenant)}
+
+        def published(revision: int) -> dict:
             if revision == 0:
                 return {}
-            content = pb.SnapshotContent.FromString(self.store.snapshot(revision).content)
-            return {(r.kind, r.tenant, r.name): r for r in content.resources
-                    if request.tenant in (ALL_TENANTS, r.tenant)}
+            return keyed(pb.SnapshotContent.FromString(self.store.snapshot(revision).content).resources)
 
-        before, after = resources(request.from_revision), resources(request.to_revision)
+        before = published(request.from_revision)
+        after = published(request.to_revision) if request.to_revision else keyed(self.store.list())
         changes = []
         for key in sorted(set(before) | set(after)):
             old, new = before.get(key), after.get(key)

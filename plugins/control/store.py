@@ -356,7 +356,13 @@ class ControlStore:
 
     def prepare_rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                          **options) -> pb.SignedSnapshot:
-        """:meth:`prepare_snapshot` of ``to_revision``'s content, as a new revision."""
+        """:meth:`prepare_snapshot` of ``to_revision``'s content, as a new revision.
+
+        ``to_revision`` must be 1 or more: :meth:`snapshot` reads 0 as the
+        latest, and a rollback to the latest would change nothing.
+        """
+        if to_revision < 1:
+            raise InvalidArgument(f"to_revision must name a published revision (1 or more), got {to_revision}")
         options.setdefault("message", f"rollback to revision {to_revision}")
         return self.prepare_snapshot(key, expected_revision=expected_revision, actor=actor,
                                      content=self.snapshot(to_revision).content, source_revision=to_revision,
