@@ -200,6 +200,21 @@ class Control(ControlPlane):
         if expected_revision != latest:
             raise Conflict(f"expected revision {expected_revision}, latest is {latest}; someone published meanwhile")
 
+    def _no_canary(self, what: str, instead: str) -> None:
+        """Refuse to move the fleet while a rollout is in canary.
+
+        The canaries run the rollout's revision and the rest of the fleet its
+        base; moving the fleet to a newer revision meanwhile would leave the
+        rollout behind it, and promoting it would then take the fleet back to
+        older content. So the rollout is settled first (promoted or aborted),
+        or the new revision is published staged, for a rollout of its own.
+        """
+        rollout = self._active_rollout()
+        if rollout is not None:
+            raise FailedPrecondition(
+                f"{what} refused: rollout {rollout.rollout_id} has revision {rollout.revision} in canary "
+                f"(the fleet runs {self._fleet_revision}); promote or abort it first, {instead}")
+
     def _profile(self) -> dict:
         profiles = self.store.list(tenant=ALL_TENANTS, kind=pb.RESOURCE_KIND_DEPLOYMENT_PROFILE)
         if not profiles:
@@ -215,6 +230,8 @@ class Control(ControlPlane):
             else pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING)
         async with self._publishing:
             self._can_publish(request.expected_revision)
+            if not request.staged:
+                self._no_canary("a publish to the whole fleet", "or publish it staged")
             # Cut and signed before the record, so evidence names the exact content published.
             signed = self.store.prepare_snapshot(
                 self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
@@ -264,6 +281,7 @@ class Control(ControlPlane):
         self.store.snapshot(request.to_revision)  # NotFound before anything is recorded
         async with self._publishing:
             self._can_publish(request.expected_revision)
+            self._no_canary("a rollback of the whole fleet", "(aborting rolls the canaries back)")
             signed = self.store.prepare_rollback(self.key, request.to_revision,
                                                  expected_revision=request.expected_revision,
                                                  actor=call.identity.principal,
@@ -573,6 +591,12 @@ class Control(ControlPlane):
         self._all_tenants(call, "promoting")
         async with self._publishing:
             rollout = self._rollout(request.rollout_id)
+            if rollout.revision <= self._fleet_revision:
+                # The fleet never goes back to older content. Only a store written before publishes
+                # were refused during a canary holds such a rollout; aborting it keeps the fleet's.
+                raise FailedPrecondition(
+                    f"promoting rollout {rollout.rollout_id} would move the fleet from revision "
+                    f"{self._fleet_revision} back to {rollout.revision}; abort the rollout instead")
             self._writable("promoting")
             await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
                                revision=rollout.revision)
@@ -606,10 +630,19 @@ class Control(ControlPlane):
                 return  # another report (or the deadline) got there first
             latest = self.store.latest_revision()
             self._can_publish(latest)
-            signed = self.store.prepare_rollback(self.key, rollout.base_revision, expected_revision=latest,
-                                                 actor=call.identity.principal,
-                                                 message=f"rollout {rollout.rollout_id}: back to the content of "
-                                                         f"revision {rollout.base_revision}")
+            # What the fleet runs: the base, unless a store written before publishes were refused
+            # during a canary moved the fleet past it; the canaries must not go back further.
+            source = max(rollout.base_revision, self._fleet_revision)
+            if source:
+                signed = self.store.prepare_rollback(self.key, source, expected_revision=latest,
+                                                     actor=call.identity.principal,
+                                                     message=f"rollout {rollout.rollout_id}: back to the content "
+                                                             f"of revision {source}")
+            else:  # the fleet ran nothing before the canary: back to no configuration at all
+                signed = self.store.prepare_snapshot(self.key, expected_revision=latest,
+                                                     actor=call.identity.principal, content=b"",
+                                                     message=f"rollout {rollout.rollout_id}: back to no "
+                                                             "configuration (the fleet ran none before)")
             await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
                                else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
                                base_revision=rollout.base_revision, rollback_revision=latest + 1, reason=reason,
