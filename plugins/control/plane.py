@@ -33,7 +33,8 @@ from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
-from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PlanesError
+from planes.kernel.errors import (Conflict, FailedPrecondition, InvalidArgument, LimitExceeded, NotFound,
+                                  PermissionDenied, PlanesError)
 from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
 from planes.plugins.evidence.writer import call_event
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VALIDITY = 86_400.0
 DEFAULT_LEASE = 300.0
+#: Subscribers kept (statuses and owners) before a new subscriber id is refused: every id is a
+#: stored row, and a fraction cohort picks its canaries among them.
+DEFAULT_MAX_SUBSCRIBERS = 10_000
+MAX_SUBSCRIBER_ID = 256
 #: Who automatic steps (a rollback at the window's end or after a restart) are recorded as.
 CONTROL_IDENTITY = Identity(principal="control", tenant=ALL_TENANTS, roles=frozenset({"service"}), source="kernel")
 
@@ -73,8 +78,9 @@ def _seconds(stamp) -> float:
 class Control(ControlPlane):
     def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
                  clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0,
-                 deltas: bool = True):
+                 deltas: bool = True, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS):
         self.store = store
+        self.max_subscribers = max_subscribers
         #: Push a revision as a delta to the one a watcher runs, when that is under half the size.
         self.deltas = deltas
         #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
@@ -88,6 +94,8 @@ class Control(ControlPlane):
         for status in store.subscribers():
             status.watching = False  # streams did not survive the restart
             self.subscribers[status.subscriber_id] = status
+        #: The principal each subscriber id belongs to (see :meth:`_subscriber`).
+        self._owners: dict[str, str] = store.subscriber_owners()
         self.rollouts: dict[str, pb.Rollout] = {r.rollout_id: r for r in store.rollouts()}
         #: The rollout in canary, if any (promoting or rolling back changes its state in place).
         self._active = next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
@@ -367,6 +375,50 @@ class Control(ControlPlane):
         async with self._changed:
             self._changed.notify_all()
 
+    def _subscriber(self, call: CallContext, subscriber_id: str) -> pb.SubscriberStatus:
+        """The status of the subscriber a caller watches or reports as, once it may act as it.
+
+        A subscriber's reports steer the whole fleet (a canary's NACK rolls a
+        rollout back) and its watch gets every tenant's desired state, so:
+
+        - only an identity acting for every tenant ('*') may be a subscriber;
+        - a subscriber id belongs to the principal that first watched or
+          reported as it (kept in the store), and another principal may not
+          act as it unless it holds the admin role (an admin claims no id). Ids are the hosts' own
+          names ("execution@host:port", "worker:name"), not principals, so
+          several hosts may share one principal; a host whose principal
+          changes takes a new id;
+        - at most ``max_subscribers`` ids are kept: a new one beyond that is
+          refused.
+
+        Refusals name the caller and the id, never the owner or its status.
+        """
+        if not subscriber_id:
+            raise InvalidArgument("subscriber_id is required")
+        if len(subscriber_id) > MAX_SUBSCRIBER_ID:
+            raise InvalidArgument(f"subscriber_id is {len(subscriber_id)} characters; at most "
+                                  f"{MAX_SUBSCRIBER_ID} are allowed")
+        identity = call.identity
+        if identity.tenant != ALL_TENANTS:
+            raise PermissionDenied(
+                f"{identity.principal!r} acts for tenant {identity.tenant!r} and may not be subscriber "
+                f"{subscriber_id!r}: subscribers act for the whole fleet, so they need an identity acting "
+                f"for every tenant ('*')")
+        owner = self._owners.get(subscriber_id)
+        if owner is not None and owner != identity.principal and "admin" not in identity.roles:
+            raise PermissionDenied(
+                f"subscriber {subscriber_id!r} belongs to another principal; {identity.principal!r} may "
+                "watch and report only as subscribers it registered (use an id of its own)")
+        if subscriber_id not in self.subscribers and len(self.subscribers) >= self.max_subscribers:
+            raise LimitExceeded("subscribers", self.max_subscribers, len(self.subscribers) + 1,
+                                message=f"subscriber {subscriber_id!r} refused: the control plane keeps at most "
+                                        f"{self.max_subscribers} subscribers and knows {len(self.subscribers)}")
+        if owner is None and "admin" not in identity.roles:  # an admin acting as a host claims nothing
+            self._owners[subscriber_id] = identity.principal
+            if not self.store.read_only:
+                self.store.bind_subscriber(subscriber_id, identity.principal)
+        return self._status(subscriber_id)
+
     def _status(self, subscriber_id: str) -> pb.SubscriberStatus:
         if not subscriber_id:
             raise InvalidArgument("subscriber_id is required")
@@ -379,7 +431,7 @@ class Control(ControlPlane):
             self._checkpoint_soon(small=True)
 
     async def watch_snapshots(self, request: pb.WatchSnapshotsRequest, call: CallContext) -> AsyncIterator[pb.WatchSnapshotsResponse]:
-        status = self._status(request.subscriber_id)
+        status = self._subscriber(call, request.subscriber_id)
         status.watching = True
         if request.contract_versions:
             del status.contract_versions[:]
@@ -475,7 +527,7 @@ class Control(ControlPlane):
         return message
 
     async def report_status(self, request: pb.ReportStatusRequest, call: CallContext) -> pb.ReportStatusResponse:
-        status = self._status(request.subscriber_id)
+        status = self._subscriber(call, request.subscriber_id)
         status.applied_revision = request.applied_revision
         status.last_seen.CopyFrom(_stamp(self.clock()))
         status.health.CopyFrom(request.health)

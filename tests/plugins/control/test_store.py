@@ -206,8 +206,13 @@ def test_rollouts_and_subscriber_reports_survive_reopening(tmp_path, clock):
     with first.transaction():
         first.save_rollout(rollout)
         first.save_subscriber(status)
+    first.bind_subscriber("h1", "host-1")
+    first.bind_subscriber("h1", "someone-else")  # the first binding stays
     first.close()
     reopened = ControlStore(path, clock=clock, read_only=True)
     assert reopened.rollouts() == [rollout] and reopened.subscribers() == [status]
+    assert reopened.subscriber_owners() == {"h1": "host-1"}
+    with pytest.raises(errors.FailedPrecondition, match="read-only"):
+        reopened.bind_subscriber("h2", "host-2")
     with pytest.raises(errors.FailedPrecondition, match="read-only"):
         reopened.save_rollout(rollout)
