@@ -33,7 +33,8 @@ class ControlPlugin(Plugin):
     ``keepalive_seconds`` (number, default 15): silence on a watch stream before a keepalive, which
     renews subscribers' leases; keep it well under the shortest snapshot lease;
     ``deltas`` (bool, default true): push a revision as a change to the one a subscriber runs when
-    that is under half the size of the full snapshot.
+    that is under half the size of the full snapshot; ``max_subscribers`` (int, default 10,000):
+    subscriber ids kept before a new one is refused.
 
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
@@ -49,7 +50,7 @@ class ControlPlugin(Plugin):
     def setup(self, kernel) -> None:
         from planes.plugins.evidence.writer import EvidenceWriter
 
-        from .plane import Control
+        from .plane import DEFAULT_MAX_SUBSCRIBERS, Control
         from .store import ControlStore
 
         settings = dict(kernel.settings.plugin_settings(self.name))
@@ -80,7 +81,8 @@ class ControlPlugin(Plugin):
                                 required=lambda event_type: True)
         self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
                              keepalive=float(settings.get("keepalive_seconds", 15.0)),
-                             deltas=bool(settings.get("deltas", True)))
+                             deltas=bool(settings.get("deltas", True)),
+                             max_subscribers=int(settings.get("max_subscribers", DEFAULT_MAX_SUBSCRIBERS)))
 
     def implementation(self, provision: Provision):
         return self.plane

@@ -33,7 +33,8 @@ from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
-from planes.kernel.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound, PlanesError
+from planes.kernel.errors import (Conflict, FailedPrecondition, InvalidArgument, LimitExceeded, NotFound,
+                                  PermissionDenied, PlanesError)
 from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
 from planes.plugins.evidence.writer import call_event
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VALIDITY = 86_400.0
 DEFAULT_LEASE = 300.0
+#: Subscribers kept (statuses and owners) before a new subscriber id is refused: every id is a
+#: stored row, and a fraction cohort picks its canaries among them.
+DEFAULT_MAX_SUBSCRIBERS = 10_000
+MAX_SUBSCRIBER_ID = 256
 #: Who automatic steps (a rollback at the window's end or after a restart) are recorded as.
 CONTROL_IDENTITY = Identity(principal="control", tenant=ALL_TENANTS, roles=frozenset({"service"}), source="kernel")
 
@@ -73,8 +78,9 @@ def _seconds(stamp) -> float:
 class Control(ControlPlane):
     def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
                  clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0,
-                 deltas: bool = True):
+                 deltas: bool = True, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS):
         self.store = store
+        self.max_subscribers = max_subscribers
         #: Push a revision as a delta to the one a watcher runs, when that is under half the size.
         self.deltas = deltas
         #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
@@ -88,6 +94,8 @@ class Control(ControlPlane):
         for status in store.subscribers():
             status.watching = False  # streams did not survive the restart
             self.subscribers[status.subscriber_id] = status
+        #: The principal each subscriber id belongs to (see :meth:`_subscriber`).
+        self._owners: dict[str, str] = store.subscriber_owners()
         self.rollouts: dict[str, pb.Rollout] = {r.rollout_id: r for r in store.rollouts()}
         #: The rollout in canary, if any (promoting or rolling back changes its state in place).
         self._active = next((r for r in self.rollouts.values() if r.state == pb.ROLLOUT_STATE_CANARY), None)
@@ -95,6 +103,14 @@ class Control(ControlPlane):
         #: One publish (or rollback, or rollout step) at a time: between the
         #: evidence record and the commit nothing else may take the revision.
         self._publishing = asyncio.Lock()
+        #: One resource write at a time, for the same reason: the version check, the evidence
+        #: record and the write happen with no other write between, so a write that loses a race
+        #: is refused before its record, and evidence never shows a change that did not happen.
+        #: Apart from ``_publishing``: a publish cuts its content in one read, before its record,
+        #: so a write landing meanwhile goes into the next revision and need not wait for it.
+        #: In-process only: control planes of several hosts sharing one store still refuse the
+        #: loser in the store's transaction, but after its record.
+        self._writing = asyncio.Lock()
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
         self._checkpointing: asyncio.Task | None = None
@@ -131,16 +147,18 @@ class Control(ControlPlane):
     async def put_resource(self, request: pb.PutResourceRequest, call: CallContext) -> pb.PutResourceResponse:
         self._writable("writing a resource")
         validate(request.kind, request.tenant, request.name, request.spec)
-        # Refuse early what the store would refuse, so a refused write leaves no record.
-        current = self.store.check_version(request.kind, request.tenant, request.name,
-                                           request.expected_resource_version)
-        await self._record(
-            call, request.tenant, "config.resource.put", kind=kind_name(request.kind), name=request.name,
-            version_before=current.resource_version if current else 0,
-            digest_before=current.spec_digest.value.hex() if current else "",
-            digest_after=digest_of(canonical_spec(request.spec)).value.hex())
-        _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
-                                  request.expected_resource_version, call.identity.principal)
+        async with self._writing:
+            # Refuse early what the store would refuse, so a refused write leaves no record; under
+            # the lock, so no other write can take the version while this one's record is written.
+            current = self.store.check_version(request.kind, request.tenant, request.name,
+                                               request.expected_resource_version)
+            await self._record(
+                call, request.tenant, "config.resource.put", kind=kind_name(request.kind), name=request.name,
+                version_before=current.resource_version if current else 0,
+                digest_before=current.spec_digest.value.hex() if current else "",
+                digest_after=digest_of(canonical_spec(request.spec)).value.hex())
+            _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
+                                      request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.PutResourceResponse(resource=after)
 
@@ -158,13 +176,14 @@ class Control(ControlPlane):
 
     async def delete_resource(self, request: pb.DeleteResourceRequest, call: CallContext) -> pb.DeleteResourceResponse:
         self._writable("deleting a resource")
-        current = self.store.get(request.kind, request.tenant, request.name)
-        self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
-        await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
-                           name=request.name, version_before=current.resource_version,
-                           digest_before=current.spec_digest.value.hex())
-        before = self.store.delete(request.kind, request.tenant, request.name, request.expected_resource_version,
-                                   call.identity.principal)
+        async with self._writing:  # as in put_resource: check, record and delete with no write between
+            current = self.store.get(request.kind, request.tenant, request.name)
+            self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
+            await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
+                               name=request.name, version_before=current.resource_version,
+                               digest_before=current.spec_digest.value.hex())
+            before = self.store.delete(request.kind, request.tenant, request.name,
+                                       request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.DeleteResourceResponse(resource=before)
 
@@ -189,6 +208,21 @@ class Control(ControlPlane):
         if expected_revision != latest:
             raise Conflict(f"expected revision {expected_revision}, latest is {latest}; someone published meanwhile")
 
+    def _no_canary(self, what: str, instead: str) -> None:
+        """Refuse to move the fleet while a rollout is in canary.
+
+        The canaries run the rollout's revision and the rest of the fleet its
+        base; moving the fleet to a newer revision meanwhile would leave the
+        rollout behind it, and promoting it would then take the fleet back to
+        older content. So the rollout is settled first (promoted or aborted),
+        or the new revision is published staged, for a rollout of its own.
+        """
+        rollout = self._active_rollout()
+        if rollout is not None:
+            raise FailedPrecondition(
+                f"{what} refused: rollout {rollout.rollout_id} has revision {rollout.revision} in canary "
+                f"(the fleet runs {self._fleet_revision}); promote or abort it first, {instead}")
+
     def _profile(self) -> dict:
         profiles = self.store.list(tenant=ALL_TENANTS, kind=pb.RESOURCE_KIND_DEPLOYMENT_PROFILE)
         if not profiles:
@@ -204,6 +238,8 @@ class Control(ControlPlane):
             else pb.LEASE_EXPIRY_POLICY_STOP_ADMITTING)
         async with self._publishing:
             self._can_publish(request.expected_revision)
+            if not request.staged:
+                self._no_canary("a publish to the whole fleet", "or publish it staged")
             # Cut and signed before the record, so evidence names the exact content published.
             signed = self.store.prepare_snapshot(
                 self.key, expected_revision=request.expected_revision, actor=call.identity.principal,
@@ -246,9 +282,14 @@ class Control(ControlPlane):
 
     async def rollback_snapshot(self, request: pb.RollbackSnapshotRequest, call: CallContext) -> pb.RollbackSnapshotResponse:
         self._all_tenants(call, "a rollback")
+        if request.to_revision < 1:
+            # The store reads revision 0 as "the latest": republishing it would record a rollback that undoes nothing.
+            raise InvalidArgument(f"to_revision must name a published revision (1 or more), "
+                                  f"got {request.to_revision}")
         self.store.snapshot(request.to_revision)  # NotFound before anything is recorded
         async with self._publishing:
             self._can_publish(request.expected_revision)
+            self._no_canary("a rollback of the whole fleet", "(aborting rolls the canaries back)")
             signed = self.store.prepare_rollback(self.key, request.to_revision,
                                                  expected_revision=request.expected_revision,
                                                  actor=call.identity.principal,
@@ -266,14 +307,19 @@ class Control(ControlPlane):
         return pb.RollbackSnapshotResponse(snapshot=pb.Snapshot.FromString(signed.snapshot))
 
     async def diff_snapshots(self, request: pb.DiffSnapshotsRequest, call: CallContext) -> pb.DiffSnapshotsResponse:
-        def resources(revision: int) -> dict:
+        """Compare two revisions; ``to_revision`` 0 is the current, unpublished desired state (what the
+        next publish would cut), so an admin sees what publishing would change. ``from_revision`` 0 is
+        "nothing published": everything shows as added."""
+        def keyed(found) -> dict:
+            return {(r.kind, r.tenant, r.name): r for r in found if request.tenant in (ALL_TENANTS, r.tenant)}
+
+        def published(revision: int) -> dict:
             if revision == 0:
                 return {}
-            content = pb.SnapshotContent.FromString(self.store.snapshot(revision).content)
-            return {(r.kind, r.tenant, r.name): r for r in content.resources
-                    if request.tenant in (ALL_TENANTS, r.tenant)}
+            return keyed(pb.SnapshotContent.FromString(self.store.snapshot(revision).content).resources)
 
-        before, after = resources(request.from_revision), resources(request.to_revision)
+        before = published(request.from_revision)
+        after = published(request.to_revision) if request.to_revision else keyed(self.store.list())
         changes = []
         for key in sorted(set(before) | set(after)):
             old, new = before.get(key), after.get(key)
@@ -329,6 +375,50 @@ class Control(ControlPlane):
         async with self._changed:
             self._changed.notify_all()
 
+    def _subscriber(self, call: CallContext, subscriber_id: str) -> pb.SubscriberStatus:
+        """The status of the subscriber a caller watches or reports as, once it may act as it.
+
+        A subscriber's reports steer the whole fleet (a canary's NACK rolls a
+        rollout back) and its watch gets every tenant's desired state, so:
+
+        - only an identity acting for every tenant ('*') may be a subscriber;
+        - a subscriber id belongs to the principal that first watched or
+          reported as it (kept in the store), and another principal may not
+          act as it unless it holds the admin role (an admin claims no id). Ids are the hosts' own
+          names ("execution@host:port", "worker:name"), not principals, so
+          several hosts may share one principal; a host whose principal
+          changes takes a new id;
+        - at most ``max_subscribers`` ids are kept: a new one beyond that is
+          refused.
+
+        Refusals name the caller and the id, never the owner or its status.
+        """
+        if not subscriber_id:
+            raise InvalidArgument("subscriber_id is required")
+        if len(subscriber_id) > MAX_SUBSCRIBER_ID:
+            raise InvalidArgument(f"subscriber_id is {len(subscriber_id)} characters; at most "
+                                  f"{MAX_SUBSCRIBER_ID} are allowed")
+        identity = call.identity
+        if identity.tenant != ALL_TENANTS:
+            raise PermissionDenied(
+                f"{identity.principal!r} acts for tenant {identity.tenant!r} and may not be subscriber "
+                f"{subscriber_id!r}: subscribers act for the whole fleet, so they need an identity acting "
+                f"for every tenant ('*')")
+        owner = self._owners.get(subscriber_id)
+        if owner is not None and owner != identity.principal and "admin" not in identity.roles:
+            raise PermissionDenied(
+                f"subscriber {subscriber_id!r} belongs to another principal; {identity.principal!r} may "
+                "watch and report only as subscribers it registered (use an id of its own)")
+        if subscriber_id not in self.subscribers and len(self.subscribers) >= self.max_subscribers:
+            raise LimitExceeded("subscribers", self.max_subscribers, len(self.subscribers) + 1,
+                                message=f"subscriber {subscriber_id!r} refused: the control plane keeps at most "
+                                        f"{self.max_subscribers} subscribers and knows {len(self.subscribers)}")
+        if owner is None and "admin" not in identity.roles:  # an admin acting as a host claims nothing
+            self._owners[subscriber_id] = identity.principal
+            if not self.store.read_only:
+                self.store.bind_subscriber(subscriber_id, identity.principal)
+        return self._status(subscriber_id)
+
     def _status(self, subscriber_id: str) -> pb.SubscriberStatus:
         if not subscriber_id:
             raise InvalidArgument("subscriber_id is required")
@@ -341,7 +431,7 @@ class Control(ControlPlane):
             self._checkpoint_soon(small=True)
 
     async def watch_snapshots(self, request: pb.WatchSnapshotsRequest, call: CallContext) -> AsyncIterator[pb.WatchSnapshotsResponse]:
-        status = self._status(request.subscriber_id)
+        status = self._subscriber(call, request.subscriber_id)
         status.watching = True
         if request.contract_versions:
             del status.contract_versions[:]
@@ -437,7 +527,7 @@ class Control(ControlPlane):
         return message
 
     async def report_status(self, request: pb.ReportStatusRequest, call: CallContext) -> pb.ReportStatusResponse:
-        status = self._status(request.subscriber_id)
+        status = self._subscriber(call, request.subscriber_id)
         status.applied_revision = request.applied_revision
         status.last_seen.CopyFrom(_stamp(self.clock()))
         status.health.CopyFrom(request.health)
@@ -553,6 +643,12 @@ class Control(ControlPlane):
         self._all_tenants(call, "promoting")
         async with self._publishing:
             rollout = self._rollout(request.rollout_id)
+            if rollout.revision <= self._fleet_revision:
+                # The fleet never goes back to older content. Only a store written before publishes
+                # were refused during a canary holds such a rollout; aborting it keeps the fleet's.
+                raise FailedPrecondition(
+                    f"promoting rollout {rollout.rollout_id} would move the fleet from revision "
+                    f"{self._fleet_revision} back to {rollout.revision}; abort the rollout instead")
             self._writable("promoting")
             await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
                                revision=rollout.revision)
@@ -586,10 +682,19 @@ class Control(ControlPlane):
                 return  # another report (or the deadline) got there first
             latest = self.store.latest_revision()
             self._can_publish(latest)
-            signed = self.store.prepare_rollback(self.key, rollout.base_revision, expected_revision=latest,
-                                                 actor=call.identity.principal,
-                                                 message=f"rollout {rollout.rollout_id}: back to the content of "
-                                                         f"revision {rollout.base_revision}")
+            # What the fleet runs: the base, unless a store written before publishes were refused
+            # during a canary moved the fleet past it; the canaries must not go back further.
+            source = max(rollout.base_revision, self._fleet_revision)
+            if source:
+                signed = self.store.prepare_rollback(self.key, source, expected_revision=latest,
+                                                     actor=call.identity.principal,
+                                                     message=f"rollout {rollout.rollout_id}: back to the content "
+                                                             f"of revision {source}")
+            else:  # the fleet ran nothing before the canary: back to no configuration at all
+                signed = self.store.prepare_snapshot(self.key, expected_revision=latest,
+                                                     actor=call.identity.principal, content=b"",
+                                                     message=f"rollout {rollout.rollout_id}: back to no "
+                                                             "configuration (the fleet ran none before)")
             await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
                                else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
                                base_revision=rollout.base_revision, rollback_revision=latest + 1, reason=reason,

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     rollout_id TEXT PRIMARY KEY, state INTEGER NOT NULL, started_ns INTEGER NOT NULL, rollout BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS subscribers (subscriber_id TEXT PRIMARY KEY, status BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriber_owners (subscriber_id TEXT PRIMARY KEY, principal TEXT NOT NULL);
 """
 RESOURCE_COLUMNS = "kind, tenant, name, version, spec, updated_ns, updated_by"
 # Field 1 of SnapshotContent, length-delimited: the tag before each resource.
@@ -114,6 +115,8 @@ class DesiredStateStore(Protocol):
     def rollouts(self) -> list[pb.Rollout]: ...
     def save_subscriber(self, status: pb.SubscriberStatus) -> None: ...
     def subscribers(self) -> list[pb.SubscriberStatus]: ...
+    def bind_subscriber(self, subscriber_id: str, principal: str) -> None: ...
+    def subscriber_owners(self) -> dict[str, str]: ...
     def close(self) -> None: ...
 
 
@@ -356,7 +359,13 @@ class ControlStore:
 
     def prepare_rollback(self, key: SigningKey | None, to_revision: int, *, expected_revision: int, actor: str,
                          **options) -> pb.SignedSnapshot:
-        """:meth:`prepare_snapshot` of ``to_revision``'s content, as a new revision."""
+        """:meth:`prepare_snapshot` of ``to_revision``'s content, as a new revision.
+
+        ``to_revision`` must be 1 or more: :meth:`snapshot` reads 0 as the
+        latest, and a rollback to the latest would change nothing.
+        """
+        if to_revision < 1:
+            raise InvalidArgument(f"to_revision must name a published revision (1 or more), got {to_revision}")
         options.setdefault("message", f"rollback to revision {to_revision}")
         return self.prepare_snapshot(key, expected_revision=expected_revision, actor=actor,
                                      content=self.snapshot(to_revision).content, source_revision=to_revision,
@@ -384,3 +393,12 @@ class ControlStore:
     def subscribers(self) -> list[pb.SubscriberStatus]:
         return [pb.SubscriberStatus.FromString(row[0]) for row in
                 self.db.execute("SELECT status FROM subscribers ORDER BY subscriber_id")]
+
+    def bind_subscriber(self, subscriber_id: str, principal: str) -> None:
+        """Make ``principal`` the owner of ``subscriber_id``; the first binding stays (see ``Control``)."""
+        self._writable("binding a subscriber")
+        self.db.execute("INSERT OR IGNORE INTO subscriber_owners VALUES (?, ?)", (subscriber_id, principal))
+
+    def subscriber_owners(self) -> dict[str, str]:
+        """Subscriber id -> the principal that may report and watch as it."""
+        return dict(self.db.execute("SELECT subscriber_id, principal FROM subscriber_owners"))

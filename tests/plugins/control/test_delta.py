@@ -21,6 +21,11 @@ def _content(names: list[str]) -> bytes:
         for name in names]).SerializeToString(deterministic=True)
 
 
+def _elements(content: bytes) -> list[bytes]:
+    bounds = element_bounds(content)
+    return [content[start:end] for start, end in zip([0, *bounds], bounds)]
+
+
 def _delta(base: bytes, target: bytes):
     runs = make_runs(base, element_bounds(base), target, element_bounds(target))
     return runs, rebuild(runs, base, element_bounds(base))
@@ -83,8 +88,11 @@ def test_runs_rebuild_the_target_exactly_after_random_edits(seed):
     runs, (rebuilt, bounds) = _delta(base, target)
     assert rebuilt == target
     assert bounds == element_bounds(target)
-    inserted = sum(len(r.inserted) for r in runs if r.WhichOneof("run") == "inserted")
-    assert inserted <= len(target)
+    # Compact: exactly the elements the base lacks travel as bytes; everything else is a range.
+    kept = set(_elements(base))
+    new = b"".join(element for element in _elements(target) if element not in kept)
+    inserted = b"".join(r.inserted for r in runs if r.WhichOneof("run") == "inserted")
+    assert inserted == new, f"{len(inserted)} bytes inserted for a change of {len(new)}"
 
 
 def test_one_changed_resource_costs_one_element():

@@ -129,6 +129,14 @@ def test_rollback_publishes_a_new_revision_with_old_content(store, key, clock, t
     assert cache.offer(rolled).revision == 3, "a rollback is a newer revision, so subscribers take it"
 
 
+def test_rollback_to_revision_0_is_refused_not_read_as_the_latest(store, key):
+    store.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    store.publish(key, expected_revision=0, actor="alice")
+    with pytest.raises(errors.InvalidArgument, match=r"to_revision must name a published revision \(1 or more\), got 0"):
+        store.rollback(key, 0, expected_revision=1, actor="alice")
+    assert store.latest_revision() == 1, "nothing was published"
+
+
 def test_degraded_store_blocks_privileged_changes_but_reads_work(tmp_path, key, clock):
     path = tmp_path / "control.sqlite3"
     writable = ControlStore(path, clock=clock)
@@ -198,8 +206,13 @@ def test_rollouts_and_subscriber_reports_survive_reopening(tmp_path, clock):
     with first.transaction():
         first.save_rollout(rollout)
         first.save_subscriber(status)
+    first.bind_subscriber("h1", "host-1")
+    first.bind_subscriber("h1", "someone-else")  # the first binding stays
     first.close()
     reopened = ControlStore(path, clock=clock, read_only=True)
     assert reopened.rollouts() == [rollout] and reopened.subscribers() == [status]
+    assert reopened.subscriber_owners() == {"h1": "host-1"}
+    with pytest.raises(errors.FailedPrecondition, match="read-only"):
+        reopened.bind_subscriber("h2", "host-2")
     with pytest.raises(errors.FailedPrecondition, match="read-only"):
         reopened.save_rollout(rollout)
