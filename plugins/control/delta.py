@@ -15,7 +15,9 @@ whatever order or fields the content has.
 from __future__ import annotations
 
 from planes.control.v1 import control_service_pb2 as pb
-from planes.native import codec
+from planes.native import load
+
+codec = load("codec")
 
 
 class DeltaUnusable(Exception):
