@@ -16,7 +16,7 @@ from .errors import FailedPrecondition, PluginError
 from .guard import CallGuard
 from .host import PluginHost, check_implementation
 from .identity import ALL_TENANTS, Identity
-from .secrets import ensure_private_dir, read_secret, write_secret
+from .secrets import ensure_private_dir, read_secret, secret_missing, write_public, write_secret
 from .settings import Settings
 from .tokens import SigningKey, TokenVerifier, issue_token, load_public_key
 
@@ -66,10 +66,11 @@ class Kernel:
         if created:
             self.created.append(self.state_dir / SIGNING_KEY_FILE)
         public = self.state_dir / PUBLIC_KEY_FILE
-        if not public.exists():
-            public.write_bytes(self.signing_key.public_pem())
+        if not public.exists() or public.read_bytes() != self.signing_key.public_pem():
+            # Derived from the signing key, so rewriting it is always safe.
+            write_public(public, self.signing_key.public_pem())
         admin = self.state_dir / ADMIN_TOKEN_FILE
-        if not admin.exists():
+        if secret_missing(admin):
             token = issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
                                 roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL)
             if write_secret(admin, token.encode() + b"\n"):
