@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 import grpc
 
 from .auth import Authenticator
-from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options
+from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options, is_loopback
 from .contract import PlaneContract, PlaneSpec
-from .errors import FailedPrecondition, PluginError
+from .errors import FailedPrecondition, PluginError, SettingsError
 from .guard import CallGuard
 from .host import PluginHost, check_implementation
 from .identity import ALL_TENANTS, Identity
@@ -61,6 +61,7 @@ class Kernel:
     # -- lifecycle ---------------------------------------------------------
 
     def open(self) -> Kernel:
+        self._check_remote_planes()
         ensure_private_dir(self.state_dir)
         self.signing_key, created = SigningKey.load_or_create(self.state_dir / SIGNING_KEY_FILE)
         if created:
@@ -95,6 +96,29 @@ class Kernel:
                 raise PluginError(loaded.name, f"setup failed: {type(exc).__name__}: {exc}") from exc
             loaded.status = "ready"
         return self
+
+    def _check_remote_planes(self) -> None:
+        """Refuse, before anything is created, a remote plane that would get its tokens in clear text.
+
+        A plane client sends a token minted for every tenant; a host that
+        refuses to listen on the network without TLS must not send one
+        there without it either.
+        """
+        for plane, endpoint in self.settings.planes.items():
+            if not endpoint.endpoint:
+                continue
+            if endpoint.ca_file:
+                try:
+                    Path(endpoint.ca_file).read_bytes()
+                except OSError as exc:
+                    raise SettingsError(
+                        f"[planes.{plane}] ca_file {endpoint.ca_file}: {exc.strerror or exc}") from None
+            elif not endpoint.allow_insecure_remote and not is_loopback(endpoint.endpoint):
+                raise SettingsError(
+                    f"refusing to reach the {plane} plane at {endpoint.endpoint} without TLS: its token "
+                    f"would cross the network in clear text. Set [planes.{plane}] ca_file, "
+                    f"or [planes.{plane}] allow_insecure_remote = true"
+                )
 
     async def start(self) -> None:
         for loaded in self.host.plugins:

@@ -9,7 +9,6 @@ ones in flight for up to ``server.grace_seconds`` and stops the plugins.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -19,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from .clients import channel_options, plane_handlers
+from .clients import channel_options, is_loopback, plane_handlers
 from .contract import PlaneSpec
 from .errors import SettingsError
 from .guard import MethodGuard
@@ -27,16 +26,6 @@ from .identity import ROLES
 from .kernel import Kernel
 
 log = logging.getLogger("planes.kernel.server")
-
-
-def is_loopback(bind: str) -> bool:
-    host = bind.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _HandlerCollector:

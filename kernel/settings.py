@@ -14,7 +14,8 @@ Sections:
 * ``[server]`` bind, grace_seconds, max_message_bytes, allow_insecure_remote
 * ``[tls]`` cert_file, key_file, client_ca_file (mTLS when set)
 * ``[auth]`` default_token_ttl_seconds, trusted_public_keys, token_cache_size
-* ``[planes.<plane>]`` endpoint, token_file, ca_file: reach that plane remotely
+* ``[planes.<plane>]`` endpoint, token_file, ca_file, allow_insecure_remote: reach
+  that plane remotely (a non-loopback endpoint needs ca_file; see ``PlaneEndpoint``)
 * ``[plugins]`` disabled, modules (extra ``module:attribute`` plugins)
 * ``[plugin.<name>]`` free-form settings handed to that plugin
 """
@@ -34,7 +35,7 @@ from .errors import SettingsError
 
 ENV_PREFIX = "PLANES_"
 #: Environment variables with the prefix that are not setting overrides.
-RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS"}
+RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS", "PLANES_CA_FILE"}
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,19 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class PlaneEndpoint:
-    """Where a plane served by another host is reached."""
+    """Where a plane served by another host is reached.
+
+    The kernel sends that host a token for every tenant, so a non-loopback
+    endpoint without ``ca_file`` is refused at start-up, as a non-loopback
+    bind without TLS is, unless ``allow_insecure_remote`` is true.
+    """
 
     endpoint: str = ""
     token_file: str = ""
+    #: PEM CA certificate(s) the endpoint's TLS certificate must chain to.
     ca_file: str = ""
+    #: Reach a non-loopback endpoint in clear text (only on a network you trust).
+    allow_insecure_remote: bool = False
 
 
 @dataclass(frozen=True)
