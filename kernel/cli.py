@@ -44,12 +44,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def serve() -> None:
         # Opened on the running loop: plugins may make remote plane clients in
         # setup, and a grpc.aio channel belongs to the loop it was made on.
-        kernel = Kernel(settings).open()
+        kernel = Kernel(settings)
+        server = KernelServer(kernel)
+        # The port first: if it is taken, no plugin has opened a store yet.
+        server.bind()
+        try:
+            kernel.open()
+        except BaseException:
+            await server.release()
+            raise
         for path in kernel.created:
             print(f"created {path} (mode 0600)", flush=True)
         print(f"admin token: {settings.state_dir / ADMIN_TOKEN_FILE} (send as 'authorization: Bearer <token>')",
               flush=True)
-        server = KernelServer(kernel)
         server.stop_on_signals()
         port = await server.start()
         host = settings.server.bind.rsplit(":", 1)[0]
@@ -338,14 +345,16 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    from .host import discover
     try:
-        from .host import discover
         settings = load_settings()
-        for candidate in discover(settings):
-            if candidate.plugin is not None:
-                candidate.plugin.add_cli_commands(parser._subparsers._group_actions[0])  # noqa: SLF001
     except PlanesError:
-        pass  # reported again, with context, by the command that needs the settings
+        # Reported again, with context, by the command that needs the settings;
+        # the plugins' commands are still added, so that command is found.
+        settings = Settings()
+    for candidate in discover(settings):
+        if candidate.plugin is not None:
+            candidate.plugin.add_cli_commands(parser._subparsers._group_actions[0])  # noqa: SLF001
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:

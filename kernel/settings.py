@@ -35,6 +35,8 @@ from .errors import SettingsError
 
 ENV_PREFIX = "PLANES_"
 #: Environment variables with the prefix that are not setting overrides.
+#: The values of ``log_level`` (any case), as :mod:`logging` names its levels.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS", "PLANES_CA_FILE"}
 
 
@@ -141,7 +143,13 @@ def load_settings(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _assign(raw, dotted.split("."), value, origin=f"--{dotted}")
-    return _build(Settings, raw, "", source=" < ".join(sources))
+    settings = _build(Settings, raw, "", source=" < ".join(sources))
+    if settings.log_level.lower() not in LOG_LEVELS:
+        # Checked here, not when logging is configured, so a typo is a setting error, not a traceback.
+        origin = "PLANES_LOG_LEVEL" if "PLANES_LOG_LEVEL" in env else (path or "overrides")
+        raise SettingsError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r} (from {origin})")
+    return settings
 
 
 def _env_value(text: str) -> Any:
