@@ -44,12 +44,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def serve() -> None:
         # Opened on the running loop: plugins may make remote plane clients in
         # setup, and a grpc.aio channel belongs to the loop it was made on.
-        kernel = Kernel(settings).open()
+        kernel = Kernel(settings)
+        server = KernelServer(kernel)
+        # The port first: if it is taken, no plugin has opened a store yet.
+        server.bind()
+        try:
+            kernel.open()
+        except BaseException:
+            await server.release()
+            raise
         for path in kernel.created:
             print(f"created {path} (mode 0600)", flush=True)
         print(f"admin token: {settings.state_dir / ADMIN_TOKEN_FILE} (send as 'authorization: Bearer <token>')",
               flush=True)
-        server = KernelServer(kernel)
         server.stop_on_signals()
         port = await server.start()
         host = settings.server.bind.rsplit(":", 1)[0]
@@ -108,15 +115,30 @@ def client_address(args: argparse.Namespace, settings: Settings) -> str:
     return args.address or os.environ.get("PLANES_ADDRESS") or settings.server.bind
 
 
+def client_tls(args: argparse.Namespace) -> dict:
+    """:func:`~planes.kernel.clients.connect` keywords from --ca-file ($PLANES_CA_FILE) and --allow-insecure-remote.
+
+    Without a CA file, connect() refuses a non-loopback address rather than
+    send the token in clear text.
+    """
+    ca_file = getattr(args, "ca_file", None) or os.environ.get("PLANES_CA_FILE")
+    return {"root_certificates": Path(ca_file).read_bytes() if ca_file else None,
+            "allow_insecure": bool(getattr(args, "allow_insecure_remote", False))}
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     settings = _settings(args)
     address = client_address(args, settings)
+    roots = client_tls(args)["root_certificates"]
 
     async def check() -> str:
-        async with grpc.aio.insecure_channel(address) as channel:
+        # No token is sent, so a plaintext check of a remote address leaks nothing.
+        channel = (grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots)) if roots
+                   else grpc.aio.insecure_channel(address))
+        async with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = await stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -129,11 +151,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def client_token(args: argparse.Namespace, settings: Settings, *, admin_fallback: bool = True) -> str:
+def client_token(args: argparse.Namespace, settings: Settings, *, admin_fallback: bool = True,
+                 address: str | None = None) -> str:
     """The token a client command sends: --token-file, $PLANES_TOKEN, else the state dir's admin.token.
 
     ``admin_fallback=False`` for commands an admin token cannot run anyway.
+    With ``address``, the admin token is only sent to a loopback address: it
+    belongs to the kernel of this state directory, and a token for every
+    tenant must not go to another host unless asked for by name.
     """
+    from .clients import is_loopback
+    from .errors import InvalidArgument
     from .secrets import read_secret
 
     if args.token_file:
@@ -141,8 +169,10 @@ def client_token(args: argparse.Namespace, settings: Settings, *, admin_fallback
     if os.environ.get("PLANES_TOKEN"):
         return os.environ["PLANES_TOKEN"].strip()
     if not admin_fallback:
-        from .errors import InvalidArgument
         raise InvalidArgument("this command needs a token: --token-file or PLANES_TOKEN")
+    if address is not None and not is_loopback(address):
+        raise InvalidArgument(f"the state directory's admin token is only sent to a loopback address; "
+                              f"for {address} give --token-file or PLANES_TOKEN")
     from .kernel import ADMIN_TOKEN_FILE
     return read_secret(settings.state_dir / ADMIN_TOKEN_FILE).decode().strip()
 
@@ -154,10 +184,11 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     from .contracts.diagnostics import DiagnosticsPlane, pb
 
     settings = _settings(args)
-    address, token = client_address(args, settings), client_token(args, settings)
+    address = client_address(args, settings)
+    token = client_token(args, settings, address=address)
 
     async def ask():
-        client = connect(address, DiagnosticsPlane, token=token)
+        client = connect(address, DiagnosticsPlane, token=token, **client_tls(args))
         try:
             return await client.who_am_i(pb.WhoAmIRequest(), timeout=args.timeout)
         finally:
@@ -173,10 +204,11 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from .tokens import decode_claims
 
     settings = _settings(args)
-    address, token = client_address(args, settings), client_token(args, settings)
+    address = client_address(args, settings)
+    token = client_token(args, settings, address=address)
 
     async def ping() -> list[float]:
-        client = connect(address, DiagnosticsPlane, token=token)
+        client = connect(address, DiagnosticsPlane, token=token, **client_tls(args))
         # An all-tenant token must name a tenant; act for the token's own.
         request = pb.EchoRequest(tenant=decode_claims(token).get("ten", ""), payload=os.urandom(args.size))
         times = []
@@ -253,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
     client.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the state dir's admin.token)")
     client.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    add_tls_arguments(client)
 
     parser = argparse.ArgumentParser(prog="planes", description="A gRPC microkernel for governed AI/agent workloads.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -296,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ca-file and --allow-insecure-remote, for every command that connects to a kernel."""
+    parser.add_argument("--ca-file", help="PEM CA certificate of the kernel's TLS certificate "
+                        "(default: $PLANES_CA_FILE); needed for a non-loopback address")
+    parser.add_argument("--allow-insecure-remote", action="store_true",
+                        help="connect to a non-loopback address without TLS, sending the token "
+                        "in clear text (only on a network you trust)")
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_usage(sys.stderr)
     return 2
@@ -303,14 +345,16 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    from .host import discover
     try:
-        from .host import discover
         settings = load_settings()
-        for candidate in discover(settings):
-            if candidate.plugin is not None:
-                candidate.plugin.add_cli_commands(parser._subparsers._group_actions[0])  # noqa: SLF001
     except PlanesError:
-        pass  # reported again, with context, by the command that needs the settings
+        # Reported again, with context, by the command that needs the settings;
+        # the plugins' commands are still added, so that command is found.
+        settings = Settings()
+    for candidate in discover(settings):
+        if candidate.plugin is not None:
+            candidate.plugin.add_cli_commands(parser._subparsers._group_actions[0])  # noqa: SLF001
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:

@@ -14,6 +14,7 @@ served (if any) flow into every outgoing call.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ import grpc
 from . import errors
 from .call import CallContext, _current, _reset_current, _set_current, current_call
 from .contract import ContractVersion, Encoded, PlaneContract, PlaneSpec, Rpc
-from .errors import PlanesError
+from .errors import PlanesError, SettingsError
 from .guard import AUTHORIZATION_KEY, CONTRACT_KEY, USER_AGENT_CONTRACT, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
 from .identity import Identity
 
@@ -293,14 +294,66 @@ def channel_options(max_message_bytes: int, contract: tuple[str, ContractVersion
     return options
 
 
+def is_loopback(address: str) -> bool:
+    """True if ``address`` (a gRPC target or a bind address) never leaves this host.
+
+    Loopback IPs (127.0.0.0/8, ::1), ``localhost`` and Unix sockets count;
+    anything else, including a name that merely resolves to loopback today
+    and a target this cannot parse, does not.
+    """
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    scheme, sep, rest = address.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        hosts = [_host_of(part) for part in rest.split(",")]
+        return all(_is_loopback_host(host) for host in hosts)
+    if sep and scheme == "dns":
+        rest = rest.removeprefix("//")
+        # dns://<dns server>/<name>: only the name is the peer
+        address = rest.split("/", 1)[1] if "/" in rest else rest
+    return _is_loopback_host(_host_of(address))
+
+
+def _host_of(address: str) -> str:
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    try:
+        ipaddress.ip_address(address)
+        return address  # a bare IPv6 address has colons but no port
+    except ValueError:
+        return address.rsplit(":", 1)[0] if ":" in address else address
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def connect(address: str, contract: type[C], *, token: str | None = None,
             root_certificates: bytes | None = None, client_certificate: tuple[bytes, bytes] | None = None,
-            max_message_bytes: int = 64 * 1024 * 1024, client_version: ContractVersion | None = None) -> C:
+            max_message_bytes: int = 64 * 1024 * 1024, client_version: ContractVersion | None = None,
+            allow_insecure: bool = False) -> C:
     """A remote client for ``contract`` at ``address`` (``host:port``).
 
     With ``root_certificates`` the channel uses TLS; ``client_certificate`` is
-    ``(private_key_pem, certificate_chain_pem)`` for mTLS.
+    ``(private_key_pem, certificate_chain_pem)`` for mTLS. Without them the
+    channel is plaintext, which only a loopback address (see
+    :func:`is_loopback`) gets: for any other address this raises
+    :class:`~planes.kernel.errors.SettingsError` before connecting, because
+    the bearer token and the payloads would cross the network in clear text.
+    ``allow_insecure=True`` opts out, for a network you trust, as
+    ``server.allow_insecure_remote`` does for the server.
     """
+    if root_certificates is None and not allow_insecure and not is_loopback(address):
+        raise SettingsError(
+            f"refusing to connect to {address} without TLS: the token would cross the network in clear text. "
+            "Pass the server's CA certificate (--ca-file, or root_certificates=), "
+            "or allow_insecure=True for a network you trust"
+        )
     spec = PlaneSpec(contract)
     version = client_version or spec.version
     options = channel_options(max_message_bytes, (spec.plane, version))

@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 import grpc
 
 from .auth import Authenticator
-from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options
+from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options, is_loopback
 from .contract import PlaneContract, PlaneSpec
-from .errors import FailedPrecondition, PluginError
+from .errors import FailedPrecondition, PluginError, SettingsError
 from .guard import CallGuard
 from .host import PluginHost, check_implementation
 from .identity import ALL_TENANTS, Identity
-from .secrets import ensure_private_dir, read_secret, write_secret
+from .secrets import ensure_private_dir, read_secret, secret_missing, write_public, write_secret
 from .settings import Settings
 from .tokens import SigningKey, TokenVerifier, issue_token, load_public_key
 
@@ -61,15 +61,17 @@ class Kernel:
     # -- lifecycle ---------------------------------------------------------
 
     def open(self) -> Kernel:
+        self._check_remote_planes()
         ensure_private_dir(self.state_dir)
         self.signing_key, created = SigningKey.load_or_create(self.state_dir / SIGNING_KEY_FILE)
         if created:
             self.created.append(self.state_dir / SIGNING_KEY_FILE)
         public = self.state_dir / PUBLIC_KEY_FILE
-        if not public.exists():
-            public.write_bytes(self.signing_key.public_pem())
+        if not public.exists() or public.read_bytes() != self.signing_key.public_pem():
+            # Derived from the signing key, so rewriting it is always safe.
+            write_public(public, self.signing_key.public_pem())
         admin = self.state_dir / ADMIN_TOKEN_FILE
-        if not admin.exists():
+        if secret_missing(admin):
             token = issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
                                 roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL)
             if write_secret(admin, token.encode() + b"\n"):
@@ -94,6 +96,29 @@ class Kernel:
                 raise PluginError(loaded.name, f"setup failed: {type(exc).__name__}: {exc}") from exc
             loaded.status = "ready"
         return self
+
+    def _check_remote_planes(self) -> None:
+        """Refuse, before anything is created, a remote plane that would get its tokens in clear text.
+
+        A plane client sends a token minted for every tenant; a host that
+        refuses to listen on the network without TLS must not send one
+        there without it either.
+        """
+        for plane, endpoint in self.settings.planes.items():
+            if not endpoint.endpoint:
+                continue
+            if endpoint.ca_file:
+                try:
+                    Path(endpoint.ca_file).read_bytes()
+                except OSError as exc:
+                    raise SettingsError(
+                        f"[planes.{plane}] ca_file {endpoint.ca_file}: {exc.strerror or exc}") from None
+            elif not endpoint.allow_insecure_remote and not is_loopback(endpoint.endpoint):
+                raise SettingsError(
+                    f"refusing to reach the {plane} plane at {endpoint.endpoint} without TLS: its token "
+                    f"would cross the network in clear text. Set [planes.{plane}] ca_file, "
+                    f"or [planes.{plane}] allow_insecure_remote = true"
+                )
 
     async def start(self) -> None:
         for loaded in self.host.plugins:

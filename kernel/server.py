@@ -9,9 +9,10 @@ ones in flight for up to ``server.grace_seconds`` and stops the plugins.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import errno
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from .clients import channel_options, plane_handlers
+from .clients import channel_options, is_loopback, plane_handlers
 from .contract import PlaneSpec
 from .errors import SettingsError
 from .guard import MethodGuard
@@ -29,14 +30,31 @@ from .kernel import Kernel
 log = logging.getLogger("planes.kernel.server")
 
 
-def is_loopback(bind: str) -> bool:
-    host = bind.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
+def _check_port_free(bind: str) -> None:
+    """Refuse a port another process listens on, with the system's reason.
+
+    gRPC would refuse it too, but only as "Failed to bind" after logging to
+    stderr; this catches the common case first. Other bind errors are left
+    to gRPC, which accepts a name if any of its addresses binds.
+    """
+    if bind.startswith("unix:"):
+        return
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise SettingsError(f"cannot listen on {bind} (server.bind): port {port} is already in use") from None
 
 
 class _HandlerCollector:
@@ -58,13 +76,22 @@ class KernelServer:
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
         self.server: grpc.aio.Server | None = None
+        self._bound: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.services: list[str] = []
         self._stopped = asyncio.Event()
         self._stop_requested = False
 
-    async def start(self) -> int:
+    def bind(self) -> int:
+        """Make the gRPC server and take its port; returns the port.
+
+        Needs only the kernel's settings, so ``planes serve`` binds before
+        :meth:`Kernel.open`: a port in use then fails before any plugin has
+        set anything up. :meth:`start` binds if this was not called.
+        """
+        if self._bound is not None:
+            return self.port
         settings = self.kernel.settings
         bind = settings.server.bind
         if not is_loopback(bind) and not settings.tls.enabled and not settings.server.allow_insecure_remote:
@@ -72,7 +99,62 @@ class KernelServer:
                 f"refusing to serve {bind} without TLS: tokens would cross the network in clear text. "
                 "Configure [tls] cert_file and key_file, or set server.allow_insecure_remote = true"
             )
-        server = grpc.aio.server(options=channel_options(settings.server.max_message_bytes))
+        credentials = self._credentials() if settings.tls.enabled else None
+        _check_port_free(bind)
+        # Without SO_REUSEPORT a second kernel on the same port fails here
+        # instead of silently sharing the port's connections with the first.
+        server = grpc.aio.server(options=[*channel_options(settings.server.max_message_bytes),
+                                          ("grpc.so_reuseport", 0)])
+        try:
+            if credentials is not None:
+                self.port = server.add_secure_port(bind, credentials)
+            else:
+                self.port = server.add_insecure_port(bind)
+        except RuntimeError:  # grpc says only "Failed to bind to address"
+            raise SettingsError(
+                f"cannot listen on {bind} (server.bind): the port is in use or the address is not on this host"
+            ) from None
+        self._bound = server
+        return self.port
+
+    async def release(self) -> None:
+        """Give back the port of a server that was bound but never started.
+
+        A grpc.aio server keeps its listening socket until it has started and
+        stopped (stopping an unstarted one, or dropping it, does not close
+        it), so it is started and stopped at once; :meth:`start` registers
+        no handler before the plugins have started, so there is nothing to serve.
+        """
+        server, self._bound = self._bound, None
+        if server is None or self.server is not None:
+            return
+        try:
+            await server.start()
+        finally:
+            await server.stop(0)
+
+    async def start(self) -> int:
+        self.bind()
+        server = self._bound
+        try:
+            await self.kernel.start()
+        except BaseException:
+            await self.release()
+            raise
+        try:
+            self._register_all(server)
+            await server.start()
+        except BaseException:
+            await self.kernel.stop()
+            await self.release()
+            raise
+        self.server = server
+        for service in self.services:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def _register_all(self, server: grpc.aio.Server) -> None:
         guard = self.kernel.guard
         for loaded, provision in self.kernel.host.plane_provisions():
             spec = PlaneSpec(provision.contract)
@@ -90,18 +172,6 @@ class KernelServer:
                 for name, handler in handlers.items()
             }
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
-
-        if settings.tls.enabled:
-            self.port = server.add_secure_port(bind, self._credentials())
-        else:
-            self.port = server.add_insecure_port(bind)
-        await self.kernel.start()
-        await server.start()
-        self.server = server
-        for service in self.services:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        return self.port
 
     def _register(self, server: grpc.aio.Server, service: str, handlers) -> None:
         if hasattr(server, "add_registered_method_handlers"):
@@ -130,7 +200,7 @@ class KernelServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.kernel.stop()
-        self.server = None
+        self.server = self._bound = None
         self._stopped.set()
 
     def stop_on_signals(self) -> None:

@@ -14,7 +14,8 @@ Sections:
 * ``[server]`` bind, grace_seconds, max_message_bytes, allow_insecure_remote
 * ``[tls]`` cert_file, key_file, client_ca_file (mTLS when set)
 * ``[auth]`` default_token_ttl_seconds, trusted_public_keys, token_cache_size
-* ``[planes.<plane>]`` endpoint, token_file, ca_file: reach that plane remotely
+* ``[planes.<plane>]`` endpoint, token_file, ca_file, allow_insecure_remote: reach
+  that plane remotely (a non-loopback endpoint needs ca_file; see ``PlaneEndpoint``)
 * ``[plugins]`` disabled, modules (extra ``module:attribute`` plugins)
 * ``[plugin.<name>]`` free-form settings handed to that plugin
 """
@@ -34,7 +35,9 @@ from .errors import SettingsError
 
 ENV_PREFIX = "PLANES_"
 #: Environment variables with the prefix that are not setting overrides.
-RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS"}
+#: The values of ``log_level`` (any case), as :mod:`logging` names its levels.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+RESERVED_ENV = {"PLANES_CONFIG", "PLANES_NO_EXTENSIONS", "PLANES_TOKEN", "PLANES_ADDRESS", "PLANES_CA_FILE"}
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,19 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class PlaneEndpoint:
-    """Where a plane served by another host is reached."""
+    """Where a plane served by another host is reached.
+
+    The kernel sends that host a token for every tenant, so a non-loopback
+    endpoint without ``ca_file`` is refused at start-up, as a non-loopback
+    bind without TLS is, unless ``allow_insecure_remote`` is true.
+    """
 
     endpoint: str = ""
     token_file: str = ""
+    #: PEM CA certificate(s) the endpoint's TLS certificate must chain to.
     ca_file: str = ""
+    #: Reach a non-loopback endpoint in clear text (only on a network you trust).
+    allow_insecure_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,13 @@ def load_settings(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _assign(raw, dotted.split("."), value, origin=f"--{dotted}")
-    return _build(Settings, raw, "", source=" < ".join(sources))
+    settings = _build(Settings, raw, "", source=" < ".join(sources))
+    if settings.log_level.lower() not in LOG_LEVELS:
+        # Checked here, not when logging is configured, so a typo is a setting error, not a traceback.
+        origin = "PLANES_LOG_LEVEL" if "PLANES_LOG_LEVEL" in env else (path or "overrides")
+        raise SettingsError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r} (from {origin})")
+    return settings
 
 
 def _env_value(text: str) -> Any:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import InvalidArgument, SettingsError, Unauthenticated
 from .identity import ALL_TENANTS, ROLES, Identity
-from .secrets import read_secret, write_secret
+from .secrets import read_secret, secret_missing, write_secret
 
 PREFIX = "pt1"
 #: Tokens longer than this are refused before any parsing.
@@ -68,9 +68,13 @@ class SigningKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> tuple[SigningKey, bool]:
-        """Load the key at ``path``, creating it (0600) if missing. Returns (key, created)."""
+        """Load the key at ``path``, creating it (0600) if missing. Returns (key, created).
+
+        Safe when several processes start at once: one key is published (see
+        :func:`~planes.kernel.secrets.write_secret`) and every caller loads it.
+        """
         created = False
-        if not path.exists():
+        if secret_missing(path):
             key = Ed25519PrivateKey.generate()
             pem = key.private_bytes(
                 serialization.Encoding.PEM,

@@ -13,7 +13,10 @@ A resource file (TOML or YAML) lists resources::
 ``apply`` creates what is missing, replaces what changed (at the version it
 just read, so a concurrent change is refused, not overwritten) and leaves the
 rest alone. The commands use an admin token (``--token-file``,
-``PLANES_TOKEN``, else the state directory's ``admin.token``).
+``PLANES_TOKEN``, else the state directory's ``admin.token``, which is only
+sent to a loopback address). A non-loopback ``--address`` needs
+``--ca-file`` (or ``PLANES_CA_FILE``): the token never crosses the network in
+clear text unless ``--allow-insecure-remote`` says so.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from .store import canonical_spec, digest_of
 
 
 def add_commands(commands) -> None:
+    from planes.kernel.cli import add_tls_arguments
+
     config = commands.add_parser("config", help="manage desired state through the control plane")
     actions = config.add_subparsers(dest="config_command", metavar="ACTION")
 
@@ -44,6 +49,7 @@ def add_commands(commands) -> None:
         parser.add_argument("--config", help="settings TOML file")
         parser.add_argument("--state-dir", help="state directory (default: ./var)")
         parser.add_argument("--timeout", type=float, default=30.0)
+        add_tls_arguments(parser)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -118,13 +124,14 @@ def load_resources(path: str) -> list[pb.Resource]:
 
 
 def _client(args):
-    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.cli import client_address, client_tls, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contracts import ControlPlane
     from planes.kernel.settings import load_settings
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
-    return connect(client_address(args, settings), ControlPlane, token=client_token(args, settings))
+    address = client_address(args, settings)
+    return connect(address, ControlPlane, token=client_token(args, settings, address=address), **client_tls(args))
 
 
 def _run(args, work) -> int:

@@ -122,3 +122,66 @@ def test_serve_refuses_public_bind_without_tls(tmp_path):
     result = planes("serve", "--bind", "0.0.0.0:0", state=tmp_path)
     assert result.returncode == 1
     assert "refusing to serve 0.0.0.0:0 without TLS" in result.stderr
+
+
+# -- TLS for client commands ---------------------------------------------------
+
+@pytest.mark.parametrize("command", [("whoami",), ("ping", "--count", "1"), ("health",), ("config", "list")],
+                         ids=lambda c: " ".join(c[:2]))
+def test_client_commands_refuse_a_remote_address_without_ca_file(tmp_path, command):
+    token = tmp_path / "svc.token"
+    token.write_text(TOKEN_MARKER)
+    token.chmod(0o600)
+    result = planes(*command, "--address", "10.0.0.1:50051", "--token-file", str(token), "--timeout", "1",
+                    state=tmp_path)
+    if command == ("health",):
+        # health sends no token: a plaintext check leaks nothing, so it is tried (and fails to connect)
+        assert result.returncode == 1 and "health check of 10.0.0.1:50051 failed" in result.stderr
+        return
+    assert result.returncode == 1
+    assert result.stderr.startswith("planes: error: refusing to connect to 10.0.0.1:50051 without TLS")
+    assert "--ca-file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_admin_token_goes_only_to_loopback(tmp_path):
+    from tests.kernel.test_server import _certificates
+
+    files, _, _ = _certificates(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "admin.token").write_text(TOKEN_MARKER)
+    (state / "admin.token").chmod(0o600)
+    result = planes("whoami", "--address", "10.0.0.1:50051", "--ca-file", files["ca.pem"], state=state)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("planes: error: the state directory's admin token is only sent to a loopback "
+                                     "address; for 10.0.0.1:50051 give --token-file or PLANES_TOKEN")
+
+
+def test_client_commands_use_the_ca_file(tmp_path):
+    from tests.conftest import serve_env, start_serve, stop_serve
+    from tests.kernel.test_server import _certificates
+
+    files, _, _ = _certificates(tmp_path)
+    env = serve_env(tmp_path / "state")
+    env.update(PLANES_TLS__CERT_FILE=files["server.pem"], PLANES_TLS__KEY_FILE=files["server.key"])
+    address = env["PLANES_SERVER__BIND"]
+    server = start_serve(env)
+    try:
+        state, ca = tmp_path / "state", ("--ca-file", files["ca.pem"])
+        who = planes("whoami", "--address", address, *ca, state=state)
+        ping = planes("ping", "--address", address, "--count", "2", *ca, state=state)
+        health = planes("health", "--address", address, *ca, state=state)
+        listing = planes("config", "history", "--address", address, *ca, state=state)
+        from_env = planes("whoami", "--address", address, state=state, env={"PLANES_CA_FILE": files["ca.pem"]})
+        plaintext = planes("whoami", "--address", address, "--timeout", "2", state=state)
+    finally:
+        stop_serve(server)
+    assert who.returncode == 0 and json.loads(who.stdout)["principal"] == "admin", who.stderr
+    assert ping.returncode == 0 and "2 echoes" in ping.stdout, ping.stderr
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+    assert listing.returncode == 0, listing.stderr
+    assert from_env.returncode == 0 and json.loads(from_env.stdout)["principal"] == "admin", from_env.stderr
+    assert plaintext.returncode == 1 and "Traceback" not in plaintext.stderr, "a TLS server refuses plaintext"
+
+
+TOKEN_MARKER = "pt1.SECRETTOKENMARKERxyz.sig"

@@ -95,8 +95,8 @@ def test_non_loopback_bind_without_tls_is_refused(run, tmp_path):
     assert "without TLS" in run(scenario()).message
 
 
-def _certificates(tmp_path):
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN=principal, O=tenant, OU=role)."""
+def _certificates(tmp_path, server_ip="127.0.0.1"):
+    """A CA, a server certificate for ``server_ip`` and a client certificate (CN=principal, O=tenant, OU=role)."""
     import ipaddress
 
     from cryptography import x509
@@ -124,8 +124,8 @@ def _certificates(tmp_path):
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "planes test CA")])
     ca = make(ca_name, ca_name, ca_key, ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = make(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, ca_key, server_key,
-                  san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = make(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_ip)]), ca_name, ca_key, server_key,
+                  san=[x509.IPAddress(ipaddress.ip_address(server_ip))])
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = make(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "billing-svc"),
                              x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme"),

@@ -1,0 +1,119 @@
+"""Secret files: published whole, once, even when two starters race or an old crash left an empty file."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+from planes.kernel import secrets
+from planes.kernel.errors import SettingsError
+from planes.kernel.kernel import ADMIN_TOKEN_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, Kernel
+from planes.kernel.tokens import SigningKey, TokenVerifier
+from tests.conftest import make_settings
+
+
+def test_a_starter_never_reads_the_key_another_is_still_writing(tmp_path, monkeypatch):
+    """The first starter stalls inside its write until the second has finished: both end with one key."""
+    path = tmp_path / "keys" / "kernel-signing.pem"
+    second_done = threading.Event()
+    real_write = os.write
+    first = {}
+
+    def stalled_write(fd, data):
+        if threading.current_thread() is starter:
+            second_done.wait(10)
+        return real_write(fd, data)
+
+    def start_first():
+        try:
+            first["result"] = SigningKey.load_or_create(path)
+        except Exception as exc:  # reported by the assertions below
+            first["error"] = exc
+
+    monkeypatch.setattr(secrets.os, "write", stalled_write)
+    starter = threading.Thread(target=start_first)
+    starter.start()
+    try:
+        second_key, second_created = SigningKey.load_or_create(path)
+    finally:
+        second_done.set()
+        starter.join(10)
+    assert "error" not in first, first.get("error")
+    first_key, first_created = first["result"]
+    assert first_key.kid == second_key.kid == SigningKey.load(path).kid
+    assert sorted([first_created, second_created]) == [False, True]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file is left behind"
+
+
+def test_many_concurrent_starters_agree_on_one_key(tmp_path):
+    path = tmp_path / "keys" / "kernel-signing.pem"
+    results, barrier = [], threading.Barrier(8)
+
+    def start():
+        barrier.wait()
+        results.append(SigningKey.load_or_create(path))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 8
+    assert len({key.kid for key, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+def test_an_empty_key_left_by_a_crash_is_replaced(tmp_path):
+    path = tmp_path / "keys" / "kernel-signing.pem"
+    secrets.ensure_private_dir(path.parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # what the old create-then-write left
+
+    key, created = SigningKey.load_or_create(path)
+
+    assert created
+    assert SigningKey.load(path).kid == key.kid
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_partial_key_is_a_clear_error_and_is_left_alone(tmp_path):
+    path = tmp_path / "keys" / "kernel-signing.pem"
+    secrets.ensure_private_dir(path.parent)
+    partial = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2Vw"
+    secrets.write_secret(path, partial)
+
+    with pytest.raises(SettingsError, match="is not a PEM private key"):
+        SigningKey.load_or_create(path)
+    assert path.read_bytes() == partial, "a non-empty secret is never overwritten"
+
+
+def test_write_secret_never_replaces_a_secret(tmp_path):
+    path = tmp_path / "token"
+    assert secrets.write_secret(path, b"first")
+    assert not secrets.write_secret(path, b"second")
+    assert secrets.read_secret(path) == b"first"
+
+
+def test_an_empty_secret_file_is_refused_when_read(tmp_path):
+    path = tmp_path / "empty.token"
+    path.touch(mode=0o600)
+    with pytest.raises(SettingsError, match=f"secret file {path} is empty"):
+        secrets.read_secret(path)
+
+
+def test_kernel_starts_after_a_crash_left_empty_key_and_admin_token(tmp_path):
+    state = tmp_path / "state"
+    for name in (SIGNING_KEY_FILE, ADMIN_TOKEN_FILE, PUBLIC_KEY_FILE):
+        secrets.ensure_private_dir((state / name).parent)
+        (state / name).touch(mode=0o600)
+
+    kernel = Kernel(make_settings(state)).open()
+
+    assert SigningKey.load(state / SIGNING_KEY_FILE).kid == kernel.signing_key.kid
+    assert (state / PUBLIC_KEY_FILE).read_bytes() == kernel.signing_key.public_pem()
+    admin = secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip()
+    verifier = TokenVerifier({kernel.signing_key.kid: kernel.signing_key.public_key})
+    assert verifier.verify(admin).principal == "admin"
