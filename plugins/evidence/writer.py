@@ -29,6 +29,7 @@ import os
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,17 +128,16 @@ class Spool:
             data = self._migrate(data)
         if len(data) < len(MAGIC) and MAGIC.startswith(data):
             end = 0  # the crash hit the file's first write
-        else:
-            end = len(MAGIC)
-            for _, _, _, end in _walk(self.path, data, torn_tail=True):
-                pass
+        else:  # past the last whole record
+            last = deque(_walk(self.path, data, torn_tail=True), maxlen=1)
+            end = last[0][3] if last else len(MAGIC)
         if end < len(data):
             log.warning("evidence spool %s: cut %d bytes of a record torn by a crash", self.path, len(data) - end)
             with open(self.path, "r+b") as handle:
                 handle.truncate(end)
                 os.fsync(handle.fileno())
-        for _, self._tail in self._chain():  # find the chain's tail; also checks every record decrypts
-            pass
+        last = deque(self._chain(), maxlen=1)  # the chain's tail; reading also checks every record decrypts
+        self._tail = last[0][1] if last else GENESIS
         return len(data) - end
 
     def _migrate(self, data: bytes) -> bytes:
