@@ -278,6 +278,13 @@ class Control(ControlPlane):
         return pb.ListSnapshotsResponse(snapshots=snapshots, page=common_pb2.PageResponse(next_page_token=token))
 
     async def get_snapshot(self, request: pb.GetSnapshotRequest, call: CallContext) -> pb.GetSnapshotResponse:
+        identity = call.identity
+        if identity.tenant != ALL_TENANTS:
+            # A snapshot is every tenant's desired state: one tenant's service or operator reads its own
+            # resources with ListResources and DiffSnapshots, which are tenant-scoped.
+            raise PermissionDenied(
+                f"{identity.principal!r} acts for tenant {identity.tenant!r}: a snapshot holds every tenant's "
+                "configuration, so it needs an identity acting for every tenant ('*')")
         return pb.GetSnapshotResponse(snapshot=self.store.snapshot(request.revision))
 
     async def rollback_snapshot(self, request: pb.RollbackSnapshotRequest, call: CallContext) -> pb.RollbackSnapshotResponse:

@@ -280,3 +280,24 @@ def test_a_rollback_to_revision_0_is_refused(run, tmp_path):
     message, recorded, recorded_after, latest = _serve(run, tmp_path, scenario)
     assert message == "to_revision must name a published revision (1 or more), got 0"
     assert (recorded_after, latest) == (recorded, 1), "nothing was recorded or published"
+
+
+def test_a_snapshot_is_read_only_by_identities_acting_for_every_tenant(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="globex", kind=ROUTE, name="gpt", spec=_spec()),
+                                 timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        refused = []
+        for roles in (("worker",), ("service",), ("operator",)):
+            with pytest.raises(errors.PermissionDenied) as denied:
+                await client(ControlPlane, roles, tenant="acme", principal="acme-" + roles[0]).get_snapshot(
+                    pb.GetSnapshotRequest(revision=1), timeout=5)
+            refused.append(denied.value.message)
+        fleet = await client(ControlPlane, ("service",), principal="host-svc").get_snapshot(
+            pb.GetSnapshotRequest(revision=1), timeout=5)
+        return refused, fleet.snapshot
+
+    refused, snapshot = _serve(run, tmp_path, scenario)
+    assert all("acts for tenant 'acme'" in message and "globex" not in message for message in refused)
+    assert pb.Snapshot.FromString(snapshot.snapshot).revision == 1 and snapshot.content
