@@ -44,11 +44,14 @@ from planes.kernel import errors
 from planes.kernel.contract import Encoded
 from planes.kernel.digests import HASHES, NAMES
 from planes.kernel.contracts.data import pb
-from planes.native import codec
+from planes.native import load
 
 from .limits import CLASSIFICATIONS, DESTINATION_KINDS
 
 __all__ = ["DataClient", "EgressDenied", "IntegrityError"]
+
+#: The compiled codec, or its pure-Python twin under ``PLANES_NO_EXTENSIONS``.
+codec = load("codec")
 
 MiB = 1 << 20
 #: What gRPC holds beside the payload while a get's stream is read, in

@@ -45,7 +45,7 @@ from planes.kernel.contract import Encoded
 from planes.kernel.contracts.data import DataPlane, pb
 from planes.kernel.digests import HASHES, NAMES, SHA256
 from planes.kernel.identity import ALL_TENANTS
-from planes.native import codec
+from planes.native import load
 from planes.plugins.evidence.writer import call_event
 
 from .limits import DESTINATION_KINDS, ENCRYPTED, ByteBudget, DataSettings, classification_name
@@ -54,6 +54,9 @@ from .store import ObjectWriter, PayloadStore, StoredPayload
 __all__ = ["Data"]
 
 log = logging.getLogger("planes.plugins.data")
+
+#: The compiled codec, or its pure-Python twin under ``PLANES_NO_EXTENSIONS``.
+codec = load("codec")
 
 _ID = re.compile(r"pl_[0-9a-f]{32}")
 _HEADER_TAG, _CHUNK_TAG, _TRAILER_TAG = 0x0A, 0x12, 0x1A

@@ -13,7 +13,9 @@ from planes.data.v1 import data_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts import DataPlane
-from planes.native import codec
+from planes.native import load
+
+codec = load("codec")
 
 BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
 

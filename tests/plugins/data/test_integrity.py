@@ -12,11 +12,13 @@ from planes.common.v1 import common_pb2
 from planes.data.v1 import data_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.contract import Encoded
-from planes.native import codec
+from planes.native import load
 from planes.plugins.data.client import IntegrityError
 
 from .conftest import fields
 from .test_admission import chunk, header, put_raw, trailer
+
+codec = load("codec")
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c" * 4000
 
