@@ -446,6 +446,9 @@ class Data(DataPlane):
             info.state = pb.PAYLOAD_STATE_QUARANTINED
             quarantine.payload_id, quarantine.tenant = payload_id, header.tenant
             quarantine.declared.CopyFrom(header)
+            # The operator reviewing the quarantine must not receive the worker's
+            # bearer credential, and the catalogue must not keep it.
+            quarantine.declared.ClearField("task_credential")
             quarantine.received_size, quarantine.received_chunk_count = ingest.received, ingest.chunks
             quarantine.received_digest.CopyFrom(info.ref.digest)
             quarantine.quarantined_at.CopyFrom(info.created_at)

@@ -75,3 +75,38 @@ def test_quarantine_list_is_for_operators(served):
     assert listed.returncode == 0 and listed.stdout == ""
     refused = planes(env, "data", "quarantine", "list", token=token(env, "service"))
     assert refused.returncode != 0
+
+
+def test_quarantine_list_shows_no_task_credential(served):
+    """A worker's put that lands in quarantine: the operator's listing carries its header, not its credential."""
+    import asyncio
+    import time
+
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import DataPlane
+    from planes.kernel.kernel import SIGNING_KEY_FILE
+    from planes.kernel.tokens import SigningKey
+    from planes.plugins.data.client import DataClient
+    from planes.plugins.execution.credentials import issue_credential
+
+    env, state = served
+    credential = issue_credential(SigningKey.load(state / SIGNING_KEY_FILE), tenant="globex", task_id="t-1",
+                                  attempt_epoch=1, payload_ids=[], expires_at=time.time() + 60).token
+
+    async def quarantined_put():
+        client = connect(env["PLANES_SERVER__BIND"], DataPlane, token=token(env, "worker", "globex"))
+        try:
+            await DataClient(client, "globex", task_credential=credential).put(
+                b"output", classification="internal", digest=bytes(32))
+        except Exception as exc:
+            return exc
+        finally:
+            await client.close()
+
+    refused = asyncio.run(quarantined_put())
+    assert "quarantined" in str(refused)
+    listed = planes(env, "data", "quarantine", "list", token=token(env, "operator", "globex"))
+    assert listed.returncode == 0, listed.stderr
+    [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["declared"]["tenant"] == "globex" and "taskCredential" not in entry["declared"]
+    assert credential not in listed.stdout and credential.split(".")[-1] not in listed.stdout
