@@ -60,6 +60,8 @@ codec = load("codec")
 
 _ID = re.compile(r"pl_[0-9a-f]{32}")
 _HEADER_TAG, _CHUNK_TAG, _TRAILER_TAG = 0x0A, 0x12, 0x1A
+#: The latest expiry the catalogue holds: nanoseconds in a signed 64-bit column (2262-04-11).
+_LAST_EXPIRY_NS = (1 << 63) - 1
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -344,6 +346,14 @@ class Data(DataPlane):
             raise errors.InvalidArgument("the payload header needs a kind: blob, file, tensor or arrow_ipc")
         if header.kind == pb.CONTENT_KIND_TENSOR:
             _check_tensor(header)
+        ttl = header.ttl.ToNanoseconds()
+        if ttl < 0:
+            raise errors.InvalidArgument(f"the payload header's ttl is {ttl / 1e9:.3f} s; it must be positive, "
+                                         "or 0 for the tenant's default")
+        if ttl and self.clock() + ttl > _LAST_EXPIRY_NS:
+            raise errors.InvalidArgument(f"the payload header's ttl of {ttl // 10**9} s would expire after "
+                                         "2262-04-11, past what the catalogue holds; leave it 0 for the tenant's "
+                                         "default")
         if header.HasField("declared_digest"):
             _check_digest(header.declared_digest, "declared_digest", value_optional=True)
         name, limit = self.settings.payload_limit(header.tenant, header.classification)
@@ -430,7 +440,8 @@ class Data(DataPlane):
                         content: common_pb2.Digest, declared: bytes, wrapped: bytes | None) -> StoredPayload:
         digest = content.value
         now = self.clock()
-        ttl = header.ttl.ToNanoseconds() if header.HasField("ttl") else int(self.settings.default_ttl_seconds * 1e9)
+        # A ttl of 0 (or none) is the default, as the proto says; a negative one was refused at admission.
+        ttl = header.ttl.ToNanoseconds() or int(self.settings.default_ttl_seconds * 1e9)
         info = pb.PayloadInfo(
             ref=common_pb2.PayloadRef(payload_id=payload_id, size=ingest.received, digest=content,
                                       classification=header.classification, tenant=header.tenant),

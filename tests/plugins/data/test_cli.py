@@ -59,6 +59,20 @@ def test_put_stat_get_and_delete_a_file(served, tmp_path):
     assert not (tmp_path / "gone.bin").exists(), "no partial file is left for a failed get"
 
 
+def test_put_with_a_ttl_of_zero_keeps_the_default(served, tmp_path):
+    env, _ = served
+    source = tmp_path / "x.bin"
+    source.write_bytes(b"x" * 10)
+    put = planes(env, "data", "put", str(source), "--classification", "internal", "--ttl", "0",
+                 token=token(env, "service"))
+    assert put.returncode == 0, put.stderr
+    info = json.loads(put.stdout)
+    assert "expiresAt" in info and info["expiresAt"] > info["createdAt"], "0 means the default, not forever"
+    negative = planes(env, "data", "put", str(source), "--classification", "internal", "--ttl", "-1",
+                      token=token(env, "service"))
+    assert negative.returncode != 0 and "ttl is -1.000 s" in negative.stderr
+
+
 def test_payload_commands_need_a_token_that_may_read(served, tmp_path):
     env, _ = served
     (tmp_path / "x").write_bytes(b"x")
