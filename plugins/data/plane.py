@@ -654,6 +654,8 @@ class Data(DataPlane):
     async def release_quarantine(self, request: pb.ReleaseQuarantineRequest,
                                  call: CallContext) -> pb.ReleaseQuarantineResponse:
         record = self._quarantined(request.tenant, request.payload_id)
+        if record.info.kind == pb.CONTENT_KIND_TENSOR:
+            _check_stored_tensor(record)
         reason = pb.QuarantineReason.Name(record.quarantine.reason)
         await self._record(call, record.tenant, "data.released", payload_id=record.payload_id, size=record.size,
                            digest=record.info.ref.digest.value.hex(), quarantine_reason=reason,
@@ -713,24 +715,27 @@ def _declared_digest(header: pb.PayloadHeader, trailer: common_pb2.Digest | None
 
 
 def _check_tensor(header: pb.PayloadHeader) -> None:
-    import numpy as np
+    """Refuse a tensor header whose dtype, shape and strides do not fit its declared size (see :mod:`.tensors`)."""
+    from .tensors import TensorLayoutError, check_layout  # numpy, only once a tensor arrives
 
-    tensor = header.tensor
     try:
-        itemsize = np.dtype(tensor.dtype).itemsize
-    except TypeError:
-        raise errors.InvalidArgument(f"tensor dtype {tensor.dtype[:32]!r} is not a NumPy/Arrow type name") from None
-    if any(d < 0 for d in tensor.shape):
-        raise errors.InvalidArgument("tensor shape has a negative dimension")
-    count = 1
-    for d in tensor.shape:
-        count *= d
-    if tensor.strides:
-        if len(tensor.strides) != len(tensor.shape):
-            raise errors.InvalidArgument("tensor strides and shape differ in length")
-        span = itemsize + sum((d - 1) * abs(s) for d, s in zip(tensor.shape, tensor.strides) if d > 0) if count else 0
-        if span > header.declared_size:
-            raise errors.InvalidArgument(f"tensor strides reach {span} bytes, past the declared {header.declared_size}")
-    elif count * itemsize != header.declared_size:
-        raise errors.InvalidArgument(f"a C-contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)} is "
-                                     f"{count * itemsize} bytes, not the declared {header.declared_size}")
+        check_layout(header.tensor, header.declared_size, what="the declared")
+    except TensorLayoutError as exc:
+        raise errors.InvalidArgument(f"header.tensor: {exc}") from None
+
+
+def _check_stored_tensor(record: StoredPayload) -> None:
+    """Refuse to release a tensor whose header does not fit the bytes that arrived.
+
+    Admission checked the header against the declared size; a payload
+    quarantined for a size mismatch holds fewer (or more) bytes than that, and
+    readers would view them through the declared shape and strides.
+    """
+    from .tensors import TensorLayoutError, check_layout
+
+    try:
+        check_layout(record.info.tensor, record.size, what="the stored")
+    except TensorLayoutError as exc:
+        raise errors.FailedPrecondition(
+            f"payload {record.payload_id} cannot be released as a tensor: {exc}; delete it instead",
+            metadata={"payload_id": record.payload_id}) from None
