@@ -378,26 +378,20 @@ class Data(DataPlane):
             first = await stream.__anext__()
         except StopAsyncIteration:
             raise errors.InvalidArgument("PutPayload ended before its header") from None
-        kind, header = self._part(first)
-        if kind != "header":
-            raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
+        payload_id = f"pl_{os.urandom(16).hex()}"
+        # Every refusal before the ingest owns the stream settles it, whatever
+        # raised: an error that skipped this could reach the producer as a reset.
         try:
+            kind, header = self._part(first)
+            if kind != "header":
+                raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
             self._admit_header(header, call)
-        except errors.PlanesError:
+            algorithm = _algorithm(header)
+            writer, wrapped = self._begin(payload_id, header, algorithm)
+        except Exception:
             await _settle(stream)
             raise
         tenant = header.tenant
-        payload_id = f"pl_{os.urandom(16).hex()}"
-        encrypted = header.classification in ENCRYPTED
-        algorithm = _algorithm(header)
-        try:
-            writer, wrapped = self.store.begin(payload_id, encrypted=encrypted, content_hash=HASHES[algorithm](),
-                                               expected_size=header.declared_size)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise errors.Unavailable(f"the data store has no room for {header.declared_size} bytes",
-                                         retry_after=60.0) from None
-            raise
         ingest = _Ingest(self, header, writer)
         self._reserved[tenant] = self._reserved.get(tenant, 0) + header.declared_size
         committed = False
@@ -435,6 +429,16 @@ class Data(DataPlane):
                 metadata={"payload_id": payload_id,
                           "quarantine_reason": pb.QuarantineReason.Name(entry.reason)})
         return pb.PutPayloadResponse(payload=record.info)
+
+    def _begin(self, payload_id: str, header: pb.PayloadHeader, algorithm: int) -> tuple[ObjectWriter, bytes | None]:
+        try:
+            return self.store.begin(payload_id, encrypted=header.classification in ENCRYPTED,
+                                    content_hash=HASHES[algorithm](), expected_size=header.declared_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise errors.Unavailable(f"the data store has no room for {header.declared_size} bytes",
+                                         retry_after=60.0) from None
+            raise
 
     async def _conclude(self, call: CallContext, header: pb.PayloadHeader, payload_id: str, ingest: _Ingest,
                         content: common_pb2.Digest, declared: bytes, wrapped: bytes | None) -> StoredPayload:
