@@ -56,7 +56,28 @@ def test_put_stat_get_and_delete_a_file(served, tmp_path):
     assert json.loads(removed.stdout)["state"] == "PAYLOAD_STATE_DELETED"
     gone = planes(env, "data", "get", payload_id, "-o", str(tmp_path / "gone.bin"), token=service)
     assert gone.returncode != 0 and "was deleted" in gone.stderr
-    assert not (tmp_path / "gone.bin").exists(), "no partial file is left for a failed get"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin", "report.bin"]
+
+
+def test_a_get_that_fails_after_bytes_arrived_leaves_no_file(served, tmp_path):
+    """The bytes are written to a partial file as they arrive; a digest that fails at the end removes it."""
+    env, state = served
+    service = token(env, "service")
+    source = tmp_path / "plain.bin"
+    source.write_bytes(os.urandom(2 * 1024 * 1024 + 5))
+    put = planes(env, "data", "put", str(source), "--classification", "public", token=service)
+    assert put.returncode == 0, put.stderr
+    payload_id = json.loads(put.stdout)["ref"]["payloadId"]
+    stored = state / "data" / "objects" / payload_id
+    damaged = bytearray(stored.read_bytes())
+    damaged[-1] ^= 0xFF  # in the last chunk: every earlier one is written out first
+    stored.write_bytes(damaged)
+
+    out = tmp_path / "out" / "copy.bin"
+    out.parent.mkdir()
+    got = planes(env, "data", "get", payload_id, "-o", str(out), token=service)
+    assert got.returncode != 0 and f"received {len(damaged)} bytes not matching its info" in got.stderr
+    assert list(out.parent.iterdir()) == [], "neither the file nor its partial .copy.bin.partial is left"
 
 
 def test_put_with_a_ttl_of_zero_keeps_the_default(served, tmp_path):
