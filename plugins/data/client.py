@@ -44,11 +44,15 @@ from planes.kernel import errors
 from planes.kernel.contract import Encoded
 from planes.kernel.digests import HASHES, NAMES
 from planes.kernel.contracts.data import pb
-from planes.native import codec
+from planes.native import load
 
 from .limits import CLASSIFICATIONS, DESTINATION_KINDS
+from .tensors import TensorLayoutError, check_layout
 
-__all__ = ["DataClient", "EgressDenied", "IntegrityError"]
+__all__ = ["DataClient", "EgressDenied", "IntegrityError", "TensorMismatch"]
+
+#: The compiled codec, or its pure-Python twin under ``PLANES_NO_EXTENSIONS``.
+codec = load("codec")
 
 MiB = 1 << 20
 #: What gRPC holds beside the payload while a get's stream is read, in
@@ -75,6 +79,10 @@ class EgressDenied(errors.PermissionDenied):
 
 class IntegrityError(errors.FailedPrecondition):
     """Received bytes do not match the content digest the plane holds for them."""
+
+
+class TensorMismatch(IntegrityError):
+    """A tensor's dtype, shape and strides do not fit the bytes received, so no view of them is made."""
 
 
 def _classification(value) -> int:
@@ -260,12 +268,15 @@ class DataClient:
         info, buffer = await self.get(payload_id, **options)
         if info.kind != pb.CONTENT_KIND_TENSOR:
             raise errors.FailedPrecondition(f"payload {payload_id} is not a tensor")
-        dtype = np.dtype(info.tensor.dtype)
-        flat = np.frombuffer(buffer, dtype=dtype) if buffer.size else np.empty(0, dtype)
-        if info.tensor.strides:
-            return np.lib.stride_tricks.as_strided(flat, shape=tuple(info.tensor.shape),
-                                                   strides=tuple(info.tensor.strides))
-        return flat.reshape(tuple(info.tensor.shape))
+        # The view reads wherever the strides point: check them against the
+        # bytes that arrived, not the plane's word that they fit.
+        # numpy's own constructor checks the strides against the buffer once more.
+        try:
+            dtype = check_layout(info.tensor, buffer.size, what="the received")
+            return np.ndarray(tuple(info.tensor.shape), dtype, buffer=buffer,
+                              strides=tuple(info.tensor.strides) or None)
+        except (TensorLayoutError, TypeError, ValueError) as exc:
+            raise TensorMismatch(f"payload {payload_id}: {exc}") from None
 
     async def get_arrow_tensor(self, payload_id: str, **options) -> pa.Tensor:
         return pa.Tensor.from_numpy(await self.get_tensor(payload_id, **options))

@@ -45,7 +45,7 @@ from planes.kernel.contract import Encoded
 from planes.kernel.contracts.data import DataPlane, pb
 from planes.kernel.digests import HASHES, NAMES, SHA256
 from planes.kernel.identity import ALL_TENANTS
-from planes.native import codec
+from planes.native import load
 from planes.plugins.evidence.writer import call_event
 
 from .limits import DESTINATION_KINDS, ENCRYPTED, ByteBudget, DataSettings, classification_name
@@ -55,8 +55,13 @@ __all__ = ["Data"]
 
 log = logging.getLogger("planes.plugins.data")
 
+#: The compiled codec, or its pure-Python twin under ``PLANES_NO_EXTENSIONS``.
+codec = load("codec")
+
 _ID = re.compile(r"pl_[0-9a-f]{32}")
 _HEADER_TAG, _CHUNK_TAG, _TRAILER_TAG = 0x0A, 0x12, 0x1A
+#: The latest expiry the catalogue holds: nanoseconds in a signed 64-bit column (2262-04-11).
+_LAST_EXPIRY_NS = (1 << 63) - 1
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -341,6 +346,14 @@ class Data(DataPlane):
             raise errors.InvalidArgument("the payload header needs a kind: blob, file, tensor or arrow_ipc")
         if header.kind == pb.CONTENT_KIND_TENSOR:
             _check_tensor(header)
+        ttl = header.ttl.ToNanoseconds()
+        if ttl < 0:
+            raise errors.InvalidArgument(f"the payload header's ttl is {ttl / 1e9:.3f} s; it must be positive, "
+                                         "or 0 for the tenant's default")
+        if ttl and self.clock() + ttl > _LAST_EXPIRY_NS:
+            raise errors.InvalidArgument(f"the payload header's ttl of {ttl // 10**9} s would expire after "
+                                         "2262-04-11, past what the catalogue holds; leave it 0 for the tenant's "
+                                         "default")
         if header.HasField("declared_digest"):
             _check_digest(header.declared_digest, "declared_digest", value_optional=True)
         name, limit = self.settings.payload_limit(header.tenant, header.classification)
@@ -365,26 +378,20 @@ class Data(DataPlane):
             first = await stream.__anext__()
         except StopAsyncIteration:
             raise errors.InvalidArgument("PutPayload ended before its header") from None
-        kind, header = self._part(first)
-        if kind != "header":
-            raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
+        payload_id = f"pl_{os.urandom(16).hex()}"
+        # Every refusal before the ingest owns the stream settles it, whatever
+        # raised: an error that skipped this could reach the producer as a reset.
         try:
+            kind, header = self._part(first)
+            if kind != "header":
+                raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
             self._admit_header(header, call)
-        except errors.PlanesError:
+            algorithm = _algorithm(header)
+            writer, wrapped = self._begin(payload_id, header, algorithm)
+        except Exception:
             await _settle(stream)
             raise
         tenant = header.tenant
-        payload_id = f"pl_{os.urandom(16).hex()}"
-        encrypted = header.classification in ENCRYPTED
-        algorithm = _algorithm(header)
-        try:
-            writer, wrapped = self.store.begin(payload_id, encrypted=encrypted, content_hash=HASHES[algorithm](),
-                                               expected_size=header.declared_size)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise errors.Unavailable(f"the data store has no room for {header.declared_size} bytes",
-                                         retry_after=60.0) from None
-            raise
         ingest = _Ingest(self, header, writer)
         self._reserved[tenant] = self._reserved.get(tenant, 0) + header.declared_size
         committed = False
@@ -423,11 +430,22 @@ class Data(DataPlane):
                           "quarantine_reason": pb.QuarantineReason.Name(entry.reason)})
         return pb.PutPayloadResponse(payload=record.info)
 
+    def _begin(self, payload_id: str, header: pb.PayloadHeader, algorithm: int) -> tuple[ObjectWriter, bytes | None]:
+        try:
+            return self.store.begin(payload_id, encrypted=header.classification in ENCRYPTED,
+                                    content_hash=HASHES[algorithm](), expected_size=header.declared_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise errors.Unavailable(f"the data store has no room for {header.declared_size} bytes",
+                                         retry_after=60.0) from None
+            raise
+
     async def _conclude(self, call: CallContext, header: pb.PayloadHeader, payload_id: str, ingest: _Ingest,
                         content: common_pb2.Digest, declared: bytes, wrapped: bytes | None) -> StoredPayload:
         digest = content.value
         now = self.clock()
-        ttl = header.ttl.ToNanoseconds() if header.HasField("ttl") else int(self.settings.default_ttl_seconds * 1e9)
+        # A ttl of 0 (or none) is the default, as the proto says; a negative one was refused at admission.
+        ttl = header.ttl.ToNanoseconds() or int(self.settings.default_ttl_seconds * 1e9)
         info = pb.PayloadInfo(
             ref=common_pb2.PayloadRef(payload_id=payload_id, size=ingest.received, digest=content,
                                       classification=header.classification, tenant=header.tenant),
@@ -443,6 +461,9 @@ class Data(DataPlane):
             info.state = pb.PAYLOAD_STATE_QUARANTINED
             quarantine.payload_id, quarantine.tenant = payload_id, header.tenant
             quarantine.declared.CopyFrom(header)
+            # The operator reviewing the quarantine must not receive the worker's
+            # bearer credential, and the catalogue must not keep it.
+            quarantine.declared.ClearField("task_credential")
             quarantine.received_size, quarantine.received_chunk_count = ingest.received, ingest.chunks
             quarantine.received_digest.CopyFrom(info.ref.digest)
             quarantine.quarantined_at.CopyFrom(info.created_at)
@@ -637,6 +658,8 @@ class Data(DataPlane):
     async def release_quarantine(self, request: pb.ReleaseQuarantineRequest,
                                  call: CallContext) -> pb.ReleaseQuarantineResponse:
         record = self._quarantined(request.tenant, request.payload_id)
+        if record.info.kind == pb.CONTENT_KIND_TENSOR:
+            _check_stored_tensor(record)
         reason = pb.QuarantineReason.Name(record.quarantine.reason)
         await self._record(call, record.tenant, "data.released", payload_id=record.payload_id, size=record.size,
                            digest=record.info.ref.digest.value.hex(), quarantine_reason=reason,
@@ -696,24 +719,27 @@ def _declared_digest(header: pb.PayloadHeader, trailer: common_pb2.Digest | None
 
 
 def _check_tensor(header: pb.PayloadHeader) -> None:
-    import numpy as np
+    """Refuse a tensor header whose dtype, shape and strides do not fit its declared size (see :mod:`.tensors`)."""
+    from .tensors import TensorLayoutError, check_layout  # numpy, only once a tensor arrives
 
-    tensor = header.tensor
     try:
-        itemsize = np.dtype(tensor.dtype).itemsize
-    except TypeError:
-        raise errors.InvalidArgument(f"tensor dtype {tensor.dtype[:32]!r} is not a NumPy/Arrow type name") from None
-    if any(d < 0 for d in tensor.shape):
-        raise errors.InvalidArgument("tensor shape has a negative dimension")
-    count = 1
-    for d in tensor.shape:
-        count *= d
-    if tensor.strides:
-        if len(tensor.strides) != len(tensor.shape):
-            raise errors.InvalidArgument("tensor strides and shape differ in length")
-        span = itemsize + sum((d - 1) * abs(s) for d, s in zip(tensor.shape, tensor.strides) if d > 0) if count else 0
-        if span > header.declared_size:
-            raise errors.InvalidArgument(f"tensor strides reach {span} bytes, past the declared {header.declared_size}")
-    elif count * itemsize != header.declared_size:
-        raise errors.InvalidArgument(f"a C-contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)} is "
-                                     f"{count * itemsize} bytes, not the declared {header.declared_size}")
+        check_layout(header.tensor, header.declared_size, what="the declared")
+    except TensorLayoutError as exc:
+        raise errors.InvalidArgument(f"header.tensor: {exc}") from None
+
+
+def _check_stored_tensor(record: StoredPayload) -> None:
+    """Refuse to release a tensor whose header does not fit the bytes that arrived.
+
+    Admission checked the header against the declared size; a payload
+    quarantined for a size mismatch holds fewer (or more) bytes than that, and
+    readers would view them through the declared shape and strides.
+    """
+    from .tensors import TensorLayoutError, check_layout
+
+    try:
+        check_layout(record.info.tensor, record.size, what="the stored")
+    except TensorLayoutError as exc:
+        raise errors.FailedPrecondition(
+            f"payload {record.payload_id} cannot be released as a tensor: {exc}; delete it instead",
+            metadata={"payload_id": record.payload_id}) from None

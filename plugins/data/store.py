@@ -487,7 +487,12 @@ class PayloadStore:
 
 def _record(row) -> StoredPayload:
     payload_id, tenant, state, size, created_ns, expires_ns, wrapped_key, info, quarantine = row
+    entry = None
+    if quarantine is not None:
+        entry = pb.QuarantinedPayload.FromString(quarantine)
+        # Entries catalogued by earlier versions kept the producer's task
+        # credential; it is never handed out, whatever the row still holds.
+        entry.declared.ClearField("task_credential")
     return StoredPayload(
         payload_id=payload_id, tenant=tenant, state=state, size=size, created_ns=created_ns,
-        expires_ns=expires_ns, wrapped_key=wrapped_key, info=pb.PayloadInfo.FromString(info),
-        quarantine=pb.QuarantinedPayload.FromString(quarantine) if quarantine is not None else None)
+        expires_ns=expires_ns, wrapped_key=wrapped_key, info=pb.PayloadInfo.FromString(info), quarantine=entry)

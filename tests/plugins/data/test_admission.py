@@ -13,7 +13,9 @@ from planes.data.v1 import data_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts import DataPlane
-from planes.native import codec
+from planes.native import load
+
+codec = load("codec")
 
 BLAKE3 = common_pb2.DIGEST_ALGORITHM_BLAKE3
 
@@ -264,3 +266,28 @@ def test_workers_reach_only_the_payloads_of_their_task_attempt(serve):
         "put without credential": "PermissionDenied",
     }
     assert written.ref.size == len(b"the task's output")
+
+
+def test_a_ttl_of_zero_is_the_default_and_a_negative_one_is_refused(serve):
+    """The proto's word: 0 means the tenant's default. A negative ttl never meant 'keep forever'."""
+    day = 86400
+
+    async def scenario(served):
+        data = served.data()
+        zero = await data.put(b"kept for the default", classification="internal", ttl=0)
+        unset = await data.put(b"kept for the default", classification="internal")
+        hour = await data.put(b"kept an hour", classification="internal", ttl=3600)
+        refused = {}
+        for ttl in (-5, 400 * 365 * 10 * day):
+            with pytest.raises(errors.InvalidArgument, match="ttl") as caught:
+                await data.put(b"x", classification="internal", ttl=ttl)
+            refused[ttl] = str(caught.value)
+        return zero, unset, hour, refused, served.plugin.plane.store.held_bytes("acme", 0)
+
+    zero, unset, hour, refused, held = serve(scenario, data_settings={"default_ttl_seconds": 2 * day})
+    lifetime = {name: (info.expires_at.ToSeconds() - info.created_at.ToSeconds()) if info.HasField("expires_at")
+                else None for name, info in (("zero", zero), ("unset", unset), ("hour", hour))}
+    assert lifetime == {"zero": 2 * day, "unset": 2 * day, "hour": 3600}
+    assert "-5.000 s" in refused[-5] and "0 for the tenant's default" in refused[-5]
+    assert "past what the catalogue holds" in refused[400 * 365 * 10 * day]
+    assert held == 2 * len(b"kept for the default") + len(b"kept an hour"), "refused puts stored nothing"

@@ -12,11 +12,13 @@ from planes.common.v1 import common_pb2
 from planes.data.v1 import data_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.contract import Encoded
-from planes.native import codec
+from planes.native import load
 from planes.plugins.data.client import IntegrityError
 
 from .conftest import fields
 from .test_admission import chunk, header, put_raw, trailer
+
+codec = load("codec")
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c" * 4000
 
@@ -209,3 +211,39 @@ def test_acknowledged_payloads_survive_a_restart_and_partial_puts_are_removed(se
     info = serve(first)
     got, incoming, removed = serve(second)
     assert got == MARKER and incoming == [] and removed == 1
+
+
+def test_a_quarantined_put_keeps_no_task_credential(serve, caplog):
+    """The worker's credential is a bearer secret: neither the catalogue nor the operator's review may hold it."""
+    import time
+
+    from planes.plugins.execution.credentials import issue_credential
+
+    data = b"a worker's output" * 10
+
+    async def scenario(served):
+        credential = issue_credential(served.kernel.signing_key, tenant="acme", task_id="t-1", attempt_epoch=1,
+                                      payload_ids=[], expires_at=time.time() + 60).token
+        worker = served.data(roles=("worker",), task_credential=credential)
+        payload_ids = []
+        for _ in range(2):
+            with pytest.raises(errors.InvalidArgument, match="quarantined") as refused:
+                await worker.put(data, classification="confidential", digest=bytes(32))
+            payload_ids.append(refused.value.metadata["payload_id"])
+        operator = served.data(roles=("operator",)).client
+        listed = await operator.list_quarantine(pb.ListQuarantineRequest(tenant="acme"))
+        deleted = await operator.delete_quarantined(pb.DeleteQuarantinedRequest(
+            tenant="acme", payload_id=payload_ids[0], reason="bad output"))
+        return credential, listed, deleted, await served.events(), served.state_dir
+
+    credential, listed, deleted, events, state_dir = serve(scenario)
+    assert len(listed.payloads) == 2 and deleted.payload.declared.declared_size == len(data)
+    for entry in (*listed.payloads, deleted.payload):
+        assert entry.declared.task_credential == "" and entry.declared.tenant == "acme"
+    secret = credential.encode()
+    assert secret not in listed.SerializeToString() and secret not in deleted.SerializeToString()
+    assert all(secret not in event.SerializeToString() for event in events)
+    assert credential not in caplog.text
+    stored = [path for path in state_dir.rglob("*") if path.is_file()]
+    assert any(path.name.startswith("payloads.sqlite3") for path in stored)
+    assert [path.name for path in stored if secret in path.read_bytes()] == [], "no file of the state holds it"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from planes.native import codec
+from planes.native import load
 from planes.plugins.data.client import HELD_MESSAGES, MIN_GET_MESSAGE
+
+codec = load("codec")
 
 MiB = 1 << 20
 

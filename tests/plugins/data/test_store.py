@@ -36,7 +36,8 @@ def test_durable_plain_payloads_go_direct_and_read_back_exactly(tmp_path, size):
 @pytest.mark.parametrize("size", [0, SEGMENT - 1, SEGMENT, 2 * SEGMENT + 7])
 def test_durable_encrypted_payloads_go_direct_and_open_exactly(tmp_path, size):
     data, key = os.urandom(size), os.urandom(32)
-    _write(tmp_path / "p", data, durable=True, cipher=SegmentCipher(key, "p-1"))
+    assert _write(tmp_path / "p", data, durable=True, cipher=SegmentCipher(key, "p-1")), \
+        "sealed segments are staged for O_DIRECT like plain bytes"
     stored = (tmp_path / "p").read_bytes()
     records = max(1, -(-size // SEGMENT))
     assert len(stored) == size + records * TAG
