@@ -89,6 +89,8 @@ class EvidencePlugin(Plugin):
         self.log.close()
 
     def add_cli_commands(self, commands) -> None:
+        from planes.kernel.cli import add_tls_arguments
+
         evidence = commands.add_parser("evidence", help="verify evidence bundles and check the evidence log")
         actions = evidence.add_subparsers(dest="evidence_command", metavar="ACTION")
         verify = actions.add_parser("verify", help="check an exported bundle offline (no server, no state)")
@@ -105,6 +107,7 @@ class EvidencePlugin(Plugin):
         export.add_argument("--config", help="settings TOML file")
         export.add_argument("--state-dir", help="state directory (default: ./var)")
         export.add_argument("--timeout", type=float, default=60.0)
+        add_tls_arguments(export)
         export.set_defaults(handler=_cmd_export)
         check = actions.add_parser("fsck", help="recompute the chain and tree of this host's log")
         check.add_argument("--config", help="settings TOML file")
@@ -136,7 +139,7 @@ def _cmd_export(args) -> int:
     from planes.kernel.clients import connect
     from planes.kernel.contracts import EvidencePlane
     from planes.kernel.errors import InvalidArgument
-    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.cli import client_address, client_tls, client_token
     from planes.kernel.runtime import run
     from planes.kernel.settings import load_settings
 
@@ -145,13 +148,14 @@ def _cmd_export(args) -> int:
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     address = client_address(args, settings)
     # Export needs a reviewer: the state directory's admin token is never tried.
-    token = client_token(args, settings, admin_fallback=False)
+    token = client_token(args, settings, admin_fallback=False, address=address)
+    tls = client_tls(args)
     out = Path(args.out)
     if out.exists():
         raise InvalidArgument(f"{out} exists; choose another path")
 
     async def export() -> tuple[bytes, pb.BundleSummary]:
-        client = connect(address, EvidencePlane, token=token)
+        client = connect(address, EvidencePlane, token=token, **tls)
         chunks, summary = [], pb.BundleSummary()
         try:
             request = pb.ExportBundleRequest(tenant=args.tenant, correlation_id=args.correlation_id)

@@ -208,3 +208,20 @@ def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_export_to_a_remote_kernel_needs_tls_before_any_connection(tmp_path):
+    """The reviewer token never crosses the network in clear: a non-loopback address without a CA is refused."""
+    token = tmp_path / "reviewer.token"
+    token.write_text("not-sent")
+    token.chmod(0o600)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PLANES_")}
+    result = subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "export", "--correlation-id",
+                             "c", "--out", str(tmp_path / "b.json"), "--address", "192.0.2.7:50051",
+                             "--token-file", str(token), "--state-dir", str(tmp_path / "state")],
+                            env=env, capture_output=True, text=True, cwd="/")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "refusing to connect to 192.0.2.7:50051 without TLS" in result.stderr
+    assert "--ca-file" in subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "export", "--help"],
+                                         env=env, capture_output=True, text=True, cwd="/").stdout
+    assert not (tmp_path / "b.json").exists()
