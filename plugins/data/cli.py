@@ -33,6 +33,8 @@ from .limits import CLASSIFICATIONS
 
 
 def add_commands(commands) -> None:
+    from planes.kernel.cli import add_tls_arguments
+
     data = commands.add_parser("data", help="put, get and inspect data-plane payloads")
     actions = data.add_subparsers(dest="data_command", metavar="ACTION")
 
@@ -44,6 +46,7 @@ def add_commands(commands) -> None:
         parser.add_argument("--state-dir", help="state directory (default: ./var)")
         parser.add_argument("--timeout", type=float, default=600.0)
         parser.add_argument("--tenant", help="tenant (default: the token's)")
+        add_tls_arguments(parser)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -72,7 +75,7 @@ def add_commands(commands) -> None:
 
 
 def _run(args, work) -> int:
-    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.cli import client_address, client_tls, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contracts import DataPlane
     from planes.kernel.runtime import run
@@ -82,11 +85,13 @@ def _run(args, work) -> int:
     from .client import DataClient
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
-    token = client_token(args, settings, admin_fallback=False)
+    address = client_address(args, settings)
+    token = client_token(args, settings, admin_fallback=False, address=address)
     tenant = args.tenant or decode_claims(token).get("ten", "")
+    tls = client_tls(args)
 
     async def main():
-        client = connect(client_address(args, settings), DataPlane, token=token)
+        client = connect(address, DataPlane, token=token, **tls)
         try:
             return await work(DataClient(client, tenant))
         finally:

@@ -145,3 +145,12 @@ def test_quarantine_list_shows_no_task_credential(served):
     [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert entry["declared"]["tenant"] == "globex" and "taskCredential" not in entry["declared"]
     assert credential not in listed.stdout and credential.split(".")[-1] not in listed.stdout
+
+
+def test_a_remote_kernel_needs_tls_before_the_token_is_sent(served, tmp_path):
+    env, _ = served
+    reader = token(env, "service")
+    refused = planes(env, "data", "stat", "p-1", "--address", "192.0.2.7:50051", token=reader)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "refusing to connect to 192.0.2.7:50051 without TLS" in refused.stderr and reader not in refused.stderr
+    assert "--ca-file" in planes(env, "data", "put", "--help").stdout
