@@ -25,7 +25,7 @@ from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
 from .log import CHECKPOINT_CONTEXT, ZERO_HEAD
-from .store import Segment, SqliteEvidenceStore, u64_array
+from .store import Segment, SqliteEvidenceStore, correlation_sequences, u64_array
 
 chain = load("chain")
 
@@ -57,6 +57,31 @@ def _offsets(segment: Segment) -> list[int] | str:
         if offsets[index + 1] < offsets[index]:
             return f"offset {index + 1} goes backwards"
     return offsets
+
+
+def _correlations(segment: Segment, decoded) -> dict[str, list[int]]:
+    """Each correlation id of a segment's leaves and its events' sequences, in order."""
+    found: dict[str, list[int]] = {}
+    for sequence, leaf in enumerate(decoded, segment.first_sequence):
+        if leaf is not None:
+            found.setdefault(leaf.correlation_id, []).append(sequence)
+    return found
+
+
+def _indexed_correlations(segment: Segment, store: SqliteEvidenceStore) -> dict[str, list[int]] | None:
+    """The same as the index rows of the segment have it (rows of one run each, as logs before the ``runs``
+    column wrote them, or of one correlation each); None if a row is malformed or names another tenant."""
+    found: dict[str, list[int]] = {}
+    for tenant, correlation, first, last, runs in store.correlation_runs(segment.first_sequence,
+                                                                           segment.last_sequence):
+        if tenant != segment.tenant or (runs is not None and (not isinstance(runs, bytes) or len(runs) % 16
+                                                              or not runs)):
+            return None
+        sequences = list(correlation_sequences(first, last, runs))
+        if not sequences or sequences[0] != first or sequences[-1] != last or sequences != sorted(set(sequences)):
+            return None
+        found.setdefault(correlation, []).extend(sequences)
+    return {correlation: sorted(sequences) for correlation, sequences in found.items()}
 
 
 def fsck(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, *, stop_at_first: bool = True) -> FsckReport:
@@ -127,16 +152,7 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
         times = [leaf.time_ns for leaf in decoded if leaf is not None]
         if times and (min(times), max(times)) != (segment.min_time, segment.max_time):
             problem(f"{where_segment}: index columns min_time/max_time disagree with the leaves")
-        runs: list[list] = []
-        for sequence, leaf in enumerate(decoded, segment.first_sequence):
-            if leaf is None:
-                continue
-            if runs and runs[-1][1] == leaf.correlation_id and runs[-1][3] == sequence - 1:
-                runs[-1][3] = sequence
-            else:
-                runs.append([segment.tenant, leaf.correlation_id, sequence, sequence])
-        stored_runs = store.correlation_runs(segment.first_sequence, segment.last_sequence)
-        if [tuple(run) for run in runs] != stored_runs:
+        if _indexed_correlations(segment, store) != _correlations(segment, decoded):
             problem(f"{where_segment}: correlation index rows disagree with the leaves")
         head = heads[-32:] if count else head
         all_hashes += hashes

@@ -22,9 +22,13 @@ each segment's row:
   the salt and value bytes in the file with zeros (a removal cut short by a
   crash is finished by the next writer); the leaves, and so every hash and
   proof, never change.
-- ``correlation_runs``: the query index, one row per run of consecutive
-  events of one correlation id in a batch (tenant, correlation id, first and
-  last sequence). A segment is one tenant's batch and carries its time range.
+- ``correlation_runs``: the query index, one row per correlation id per
+  segment (tenant, correlation id, its first and last sequence there, and,
+  when its events are not all consecutive, ``runs``: the runs as pairs of
+  offset from the first sequence and length, little-endian uint64). Events of
+  concurrent requests interleave in a batch, so a row per run of consecutive
+  events would make most events a row of their own. A segment is one
+  tenant's batch and carries its time range.
 - Replays are found through an in-memory index of event-id hashes (64-bit
   FNV-1a) to sequences (``eventbatch.IdIndex``: 16-32 bytes an event in the
   compiled module), built from the segments at open and confirmed against
@@ -63,6 +67,9 @@ eventbatch = load("eventbatch")
 
 FORMAT = b"2"
 
+CORRELATION_INSERT = ("INSERT INTO correlation_runs (tenant, correlation_id, first_sequence, last_sequence, runs) "
+                      "VALUES (?, ?, ?, ?, ?)")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (
     first_sequence INTEGER PRIMARY KEY,
@@ -85,6 +92,7 @@ CREATE TABLE IF NOT EXISTS correlation_runs (
     correlation_id TEXT NOT NULL,
     first_sequence INTEGER NOT NULL,
     last_sequence  INTEGER NOT NULL,
+    runs           BLOB,
     PRIMARY KEY (tenant, correlation_id, first_sequence)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS event_id_collisions (
@@ -181,6 +189,42 @@ def u64_bytes(values: array) -> bytes:
     return values.tobytes()
 
 
+def correlation_rows(tenant: str, runs) -> list[tuple[str, str, int, int, bytes | None]]:
+    """The ``correlation_runs`` rows of one segment from its runs of consecutive events, in order:
+    one row per correlation id, its runs packed when there is more than one."""
+    if len({run[0] for run in runs}) == len(runs):  # each correlation in one run: a row each, as they are
+        return [(tenant, correlation, start, end, None) for correlation, start, end in runs]
+    grouped: dict[str, list] = {}
+    for run in runs:
+        spans = grouped.get(run[0])
+        if spans is None:
+            grouped[run[0]] = [run]
+        else:
+            spans.append(run)
+    rows = []
+    for correlation, spans in grouped.items():
+        first = spans[0][1]
+        packed = None
+        if len(spans) > 1:
+            pairs = array("Q")
+            for _, start, end in spans:
+                pairs.append(start - first)
+                pairs.append(end - start + 1)
+            packed = u64_bytes(pairs)
+        rows.append((tenant, correlation, first, spans[-1][2], packed))
+    return rows
+
+
+def correlation_sequences(first: int, last: int, runs: bytes | None) -> Iterator[int]:
+    """The sequences a ``correlation_runs`` row covers (every one from first to last when ``runs`` is None)."""
+    if runs is None:
+        yield from range(first, last + 1)
+        return
+    pairs = u64_array(runs)
+    for at in range(0, len(pairs) - 1, 2):
+        yield from range(first + pairs[at], first + pairs[at] + pairs[at + 1])
+
+
 def leaf_event_id(leaf: bytes) -> str:
     """The event id of an encoded leaf, without decoding the rest (magic, u64 sequence, then the id)."""
     size = int.from_bytes(leaf[12:16], "big")
@@ -235,6 +279,7 @@ class SqliteEvidenceStore:
         self._synchronous = synchronous
         self._write = self._connect(synchronous)
         self._write.executescript(SCHEMA)
+        self._migrate_correlation_runs()  # a schema-only change, like the tables above: made by readers too
         self._local = threading.local()
         self._syncer = ProcessLocalWorker("evidence-segments")  # writes and syncs segments
         if not writer and self._write.execute(
@@ -380,8 +425,7 @@ class SqliteEvidenceStore:
                 connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves),
                                     len(batch.values)))
-                connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
-                                       [(tenant, correlation, start, end) for correlation, start, end in batch.runs])
+                connection.executemany(CORRELATION_INSERT, correlation_rows(tenant, batch.runs))
                 if collisions:
                     connection.executemany("INSERT INTO event_id_collisions VALUES (?, ?)", collisions)
                 connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta().items()))
@@ -571,11 +615,13 @@ class SqliteEvidenceStore:
                     after_sequence: int) -> Iterator[int]:
         """Sequences in order that may match (the caller filters each event exactly)."""
         if correlation_id:
-            runs = self._read.execute(
-                "SELECT first_sequence, last_sequence FROM correlation_runs WHERE tenant = ? AND correlation_id = ? "
-                "AND last_sequence > ? ORDER BY first_sequence", (tenant, correlation_id, after_sequence)).fetchall()
-            for first, last in runs:
-                yield from range(max(first, after_sequence + 1), last + 1)
+            rows = self._read.execute(
+                "SELECT first_sequence, last_sequence, runs FROM correlation_runs WHERE tenant = ? "
+                "AND correlation_id = ? AND last_sequence > ? ORDER BY first_sequence",
+                (tenant, correlation_id, after_sequence)).fetchall()
+            for first, last, runs in rows:
+                yield from (sequence for sequence in correlation_sequences(first, last, runs)
+                            if sequence > after_sequence)
             return
         clauses, params = ["tenant = ?", "first_sequence + count - 1 > ?"], [tenant, after_sequence]
         if start_ns is not None:
@@ -643,9 +689,11 @@ class SqliteEvidenceStore:
             yield segment
             after = segment.first_sequence
 
-    def correlation_runs(self, first_sequence: int, last_sequence: int) -> list[tuple[str, str, int, int]]:
+    def correlation_runs(self, first_sequence: int,
+                         last_sequence: int) -> list[tuple[str, str, int, int, bytes | None]]:
+        """The ``correlation_runs`` rows that start from ``first_sequence`` to ``last_sequence`` (fsck)."""
         return [tuple(row) for row in self._read.execute(
-            "SELECT tenant, correlation_id, first_sequence, last_sequence FROM correlation_runs "
+            "SELECT tenant, correlation_id, first_sequence, last_sequence, runs FROM correlation_runs "
             "WHERE first_sequence BETWEEN ? AND ? ORDER BY first_sequence", (first_sequence, last_sequence))]
 
     def removed_values(self, segment: Segment) -> set[tuple[int, str]]:
@@ -674,6 +722,12 @@ class SqliteEvidenceStore:
         return [tuple(row) for row in self._read.execute("SELECT * FROM checkpoints ORDER BY tree_size")]
 
     # -- format 1 ---------------------------------------------------------------
+
+    def _migrate_correlation_runs(self) -> None:
+        """Add ``runs`` to a ``correlation_runs`` table made before it; its rows (one per run) stay valid."""
+        columns = {row[1] for row in self._write.execute("PRAGMA table_info(correlation_runs)")}
+        if "runs" not in columns:
+            self._write.execute("ALTER TABLE correlation_runs ADD COLUMN runs BLOB")
 
     def _migrate_collisions(self) -> None:
         """Move the rows of ``id_collisions`` (one sequence an id, from before event ids were per tenant)."""
@@ -736,8 +790,7 @@ class SqliteEvidenceStore:
                 connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    (first, len(group), tenant, min(times), max(times), at, len(leaves_data),
                                     len(kept)))
-                connection.executemany("INSERT INTO correlation_runs VALUES (?, ?, ?, ?)",
-                                       [(tenant, correlation, start, end) for correlation, start, end in runs])
+                connection.executemany(CORRELATION_INSERT, correlation_rows(tenant, runs))
                 group.clear()
 
             for row in connection.execute("SELECT * FROM events ORDER BY sequence").fetchall():

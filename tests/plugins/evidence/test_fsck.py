@@ -142,12 +142,41 @@ def test_a_changed_raw_value_names_its_event_and_field(filled):
     "UPDATE correlation_runs SET correlation_id = 'other' WHERE first_sequence = 7",
     "UPDATE correlation_runs SET last_sequence = 8 WHERE first_sequence = 7",
     "DELETE FROM correlation_runs WHERE first_sequence = 1",
-    "INSERT INTO correlation_runs VALUES ('globex', 'corr-1', 2, 2)",
+    "INSERT INTO correlation_runs VALUES ('globex', 'corr-1', 2, 2, NULL)",
+    "UPDATE correlation_runs SET runs = zeroblob(8) WHERE first_sequence = 7",
+    "UPDATE correlation_runs SET runs = X'00000000000000000100000000000000'"
+    "||X'02000000000000000100000000000000' WHERE first_sequence = 7",  # text, not a blob
+    "UPDATE correlation_runs SET runs = CAST(X'00000000000000000100000000000000'"
+    "||X'02000000000000000100000000000000' AS BLOB), last_sequence = 9 WHERE first_sequence = 7",  # skips 8
 ])
 def test_changed_correlation_index_is_located(filled, sql):
     _sql(filled, sql)
     problems = _problems(filled)
     assert len(problems) == 1 and "correlation index rows disagree with the leaves" in problems[0]
+
+
+def test_interleaved_correlations_take_a_row_each_and_are_found_exactly(log):
+    """Concurrent requests interleave in a batch: one index row per correlation, not per event."""
+    events = [event(f"i{n}", correlation=f"req-{n % 3}") for n in range(12)]
+    log.append("acme", events[:6], SERVICE)
+    log.append("acme", events[6:], SERVICE)
+    rows = _sql(log, "SELECT correlation_id, first_sequence, last_sequence, runs IS NOT NULL FROM correlation_runs "
+                     "ORDER BY first_sequence")
+    assert rows == [("req-0", 1, 4, 1), ("req-1", 2, 5, 1), ("req-2", 3, 6, 1),
+                    ("req-0", 7, 10, 1), ("req-1", 8, 11, 1), ("req-2", 9, 12, 1)]
+    assert [e.event_id for e in log.query("acme", correlation_id="req-1")] == ["i1", "i4", "i7", "i10"]
+    assert [e.event_id for e in log.query("acme", correlation_id="req-1", after_sequence=5)] == ["i7", "i10"]
+    assert fsck(log.store, log.key.public_key).ok
+
+
+def test_index_rows_of_one_run_each_as_earlier_logs_wrote_them_still_check_and_query(log):
+    log.append("acme", [event(f"i{n}", correlation=f"req-{n % 2}") for n in range(4)], SERVICE)
+    _sql(log, "DELETE FROM correlation_runs")
+    for sequence in range(1, 5):  # what the index held before rows carried their runs
+        _sql(log, "INSERT INTO correlation_runs (tenant, correlation_id, first_sequence, last_sequence) "
+                  "VALUES ('acme', ?, ?, ?)", f"req-{(sequence - 1) % 2}", sequence, sequence)
+    assert fsck(log.store, log.key.public_key).ok
+    assert [e.event_id for e in log.query("acme", correlation_id="req-0")] == ["i0", "i2"]
 
 
 def test_deleted_segment_is_a_gap(filled):
