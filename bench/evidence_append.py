@@ -10,6 +10,8 @@ Rows, interleaved round by round (each figure the median of the rounds):
 
 - in-process from request bytes (``EvidenceLog.append_encoded``: what the
   gRPC servicer calls), with two encode threads (the default) and with one;
+  pipelined (``append_many``), also with the events of 1,000 requests
+  interleaved (each event a correlation run of its own) instead of runs of ten;
 - in-process from a list of ``pb.Event`` (``EvidenceLog.append``, which
   serializes the list first);
 - baselines on the same batches, for the ratios: *encode + chain only*
@@ -54,24 +56,28 @@ eventbatch = load("eventbatch")
 WHO = Identity("bench", "acme", frozenset({"service"}))
 
 
-def make_events(prefix: str, count: int) -> list[pb.Event]:
+def make_events(prefix: str, count: int, interleaved: int = 0) -> list[pb.Event]:
+    """Events of requests of ten events each, one request after another; with ``interleaved``, that many
+    requests at once, their events taking turns (as concurrent requests' events reach the log)."""
     events = []
     for index in range(count):
+        correlation = f"c-{prefix}-{index % interleaved}" if interleaved else f"c-{index // 10}"
         event = pb.Event(event_id=f"{prefix}-{index}", event_type="tool.invoked",
-                         correlation=common_pb2.Correlation(correlation_id=f"c-{index // 10}"))
+                         correlation=common_pb2.Correlation(correlation_id=correlation))
         event.fields.add(name="tool", string_value="x" * 64)
         event.fields.add(name="payload_digest", bytes_value=bytes(32))
         events.append(event)
     return events
 
 
-def request_bytes(prefix: str, events: int, batch: int) -> list[bytes]:
-    return [pb.AppendEventsRequest(events=make_events(f"{prefix}{i}", batch)).SerializeToString()
+def request_bytes(prefix: str, events: int, batch: int, interleaved: int = 0) -> list[bytes]:
+    return [pb.AppendEventsRequest(events=make_events(f"{prefix}{i}", batch, interleaved)).SerializeToString()
             for i in range(events // batch)]
 
 
-def in_process_bytes(events: int, batch: int, threads: int, profile: bool = False, pipelined: bool = False) -> float:
-    requests = request_bytes(f"t{threads}{'p' if pipelined else ''}-", events, batch)
+def in_process_bytes(events: int, batch: int, threads: int, profile: bool = False, pipelined: bool = False,
+                     interleaved: int = 0) -> float:
+    requests = request_bytes(f"t{threads}{'p' if pipelined else ''}{interleaved or ''}-", events, batch, interleaved)
     with tempfile.TemporaryDirectory() as state:
         log = open_log(Path(state), {"checkpoint_every": 100_000, "encode_threads": threads})
         profiler = cProfile.Profile() if profile else None
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         in_process_bytes(args.events, args.batch, 2, profile=True, pipelined=args.pipelined)
         return 0
     rows: dict[str, list[float]] = {name: [] for name in (
-        "in-process, batched, pipelined (append_many)", "in-process, batched, request bytes",
+        "in-process, batched, pipelined (append_many)", "same, 1,000 requests interleaved",
+        "in-process, batched, request bytes",
         "in-process, batched, 1 encode thread",
         "in-process, batched, pb.Event list", "encode + chain only (no storage)",
         "encode + chain, 2 threads (no storage)", "file floor (write + fdatasync)",
@@ -196,23 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.repeat):
         steps = [
             lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True)),
-            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2)),
-            lambda: rows[names[2]].append(in_process_bytes(args.events, args.batch, 1)),
-            lambda: rows[names[3]].append(in_process_messages(args.events, args.batch)),
+            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True,
+                                                           interleaved=1000)),
+            lambda: rows[names[2]].append(in_process_bytes(args.events, args.batch, 2)),
+            lambda: rows[names[3]].append(in_process_bytes(args.events, args.batch, 1)),
+            lambda: rows[names[4]].append(in_process_messages(args.events, args.batch)),
         ]
         for step in steps if round_ % 2 == 0 else steps[::-1]:
             step()
         rate, segment_bytes = encode_and_chain_only(args.events, args.batch)
-        rows[names[4]].append(rate)
-        rows[names[5]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
-        rows[names[6]].append(file_floor(args.events, args.batch, segment_bytes))
+        rows[names[5]].append(rate)
+        rows[names[6]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
+        rows[names[7]].append(file_floor(args.events, args.batch, segment_bytes))
         streaming, unary = run(over_grpc(args.events, args.batch, args.unary))
-        rows[names[7]].append(streaming)
-        rows[names[8]].append(unary)
+        rows[names[8]].append(streaming)
+        rows[names[9]].append(unary)
     print(f"evidence appends: {args.events} events in batches of {args.batch}, {args.unary} unary; "
           f"median of {args.repeat} rounds, durable (segment fdatasync + SQLite synchronous=FULL)")
-    encode_only = statistics.median(rows[names[4]])
-    floor = statistics.median(rows[names[6]])
+    encode_only = statistics.median(rows[names[5]])
+    floor = statistics.median(rows[names[7]])
     print(f"{'path':<42} {'events/s':>12} {'/ encode-only':>14} {'/ file floor':>13}")
     for name, values in rows.items():
         value = statistics.median(values)
