@@ -124,6 +124,7 @@ NotCanonical = _twin.NotCanonical
 EncodedBatch = _twin.EncodedBatch
 ValuesFormatError = _twin.ValuesFormatError
 decode_values = _twin.decode_values
+correlations = _twin.correlations
 pack_values = _twin.pack_values
 id_hash = _twin.id_hash
 MAGIC = _twin.MAGIC
@@ -896,8 +897,10 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     cdef pthread_t helper
     cdef bint started = False
     cdef list runs = []
-    cdef Span previous
-    cdef bint have_previous = False
+    cdef Span *run_spans = NULL
+    cdef Py_ssize_t *run_first = NULL
+    cdef Py_ssize_t *run_last = NULL
+    cdef Py_ssize_t nruns
     cdef int64_t min_time, max_time
     pool = b""
     memset(jobs, 0, sizeof(jobs))
@@ -988,16 +991,25 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
             memmove(jobs[0].vals.data + jobs[0].vals.size, jobs[1].vals.data, jobs[1].vals.size)
         leaves = _shrunk(&leaves_window, jobs[0].out.size + jobs[1].out.size)
         values = _shrunk(&values_window, jobs[0].vals.size + jobs[1].vals.size)
+        # The runs of both jobs, one run where the split cut one in two, then grouped by correlation id.
+        nruns = 0
+        run_spans = <Span *>malloc((jobs[0].nruns + jobs[1].nruns + 1) * sizeof(Span))
+        run_first = <Py_ssize_t *>malloc((jobs[0].nruns + jobs[1].nruns + 1) * sizeof(Py_ssize_t))
+        run_last = <Py_ssize_t *>malloc((jobs[0].nruns + jobs[1].nruns + 1) * sizeof(Py_ssize_t))
+        if run_spans == NULL or run_first == NULL or run_last == NULL:
+            raise MemoryError()
         for k in range(njobs):
             for i in range(jobs[k].nruns):
                 span = jobs[k].run_correlations[i]
                 end_index = (jobs[k].run_starts[i + 1] if i + 1 < jobs[k].nruns else jobs[k].stop) - 1
-                if have_previous and same(previous, span):
-                    runs[len(runs) - 1][2] = first + end_index
+                if nruns and same(run_spans[nruns - 1], span):
+                    run_last[nruns - 1] = first + end_index
                 else:
-                    runs.append([PyUnicode_DecodeUTF8(<const char *>span.p, span.n, NULL),
-                                 first + jobs[k].run_starts[i], first + end_index])
-                previous, have_previous = span, True
+                    run_spans[nruns] = span
+                    run_first[nruns] = first + jobs[k].run_starts[i]
+                    run_last[nruns] = first + end_index
+                    nruns += 1
+        runs = _correlations(run_spans, run_first, run_last, nruns)
         min_time, max_time = jobs[0].min_time, jobs[0].max_time
         if njobs == 2 and jobs[1].stop > jobs[1].start:
             min_time = min(min_time, jobs[1].min_time)
@@ -1006,14 +1018,82 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
         Py_XDECREF(leaves_window)
         Py_XDECREF(values_window)
         free(spans)
+        free(run_spans)
+        free(run_first)
+        free(run_last)
         for k in range(2):
             free(jobs[k].run_starts)
             free(jobs[k].run_correlations)
             free(jobs[k].fields)
             free(jobs[k].commitments)
             free(jobs[k].prefixes.data)
-    return EncodedBatch(first, leaves, offsets, values, hashes, [tuple(item) for item in runs], min_time, max_time,
-                        leaf_hashes, heads)
+    return EncodedBatch(first, leaves, offsets, values, hashes, runs, min_time, max_time, leaf_hashes, heads)
+
+cdef list _correlations(const Span *spans, const Py_ssize_t *run_first, const Py_ssize_t *run_last, Py_ssize_t n):
+    """The twin's ``correlations`` of n runs (correlation span, first and last sequence): grouped by
+    correlation id in C, so that a batch of interleaved requests makes a Python object per correlation,
+    not per event."""
+    cdef size_t size = 16, mask, at
+    cdef Py_ssize_t r, g, j, ngroups = 0, a, b, count
+    cdef Py_ssize_t *table = NULL
+    cdef Py_ssize_t *group_of = NULL
+    cdef Py_ssize_t *leader = NULL
+    cdef Py_ssize_t *fill = NULL
+    cdef Py_ssize_t *order = NULL
+    cdef uint8_t *p
+    cdef list found = []
+    if n == 0:
+        return found
+    while size < <size_t>n * 2:
+        size *= 2
+    mask = size - 1
+    try:
+        table = <Py_ssize_t *>malloc(size * sizeof(Py_ssize_t))
+        group_of = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+        leader = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))        # each group's first run
+        fill = <Py_ssize_t *>calloc(n + 1, sizeof(Py_ssize_t))       # runs per group, then where each goes
+        order = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))         # run indexes, group after group
+        if table == NULL or group_of == NULL or leader == NULL or fill == NULL or order == NULL:
+            raise MemoryError()
+        memset(table, 0xFF, size * sizeof(Py_ssize_t))              # -1: empty
+        for r in range(n):
+            at = <size_t>fnv1a(spans[r]) & mask
+            while table[at] >= 0 and not same(spans[leader[table[at]]], spans[r]):
+                at = (at + 1) & mask
+            if table[at] < 0:
+                table[at] = ngroups
+                leader[ngroups] = r
+                ngroups += 1
+            group_of[r] = table[at]
+            fill[table[at] + 1] += 1
+        for g in range(ngroups):
+            fill[g + 1] += fill[g]
+        for r in range(n):
+            order[fill[group_of[r]]] = r
+            fill[group_of[r]] += 1
+        a = 0
+        for g in range(ngroups):  # fill[g] is now where group g ends
+            b = fill[g]
+            count = b - a
+            packed = None
+            if count > 1:
+                packed = PyBytes_FromStringAndSize(NULL, count * 16)
+                p = <uint8_t *>PyBytes_AS_STRING(packed)
+                for j in range(a, b):
+                    put_u64_le(p, <uint64_t>(run_first[order[j]] - run_first[order[a]]))
+                    put_u64_le(p + 8, <uint64_t>(run_last[order[j]] - run_first[order[j]] + 1))
+                    p += 16
+            found.append((PyUnicode_DecodeUTF8(<const char *>spans[order[a]].p, spans[order[a]].n, NULL),
+                          run_first[order[a]], run_last[order[b - 1]], packed))
+            a = b
+    finally:
+        free(table)
+        free(group_of)
+        free(leader)
+        free(fill)
+        free(order)
+    return found
+
 
 cdef inline size_t _slot(uint64_t key, size_t mask) noexcept nogil:
     # FNV-1a's low bits are well mixed already; one multiply spreads structured keys too.

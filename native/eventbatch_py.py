@@ -11,8 +11,8 @@ canonical leaf (the format of ``planes.plugins.evidence.leaf``, version 1).
 It hashes each leaf (RFC 6962) and writes what the store keeps beside the leaves: the raw values
 (salt and value per field, one blob, :func:`decode_values` reads it), a
 64-bit FNV-1a hash of each event id (the store's in-memory replay index)
-and the runs of consecutive events sharing a correlation id (its query
-index). The caller chains the leaf hashes (``chain.chain``) and stores
+and, for its query index, each correlation id with the sequences of its
+events (:func:`correlations`). The caller chains the leaf hashes (``chain.chain``) and stores
 them; nothing here touches storage.
 
 Errors, so the log can map them without parsing messages:
@@ -52,6 +52,7 @@ __all__ = [
     "EncodedBatch",
     "IdIndex",
     "NotCanonical",
+    "correlations",
     "decode_values",
     "encode_events",
     "id_hash",
@@ -115,9 +116,9 @@ class EncodedBatch:
     ``leaves`` holds the n leaves back to back, ``offsets`` (array of uint64,
     n + 1) where each starts and ends. ``values`` is the blob of raw values
     (:func:`pack_values`), ``id_hashes`` n little-endian uint64
-    (:func:`id_hash` of each event id), ``runs`` a list of
-    ``(correlation_id, first_sequence, last_sequence)`` for each run of
-    consecutive events with the same correlation id, and ``min_time`` /
+    (:func:`id_hash` of each event id), ``correlations`` a list of
+    ``(correlation_id, first_sequence, last_sequence, runs)`` for each
+    correlation id in order of first appearance (:func:`correlations`), and ``min_time`` /
     ``max_time`` bound the events' times (0 for an empty batch).
     ``leaf_hashes`` holds the n RFC 6962 leaf hashes (``None`` when the
     batch was put together elsewhere and they are still to compute), and
@@ -125,11 +126,11 @@ class EncodedBatch:
     before the batch (else ``None``).
     """
 
-    __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "runs", "min_time", "max_time",
+    __slots__ = ("first_sequence", "leaves", "offsets", "values", "id_hashes", "correlations", "min_time", "max_time",
                  "leaf_hashes", "heads")
 
     def __init__(self, first_sequence: int, leaves: bytes, offsets: array, values: bytes, id_hashes: bytes,
-                 runs: list, min_time: int, max_time: int, leaf_hashes: bytes | None = None,
+                 correlations: list, min_time: int, max_time: int, leaf_hashes: bytes | None = None,
                  heads: bytes | None = None):
         self.leaf_hashes = leaf_hashes
         self.heads = heads
@@ -138,7 +139,7 @@ class EncodedBatch:
         self.offsets = offsets
         self.values = values
         self.id_hashes = id_hashes
-        self.runs = runs
+        self.correlations = correlations
         self.min_time = min_time
         self.max_time = max_time
 
@@ -149,6 +150,36 @@ class EncodedBatch:
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _MASK64 = 2**64 - 1
+
+
+def correlations(runs) -> list[tuple[str, int, int, bytes | None]]:
+    """Runs of consecutive events ``(correlation_id, first_sequence, last_sequence)``, grouped by
+    correlation id in order of first appearance: ``(correlation_id, first, last, runs)``.
+
+    ``runs`` is None when the correlation's events are one run, else its runs
+    as little-endian uint64 pairs (offset from ``first``, length): the
+    query index keeps one row per correlation id per segment, because
+    concurrent requests' events interleave.
+    """
+    grouped: dict[str, list] = {}
+    for run in runs:
+        spans = grouped.get(run[0])
+        if spans is None:
+            grouped[run[0]] = [run]
+        else:
+            spans.append(run)
+    found = []
+    for correlation, spans in grouped.items():
+        first = spans[0][1]
+        packed = None
+        if len(spans) > 1:
+            pairs = array("Q")
+            for _, start, end in spans:
+                pairs.append(start - first)
+                pairs.append(end - start + 1)
+            packed = _little(pairs)
+        found.append((correlation, first, spans[-1][2], packed))
+    return found
 
 
 def id_hash(event_id: bytes) -> int:
@@ -566,7 +597,8 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
             runs.append([correlation_id, sequence, sequence])
     joined = b"".join(leaf_hashes)
     return EncodedBatch(first_sequence, b"".join(leaves), offsets, pack_values(values), _little(hashes),
-                        [(c.decode(), a, b) for c, a, b in runs], min(times, default=0), max(times, default=0),
+                        correlations([(c.decode(), a, b) for c, a, b in runs]), min(times, default=0),
+                        max(times, default=0),
                         joined, None if previous_head is None else chain_py.chain(previous_head, joined))
 
 

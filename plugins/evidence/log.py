@@ -354,7 +354,8 @@ class EvidenceLog:
         keys = array("Q", [eventbatch_py.id_hash(event_id.encode()) for event_id in new_ids])
         times = [row[5] for row in rows]
         batch = eventbatch_py.EncodedBatch(rows[0][0], b"".join(blobs), offsets, eventbatch_py.pack_values(values),
-                                           u64_bytes(keys), [tuple(run) for run in runs], min(times), max(times))
+                                           u64_bytes(keys), eventbatch_py.correlations(runs), min(times),
+                                           max(times))
         self._commit_batch(tenant, batch, event_ids=new_ids)
         self._maybe_checkpoint()
         return AppendResult(sequences, len(blobs), duplicates, self.head)

@@ -189,32 +189,6 @@ def u64_bytes(values: array) -> bytes:
     return values.tobytes()
 
 
-def correlation_rows(tenant: str, runs) -> list[tuple[str, str, int, int, bytes | None]]:
-    """The ``correlation_runs`` rows of one segment from its runs of consecutive events, in order:
-    one row per correlation id, its runs packed when there is more than one."""
-    if len({run[0] for run in runs}) == len(runs):  # each correlation in one run: a row each, as they are
-        return [(tenant, correlation, start, end, None) for correlation, start, end in runs]
-    grouped: dict[str, list] = {}
-    for run in runs:
-        spans = grouped.get(run[0])
-        if spans is None:
-            grouped[run[0]] = [run]
-        else:
-            spans.append(run)
-    rows = []
-    for correlation, spans in grouped.items():
-        first = spans[0][1]
-        packed = None
-        if len(spans) > 1:
-            pairs = array("Q")
-            for _, start, end in spans:
-                pairs.append(start - first)
-                pairs.append(end - start + 1)
-            packed = u64_bytes(pairs)
-        rows.append((tenant, correlation, first, spans[-1][2], packed))
-    return rows
-
-
 def correlation_sequences(first: int, last: int, runs: bytes | None) -> Iterator[int]:
     """The sequences a ``correlation_runs`` row covers (every one from first to last when ``runs`` is None)."""
     if runs is None:
@@ -425,7 +399,7 @@ class SqliteEvidenceStore:
                 connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    (first, count, tenant, batch.min_time, batch.max_time, offset, len(batch.leaves),
                                     len(batch.values)))
-                connection.executemany(CORRELATION_INSERT, correlation_rows(tenant, batch.runs))
+                connection.executemany(CORRELATION_INSERT, [(tenant, *row) for row in batch.correlations])
                 if collisions:
                     connection.executemany("INSERT INTO event_id_collisions VALUES (?, ?)", collisions)
                 connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta().items()))
@@ -790,7 +764,8 @@ class SqliteEvidenceStore:
                 connection.execute(f"INSERT INTO segments ({SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                    (first, len(group), tenant, min(times), max(times), at, len(leaves_data),
                                     len(kept)))
-                connection.executemany(CORRELATION_INSERT, correlation_rows(tenant, runs))
+                connection.executemany(CORRELATION_INSERT,
+                                       [(tenant, *row) for row in eventbatch_py.correlations(runs)])
                 group.clear()
 
             for row in connection.execute("SELECT * FROM events ORDER BY sequence").fetchall():

@@ -72,7 +72,7 @@ def test_leaves_decode_to_the_events_sent_with_checkable_commitments(batch):
         decoded = first if sequence == 10 else second
         committed = decoded.field(name)
         assert leaves.commitment(salt, name, committed.kind, value) == committed.commitment
-    assert result.first_sequence == 10 and result.runs == [("c-1", 10, 10), ("", 11, 11)]
+    assert result.first_sequence == 10 and result.correlations == [("c-1", 10, 10, None), ("", 11, 11, None)]
     assert (result.min_time, result.max_time) == (5_000_000_000, 1_700_000_000_000_000_123)
     assert result.id_hashes == b"".join(batch.id_hash(i.encode()).to_bytes(8, "little")
                                         for i in ("e-1", "\u00e9v\u00e9nement"))
@@ -105,14 +105,38 @@ def test_twin_parity_on_random_batches(batch):
             events.append(event)
         data = request_bytes(events)
         mine, theirs = encode(batch, data), encode(other, data)
-        assert (mine.leaves, list(mine.offsets), mine.values, mine.id_hashes, mine.runs, mine.min_time,
+        assert (mine.leaves, list(mine.offsets), mine.values, mine.id_hashes, mine.correlations, mine.min_time,
                 mine.max_time) == (theirs.leaves, list(theirs.offsets), theirs.values, theirs.id_hashes,
-                                   theirs.runs, theirs.min_time, theirs.max_time)
+                                   theirs.correlations, theirs.min_time, theirs.max_time)
+
+
+@pytest.mark.parametrize("requests", [1, 3, 40, 600])
+def test_correlations_of_interleaved_requests_match_the_twin_on_two_threads(requests):
+    """Grouping by correlation id is done in C by the compiled encoder; a batch of 700 is split between two
+    threads there, so groups and runs cross the split."""
+    native, twin = implementation("eventbatch", "native"), implementation("eventbatch", "python")
+    rng = random.Random(requests)
+    ids = []
+    while len(ids) < 700:  # requests taking turns, each for a stretch of 1-5 events
+        ids += [f"req-{rng.randrange(requests)}"] * rng.randrange(1, 6)
+    events = [pb.Event(event_id=f"e{i}", event_type="tool.invoked",
+                       correlation=common_pb2.Correlation(correlation_id=c)) for i, c in enumerate(ids[:700])]
+    data = request_bytes(events)
+    arguments = dict(LIMITS, max_events=1000)
+    compiled = native.encode_events(data, "acme", "svc", 3, 0, threads=2, **arguments).correlations
+    assert compiled == twin.encode_events(data, "acme", "svc", 3, 0, **arguments).correlations
+    covered = {}
+    for correlation, first, last, runs in compiled:  # every event exactly once, under its own id
+        sequences = list(range(first, last + 1)) if runs is None else [
+            first + int.from_bytes(runs[at:at + 8], "little") + k
+            for at in range(0, len(runs), 16) for k in range(int.from_bytes(runs[at + 8:at + 16], "little"))]
+        covered.update({sequence: correlation for sequence in sequences})
+    assert covered == {3 + i: c for i, c in enumerate(ids[:700])}
 
 
 def test_empty_request_is_an_empty_batch(batch):
     result = encode(batch, b"")
-    assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.runs) == \
+    assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.correlations) == \
            (b"", [0], b"", b"", [])
 
 
@@ -268,7 +292,9 @@ def test_arguments_are_checked(batch):
 def test_runs_follow_consecutive_correlation_ids(batch):
     events = [pb.Event(event_id=f"e{i}", event_type="a", correlation=common_pb2.Correlation(correlation_id=c))
               for i, c in enumerate(["x", "x", "y", "x", "x", "x"])]
-    assert encode(batch, request_bytes(events)).runs == [("x", 10, 11), ("y", 12, 12), ("x", 13, 15)]
+    pairs = (0).to_bytes(8, "little") + (2).to_bytes(8, "little") + (3).to_bytes(8, "little") \
+        + (3).to_bytes(8, "little")  # x: 10-11 and 13-15, as (offset from 10, length)
+    assert encode(batch, request_bytes(events)).correlations == [("x", 10, 15, pairs), ("y", 12, 12, None)]
 
 
 def test_values_blob_round_trips_and_refuses_damage(batch):
@@ -318,10 +344,10 @@ def test_two_threads_encode_what_one_thread_does(batch):
     arguments = dict(LIMITS, max_events=1000)
     one = batch.encode_events(data, "acme", "svc", 5, 0, threads=1, **arguments)
     two = batch.encode_events(data, "acme", "svc", 5, 0, threads=2, **arguments)
-    assert (one.leaves, list(one.offsets), one.values, one.id_hashes, one.runs, one.min_time, one.max_time,
-            one.leaf_hashes) == (two.leaves, list(two.offsets), two.values, two.id_hashes, two.runs, two.min_time,
+    assert (one.leaves, list(one.offsets), one.values, one.id_hashes, one.correlations, one.min_time, one.max_time,
+            one.leaf_hashes) == (two.leaves, list(two.offsets), two.values, two.id_hashes, two.correlations, two.min_time,
                                  two.max_time, two.leaf_hashes)
-    assert one.runs[71] == ("c-71", 5 + 497, 5 + 503), "a run across the halves is one run"
+    assert one.correlations[71] == ("c-71", 5 + 497, 5 + 503, None), "a run across the halves is one run"
     chain = importlib.import_module("planes.native.chain_py")
     assert two.leaf_hashes == chain.leaf_hashes(two.leaves, two.offsets)
     with pytest.raises(ValueError, match="threads must be at least 1"):
