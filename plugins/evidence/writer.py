@@ -136,6 +136,8 @@ class Spool:
             with open(self.path, "r+b") as handle:
                 handle.truncate(end)
                 os.fsync(handle.fileno())
+        if end <= len(MAGIC):  # no record: no spool (a file of the signature alone would look like a backlog)
+            self.clear()
         last = deque(self._chain(), maxlen=1)  # the chain's tail; reading also checks every record decrypts
         self._tail = last[0][1] if last else GENESIS
         return len(data) - end
@@ -169,6 +171,11 @@ class Spool:
     @property
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
+
+    @property
+    def empty(self) -> bool:
+        """No record waits (the file is absent, or holds the signature alone)."""
+        return self.size <= len(MAGIC)
 
     def fits(self, payload: int) -> bool:
         return (self.size or len(MAGIC)) + _RECORD.size + payload + 16 <= self.max_bytes
@@ -328,7 +335,7 @@ class EvidenceWriter:
 
     @property
     def backlog(self) -> bool:
-        return self.spool.size > 0 or bool(self.gaps) or bool(self.sealed)
+        return not self.spool.empty or bool(self.gaps) or bool(self.sealed)
 
     async def record(self, tenant: str, events: list[pb.Event]) -> None:
         """Append ``events``; raises EvidenceUnavailable for required ones during an outage."""
@@ -388,7 +395,7 @@ class EvidenceWriter:
                         delivered += 1
                 finally:
                     self.spool.drop(delivered)
-                if self.spool.size:
+                if not self.spool.empty:
                     continue  # spooled while this pass was sending
                 if self.gaps:
                     # Counts go on in a new gap while these are sent.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import struct
 
@@ -280,6 +282,18 @@ def test_first_write_torn_by_a_crash_leaves_an_empty_spool(tmp_path, kept, torn)
     assert reopened.torn_bytes == torn and list(reopened.records()) == []
     reopened.append(b"next")
     assert list(Spool(tmp_path, max_bytes=10_000).records()) == [b"next"]
+
+
+@pytest.mark.parametrize("kept", [len(MAGIC), len(MAGIC) + 9], ids=["signature alone", "in the first record"])
+def test_a_spool_left_with_no_record_is_no_backlog_and_replay_returns(run, plane, tmp_path, log, kept):
+    """A crash in the first append must not leave a file that looks like a backlog forever (replay would spin)."""
+    spool = Spool(tmp_path / "spool", max_bytes=10_000)
+    spool.append(b"never acknowledged")
+    with open(spool.path, "r+b") as handle:
+        handle.truncate(kept)
+    writer = EvidenceWriter(plane, tmp_path / "spool")
+    assert not writer.backlog and not writer.spool.path.exists()
+    assert run(asyncio.wait_for(writer.replay(), 10)) == 0
 
 
 def test_damaged_length_in_a_middle_record_is_corruption_not_a_torn_tail(tmp_path):
