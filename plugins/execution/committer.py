@@ -33,7 +33,7 @@ from typing import Any
 from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.errors import Internal, PlanesError
 
-from .store import TaskStore
+from .store import TERMINAL_STATES, TaskStore
 
 log = logging.getLogger("planes.execution.committer")
 
@@ -54,6 +54,9 @@ class BatchWrites:
         self.keys: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.enqueued: dict[str, int] = {}
         self.transitions: list[tuple] = []
+        #: tenant -> tasks this batch inserted that are not yet ended: the
+        #: store cannot count them before the batch is written.
+        self.unfinished: dict[str, int] = defaultdict(int)
         self._order = 0
 
     def merge(self, tx: Tx) -> None:
@@ -61,6 +64,8 @@ class BatchWrites:
             self.new[task_id] = digest
             if key:
                 self.keys[(tenant, key)] = (task_id, digest)
+        for tenant, count in tx.unfinished_inserts().items():
+            self.unfinished[tenant] += count
         for task_id, (task, enqueue) in tx.dirty.items():
             self.tasks[task_id] = task
             if enqueue:
@@ -133,6 +138,22 @@ class Tx:
             if (owner, used) == (tenant, key):
                 return task_id, digest
         return self.batch.keys.get((tenant, key)) or self.store.by_idempotency_key(tenant, key)
+
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's tasks not yet ended, counting those inserted earlier in the batch and by this operation.
+
+        (A task that ends within the batch it was inserted in still counts
+        until the batch is written: the error is on the safe side.)
+        """
+        return (self.store.count_unfinished(tenant) + self.batch.unfinished.get(tenant, 0)
+                + self.unfinished_inserts().get(tenant, 0))
+
+    def unfinished_inserts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for task_id, _, tenant, _ in self.inserted:
+            if self.dirty[task_id][0].state not in TERMINAL_STATES:
+                counts[tenant] += 1
+        return counts
 
     def queued(self, tenant: str | None, limit: int) -> list:
         # Tasks this batch already changed are skipped (those it queued are

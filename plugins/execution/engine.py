@@ -234,7 +234,28 @@ class ExecutionEngine:
                 prepared.append(self.prepare(tenant, spec, call, config))
             except InvalidArgument as exc:
                 raise InvalidArgument(exc.message if len(specs) == 1 else f"task {index}: {exc.message}") from None
-        return await self.committer.run(lambda tx: [self._submit(tx, tenant, spec, config) for spec in prepared])
+        return await self.committer.run(lambda tx: self._submit_all(tx, tenant, prepared, config))
+
+    def _submit_all(self, tx: Tx, tenant: str, specs: list[pb.TaskSpec],
+                    config: RunConfig) -> list[pb.SubmitTaskResponse]:
+        """Admit ``specs`` all or none: a call that would take the tenant past its task quota creates nothing.
+
+        The count includes tasks inserted earlier in the same batch (other
+        calls, not yet in the store) and by this call, so neither a large call
+        nor many concurrent ones get past the quota. All or none, so a caller
+        never has to work out which of its tasks were admitted.
+        """
+        responses = [self._submit(tx, tenant, spec, config) for spec in specs]
+        quota = config.tenant(tenant).quota_tasks
+        # Tasks ended at admission (denied by policy) take no room.
+        added = tx.unfinished_inserts().get(tenant, 0)
+        if quota and added:
+            unfinished = tx.count_unfinished(tenant)
+            if unfinished > quota:
+                raise LimitExceeded("tasks", quota, unfinished,
+                                    message=f"tenant {tenant} has {unfinished - added} unfinished tasks and a quota "
+                                            f"of {quota}: {added} more would make {unfinished}; none were submitted")
+        return responses
 
     def _submit(self, tx: Tx, tenant: str, spec: pb.TaskSpec, config: RunConfig) -> pb.SubmitTaskResponse:
         digest = _spec_digest(spec)
@@ -245,12 +266,6 @@ class ExecutionEngine:
                 if existing[1] != digest:
                     raise AlreadyExists(f"idempotency key {key!r} was used for a different task spec")
                 return pb.SubmitTaskResponse(task=tx.task(existing[0]), created=False)
-        quota = config.tenant(tenant).quota_tasks
-        if quota:
-            unfinished = tx.store.count_unfinished(tenant)
-            if unfinished >= quota:
-                raise LimitExceeded("tasks", quota, unfinished + 1,
-                                    message=f"tenant {tenant} has {unfinished} unfinished tasks, its quota")
         task = pb.Task(task_id=f"t-{os.urandom(12).hex()}", tenant=tenant, spec=spec, config=config.stamp,
                        state=pb.TASK_STATE_UNSPECIFIED)
         task.created_at.CopyFrom(_stamp(tx.now))
