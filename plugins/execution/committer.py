@@ -14,7 +14,12 @@ its transaction commits, and a caller is answered only after both:
   If the evidence plane cannot take them, the transaction is rolled back and
   replayed without those operations, which fail with
   :class:`~planes.plugins.evidence.writer.EvidenceUnavailable`: nothing they
-  describe happened (fail closed);
+  describe happened (fail closed). A transaction carries such events for one
+  tenant only (one append, all or nothing): with several, the operations of
+  the others go to the next batch. Otherwise one tenant's failure, after
+  another's events were recorded, would roll back effects that evidence
+  already names, and since event ids name the task version, the real
+  transition made later would be taken for a replay of them;
 * other events go through a writer that spools them, encrypted and bounded,
   during an outage (with a gap event for any that do not fit).
 """
@@ -175,7 +180,7 @@ class Tx:
         self.transitions.append((task_id, version, previous_state, reason, body))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Op:
     function: Callable[[Tx], Any]
     future: asyncio.Future
@@ -187,6 +192,11 @@ class _Op:
     @property
     def required(self) -> bool:
         return any(required for _, _, required in self.events)
+
+    @property
+    def strict_tenants(self) -> set[str]:
+        """The tenants this operation records evidence-required events for."""
+        return {tenant for tenant, _, required in self.events if required}
 
 
 class Committer:
@@ -283,33 +293,68 @@ class Committer:
     async def _commit(self, batch: list[_Op]) -> None:
         from planes.plugins.evidence.writer import EvidenceUnavailable
 
+        refused: list[_Op] = []  # answered with an error, not run again
+        later: list[_Op] = []  # for the next batch
         while True:
+            for op in batch:
+                op.error, op.result = None, None
             await self._in_thread(self._apply, batch)
-            strict = _by_tenant(op for op in batch if op.error is None and op.required)
-            try:
-                for tenant, events in strict.items():
-                    await self.strict.record(tenant, events)
-            except EvidenceUnavailable as exc:
-                # Undo everything and run the batch again without the
-                # operations whose evidence could not be recorded.
+            live = [op for op in batch if op.error is None]
+            tenants = list(dict.fromkeys(tenant for op in live for tenant in op.strict_tenants))
+            if len(tenants) > 1:
+                # Evidence-required events of one tenant per transaction: if
+                # a second tenant's evidence failed after the first's was
+                # recorded, the first's could not be taken back, and would
+                # name effects the rollback undid (and, by their ids, make the
+                # real ones look like replays). The others wait for the next batch.
                 await self._in_thread(self.store.rollback)
-                for op in batch:
-                    if op.error is None and op.required:
-                        op.error = exc
-                    elif not isinstance(op.error, EvidenceUnavailable):
-                        op.error, op.result = None, None
+                for op in live:
+                    if len(op.strict_tenants) > 1:
+                        log.error("an execution operation wrote evidence-required events of %d tenants",
+                                  len(op.strict_tenants))
+                        op.error = Internal("one operation may record evidence-required events of one tenant only")
+                        refused.append(op)
+                    elif op.strict_tenants and tenants[0] not in op.strict_tenants:
+                        later.append(op)
+                out = set(refused) | set(later)
+                batch = [op for op in batch if op not in out]
                 continue
+            strict_tenant = tenants[0] if tenants else None
+            if strict_tenant is not None:
+                events = [event for op in live if op.strict_tenants
+                          for tenant, event, _ in op.events if tenant == strict_tenant]
+                try:
+                    await self.strict.record(strict_tenant, events)
+                except EvidenceUnavailable as exc:
+                    # Nothing was recorded: undo everything and run the batch
+                    # again without the operations that needed it.
+                    await self._in_thread(self.store.rollback)
+                    failed = [op for op in live if op.strict_tenants]
+                    for op in failed:
+                        op.error = exc
+                    refused += failed
+                    failed_set = set(failed)
+                    batch = [op for op in batch if op not in failed_set]
+                    continue
             break
-        buffered = _by_tenant(op for op in batch if op.error is None and not op.required)
+        # Everything else, spooled during an outage: other operations'
+        # events, and events of other tenants that evidence-required ones made.
+        buffered: dict[str, list[epb.Event]] = defaultdict(list)
+        for op in batch:
+            if op.error is None:
+                for tenant, event, _ in op.events:
+                    if not (op.strict_tenants and tenant == strict_tenant):
+                        buffered[tenant].append(event)
         for tenant, events in buffered.items():
             try:
                 await self.buffered.record(tenant, events)
             except PlanesError:
                 log.exception("evidence writer refused %d events of tenant %s", len(events), tenant)
         await self._in_thread(self.store.commit)
+        self._pending[:0] = later
         self.batches += 1
-        self.operations += len(batch)
-        for op in batch:
+        self.operations += len(batch) + len(refused)
+        for op in refused + batch:
             if op.future.done():
                 continue
             if op.error is not None:
@@ -318,11 +363,3 @@ class Committer:
             for hook in op.after:
                 hook()
             op.future.set_result(op.result)
-
-
-def _by_tenant(ops) -> dict[str, list[epb.Event]]:
-    grouped: dict[str, list[epb.Event]] = defaultdict(list)
-    for op in ops:
-        for tenant, event, _ in op.events:
-            grouped[tenant].append(event)
-    return grouped

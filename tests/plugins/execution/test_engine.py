@@ -93,3 +93,61 @@ def test_concurrent_calls_in_one_batch_share_the_tenants_task_quota(run, tmp_pat
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(admitted) == 2 and store.count_unfinished("acme") == 2
     assert all(isinstance(r, errors.LimitExceeded) and (r.limit, r.actual) == (2, 3) for r in refused)
+
+
+# -- evidence-required work of several tenants in one batch ---------------------------------------
+
+def test_one_tenants_evidence_outage_fails_only_its_work_and_evidence_names_only_what_happened(run, tmp_path):
+    committer, engine, evidence, store = _engine(tmp_path, _config())
+    evidence.down = {"beta"}
+
+    async def main():
+        committer.start()
+        try:
+            # Queued together: one batch, evidence-required work of two tenants.
+            return await asyncio.gather(
+                engine.submit("acme", [pb.TaskSpec(evidence_required=True)], _call("acme")),
+                engine.submit("beta", [pb.TaskSpec(evidence_required=True)], _call("beta")),
+                engine.submit("acme", [pb.TaskSpec(evidence_required=True)], _call("acme")),
+                return_exceptions=True)
+        finally:
+            await committer.stop()
+    first, beta, second = run(main())
+    assert isinstance(beta, errors.EvidenceUnavailable)
+    assert not isinstance(first, BaseException) and not isinstance(second, BaseException), \
+        "the tenant whose evidence was recorded is not refused"
+    recorded = {event_id.split(":")[1] for _, event_id in evidence.events}
+    assert recorded == {first[0].task.task_id, second[0].task.task_id}
+    assert all(store.task(task_id) is not None for task_id in recorded), "no evidence of work that never happened"
+    assert {tenant for tenant, _ in evidence.events} == {"acme"}
+    assert store.count_unfinished("beta") == 0
+
+
+def test_a_lease_across_tenants_passes_over_one_whose_evidence_is_down(run, tmp_path):
+    committer, engine, evidence, store = _engine(tmp_path, _config())
+
+    async def main():
+        committer.start()
+        try:
+            submitted = {}
+            for tenant in ("beta", "acme", "beta", "acme"):
+                (reply,) = await engine.submit(tenant, [pb.TaskSpec(evidence_required=True)], _call(tenant))
+                submitted.setdefault(tenant, []).append(reply.task.task_id)
+            worker = await engine.register(pb.RegisterWorkerRequest(name="w", slots=8), "w-principal")
+            evidence.down = {"beta"}
+            evidence.events.clear()
+            during = await engine.lease(pb.LeaseTasksRequest(worker_id=worker.worker_id, tenant="*", max_tasks=8),
+                                        "w-principal")
+            evidence.down = set()
+            after = await engine.lease(pb.LeaseTasksRequest(worker_id=worker.worker_id, tenant="*", max_tasks=8),
+                                       "w-principal")
+            return submitted, during, after
+        finally:
+            await committer.stop()
+    submitted, during, after = run(main())
+    assert sorted(lease.task.task_id for lease in during.leases) == sorted(submitted["acme"])
+    assert sorted(lease.task.task_id for lease in after.leases) == sorted(submitted["beta"])
+    leased = [(tenant, event_id) for tenant, event_id in evidence.events if event_id.endswith(":4")]
+    assert sorted(leased) == sorted([("acme", f"exec:{t}:4") for t in submitted["acme"]]
+                                    + [("beta", f"exec:{t}:4") for t in submitted["beta"]])
+    assert all(store.task(t).state == pb.TASK_STATE_LEASED for t in submitted["acme"] + submitted["beta"])
