@@ -11,6 +11,8 @@ from pathlib import Path
 
 
 def add_commands(commands) -> None:
+    from planes.kernel.cli import add_tls_arguments
+
     worker = commands.add_parser("worker", help="run a worker that leases and runs tasks")
     worker.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
     worker.add_argument("--token-file", help="worker token file (default: $PLANES_TOKEN); role worker")
@@ -25,6 +27,7 @@ def add_commands(commands) -> None:
     worker.add_argument("--control-public-key", help="PEM of the snapshot signing key "
                                                      "(default: <state-dir>/keys/control-signing.pub.pem)")
     worker.add_argument("--no-batch", action="store_true", help="complete each task with its own call")
+    add_tls_arguments(worker)
     worker.set_defaults(handler=cmd_worker)
 
     demo = commands.add_parser("demo", help="run one governed task end to end on a kernel of its own")
@@ -60,13 +63,14 @@ def add_commands(commands) -> None:
             parser.add_argument("--comment", default="", help="comment or reason")
         if name == "cancel":
             parser.add_argument("--reason", default="")
+        add_tls_arguments(parser)
         parser.set_defaults(handler=cmd_task, task_action=name)
     task.set_defaults(handler=lambda args: (task.print_usage(sys.stderr), 2)[1])
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from planes.common.v1 import common_pb2
-    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.cli import client_address, client_tls, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contract import ContractVersion
     from planes.kernel.contracts import ControlPlane, DataPlane, WorkerPlane
@@ -80,7 +84,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     address = client_address(args, settings)
-    token = client_token(args, settings, admin_fallback=False)
+    token = client_token(args, settings, admin_fallback=False, address=address)
+    tls = client_tls(args)
     tools, models = load_adapters(settings, tuple(args.python_module))
     key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
     name = args.name
@@ -92,9 +97,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
         cache = CachedConfig(settings.state_dir / "workers" / worker_name / "config", control_keys(key_path),
                              served={"execution": ContractVersion(1, 0)})
-        client = connect(address, WorkerPlane, token=token)
-        control = connect(address, ControlPlane, token=token)
-        data = DataPlaneIO(connect(address, DataPlane, token=token))
+        client = connect(address, WorkerPlane, token=token, **tls)
+        control = connect(address, ControlPlane, token=token, **tls)
+        data = DataPlaneIO(connect(address, DataPlane, token=token, **tls))
         worker = Worker(client, cache=cache, name=worker_name, tenant=args.tenant, slots=args.slots,
                         adapters=tools, models=models, data_reader=data.read, data_writer=data.write,
                         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
@@ -137,7 +142,7 @@ def cmd_task(args: argparse.Namespace) -> int:
 
     from planes.common.v1 import common_pb2
     from planes.execution.v1 import execution_service_pb2 as pb
-    from planes.kernel.cli import client_address, client_token
+    from planes.kernel.cli import client_address, client_tls, client_token
     from planes.kernel.clients import connect
     from planes.kernel.contracts import TaskPlane
     from planes.kernel.errors import InvalidArgument
@@ -145,7 +150,9 @@ def cmd_task(args: argparse.Namespace) -> int:
     from planes.kernel.settings import load_settings
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
-    address, token = client_address(args, settings), client_token(args, settings)
+    address = client_address(args, settings)
+    # The admin token fallback goes to a loopback address only; TLS is needed for any other.
+    token, tls = client_token(args, settings, address=address), client_tls(args)
     spec = load_task_spec(args.file) if args.task_action == "submit" else None
 
     def show(task: pb.Task) -> None:
@@ -166,7 +173,7 @@ def cmd_task(args: argparse.Namespace) -> int:
             show(change.task)
 
     async def act() -> None:
-        client = connect(address, TaskPlane, token=token)
+        client = connect(address, TaskPlane, token=token, **tls)
         try:
             if args.task_action == "get":
                 show((await client.get_task(pb.GetTaskRequest(tenant=args.tenant, task_id=args.task_id),

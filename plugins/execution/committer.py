@@ -14,7 +14,12 @@ its transaction commits, and a caller is answered only after both:
   If the evidence plane cannot take them, the transaction is rolled back and
   replayed without those operations, which fail with
   :class:`~planes.plugins.evidence.writer.EvidenceUnavailable`: nothing they
-  describe happened (fail closed);
+  describe happened (fail closed). A transaction carries such events for one
+  tenant only (one append, all or nothing): with several, the operations of
+  the others go to the next batch. Otherwise one tenant's failure, after
+  another's events were recorded, would roll back effects that evidence
+  already names, and since event ids name the task version, the real
+  transition made later would be taken for a replay of them;
 * other events go through a writer that spools them, encrypted and bounded,
   during an outage (with a gap event for any that do not fit).
 """
@@ -33,7 +38,7 @@ from typing import Any
 from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.errors import Internal, PlanesError
 
-from .store import TaskStore
+from .store import TERMINAL_STATES, TaskStore
 
 log = logging.getLogger("planes.execution.committer")
 
@@ -54,6 +59,9 @@ class BatchWrites:
         self.keys: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.enqueued: dict[str, int] = {}
         self.transitions: list[tuple] = []
+        #: tenant -> tasks this batch inserted that are not yet ended: the
+        #: store cannot count them before the batch is written.
+        self.unfinished: dict[str, int] = defaultdict(int)
         self._order = 0
 
     def merge(self, tx: Tx) -> None:
@@ -61,6 +69,8 @@ class BatchWrites:
             self.new[task_id] = digest
             if key:
                 self.keys[(tenant, key)] = (task_id, digest)
+        for tenant, count in tx.unfinished_inserts().items():
+            self.unfinished[tenant] += count
         for task_id, (task, enqueue) in tx.dirty.items():
             self.tasks[task_id] = task
             if enqueue:
@@ -134,6 +144,22 @@ class Tx:
                 return task_id, digest
         return self.batch.keys.get((tenant, key)) or self.store.by_idempotency_key(tenant, key)
 
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's tasks not yet ended, counting those inserted earlier in the batch and by this operation.
+
+        (A task that ends within the batch it was inserted in still counts
+        until the batch is written: the error is on the safe side.)
+        """
+        return (self.store.count_unfinished(tenant) + self.batch.unfinished.get(tenant, 0)
+                + self.unfinished_inserts().get(tenant, 0))
+
+    def unfinished_inserts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for task_id, _, tenant, _ in self.inserted:
+            if self.dirty[task_id][0].state not in TERMINAL_STATES:
+                counts[tenant] += 1
+        return counts
+
     def queued(self, tenant: str | None, limit: int) -> list:
         # Tasks this batch already changed are skipped (those it queued are
         # leased by the next batch).
@@ -154,7 +180,7 @@ class Tx:
         self.transitions.append((task_id, version, previous_state, reason, body))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Op:
     function: Callable[[Tx], Any]
     future: asyncio.Future
@@ -166,6 +192,11 @@ class _Op:
     @property
     def required(self) -> bool:
         return any(required for _, _, required in self.events)
+
+    @property
+    def strict_tenants(self) -> set[str]:
+        """The tenants this operation records evidence-required events for."""
+        return {tenant for tenant, _, required in self.events if required}
 
 
 class Committer:
@@ -262,33 +293,68 @@ class Committer:
     async def _commit(self, batch: list[_Op]) -> None:
         from planes.plugins.evidence.writer import EvidenceUnavailable
 
+        refused: list[_Op] = []  # answered with an error, not run again
+        later: list[_Op] = []  # for the next batch
         while True:
+            for op in batch:
+                op.error, op.result = None, None
             await self._in_thread(self._apply, batch)
-            strict = _by_tenant(op for op in batch if op.error is None and op.required)
-            try:
-                for tenant, events in strict.items():
-                    await self.strict.record(tenant, events)
-            except EvidenceUnavailable as exc:
-                # Undo everything and run the batch again without the
-                # operations whose evidence could not be recorded.
+            live = [op for op in batch if op.error is None]
+            tenants = list(dict.fromkeys(tenant for op in live for tenant in op.strict_tenants))
+            if len(tenants) > 1:
+                # Evidence-required events of one tenant per transaction: if
+                # a second tenant's evidence failed after the first's was
+                # recorded, the first's could not be taken back, and would
+                # name effects the rollback undid (and, by their ids, make the
+                # real ones look like replays). The others wait for the next batch.
                 await self._in_thread(self.store.rollback)
-                for op in batch:
-                    if op.error is None and op.required:
-                        op.error = exc
-                    elif not isinstance(op.error, EvidenceUnavailable):
-                        op.error, op.result = None, None
+                for op in live:
+                    if len(op.strict_tenants) > 1:
+                        log.error("an execution operation wrote evidence-required events of %d tenants",
+                                  len(op.strict_tenants))
+                        op.error = Internal("one operation may record evidence-required events of one tenant only")
+                        refused.append(op)
+                    elif op.strict_tenants and tenants[0] not in op.strict_tenants:
+                        later.append(op)
+                out = set(refused) | set(later)
+                batch = [op for op in batch if op not in out]
                 continue
+            strict_tenant = tenants[0] if tenants else None
+            if strict_tenant is not None:
+                events = [event for op in live if op.strict_tenants
+                          for tenant, event, _ in op.events if tenant == strict_tenant]
+                try:
+                    await self.strict.record(strict_tenant, events)
+                except EvidenceUnavailable as exc:
+                    # Nothing was recorded: undo everything and run the batch
+                    # again without the operations that needed it.
+                    await self._in_thread(self.store.rollback)
+                    failed = [op for op in live if op.strict_tenants]
+                    for op in failed:
+                        op.error = exc
+                    refused += failed
+                    failed_set = set(failed)
+                    batch = [op for op in batch if op not in failed_set]
+                    continue
             break
-        buffered = _by_tenant(op for op in batch if op.error is None and not op.required)
+        # Everything else, spooled during an outage: other operations'
+        # events, and events of other tenants that evidence-required ones made.
+        buffered: dict[str, list[epb.Event]] = defaultdict(list)
+        for op in batch:
+            if op.error is None:
+                for tenant, event, _ in op.events:
+                    if not (op.strict_tenants and tenant == strict_tenant):
+                        buffered[tenant].append(event)
         for tenant, events in buffered.items():
             try:
                 await self.buffered.record(tenant, events)
             except PlanesError:
                 log.exception("evidence writer refused %d events of tenant %s", len(events), tenant)
         await self._in_thread(self.store.commit)
+        self._pending[:0] = later
         self.batches += 1
-        self.operations += len(batch)
-        for op in batch:
+        self.operations += len(batch) + len(refused)
+        for op in refused + batch:
             if op.future.done():
                 continue
             if op.error is not None:
@@ -297,11 +363,3 @@ class Committer:
             for hook in op.after:
                 hook()
             op.future.set_result(op.result)
-
-
-def _by_tenant(ops) -> dict[str, list[epb.Event]]:
-    grouped: dict[str, list[epb.Event]] = defaultdict(list)
-    for op in ops:
-        for tenant, event, _ in op.events:
-            grouped[tenant].append(event)
-    return grouped

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from planes.kernel.tokens import SigningKey
 
 PREFIX = "ptc1"
 _CONTEXT = b"planes.execution.v1.TaskCredential\x00"
+#: Longer is refused before it is decoded (a credential lists a task's payloads: far less than this).
+MAX_TOKEN_CHARS = 1 << 20
 
 
 def _b64(data: bytes) -> str:
@@ -57,6 +60,17 @@ def issue_credential(key: SigningKey, *, tenant: str, task_id: str, attempt_epoc
                              payload_ids=claims["pids"])
 
 
+def _scope(claims: dict) -> CredentialScope:
+    """The claims as a scope, if each has the type issue_credential gives it."""
+    tenant, task_id, epoch, payloads, expires = (claims.get(name) for name in ("ten", "tid", "ep", "pids", "exp"))
+    if not (isinstance(tenant, str) and isinstance(task_id, str)
+            and isinstance(epoch, int) and not isinstance(epoch, bool)
+            and isinstance(payloads, list) and all(isinstance(p, str) for p in payloads)
+            and isinstance(expires, (int, float)) and not isinstance(expires, bool) and math.isfinite(expires)):
+        raise Unauthenticated("malformed task credential")
+    return CredentialScope(tenant, task_id, epoch, frozenset(payloads), float(expires))
+
+
 def verify_credential(token: str, keys: dict[str, Ed25519PublicKey], *, payload_id: str | None = None,
                       now: float | None = None) -> CredentialScope:
     """Check a task credential; with ``payload_id``, also that it may read that payload.
@@ -65,23 +79,29 @@ def verify_credential(token: str, keys: dict[str, Ed25519PublicKey], *, payload_
         Unauthenticated: malformed, signed by an unknown key, forged or expired.
         PermissionDenied: valid, but ``payload_id`` is outside its scope.
     """
+    # Every check before the signature is on attacker-chosen input: each
+    # failure is Unauthenticated with a fixed message, never the token.
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise Unauthenticated("malformed task credential")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise Unauthenticated("not a task credential")
     try:
         claims = json.loads(_unb64(parts[1]))
         signature = _unb64(parts[2])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Unauthenticated("malformed task credential") from None
-    key = keys.get(claims.get("kid", ""))
+    kid = claims.get("kid") if isinstance(claims, dict) else None
+    if not isinstance(kid, str):
+        raise Unauthenticated("malformed task credential")
+    key = keys.get(kid)
     if key is None:
         raise Unauthenticated("task credential signed by an unknown key")
     try:
         key.verify(signature, _CONTEXT + f"{parts[0]}.{parts[1]}".encode())
     except InvalidSignature:
         raise Unauthenticated("task credential signature does not verify") from None
-    scope = CredentialScope(claims["ten"], claims["tid"], int(claims["ep"]), frozenset(claims["pids"]),
-                            float(claims["exp"]))
+    scope = _scope(claims)
     if (time.time() if now is None else now) >= scope.expires_at:
         raise Unauthenticated(f"task credential of {scope.task_id} attempt {scope.attempt_epoch} has expired")
     if payload_id is not None and payload_id not in scope.payload_ids:

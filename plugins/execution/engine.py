@@ -27,6 +27,7 @@ from planes.execution.v1 import execution_service_pb2 as pb
 from planes.kernel.call import CallContext
 from planes.kernel.errors import (
     AlreadyExists,
+    EvidenceUnavailable,
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
@@ -234,7 +235,28 @@ class ExecutionEngine:
                 prepared.append(self.prepare(tenant, spec, call, config))
             except InvalidArgument as exc:
                 raise InvalidArgument(exc.message if len(specs) == 1 else f"task {index}: {exc.message}") from None
-        return await self.committer.run(lambda tx: [self._submit(tx, tenant, spec, config) for spec in prepared])
+        return await self.committer.run(lambda tx: self._submit_all(tx, tenant, prepared, config))
+
+    def _submit_all(self, tx: Tx, tenant: str, specs: list[pb.TaskSpec],
+                    config: RunConfig) -> list[pb.SubmitTaskResponse]:
+        """Admit ``specs`` all or none: a call that would take the tenant past its task quota creates nothing.
+
+        The count includes tasks inserted earlier in the same batch (other
+        calls, not yet in the store) and by this call, so neither a large call
+        nor many concurrent ones get past the quota. All or none, so a caller
+        never has to work out which of its tasks were admitted.
+        """
+        responses = [self._submit(tx, tenant, spec, config) for spec in specs]
+        quota = config.tenant(tenant).quota_tasks
+        # Tasks ended at admission (denied by policy) take no room.
+        added = tx.unfinished_inserts().get(tenant, 0)
+        if quota and added:
+            unfinished = tx.count_unfinished(tenant)
+            if unfinished > quota:
+                raise LimitExceeded("tasks", quota, unfinished,
+                                    message=f"tenant {tenant} has {unfinished - added} unfinished tasks and a quota "
+                                            f"of {quota}: {added} more would make {unfinished}; none were submitted")
+        return responses
 
     def _submit(self, tx: Tx, tenant: str, spec: pb.TaskSpec, config: RunConfig) -> pb.SubmitTaskResponse:
         digest = _spec_digest(spec)
@@ -245,12 +267,6 @@ class ExecutionEngine:
                 if existing[1] != digest:
                     raise AlreadyExists(f"idempotency key {key!r} was used for a different task spec")
                 return pb.SubmitTaskResponse(task=tx.task(existing[0]), created=False)
-        quota = config.tenant(tenant).quota_tasks
-        if quota:
-            unfinished = tx.store.count_unfinished(tenant)
-            if unfinished >= quota:
-                raise LimitExceeded("tasks", quota, unfinished + 1,
-                                    message=f"tenant {tenant} has {unfinished} unfinished tasks, its quota")
         task = pb.Task(task_id=f"t-{os.urandom(12).hex()}", tenant=tenant, spec=spec, config=config.stamp,
                        state=pb.TASK_STATE_UNSPECIFIED)
         task.created_at.CopyFrom(_stamp(tx.now))
@@ -426,12 +442,21 @@ class ExecutionEngine:
         wait = _seconds(request.wait) if request.HasField("wait") else 0.0
         loop = asyncio.get_running_loop()
         until = loop.time() + min(wait, 60.0)
+        excluded: set[str] = set()
         while True:
             work = self._work
             config = self.config().config
-            leases = await self.committer.run(
-                lambda tx, config=config: self._lease(tx, tenant, request.worker_id, name, count,
-                                                      request.config.revision, config))
+            strict = _OneStrictTenant(excluded)
+            try:
+                leases = await self.committer.run(
+                    lambda tx, config=config, strict=strict: self._lease(
+                        tx, tenant, request.worker_id, name, count, request.config.revision, config, strict))
+            except EvidenceUnavailable:
+                if strict.tenant is None or strict.tenant in excluded:
+                    raise
+                # That tenant's tasks wait for its evidence; lease the others'.
+                excluded.add(strict.tenant)
+                continue
             remaining = until - loop.time()
             if leases or remaining <= 0:
                 return pb.LeaseTasksResponse(leases=leases)
@@ -441,14 +466,19 @@ class ExecutionEngine:
                 return pb.LeaseTasksResponse()
 
     def _lease(self, tx: Tx, tenant: str | None, worker_id: str, name: str, count: int, worker_revision: int,
-               config: RunConfig) -> list[pb.TaskLease]:
+               config: RunConfig, strict: _OneStrictTenant | None = None) -> list[pb.TaskLease]:
         leases = []
         expires = tx.now + self.settings.lease_seconds
         adapters = self._worker_adapters.get(worker_id)
+        # Evidence-required tasks of one tenant per lease (see _OneStrictTenant).
+        strict = strict or _OneStrictTenant()
+        strict.tenant = None  # the committer may run this again
         # Look past tasks this worker cannot run (another worker will), up to a bound.
         for task in tx.queued(tenant, count + SKIP_AHEAD):
             if len(leases) == count:
                 break
+            if not strict.admits(task):
+                continue
             if worker_revision and task.config.revision > worker_revision:
                 continue  # decided under a configuration newer than the worker runs
             if adapters and not self._runnable(task, adapters, config):
@@ -696,9 +726,18 @@ class ExecutionEngine:
         """End every expired lease: requeue its task for a new attempt, or end it. Returns how many."""
         config = self.config().config
 
-        def reap(tx: Tx) -> int:
+        excluded: set[str] = set()
+        attempt = _OneStrictTenant(excluded)
+
+        def reap(tx: Tx) -> tuple[int, bool]:
+            nonlocal attempt
+            strict = attempt = _OneStrictTenant(excluded)
             expired = tx.expired_leases(1000)
+            reaped = 0
             for task in expired:
+                if not strict.admits(task):
+                    continue
+                reaped += 1
                 reason = f"lease of attempt {task.attempt_epoch} expired"
                 task.worker_id = ""
                 if task.cancel_requested:
@@ -709,8 +748,47 @@ class ExecutionEngine:
                     self._transition(tx, task, pb.TASK_STATE_FAILED, reason, config)
                 else:
                     self._transition(tx, task, pb.TASK_STATE_QUEUED, reason, config, enqueue=True)
-            return len(expired)
-        return await self.committer.run(reap)
+            return reaped, reaped < len(expired)
+        total, more, unavailable = 0, True, None
+        while more:
+            try:
+                reaped, more = await self.committer.run(reap)
+            except EvidenceUnavailable as exc:
+                if attempt.tenant is None or attempt.tenant in excluded:
+                    raise
+                excluded.add(attempt.tenant)  # reaped on a later round; the other tenants' now
+                unavailable, more = exc, True
+                continue
+            total += reaped
+        if unavailable is not None:
+            raise unavailable
+        return total
+
+
+class _OneStrictTenant:
+    """Admits evidence-required tasks of one tenant only, for an operation that spans tenants.
+
+    The committer records an operation's evidence-required events in one
+    append, so they must belong to one tenant (see :mod:`.committer`); the
+    tasks of the others are left for the next operation. Tenants in
+    ``excluded`` (their evidence could not be recorded just now) are passed
+    over, so one tenant's outage does not hold up the others' tasks.
+    """
+
+    __slots__ = ("tenant", "excluded")
+
+    def __init__(self, excluded: frozenset[str] | set[str] = frozenset()):
+        self.tenant: str | None = None
+        self.excluded = excluded
+
+    def admits(self, task: pb.Task) -> bool:
+        if not task.spec.evidence_required:
+            return True
+        if task.tenant in self.excluded:
+            return False
+        if self.tenant is None:
+            self.tenant = task.tenant
+        return task.tenant == self.tenant
 
 
 _STRENGTH = {pb.POLICY_VERDICT_ALLOW: 0, pb.POLICY_VERDICT_TRANSFORM: 1,

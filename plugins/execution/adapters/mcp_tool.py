@@ -12,8 +12,8 @@ The session is the ``mcp`` package's; the stdio transport is ours, for one
 reason: the package spawns the server through the event loop, and uvloop
 forks there, running gRPC's fork handlers in the child of a threaded worker
 (which crashed it now and then; see the subprocess adapter). Here the server
-is started by ``subprocess.Popen`` (vfork, then exec) on a thread, and its
-pipes are read and written by the loop.
+is started by ``subprocess.Popen`` (vfork, then exec) on a thread (see
+:func:`.processes.spawn`), and its pipes are read and written by the loop.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -33,6 +31,7 @@ from pathlib import Path
 from planes.kernel.errors import DeadlineExceeded, InvalidArgument, PlanesError, Unavailable
 
 from ..tools import ToolAdapter, ToolCall, ToolContext, ToolDescription, ToolResult
+from .processes import kill_group, spawn, wait_then_kill_group
 
 
 class McpToolError(PlanesError):
@@ -69,8 +68,7 @@ async def stdio_session_streams(argv: list[str], env: dict[str, str]) -> AsyncIt
     from mcp import types
     from mcp.shared.message import SessionMessage
 
-    process = await asyncio.to_thread(subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    process = await spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     loop = asyncio.get_running_loop()
     transports = []
     try:
@@ -124,13 +122,18 @@ async def stdio_session_streams(argv: list[str], env: dict[str, str]) -> AsyncIt
 
 
 async def _stop(process: subprocess.Popen) -> None:
-    """Give the server ``STOP_GRACE_SECONDS`` to exit, then kill its process group."""
+    """Give the server ``STOP_GRACE_SECONDS`` to exit, then kill its process group.
+
+    The group is killed once the server has exited too: a child it left
+    behind would otherwise run on, unsupervised.
+    """
+    ending = asyncio.ensure_future(asyncio.to_thread(wait_then_kill_group, process))
     try:
-        await asyncio.wait_for(asyncio.to_thread(process.wait), STOP_GRACE_SECONDS)
+        await asyncio.wait_for(asyncio.shield(ending), STOP_GRACE_SECONDS)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await asyncio.to_thread(process.wait)
+        if process.returncode is None:  # not reaped, so the group id is still the server's
+            kill_group(process)
+        await ending
 
 
 def _reason(error) -> str:

@@ -12,8 +12,9 @@ IPC and UTS namespaces), with the system directories read-only, a private
 visible. Without it: resource limits (address space, CPU time, file size,
 open files), a private temporary working directory, an empty environment
 and a new session. The isolation actually used is reported in the call's
-notes, which become evidence. Either way the process group is killed on
-timeout or cancellation.
+notes, which become evidence. Either way the whole process group is killed
+when the call ends (exit, error, timeout or cancellation), so no background
+child outlives it; see :mod:`.processes`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +33,7 @@ import threading
 from planes.kernel.errors import DeadlineExceeded, InvalidArgument, LimitExceeded, PlanesError
 
 from ..tools import ToolAdapter, ToolCall, ToolContext, ToolDescription, ToolResult
+from .processes import kill_group, spawn, wait_then_kill_group
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc")
 
@@ -79,13 +80,22 @@ def _limited(argv: list[str], memory_mb: int, cpu_seconds: int, file_bytes: int)
     return [sys.executable, "-S", "-c", _LAUNCHER, str(memory_mb << 20), str(cpu_seconds), str(file_bytes), *argv]
 
 
+#: How long, after the process group is killed, the threads reading its pipes
+#: are waited for. Only a process that left the group (and so was not killed)
+#: can hold a pipe open past that; the call then ends without the rest.
+READER_GRACE_SECONDS = 2.0
+
+
 def _exchange(process: subprocess.Popen, stdin: bytes, limit: int) -> tuple[bytes, int]:
     """Feed standard input, keep at most ``limit + 1`` bytes of standard output and count standard error.
 
-    Runs on a thread. A command that writes more than ``limit`` is stopped
-    there (its process group killed): its output is never held in full, and
-    the caller sees ``limit + 1`` bytes and refuses it. A command that exits
-    without reading its input is not an error of ours.
+    Runs on a thread. The call ends when the command exits: then its whole
+    process group is killed, since a background child still holding standard
+    output would otherwise keep the read (and the call) going, and outlive it.
+    A command that writes more than ``limit`` is stopped there (its process
+    group killed): its output is never held in full, and the caller sees
+    ``limit + 1`` bytes and refuses it. A command that exits without reading
+    its input is not an error of ours.
     """
     def feed() -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -97,24 +107,28 @@ def _exchange(process: subprocess.Popen, stdin: bytes, limit: int) -> tuple[byte
 
     def count_stderr() -> None:
         # Counted, never kept: stderr may echo inputs.
-        while chunk := process.stderr.read(65536):
-            errors_seen[0] += len(chunk)
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := process.stderr.read(65536):
+                errors_seen[0] += len(chunk)
 
-    helpers = [threading.Thread(target=feed, daemon=True), threading.Thread(target=count_stderr, daemon=True)]
+    out = bytearray()
+
+    def read_stdout() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while len(out) <= limit:
+                chunk = process.stdout.read1(min(65536, limit + 1 - len(out)))
+                if not chunk:
+                    break
+                out.extend(chunk)
+        if len(out) > limit:
+            kill_group(process)
+
+    helpers = [threading.Thread(target=target, daemon=True) for target in (feed, count_stderr, read_stdout)]
     for helper in helpers:
         helper.start()
-    out = bytearray()
-    while len(out) <= limit:
-        chunk = process.stdout.read1(min(65536, limit + 1 - len(out)))
-        if not chunk:
-            break
-        out += chunk
-    if len(out) > limit:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    wait_then_kill_group(process)
     for helper in helpers:
-        helper.join()
+        helper.join(READER_GRACE_SECONDS)
     return bytes(out), errors_seen[0]
 
 
@@ -159,12 +173,8 @@ class SubprocessAdapter(ToolAdapter):
             context.notes["network"] = "allowed" if target.get("network") else "none" if isolation == "bubblewrap" \
                 else "not isolated"
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir}
-            # subprocess.Popen (vfork, then exec) on a thread rather than the
-            # event loop's spawn: uvloop forks, and gRPC's fork handlers then
-            # run in the child of a threaded worker, which crashed it now and then.
-            process = await asyncio.to_thread(
-                subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=workdir, env=env, start_new_session=True)
+            process = await spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  cwd=workdir, env=env)
             stdin = json.dumps(call.arguments).encode()
             exchange = asyncio.ensure_future(asyncio.to_thread(_exchange, process, stdin, limit))
             try:
@@ -172,15 +182,17 @@ class SubprocessAdapter(ToolAdapter):
             except TimeoutError:
                 raise DeadlineExceeded(f"tool {call.tool} ran past its timeout") from None
             finally:
-                if process.poll() is None:
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                # The exchange thread ends once the group is gone; wait for it so
-                # the working directory is removed after the process.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(exchange)
+                if not exchange.done():
+                    # Cancelled or out of time: end the group now. Only the
+                    # exchange thread reaps the process, after killing the
+                    # group itself, so an unreaped process's group id is ours.
+                    if process.returncode is None:
+                        kill_group(process)
+                    # It ends once the group is gone (its reader threads are
+                    # waited for a bounded time); wait for it so the working
+                    # directory is removed after the process.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(exchange)
         if len(stdout) > limit:
             raise LimitExceeded("tool output bytes", limit, len(stdout),
                                 message=f"tool {call.tool} wrote more than its max_output_bytes ({limit}) to "

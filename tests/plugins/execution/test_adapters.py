@@ -98,10 +98,101 @@ def test_a_failing_or_slow_command_is_a_typed_error_and_is_killed(run):
     adapter = SubprocessAdapter(use_bubblewrap=False)
     with pytest.raises(ToolFailed, match="exited with status 3"):
         run(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", "echo secret >&2; exit 3"]}), _context()))
-    with pytest.raises(errors.DeadlineExceeded):
-        run(adapter.invoke(_call("subprocess", {"command": ["sleep", "30"]}), _context(timeout=0.5)))
     with pytest.raises(errors.InvalidArgument, match="target.command"):
         adapter.describe(_call("subprocess", {"command": "sleep 1"}).contract)
+
+
+def test_a_command_past_its_deadline_is_killed_with_its_children(run, tmp_path):
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+    script = f"sleep 30 & echo $! > {tmp_path}/child; echo $$ > {tmp_path}/main; wait"
+    with pytest.raises(errors.DeadlineExceeded):
+        run(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", script]}), _context(timeout=1.0)))
+    assert _ended(_pid(tmp_path / "main")) and _ended(_pid(tmp_path / "child"))
+
+
+# A tool's process and its children, after the call: gone (or a zombie
+# waiting for init). The bound only keeps a failing test from hanging.
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _ended(pid: int, bound: float = 20.0) -> bool:
+    until = time.monotonic() + bound
+    while _alive(pid):
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _pid(path: Path, bound: float = 20.0) -> int:
+    until = time.monotonic() + bound
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < until, f"{path.name} was never written"
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def test_a_background_child_does_not_outlive_a_successful_call(run, tmp_path):
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+    script = f"sleep 77 & echo $! > {tmp_path}/child; echo hi"
+    # The child keeps standard output open: the call still ends when the command does.
+    result = run(asyncio.wait_for(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", script]}),
+                                                 _context()), 60))
+    assert result.output == {"result": "hi"} or result.output == {"stdout": "hi\n"}
+    assert _ended(_pid(tmp_path / "child"))
+
+
+def test_a_cancelled_call_with_a_background_child_ends_and_leaves_no_process(run, tmp_path):
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+    script = f"sleep 77 & echo $! > {tmp_path}/child; echo $$ > {tmp_path}/main; echo hi"
+
+    async def main():
+        work = asyncio.ensure_future(adapter.invoke(_call("subprocess", {"command": ["sh", "-c", script]}),
+                                                    _context()))
+        await asyncio.to_thread(_pid, tmp_path / "main")
+        await asyncio.to_thread(_pid, tmp_path / "child")
+        work.cancel()
+        done, _ = await asyncio.wait({work}, timeout=60)  # a hang guard, not a timing check
+        assert done, "the cancelled call never ended"
+        # Cancelled, or already ended with the command (the child does not hold it open).
+        assert work.cancelled() or work.result().output
+    run(main())
+    assert _ended(_pid(tmp_path / "main")) and _ended(_pid(tmp_path / "child"))
+
+
+def test_a_process_started_as_its_call_is_cancelled_is_killed_and_reaped(run, monkeypatch):
+    import subprocess
+    started, gate, real = [], threading.Event(), subprocess.Popen
+
+    def slow_start(*args, **options):
+        process = real(*args, **options)
+        started.append(process)
+        gate.wait(30)  # the call is cancelled while the process is being handed over
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", slow_start)
+    adapter = SubprocessAdapter(use_bubblewrap=False)
+
+    async def main():
+        work = asyncio.ensure_future(adapter.invoke(_call("subprocess", {"command": ["sleep", "55"]}), _context()))
+        while not started:
+            await asyncio.sleep(0.01)
+        work.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+    run(main())
+    process = started[0]
+    until = time.monotonic() + 20
+    while process.returncode is None and time.monotonic() < until:
+        time.sleep(0.02)
+    assert process.returncode == -9, "the process was left running, unsupervised"
+    assert not _alive(process.pid)
 
 
 def test_output_past_its_limit_stops_the_command_and_is_refused(run):

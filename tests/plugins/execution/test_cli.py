@@ -75,3 +75,69 @@ def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
     assert bad[0] == 1 and "broken.json: not valid JSON" in bad[2]
     assert odd[0] == 1 and "unknown.yaml: not a TaskSpec" in odd[2] and "no_such_field" in odd[2]
     assert refused[0] == 1 and "needs one of the roles service; alice has operator" in refused[2]
+
+
+# -- TLS options -------------------------------------------------------------------------------
+
+def _parse(*argv: str):
+    import argparse
+
+    from planes.plugins.execution.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_every_client_command_takes_the_kernels_tls_options():
+    for argv in (("worker",), ("task", "submit", "-f", "spec.json"), ("task", "get", "t-1"),
+                 ("task", "watch", "t-1"), ("task", "cancel", "t-1"),
+                 ("task", "approve", "t-1", "--action-id", "a", "--digest", "00"),
+                 ("task", "deny", "t-1", "--action-id", "a", "--digest", "00")):
+        args = _parse(*argv, "--ca-file", "ca.pem", "--allow-insecure-remote")
+        assert (args.ca_file, args.allow_insecure_remote) == ("ca.pem", True), argv
+
+
+def test_task_passes_the_ca_file_to_connect(monkeypatch, tmp_path):
+    import planes.kernel.clients as clients
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    token = tmp_path / "token"
+    write_secret(token, b"t")
+    seen = {}
+
+    def connect(address, contract, **options):
+        seen.update(options, address=address)
+        raise _Stop
+
+    monkeypatch.setattr(clients, "connect", connect)
+    args = _parse("task", "get", "t-1", "--address", "kernel.example:7443", "--token-file", str(token),
+                  "--ca-file", str(ca), "--state-dir", str(tmp_path / "state"))
+    try:
+        args.handler(args)
+    except _Stop:
+        pass
+    assert seen == {"address": "kernel.example:7443", "token": "t", "root_certificates": ca.read_bytes(),
+                    "allow_insecure": False}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_remote_address_without_tls_is_refused_with_the_kernels_message(run, tmp_path):
+    token = tmp_path / "token"
+    write_secret(token, b"t")
+
+    class Local:
+        state_dir = tmp_path
+
+    async def main():
+        return await asyncio.gather(
+            _planes(Local, "task", "get", "t-1", "--address", "192.0.2.1:7443", "--token-file", str(token)),
+            # No token given: the state directory's admin token is not sent to another host.
+            _planes(Local, "task", "get", "t-1", "--address", "192.0.2.1:7443"))
+    (code, _, err), (admin_code, _, admin_err) = run(main())
+    assert code == 1 and "refusing to connect to 192.0.2.1:7443 without TLS" in err and "--ca-file" in err
+    assert admin_code == 1 and "only sent to a loopback address" in admin_err

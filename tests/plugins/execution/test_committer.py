@@ -68,3 +68,43 @@ def test_one_failing_operation_is_undone_alone_and_a_broken_batch_leaves_the_sto
     assert after == "c"
     assert found == [True, False, True, True], "the failed operation left nothing; the others committed"
     assert worker is None, "the batch whose evidence failed was rolled back"
+
+
+def test_evidence_required_events_of_several_tenants_are_never_recorded_for_undone_work(run, tmp_path):
+    from planes.plugins.evidence.writer import EvidenceUnavailable
+
+    class PerTenant(_Evidence):
+        async def record(self, tenant, events):
+            if tenant == "beta":
+                raise EvidenceUnavailable("down")
+            self.events.extend((tenant, e.event_id) for e in events)
+
+    async def scenario():
+        store = SqliteTaskStore(tmp_path / "tasks.sqlite3")
+        evidence = PerTenant()
+        committer = Committer(store, evidence, evidence)
+        committer.start()
+
+        def insert(tenant, task_id, *, also=None):
+            def op(tx):
+                tx.insert_task(pb.Task(task_id=task_id, tenant=tenant, state=pb.TASK_STATE_QUEUED, version=1), b"d")
+                tx.emit(tenant, epb.Event(event_id=f"exec:{task_id}:1"), True)
+                if also:
+                    tx.emit(also, epb.Event(event_id=f"exec:{task_id}:other"), True)
+                return task_id
+            return op
+
+        results = await asyncio.gather(
+            committer.run(insert("beta", "b1")), committer.run(insert("acme", "a1")),
+            committer.run(insert("acme", "a2", also="gamma")), committer.run(insert("gamma", "g1")),
+            return_exceptions=True)
+        found = await committer.run(lambda tx: {t: tx.task(t) is not None for t in ("b1", "a1", "a2", "g1")})
+        await committer.stop()
+        store.close()
+        return results, found, evidence.events
+    (b1, a1, a2, g1), found, recorded = run(scenario())
+    assert isinstance(b1, EvidenceUnavailable) and (a1, g1) == ("a1", "g1")
+    # One operation with evidence-required events of two tenants could not be made all-or-nothing.
+    assert isinstance(a2, errors.Internal)
+    assert found == {"b1": False, "a1": True, "a2": False, "g1": True}
+    assert sorted(recorded) == [("acme", "exec:a1:1"), ("gamma", "exec:g1:1")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 
 import pytest
 from google.protobuf import duration_pb2
@@ -336,9 +337,16 @@ def test_quota_and_budget_limits_carry_the_limit_and_the_actual(scenario):
         await cluster.publish([(cpb.RESOURCE_KIND_QUOTA, "small", {"tasks": 2})])
         tasks, workers = cluster.tasks(), cluster.workers()
         budget = pb.Budget(max_tool_calls=1)
+        # One call past the quota creates none of its tasks.
+        with pytest.raises(errors.LimitExceeded) as batch:
+            await tasks.submit_tasks(pb.SubmitTasksRequest(tasks=[spec(tool("a", "noop")) for _ in range(3)]))
         first = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(
             tool("a", "count", ledger="/x"), tool("b", "count", ledger="/y"), budget=budget)))
-        await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        # Concurrent calls (sharing a batch, so not yet in the store) get one place between them.
+        raced = await asyncio.gather(*(tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+                                       for _ in range(3)), return_exceptions=True)
+        assert sum(not isinstance(r, Exception) for r in raced) == 1
+        assert all(isinstance(r, errors.LimitExceeded) and r.limit == 2 for r in raced if isinstance(r, Exception))
         with pytest.raises(errors.LimitExceeded) as quota:
             await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
         _, (lease,) = await _lease_one(workers)
@@ -354,8 +362,9 @@ def test_quota_and_budget_limits_carry_the_limit_and_the_actual(scenario):
         with pytest.raises(errors.LimitExceeded) as usage:
             await workers.complete_task(pb.CompleteTaskRequest(**base, result=pb.TaskResult(
                 usage=pb.Usage(tool_calls=2))))
-        return quota.value, calls.value, usage.value
-    quota, calls, usage = scenario(body)
+        return (quota.value, calls.value, usage.value), batch.value
+    (quota, calls, usage), batch = scenario(body)
+    assert (batch.name, batch.limit, batch.actual) == ("tasks", 2, 3)
     assert (quota.name, quota.limit, quota.actual) == ("tasks", 2, 3)
     assert (calls.name, calls.limit, calls.actual) == ("tool_calls", 1, 2)
     assert (usage.name, usage.limit, usage.actual) == ("tool_calls", 1, 2)
