@@ -34,7 +34,9 @@ class ControlPlugin(Plugin):
     renews subscribers' leases; keep it well under the shortest snapshot lease;
     ``deltas`` (bool, default true): push a revision as a change to the one a subscriber runs when
     that is under half the size of the full snapshot; ``max_subscribers`` (int, default 10,000):
-    subscriber ids kept before a new one is refused.
+    subscriber ids kept; past it a new one takes the place of the one silent longest, if that one has
+    been silent (not watching, not a canary, no report) for ``subscriber_idle_seconds`` (number,
+    default 86,400), and is refused otherwise.
 
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
@@ -50,7 +52,7 @@ class ControlPlugin(Plugin):
     def setup(self, kernel) -> None:
         from planes.plugins.evidence.writer import EvidenceWriter
 
-        from .plane import DEFAULT_MAX_SUBSCRIBERS, Control
+        from .plane import DEFAULT_MAX_SUBSCRIBERS, DEFAULT_SUBSCRIBER_IDLE_SECONDS, Control
         from .store import ControlStore
 
         settings = dict(kernel.settings.plugin_settings(self.name))
@@ -82,7 +84,9 @@ class ControlPlugin(Plugin):
         self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
                              keepalive=float(settings.get("keepalive_seconds", 15.0)),
                              deltas=bool(settings.get("deltas", True)),
-                             max_subscribers=int(settings.get("max_subscribers", DEFAULT_MAX_SUBSCRIBERS)))
+                             max_subscribers=int(settings.get("max_subscribers", DEFAULT_MAX_SUBSCRIBERS)),
+                             subscriber_idle_seconds=float(settings.get("subscriber_idle_seconds",
+                                                                        DEFAULT_SUBSCRIBER_IDLE_SECONDS)))
 
     def implementation(self, provision: Provision):
         return self.plane

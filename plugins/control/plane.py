@@ -50,6 +50,9 @@ DEFAULT_LEASE = 300.0
 #: Subscribers kept (statuses and owners) before a new subscriber id is refused: every id is a
 #: stored row, and a fraction cohort picks its canaries among them.
 DEFAULT_MAX_SUBSCRIBERS = 10_000
+#: A subscriber silent this long (not watching, no report) gives its place up to a new one when the limit is
+#: reached: a worker's default id carries its pid, so every restart registers a new id.
+DEFAULT_SUBSCRIBER_IDLE_SECONDS = 24 * 3600.0
 MAX_SUBSCRIBER_ID = 256
 #: Who automatic steps (a rollback at the window's end or after a restart) are recorded as.
 CONTROL_IDENTITY = Identity(principal="control", tenant=ALL_TENANTS, roles=frozenset({"service"}), source="kernel")
@@ -78,9 +81,11 @@ def _seconds(stamp) -> float:
 class Control(ControlPlane):
     def __init__(self, store: DesiredStateStore, key: SigningKey | None, record: Callable, *,
                  clock: Callable[[], float] = time.time, key_problem: str = "", keepalive: float = 15.0,
-                 deltas: bool = True, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS):
+                 deltas: bool = True, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS,
+                 subscriber_idle_seconds: float = DEFAULT_SUBSCRIBER_IDLE_SECONDS):
         self.store = store
         self.max_subscribers = max_subscribers
+        self.subscriber_idle_seconds = subscriber_idle_seconds
         #: Push a revision as a delta to the one a watcher runs, when that is under half the size.
         self.deltas = deltas
         #: Seconds of silence on a watch stream before a keepalive (no snapshot) is sent.
@@ -395,8 +400,10 @@ class Control(ControlPlane):
           names ("execution@host:port", "worker:name"), not principals, so
           several hosts may share one principal; a host whose principal
           changes takes a new id;
-        - at most ``max_subscribers`` ids are kept: a new one beyond that is
-          refused.
+        - at most ``max_subscribers`` ids are kept: a new one beyond that
+          takes the place of the one silent longest (not watching, not a
+          canary, no report for ``subscriber_idle_seconds``), whose status
+          and owner are forgotten, and is refused if there is none.
 
         Refusals name the caller and the id, never the owner or its status.
         """
@@ -416,7 +423,8 @@ class Control(ControlPlane):
             raise PermissionDenied(
                 f"subscriber {subscriber_id!r} belongs to another principal; {identity.principal!r} may "
                 "watch and report only as subscribers it registered (use an id of its own)")
-        if subscriber_id not in self.subscribers and len(self.subscribers) >= self.max_subscribers:
+        if (subscriber_id not in self.subscribers and len(self.subscribers) >= self.max_subscribers
+                and not self._forget_idle_subscriber()):
             raise LimitExceeded("subscribers", self.max_subscribers, len(self.subscribers) + 1,
                                 message=f"subscriber {subscriber_id!r} refused: the control plane keeps at most "
                                         f"{self.max_subscribers} subscribers and knows {len(self.subscribers)}")
@@ -425,6 +433,20 @@ class Control(ControlPlane):
             if not self.store.read_only:
                 self.store.bind_subscriber(subscriber_id, identity.principal)
         return self._status(subscriber_id)
+
+    def _forget_idle_subscriber(self) -> bool:
+        """Forget the subscriber silent longest, if one has been for ``subscriber_idle_seconds``; True if one was."""
+        idle = [status for status in self.subscribers.values() if not status.watching and not status.canary
+                and self.clock() - _seconds(status.last_seen) >= self.subscriber_idle_seconds]
+        if not idle or self.store.read_only:
+            return False
+        oldest = min(idle, key=lambda status: (_seconds(status.last_seen), status.subscriber_id))
+        self.store.forget_subscriber(oldest.subscriber_id)
+        del self.subscribers[oldest.subscriber_id]
+        self._owners.pop(oldest.subscriber_id, None)
+        log.info("control: forgot subscriber %r, silent for %.0f s, to make room for a new one",
+                 oldest.subscriber_id, self.clock() - _seconds(oldest.last_seen))
+        return True
 
     def _status(self, subscriber_id: str) -> pb.SubscriberStatus:
         if not subscriber_id:

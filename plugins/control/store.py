@@ -116,6 +116,7 @@ class DesiredStateStore(Protocol):
     def save_subscriber(self, status: pb.SubscriberStatus) -> None: ...
     def subscribers(self) -> list[pb.SubscriberStatus]: ...
     def bind_subscriber(self, subscriber_id: str, principal: str) -> None: ...
+    def forget_subscriber(self, subscriber_id: str) -> None: ...
     def subscriber_owners(self) -> dict[str, str]: ...
     def close(self) -> None: ...
 
@@ -398,6 +399,13 @@ class ControlStore:
         """Make ``principal`` the owner of ``subscriber_id``; the first binding stays (see ``Control``)."""
         self._writable("binding a subscriber")
         self.db.execute("INSERT OR IGNORE INTO subscriber_owners VALUES (?, ?)", (subscriber_id, principal))
+
+    def forget_subscriber(self, subscriber_id: str) -> None:
+        """Drop a subscriber's status and owner (it gave its place up to a new one; see ``Control``)."""
+        self._writable("forgetting a subscriber")
+        with self.transaction():
+            self.db.execute("DELETE FROM subscribers WHERE subscriber_id = ?", (subscriber_id,))
+            self.db.execute("DELETE FROM subscriber_owners WHERE subscriber_id = ?", (subscriber_id,))
 
     def subscriber_owners(self) -> dict[str, str]:
         """Subscriber id -> the principal that may report and watch as it."""

@@ -118,6 +118,31 @@ def test_the_number_of_subscribers_is_bounded(run, tmp_path):
     assert stored == ["h1", "h2"], "a known subscriber still reports; refused ones are not kept"
 
 
+def test_a_new_subscriber_takes_the_place_of_the_one_silent_longest_once_it_is_idle(run, tmp_path):
+    """Workers' ids carry their pid, so restarts register new ids: the limit must not fill up for good."""
+    now = [1_000_000.0]
+
+    async def scenario(client, kernel, plugin):
+        worker = client(ControlPlane, ("worker",))
+        for offset, host in ((0, "h1"), (10, "h2")):
+            now[0] = 1_000_000.0 + offset
+            await worker.report_status(pb.ReportStatusRequest(subscriber_id=host), timeout=5)
+        now[0] = 1_000_020.0
+        with pytest.raises(errors.LimitExceeded):  # nobody idle yet
+            await worker.report_status(pb.ReportStatusRequest(subscriber_id="h3"), timeout=5)
+        now[0] = 1_000_000.0 + 3600 + 5  # h1 silent for an hour and 5 s, h2 for 55 minutes and 55 s
+        await worker.report_status(pb.ReportStatusRequest(subscriber_id="h3"), timeout=5)
+        stored = sorted(s.subscriber_id for s in plugin.store.subscribers())
+        owners = sorted(plugin.store.subscriber_owners())
+        with pytest.raises(errors.LimitExceeded):  # h2 is not idle yet, h3 just reported
+            await worker.report_status(pb.ReportStatusRequest(subscriber_id="h4"), timeout=5)
+        return stored, owners
+
+    stored, owners = _serve(run, tmp_path, scenario, clock=lambda: now[0],
+                            plugin={"control": {"max_subscribers": 2, "subscriber_idle_seconds": 3600}})
+    assert stored == ["h2", "h3"] and owners == ["h2", "h3"], "h1's status and owner are forgotten"
+
+
 # -- the fleet never goes back ----------------------------------------------------------------------
 
 def test_a_publish_or_rollback_to_the_fleet_waits_for_the_canary(run, tmp_path):
