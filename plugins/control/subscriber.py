@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -33,8 +34,11 @@ from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import digests
 from planes.kernel.contract import ContractVersion
+from planes.kernel.errors import LimitExceeded, PermissionDenied, Unauthenticated
 
 from .delta import DeltaUnusable, element_bounds, rebuild
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_CONTEXT = b"planes.control.v1.Snapshot\x00"
 SNAPSHOT_FILE = "snapshot.bin"
@@ -368,7 +372,13 @@ class SnapshotSubscriber:
                     await self.handle(message)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the control plane is unreachable: run on the cache, retry
-                self.last_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            except Exception as exc:  # the control plane is unreachable or refuses: run on the cache, retry
+                error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                if error != self.last_error:  # said once, not at every retry
+                    refused = isinstance(exc, (PermissionDenied, Unauthenticated, LimitExceeded))
+                    log.log(logging.ERROR if refused else logging.WARNING,
+                            "snapshot subscriber %s: %s; running on the cached configuration and retrying",
+                            self.subscriber_id, error)
+                self.last_error = error
             await asyncio.sleep(backoff)
             backoff = min(self.max_backoff, backoff * 2)

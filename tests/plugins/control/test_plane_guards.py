@@ -326,3 +326,30 @@ def test_a_snapshot_is_read_only_by_identities_acting_for_every_tenant(run, tmp_
     refused, snapshot = _serve(run, tmp_path, scenario)
     assert all("acts for tenant 'acme'" in message and "globex" not in message for message in refused)
     assert pb.Snapshot.FromString(snapshot.snapshot).revision == 1 and snapshot.content
+
+
+def test_a_refused_subscriber_says_so_once_in_the_log(run, tmp_path, caplog):
+    """A worker with a one-tenant token is refused as a subscriber: that must not pass in silence."""
+    import logging
+
+    from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
+
+    async def scenario(client, kernel, plugin):
+        agent = SnapshotSubscriber(client(ControlPlane, ("worker",), tenant="acme", principal="w-acme"),
+                                   CachedConfig(tmp_path / "agent", {}), "worker:w1")
+        agent.max_backoff = 0.05
+        task = asyncio.create_task(agent.run())
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if agent.last_error and len([r for r in caplog.records if "worker:w1" in r.getMessage()]) >= 1:
+                await asyncio.sleep(0.3)  # more retries: still one line
+                break
+        task.cancel()
+        return agent.last_error
+
+    with caplog.at_level(logging.WARNING, logger="planes.plugins.control.subscriber"):
+        last_error = _serve(run, tmp_path, scenario)
+    lines = [r for r in caplog.records if "worker:w1" in r.getMessage()]
+    assert last_error.startswith("PermissionDenied") and "acts for tenant 'acme'" in last_error
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR
+    assert "running on the cached configuration and retrying" in lines[0].getMessage()
