@@ -63,10 +63,12 @@ cdef extern from *:
     #endif
     }
 
+    /* seconds * 1e9 + nanos, if it fits in int64: computed in 128 bits, because a negative nanos can bring
+       a product just past the range back into it (the twin checks the sum only). */
     static int pe_time_ns(int64_t seconds, int32_t nanos, int64_t *out) {
-        int64_t scaled;
-        if (__builtin_mul_overflow(seconds, (int64_t)1000000000, &scaled)) return -1;
-        if (__builtin_add_overflow(scaled, (int64_t)nanos, out)) return -1;
+        __int128 value = (__int128)seconds * 1000000000 + nanos;
+        if (value < (__int128)INT64_MIN || value > (__int128)INT64_MAX) return -1;
+        *out = (int64_t)value;
         return 0;
     }
 
@@ -836,6 +838,8 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     buffer = view
     if first_sequence < 1:
         raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
+    if first_sequence > _twin.MAX_SEQUENCE:
+        return _twin.encode_events(*call[0], **call[1])  # an empty batch, or the twin's ValueError
     cdef uint64_t first = first_sequence
     cdef int64_t now = now_ns
     limits = [int(max_events), int(max_fields), int(max_value_bytes), int(max_id_chars)]
@@ -869,7 +873,7 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
             return _fail(call)
         if number == 2:
             count += 1
-    if count > event_limit:
+    if count > event_limit or first_sequence + count - 1 > _twin.MAX_SEQUENCE:
         return _fail(call)
 
     cdef Span *spans = <Span *>malloc((count + 1) * sizeof(Span))

@@ -148,6 +148,8 @@ class EncodedBatch:
 
 
 _FNV_OFFSET = 0xCBF29CE484222325
+#: The largest sequence number: the store keeps them in SQLite's signed 64-bit integers.
+MAX_SEQUENCE = 2**63 - 1
 _FNV_PRIME = 0x100000001B3
 _MASK64 = 2**64 - 1
 
@@ -571,6 +573,9 @@ def encode_events(data, tenant: str, actor: str, first_sequence: int, now_ns: in
     if len(spans) > max_events:
         raise BatchLimitError("events_per_batch", max_events, len(spans),
                               f"{len(spans)} events > events_per_batch {max_events}")
+    if spans and first_sequence + len(spans) - 1 > MAX_SEQUENCE:
+        raise ValueError(f"sequences {first_sequence} to {first_sequence + len(spans) - 1} run past "
+                         f"{MAX_SEQUENCE}, the largest a log holds")
     pool = _Salts(salts)
     leaves = []
     offsets = array("Q", [0])

@@ -134,6 +134,31 @@ def test_correlations_of_interleaved_requests_match_the_twin_on_two_threads(requ
     assert covered == {3 + i: c for i, c in enumerate(ids[:700])}
 
 
+@pytest.mark.parametrize(("seconds", "nanos"), [(9223372037, -1_000_000_000), (-9223372037, 1_000_000_000),
+                                               (9223372036, 854775807), (9223372036, 854775808),
+                                               (-9223372037, 145224192), (-9223372037, 145224191)])
+def test_times_at_the_edge_of_int64_nanoseconds_get_one_verdict(batch, seconds, nanos):
+    """seconds * 1e9 may overflow while seconds * 1e9 + nanos does not: only the sum counts."""
+    event = pb.Event(event_id="t", event_type="tool.invoked")
+    event.time.seconds, event.time.nanos = seconds, nanos
+    fits = -2**63 <= seconds * 10**9 + nanos < 2**63
+    if fits:
+        assert encode(batch, request_bytes([event])).min_time == seconds * 10**9 + nanos
+    else:
+        with pytest.raises(batch.BatchRuleError, match="time"):
+            encode(batch, request_bytes([event]))
+
+
+def test_sequences_never_run_past_what_the_store_holds(batch):
+    events = [pb.Event(event_id=f"s{i}", event_type="tool.invoked") for i in range(3)]
+    last = batch.encode_events(request_bytes(events), "acme", "svc", 2**63 - 3, 0, **LIMITS)
+    assert last.first_sequence == 2**63 - 3 and last.correlations == [("", 2**63 - 3, 2**63 - 1, None)]
+    for first in (2**63 - 2, 2**63, 2**64 - 2, 2**70):
+        with pytest.raises(ValueError, match="run past"):
+            batch.encode_events(request_bytes(events), "acme", "svc", first, 0, **LIMITS)
+    assert len(batch.encode_events(b"", "acme", "svc", 2**70, 0, **LIMITS)) == 0
+
+
 def test_empty_request_is_an_empty_batch(batch):
     result = encode(batch, b"")
     assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.correlations) == \
