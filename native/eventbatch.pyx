@@ -1156,18 +1156,18 @@ cdef class IdIndex:
             at = (at + 1) & mask
         return 0
 
-    def add(self, id_hashes, first_sequence):
+    def add(self, id_hashes, first_sequence, scope=0):
         cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
         if first_sequence < 1:
             raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
-        cdef uint64_t sequence = first_sequence, key
+        cdef uint64_t sequence = first_sequence, key, mix = scope
         cdef Py_ssize_t n = raw.shape[0] // 8, i
         cdef size_t mask, at
         while (self.count + n) * 2 > self.capacity:
             self._grow()
         mask = self.capacity - 1
         for i in range(n):
-            key = _le64(&raw[i * 8])
+            key = _le64(&raw[i * 8]) ^ mix
             at = _slot(key, mask)
             while self.values[at] and self.keys[at] != key:
                 at = (at + 1) & mask
@@ -1180,11 +1180,11 @@ cdef class IdIndex:
         cdef uint64_t found = self._find(key)
         return found if found else None
 
-    def unknown(self, id_hashes):
+    def unknown(self, id_hashes, scope=0):
         cdef const uint8_t[::1] raw = _id_hashes_view(id_hashes)
         cdef Py_ssize_t n = raw.shape[0] // 8, i
         cdef size_t size = 16, mask, at
-        cdef uint64_t key
+        cdef uint64_t key, mix = scope
         cdef uint64_t *seen
         cdef uint8_t *used
         if n == 0:
@@ -1200,7 +1200,7 @@ cdef class IdIndex:
             raise MemoryError()
         try:
             for i in range(n):
-                key = _le64(&raw[i * 8])
+                key = _le64(&raw[i * 8]) ^ mix
                 if self._find(key):
                     return False
                 at = _slot(key, mask)

@@ -629,7 +629,9 @@ class IdIndex:
 
     The compiled twin keeps it in an open-addressing table (16 bytes a slot,
     at most half full); here a dict. A hit is a candidate, never a verdict:
-    the store confirms it against the stored leaf.
+    the store confirms it against the stored leaf. ``scope`` (a 64-bit value,
+    the store's hash of the tenant) is XORed into every key of a call, so
+    that one tenant's ids never meet another's: event ids are per tenant.
     """
 
     __slots__ = ("_map",)
@@ -640,10 +642,10 @@ class IdIndex:
     def __len__(self) -> int:
         return len(self._map)
 
-    def add(self, id_hashes, first_sequence: int) -> None:
+    def add(self, id_hashes, first_sequence: int, scope: int = 0) -> None:
         """Record n little-endian uint64 hashes for sequences ``first_sequence`` onwards
         (a hash already present keeps its sequence)."""
-        keys = _keys(id_hashes)
+        keys = [key ^ scope for key in _keys(id_hashes)]
         if first_sequence < 1:
             raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
         found = self._map
@@ -653,9 +655,9 @@ class IdIndex:
     def get(self, key: int) -> int | None:
         return self._map.get(key)
 
-    def unknown(self, id_hashes) -> bool:
+    def unknown(self, id_hashes, scope: int = 0) -> bool:
         """True when no hash of the batch is in the index and none repeats within it."""
-        keys = _keys(id_hashes)
+        keys = [key ^ scope for key in _keys(id_hashes)]
         return self._map.keys().isdisjoint(keys) and len(set(keys)) == len(keys)
 
 

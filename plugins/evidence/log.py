@@ -287,7 +287,7 @@ class EvidenceLog:
             count = len(batch)
             if not count:
                 return AppendResult([], 0, 0, self.head)
-            if self.store.ids_unknown(batch.id_hashes):
+            if self.store.ids_unknown(encoded.tenant, batch.id_hashes):
                 self._commit_batch(encoded.tenant, batch)
                 self._maybe_checkpoint()
                 first = batch.first_sequence

@@ -32,9 +32,11 @@ each segment's row:
 - Replays are found through an in-memory index of event-id hashes (64-bit
   FNV-1a) to sequences (``eventbatch.IdIndex``: 16-32 bytes an event in the
   compiled module), built from the segments at open and confirmed against
-  the stored leaf; the rare distinct ids whose hashes collide, and an id
-  that another tenant stored first (event ids are per tenant), are kept in
-  ``event_id_collisions``.
+  the stored leaf. Event ids are per tenant: the index keys each hash with
+  its tenant's (:func:`id_scope`), so one tenant's ids never meet another's;
+  the rare distinct ids whose hashes still collide (and, in logs written
+  before the keys had their tenant, ids another tenant stored first) are
+  kept in ``event_id_collisions``.
 
 A log in format 1 (one ``events`` row per event) is migrated to segments in
 one transaction when opened (the file is written first, as for an append).
@@ -44,6 +46,7 @@ Leaves are the source of truth: fsck recomputes everything else from them.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import sqlite3
@@ -199,6 +202,12 @@ def correlation_sequences(first: int, last: int, runs: bytes | None) -> Iterator
         yield from range(first + pairs[at], first + pairs[at] + pairs[at + 1])
 
 
+@functools.lru_cache(maxsize=4096)
+def id_scope(tenant: str) -> int:
+    """What the id index XORs into a tenant's event-id hashes (64-bit FNV-1a of the tenant)."""
+    return eventbatch_py.id_hash(b"tenant\x00" + tenant.encode())
+
+
 def leaf_event_id(leaf: bytes) -> str:
     """The event id of an encoded leaf, without decoding the rest (magic, u64 sequence, then the id)."""
     size = int.from_bytes(leaf[12:16], "big")
@@ -281,10 +290,11 @@ class SqliteEvidenceStore:
             if pending is not None:
                 self._erase(u64_array(pending[0]).tolist())
         self._ids = eventbatch.IdIndex()
-        for first, count, offset, leaves_length in self._write.execute(
-                "SELECT first_sequence, count, file_offset, leaves_length FROM segments ORDER BY first_sequence"):
+        for first, count, offset, leaves_length, tenant in self._write.execute(
+                "SELECT first_sequence, count, file_offset, leaves_length, tenant FROM segments "
+                "ORDER BY first_sequence"):
             start = offset + leaves_length + (count + 1) * 8 + count * 64
-            self._ids.add(os.pread(self._fd, count * 8, start), first)
+            self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -362,9 +372,10 @@ class SqliteEvidenceStore:
 
     # -- writes (one thread) ----------------------------------------------
 
-    def ids_unknown(self, id_hashes: bytes) -> bool:
-        """True when no event id of a batch (by hash) is stored or repeated in the batch: the fast path."""
-        return self._ids.unknown(id_hashes)
+    def ids_unknown(self, tenant: str, id_hashes: bytes) -> bool:
+        """True when no event id of a batch (by hash) is stored by ``tenant`` or repeated in the batch:
+        the fast path."""
+        return self._ids.unknown(id_hashes, id_scope(tenant))
 
     def append(self, tenant: str, batch, leaf_hashes: bytes, chain_heads: bytes,
                meta: Callable[[], dict[str, bytes]], *, event_ids: list[str] | None = None) -> None:
@@ -380,13 +391,13 @@ class SqliteEvidenceStore:
         other ids (the message-by-message path); those ids are recorded as
         collisions so that lookups by id stay exact.
         """
-        first, count = batch.first_sequence, len(batch)
+        first, count, scope = batch.first_sequence, len(batch), id_scope(tenant)
         keys = u64_array(batch.id_hashes) if event_ids is not None else ()
         collisions = []
         if event_ids is not None:
             batch_keys: set[int] = set()
             for sequence, (key, event_id) in enumerate(zip(keys, event_ids), first):
-                if key in batch_keys or self._ids.get(key) is not None:
+                if key in batch_keys or self._ids.get(key ^ scope) is not None:
                     collisions.append((event_id, sequence))
                 batch_keys.add(key)
         offset = self._segment_at(record_length(count, len(batch.leaves), len(batch.values)))
@@ -411,7 +422,7 @@ class SqliteEvidenceStore:
         finally:
             wait([synced])  # a failed append leaves no write in flight behind it
         self._end = offset + record_length(count, len(batch.leaves), len(batch.values))
-        self._ids.add(batch.id_hashes, first)
+        self._ids.add(batch.id_hashes, first, scope)
 
     def _remove_values(self, changes: dict[int, set[str] | None]) -> int:
         """Remove raw values: ``changes`` maps a sequence to the field names to drop (None: all).
@@ -537,8 +548,9 @@ class SqliteEvidenceStore:
         """
         found: dict[str, int] = {}
         missed = []
+        scope = id_scope(tenant)
         for event_id in event_ids:
-            sequence = self._ids.get(eventbatch_py.id_hash(event_id.encode()))
+            sequence = self._ids.get(eventbatch_py.id_hash(event_id.encode()) ^ scope)
             if sequence is not None:
                 segment = self._segment_of(sequence)
                 if (segment is not None and segment.tenant == tenant
@@ -747,9 +759,10 @@ class SqliteEvidenceStore:
                     offsets.append(offsets[-1] + len(row[6]))
                     key = eventbatch_py.id_hash(row[1].encode())
                     keys.append(key)
-                    if key in taken:
+                    scoped = key ^ id_scope(row[2])  # as the index keys it: ids are per tenant
+                    if scoped in taken:
                         connection.execute("INSERT INTO event_id_collisions VALUES (?, ?)", (row[1], row[0]))
-                    taken.add(key)
+                    taken.add(scoped)
                     if runs and runs[-1][0] == row[3]:
                         runs[-1][2] = row[0]
                     else:

@@ -356,6 +356,19 @@ def test_id_index_finds_first_sequences_and_refuses_repeats(batch):
         index.add(blob[:8], 0)
 
 
+def test_id_index_keys_of_one_scope_never_meet_another_scopes(batch):
+    """The store scopes each tenant's ids with a 64-bit value XORed into every key: ids are per tenant."""
+    index = batch.IdIndex()
+    acme, globex = batch.id_hash(b"tenant\x00acme"), batch.id_hash(b"tenant\x00globex")
+    key = batch.id_hash(b"order-42")
+    blob = key.to_bytes(8, "little")
+    index.add(blob, 5, acme)
+    assert not index.unknown(blob, acme) and index.unknown(blob, globex) and index.unknown(blob)
+    assert index.get(key ^ acme) == 5 and index.get(key ^ globex) is None
+    index.add(blob, 9, globex)
+    assert (index.get(key ^ acme), index.get(key ^ globex), len(index)) == (5, 9, 2)
+
+
 def test_two_threads_encode_what_one_thread_does(batch):
     """A large batch is split between two threads; with every salt sent, the output is deterministic."""
     events = []

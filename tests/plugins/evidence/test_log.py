@@ -174,6 +174,8 @@ def test_event_ids_are_per_tenant_another_tenants_id_is_a_new_event(tmp_path):
     assert (mixed.appended, mixed.duplicates) == (2, 0)
     replay = log.append("globex", [event("order-42", amount="999"), event("order-44")], globex)
     assert replay.sequences[0] == second.sequences[0] and (replay.appended, replay.duplicates) == (1, 1)
+    assert log.store._write.execute("SELECT count(*) FROM event_id_collisions").fetchone()[0] == 0, \
+        "another tenant's id is no collision: the index keys ids by tenant"
 
     def amounts(tenant):
         return [(e.event_id, {f.name: f.string_value for f in e.fields}.get("amount")) for e in log.query(tenant)]
