@@ -6,7 +6,9 @@ the segment file and fdatasync'ed, then its index row committed in SQLite
 32-byte digest), so each costs two salted commitments, a leaf hash, a chain
 hash and a Merkle node.
 
-Rows, interleaved round by round (each figure the median of the rounds):
+Rows (each figure the median of the rounds; the in-process rows alternate
+their order round by round, the baselines and the gRPC rows run after them
+in a fixed order, so their ratios compare figures taken minutes apart):
 
 - in-process from request bytes (``EvidenceLog.append_encoded``: what the
   gRPC servicer calls), with two encode threads (the default) and with one;
