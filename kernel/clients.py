@@ -111,13 +111,26 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
         async def stream(request, *, timeout: float | None = None):
             request, call = admit(request, timeout)
             token = _set_current(call)
+            items = target(request, call).__aiter__()
             try:
-                async with asyncio.timeout(call.time_remaining()):
-                    async for item in target(request, call):
-                        yield parse(item)
+                while True:
+                    # The deadline covers waiting for the plane, never the caller's own work between items
+                    # (a timeout around the yield would cancel the caller's task, not raise DeadlineExceeded).
+                    remaining = call.time_remaining()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError  # as a remote stream ends, even when the plane has its next item ready
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await items.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    yield parse(item)
             except Exception as exc:
                 raise translate(exc) from None
             finally:
+                closing = getattr(items, "aclose", None)
+                if closing is not None:
+                    await closing()
                 _reset_current(token)
         stream.__name__ = rpc.attribute
         return stream

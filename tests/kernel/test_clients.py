@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from planes.kernel import errors
@@ -96,6 +98,35 @@ def test_deadline_is_honoured(run, tmp_path, mode):
             return list(k.plane.finished)
 
     assert run(scenario()) == [], "the handler was cancelled at the deadline, not run to the end"
+
+
+def test_a_stream_past_its_deadline_is_deadline_exceeded_while_the_caller_works_between_items(run, tmp_path, mode):
+    """Local and remote alike: the caller's own work between items does not turn into its task's cancellation."""
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            seen = []
+            with pytest.raises(errors.DeadlineExceeded):
+                async for reply in _client(k, mode).stream_echo(pb.StreamEchoRequest(payload=b"p", count=50),
+                                                                timeout=0.5):
+                    seen.append(reply.index)
+                    await asyncio.sleep(0.2)  # the caller's work, not the plane's
+            return seen, asyncio.current_task().cancelling()
+
+    seen, cancelling = run(scenario())
+    assert 1 <= len(seen) < 50 and cancelling == 0
+
+
+def test_an_abandoned_stream_does_not_cancel_the_callers_later_work(run, tmp_path, mode):
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            stream = _client(k, mode).stream_echo(pb.StreamEchoRequest(payload=b"p", count=50), timeout=0.3)
+            async for _ in stream:
+                break  # stop reading, keep the generator
+            await asyncio.sleep(0.6)  # past the stream's deadline: unrelated work must finish
+            await stream.aclose()
+            return "finished"
+
+    assert run(scenario()) == "finished"
 
 
 def test_wrong_tenant_refused_before_the_handler(run, tmp_path, mode):
