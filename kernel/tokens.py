@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,18 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Unpadded base64url, strictly: a token has one spelling (urlsafe_b64decode alone skips characters
+    outside the alphabet, so 'sig!!!!' would verify as 'sig' and be cached as another token)."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not canonical base64url")  # stray bits in the last character
+    return data
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -176,6 +187,7 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Identity:
         """The identity a valid token carries; Unauthenticated otherwise."""
+        token = token.strip()  # one cache entry per token, however it was read
         cached = self._cache.get(token)
         if cached is None:
             cached = self._verify_signature(token)

@@ -52,6 +52,22 @@ def test_failed_verification_is_not_cached(key):
     assert forged not in verifier._cache
 
 
+def test_a_token_has_one_spelling(key):
+    """Characters outside base64url, padding or stray low bits make another string, never the same token."""
+    verifier = TokenVerifier({key.kid: key.public_key})
+    token = issue_token(key, principal="a", tenant="t", roles=["service"], ttl_seconds=60)
+    body, _, signature = token.rpartition(".")
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(signature[-1])
+    variants = [token + "!!!!", token + "====", f"{body}.{signature}=", f"{body}.{signature[:-1]}"
+                f"{'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'[last ^ 1]}",
+                token.replace(".", ". ", 1), f"{body}.{signature[:10]}+/{signature[12:]}"]
+    for variant in variants:
+        with pytest.raises(errors.Unauthenticated):
+            verifier.verify(variant)
+    assert verifier.verify(f"  {token}\n").principal == "a" and verifier.verify(token).principal == "a"
+    assert list(verifier._cache) == [token], "whitespace around a token is not another token"
+
+
 def test_cache_is_bounded(key):
     verifier = TokenVerifier({key.kid: key.public_key}, cache_size=3)
     tokens = [issue_token(key, principal=f"p{i}", tenant="t", roles=["service"], ttl_seconds=60) for i in range(5)]
