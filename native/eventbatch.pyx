@@ -825,12 +825,13 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     call = ((data, tenant, actor, first_sequence, now_ns),
             dict(max_events=max_events, max_fields=max_fields, max_value_bytes=max_value_bytes,
                  max_id_chars=max_id_chars, salts=salts, threads=threads, previous_head=previous_head))
-    cdef bytes head_before = None if previous_head is None else _twin._head_arg(previous_head)
+    cdef bytes head_before = None
     cdef const uint8_t[::1] buffer
     try:
         view = memoryview(data)
     except TypeError:
         raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+    head_before = None if previous_head is None else _twin._head_arg(previous_head)  # after data, as the twin
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     if view.nbytes == 0:
@@ -838,15 +839,18 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
     buffer = view
     if first_sequence < 1:
         raise ValueError(f"first_sequence must be at least 1, got {first_sequence}")
-    if first_sequence > _twin.MAX_SEQUENCE:
-        return _twin.encode_events(*call[0], **call[1])  # an empty batch, or the twin's ValueError
+    if (first_sequence > _twin.MAX_SEQUENCE or type(now_ns) is not int
+            or not -(1 << 63) <= now_ns < (1 << 63)):
+        # Arguments the C types cannot hold: the twin's verdict (an empty batch, a batch whose events all
+        # carry their time, or its error) is the answer.
+        return _twin.encode_events(*call[0], **call[1])
     cdef uint64_t first = first_sequence
     cdef int64_t now = now_ns
     limits = [int(max_events), int(max_fields), int(max_value_bytes), int(max_id_chars)]
     for label, given in zip(("max_events", "max_fields", "max_value_bytes", "max_id_chars"), limits):
         if given < 0:
             raise ValueError(f"{label} must not be negative, got {given}")
-    cdef int wanted_threads = _twin._threads_arg(threads)
+    cdef int wanted_threads = min(_twin._threads_arg(threads), 2)
     cdef Py_ssize_t event_limit = min(limits[0], 1 << 40), field_limit = min(limits[1], 1 << 40)
     cdef uint64_t value_limit = min(limits[2], 1 << 62)
     cdef Py_ssize_t id_limit = min(limits[3], 1 << 40)
@@ -941,7 +945,9 @@ def encode_events(data, tenant, actor, first_sequence, now_ns, *, max_events, ma
             needed = nfields[0] + nfields[1]
             pool = b"".join(bytes(salts(SALT_POOL)) for _ in range((needed + 255) // 256))
             if len(pool) != SALT_POOL * ((needed + 255) // 256):
-                raise ValueError("the salt source returned the wrong number of bytes")
+                # Salts are drawn here for every field; the twin draws only for fields without their own,
+                # and its verdict stands.
+                return _twin.encode_events(*call[0], **call[1])
             drawn = pool if len(pool) else b"\0"
         for k in range(njobs):
             job = &jobs[k]

@@ -159,6 +159,40 @@ def test_sequences_never_run_past_what_the_store_holds(batch):
     assert len(batch.encode_events(b"", "acme", "svc", 2**70, 0, **LIMITS)) == 0
 
 
+@pytest.mark.parametrize("case", ["now-float", "now-too-big", "now-bool", "threads-huge", "salts-unused",
+                                  "bad-data-and-head"])
+def test_odd_arguments_get_the_twins_verdict(case):
+    """The compiled encoder answers arguments its C types cannot hold exactly as the twin does."""
+    native, twin = implementation("eventbatch", "native"), implementation("eventbatch", "python")
+    timed = pb.Event(event_id="t", event_type="tool.invoked")
+    timed.time.seconds = 5
+    salted = pb.Event(event_id="s", event_type="tool.invoked")
+    salted.fields.add(name="f", string_value="v", salt=bytes(16))
+    untimed = pb.Event(event_id="u", event_type="tool.invoked")
+    data, arguments, now = request_bytes([timed, untimed]), dict(LIMITS), 7
+    if case == "now-float":
+        now = 1.5
+    elif case == "now-too-big":
+        data, now = request_bytes([timed]), 2**70  # no event takes now: the twin accepts
+    elif case == "now-bool":
+        now = True
+    elif case == "threads-huge":
+        arguments["threads"] = 2**40
+    elif case == "salts-unused":
+        data, arguments["salts"] = request_bytes([salted]), lambda size: b""
+    else:
+        data, arguments["previous_head"] = 12345, b"short"
+
+    def verdict(module):
+        try:
+            result = module.encode_events(data, "acme", "svc", 1, now, **arguments)
+        except Exception as exc:  # the verdict is the exception's type
+            return type(exc).__name__
+        return (result.leaves, result.values, result.correlations, result.min_time, result.max_time)
+
+    assert verdict(native) == verdict(twin)
+
+
 def test_empty_request_is_an_empty_batch(batch):
     result = encode(batch, b"")
     assert (result.leaves, list(result.offsets), result.values, result.id_hashes, result.correlations) == \
