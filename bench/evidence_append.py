@@ -6,9 +6,8 @@ the segment file and fdatasync'ed, then its index row committed in SQLite
 32-byte digest), so each costs two salted commitments, a leaf hash, a chain
 hash and a Merkle node.
 
-Rows (each figure the median of the rounds; the in-process rows alternate
-their order round by round, the baselines and the gRPC rows run after them
-in a fixed order, so their ratios compare figures taken minutes apart):
+Rows, interleaved: every row runs once a round, in an order that reverses
+round by round (each figure the median of the rounds):
 
 - in-process from request bytes (``EvidenceLog.append_encoded``: what the
   gRPC servicer calls), with two encode threads (the default) and with one;
@@ -202,24 +201,28 @@ def main(argv: list[str] | None = None) -> int:
         "encode + chain, 2 threads (no storage)", "file floor (write + fdatasync)",
         "gRPC streaming batches", "gRPC unary, one event")}
     names = list(rows)
-    for round_ in range(args.repeat):
-        steps = [
-            lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True)),
-            lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True,
-                                                           interleaved=1000)),
-            lambda: rows[names[2]].append(in_process_bytes(args.events, args.batch, 2)),
-            lambda: rows[names[3]].append(in_process_bytes(args.events, args.batch, 1)),
-            lambda: rows[names[4]].append(in_process_messages(args.events, args.batch)),
-        ]
-        for step in steps if round_ % 2 == 0 else steps[::-1]:
-            step()
-        rate, segment_bytes = encode_and_chain_only(args.events, args.batch)
-        rows[names[5]].append(rate)
-        rows[names[6]].append(encode_and_chain_only(args.events, args.batch, 2)[0])
-        rows[names[7]].append(file_floor(args.events, args.batch, segment_bytes))
+    segment_bytes = encode_and_chain_only(args.batch, args.batch)[1]  # a batch's segment, for the file floor
+
+    def grpc_rows() -> None:
         streaming, unary = run(over_grpc(args.events, args.batch, args.unary))
         rows[names[8]].append(streaming)
         rows[names[9]].append(unary)
+
+    steps = [
+        lambda: rows[names[0]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True)),
+        lambda: rows[names[1]].append(in_process_bytes(args.events, args.batch, 2, pipelined=True,
+                                                       interleaved=1000)),
+        lambda: rows[names[2]].append(in_process_bytes(args.events, args.batch, 2)),
+        lambda: rows[names[3]].append(in_process_bytes(args.events, args.batch, 1)),
+        lambda: rows[names[4]].append(in_process_messages(args.events, args.batch)),
+        lambda: rows[names[5]].append(encode_and_chain_only(args.events, args.batch)[0]),
+        lambda: rows[names[6]].append(encode_and_chain_only(args.events, args.batch, 2)[0]),
+        lambda: rows[names[7]].append(file_floor(args.events, args.batch, segment_bytes)),
+        grpc_rows,
+    ]
+    for round_ in range(args.repeat):
+        for step in steps if round_ % 2 == 0 else steps[::-1]:  # every row, baselines too, alternates
+            step()
     print(f"evidence appends: {args.events} events in batches of {args.batch}, {args.unary} unary; "
           f"median of {args.repeat} rounds, durable (segment fdatasync + SQLite synchronous=FULL)")
     encode_only = statistics.median(rows[names[5]])
