@@ -1,4 +1,4 @@
-"""Direct I/O for the embedded stores: writes that go around the page cache.
+"""File helpers for the embedded stores: syncing a directory, and direct I/O (writes around the page cache).
 
 A store writes a large, durable run of bytes through a second descriptor
 opened with ``O_DIRECT``, from page-aligned buffers at page-aligned offsets:
@@ -14,7 +14,7 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["DIRECT_ALIGN", "align_up", "open_direct"]
+__all__ = ["DIRECT_ALIGN", "align_up", "fsync_dir", "open_direct"]
 
 #: Offsets, lengths and buffer addresses of direct writes are multiples of this.
 DIRECT_ALIGN = 4096
@@ -33,3 +33,12 @@ def open_direct(path: Path) -> int | None:
         if exc.errno == errno.EINVAL:
             return None
         raise
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable: a file created, renamed, linked or removed there survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

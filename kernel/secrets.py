@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import SettingsError
+from .files import fsync_dir
 
 log = logging.getLogger("planes.kernel.secrets")
 
@@ -71,7 +72,12 @@ def write_secret(path: Path, data: bytes) -> bool:
 
 def write_public(path: Path, data: bytes) -> None:
     """Write a non-secret file (a public key) atomically, replacing what is there."""
-    _publish(path, data, 0o644, exclusive=False)
+    write_replacing(path, data, 0o644)
+
+
+def write_replacing(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` all or nothing (temporary file, fsync, rename, fsync of the directory)."""
+    _publish(path, data, mode, exclusive=False)
 
 
 def _publish(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
@@ -103,16 +109,8 @@ def _publish(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
                 raise
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

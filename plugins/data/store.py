@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from planes.data.v1 import data_service_pb2 as pb
-from planes.kernel.files import DIRECT_ALIGN, open_direct
+from planes.kernel.files import DIRECT_ALIGN, fsync_dir, open_direct
 from planes.kernel.secrets import ensure_private_dir
 
 from .crypto import SEGMENT, TAG, MasterKey, SegmentCipher, StoredDataCorrupt
@@ -203,14 +203,6 @@ class _DirectWrites:
         self._arrays.clear()
         for stage in self.stages:
             stage.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectWriter:
@@ -386,7 +378,7 @@ class PayloadStore:
         final = self.objects / writer.payload_id
         os.replace(writer.path, final)
         if self.durable:
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
         record = StoredPayload(
             payload_id=writer.payload_id, tenant=info.ref.tenant, state=info.state, size=info.ref.size,
             created_ns=info.created_at.ToNanoseconds(),

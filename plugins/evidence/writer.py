@@ -40,9 +40,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailable, Internal, Unavailable
+from planes.kernel.files import fsync_dir
 
 __all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
-from planes.kernel.secrets import read_secret, write_secret
+from planes.kernel.secrets import read_secret, write_replacing, write_secret
 
 #: Opens a spool file in the current format; an older spool (records from the
 #: start of the file, no header checksums) is read once and rewritten in it.
@@ -70,29 +71,6 @@ class Gap:
 
 def _header(length: int, nonce: bytes) -> bytes:
     return _RECORD.pack(length, nonce, zlib.crc32(_LEGACY_RECORD.pack(length, nonce)))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing: a 0600 temporary file, fsync, rename, fsync the directory."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as handle:
-            handle.write(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
 
 
 class Spool:
@@ -164,7 +142,7 @@ class Spool:
             out += [_header(length, nonce), ciphertext]
             at += _LEGACY_RECORD.size + length
         migrated = b"".join(out)
-        _replace(self.path, migrated)
+        write_replacing(self.path, migrated)
         log.info("evidence spool %s: rewritten with record checksums", self.path)
         return migrated
 
@@ -192,7 +170,7 @@ class Spool:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self._tail = hashlib.sha256(self._tail + ciphertext).digest()
 
     def records(self) -> Iterator[bytes]:
@@ -233,12 +211,12 @@ class Spool:
             ciphertext = self._aead.encrypt(nonce, plaintext, previous)
             out += [_header(len(ciphertext), nonce), ciphertext]
             previous = hashlib.sha256(previous + ciphertext).digest()
-        _replace(self.path, b"".join(out))
+        write_replacing(self.path, b"".join(out))
         self._tail = previous
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._tail = GENESIS
 
     def load_gaps(self) -> dict:
@@ -258,10 +236,10 @@ class Spool:
         if not state:
             if self.gaps_path.exists():
                 self.gaps_path.unlink()
-                _fsync_dir(self.gaps_path.parent)
+                fsync_dir(self.gaps_path.parent)
             return
         nonce = os.urandom(12)
-        _replace(self.gaps_path, nonce + self._aead.encrypt(nonce, json.dumps(state).encode(), _GAPS_AAD))
+        write_replacing(self.gaps_path, nonce + self._aead.encrypt(nonce, json.dumps(state).encode(), _GAPS_AAD))
 
 
 def _walk(path: Path, data: bytes, *, torn_tail: bool) -> Iterator[tuple[int, bytes, bytes, int]]:
