@@ -32,6 +32,15 @@ async def _canary(admin, host, *, staged_content: str = "v2") -> pb.Rollout:
         revision=2, cohort=pb.CanaryCohort(subscriber_ids=["host-a"])), timeout=5)).rollout
 
 
+async def _canary_then_changed(client) -> tuple:
+    """:func:`_canary`, then the resource changed again (v3, not yet published); the admin client and rollout."""
+    admin = client(ControlPlane, ("admin",))
+    rollout = await _canary(admin, client(ControlPlane, ("worker",)))
+    await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=_spec("v3"),
+                                                   expected_resource_version=2), timeout=5)
+    return admin, rollout
+
+
 # -- subscribers are bound to who they are ----------------------------------------------------------
 
 def test_nobody_reports_or_watches_as_another_principals_subscriber(run, tmp_path):
@@ -147,10 +156,7 @@ def test_a_new_subscriber_takes_the_place_of_the_one_silent_longest_once_it_is_i
 
 def test_a_publish_or_rollback_to_the_fleet_waits_for_the_canary(run, tmp_path):
     async def scenario(client, kernel, plugin):
-        admin = client(ControlPlane, ("admin",))
-        rollout = await _canary(admin, client(ControlPlane, ("worker",)))
-        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=_spec("v3"),
-                                                       expected_resource_version=2), timeout=5)
+        admin, rollout = await _canary_then_changed(client)
         recorded = len(await _events(client))
         refusals = []
         for attempt in (lambda: admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=2), timeout=5),
@@ -176,10 +182,7 @@ def test_a_publish_or_rollback_to_the_fleet_waits_for_the_canary(run, tmp_path):
 
 def test_a_rollout_behind_the_fleet_is_not_promoted_and_aborting_it_keeps_the_fleets_content(run, tmp_path):
     async def before(client, kernel, plugin):
-        admin = client(ControlPlane, ("admin",))
-        rollout = await _canary(admin, client(ControlPlane, ("worker",)))
-        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=_spec("v3"),
-                                                       expected_resource_version=2), timeout=5)
+        admin, rollout = await _canary_then_changed(client)
         await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=2, staged=True), timeout=5)
         # What a publish to the fleet during the canary left behind before such publishes were refused.
         plugin.store.set_counter("fleet", 3)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 
 from planes.common.v1 import common_pb2
@@ -26,3 +28,23 @@ def log(tmp_path):
     opened = open_log(tmp_path, {"checkpoint_every": 4, "checkpoint_seconds": 3600})
     yield opened
     opened.close()
+
+
+def _send_result(work, argument, pipe) -> None:
+    pipe.send(work(argument))
+
+
+def in_forked_child(work, argument, timeout: float = 60):
+    """``work(argument)`` run in a forked child; what it returns, and the child's exit code.
+
+    Helper threads (the segment syncer, the encoder worker) do not survive
+    fork, so this is how the tests show a child makes its own.
+    """
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(work, argument, send))
+    child.start()
+    child.join(timeout=timeout)
+    if child.exitcode is None:
+        child.kill()
+    return (receive.recv() if child.exitcode == 0 else None), child.exitcode

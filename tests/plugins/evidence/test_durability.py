@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.identity import Identity
 from planes.plugins.evidence import open_log
 from planes.plugins.evidence.fsck import fsck
+from tests.plugins.evidence.conftest import in_forked_child
 
 WHO = Identity("writer", "acme", frozenset({"service"}))
 
@@ -97,22 +97,15 @@ def test_a_failed_segment_write_refuses_the_batch_and_keeps_nothing_of_it(tmp_pa
     assert report.ok, report.problems
 
 
-def _append_in_child(log, pipe) -> None:
-    result = log.append("acme", _events("child", 300), WHO)
-    pipe.send(result.sequences[-1])
+def _append_in_child(log) -> int:
+    return log.append("acme", _events("child", 300), WHO).sequences[-1]
 
 
 def test_a_forked_child_can_append(tmp_path):
     """The helper thread that syncs segments does not survive fork; the child makes its own."""
     log = open_log(tmp_path)
     log.append("acme", _events("parent", 300), WHO)
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_append_in_child, args=(log, send))
-    child.start()
-    child.join(timeout=60)
-    if child.exitcode is None:
-        child.kill()
-    assert child.exitcode == 0 and receive.recv() == 600
+    last, exitcode = in_forked_child(_append_in_child, log)
+    assert exitcode == 0 and last == 600
     log.store.close()
     assert open_log(tmp_path).query("acme", limit=10_000)[-1].event_id == "child-299"

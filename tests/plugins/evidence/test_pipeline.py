@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 
 import pytest
 
@@ -11,7 +10,7 @@ from planes.kernel import errors
 from planes.native import load
 from planes.plugins.evidence import open_log
 from planes.plugins.evidence.fsck import fsck
-from tests.plugins.evidence.conftest import SERVICE, event
+from tests.plugins.evidence.conftest import SERVICE, event, in_forked_child
 
 chain = load("chain")
 
@@ -108,23 +107,17 @@ def test_a_failed_store_keeps_the_batches_before_it_and_nothing_after(tmp_path, 
     reopened.close()
 
 
-def _append_many_in_child(log, pipe) -> None:
+def _append_many_in_child(log) -> int:
     results = log.append_many([("acme", request(f"child{n}", 100)) for n in range(3)], SERVICE)
-    pipe.send(results[-1].sequences[-1])
+    return results[-1].sequences[-1]
 
 
 def test_a_forked_child_can_append_many(tmp_path):
     """The encoder worker does not survive fork; the child makes its own."""
     log = open_log(tmp_path)
     log.append_many([("acme", request(f"parent{n}", 100)) for n in range(3)], SERVICE)
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_append_many_in_child, args=(log, send))
-    child.start()
-    child.join(timeout=60)
-    if child.exitcode is None:
-        child.kill()
-    assert child.exitcode == 0 and receive.recv() == 600
+    last, exitcode = in_forked_child(_append_many_in_child, log)
+    assert exitcode == 0 and last == 600
     log.close()
     reopened = open_log(tmp_path)
     assert reopened.query("acme", limit=10_000)[-1].event_id == "child2-99"
