@@ -13,6 +13,7 @@ from .auth import Authenticator
 from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options, is_loopback
 from .contract import PlaneContract, PlaneSpec
 from .errors import FailedPrecondition, PluginError, SettingsError
+from .files import DirectoryInUse, DirectoryLock
 from .guard import CallGuard
 from .host import PluginHost, check_implementation
 from .identity import ALL_TENANTS, Identity
@@ -47,6 +48,7 @@ class Kernel:
         self.created: list[Path] = []
         self._clients: dict[str, Any] = {}
         self._started: list[Any] = []
+        self._lock = DirectoryLock(settings.state_dir)
 
     @property
     def state_dir(self) -> Path:
@@ -61,8 +63,22 @@ class Kernel:
     # -- lifecycle ---------------------------------------------------------
 
     def open(self) -> Kernel:
+        """Take the state directory (one kernel at a time), load keys and plugins, set each plugin up."""
         self._check_remote_planes()
         ensure_private_dir(self.state_dir)
+        try:
+            self._lock.acquire()
+        except DirectoryInUse as exc:
+            raise SettingsError(
+                f"state directory {self.state_dir} is in use by another kernel (pid {exc.holder or 'unknown'}): "
+                "stop that one first, or give this one another state_dir") from None
+        try:
+            return self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> Kernel:
         self.signing_key, created = SigningKey.load_or_create(self.state_dir / SIGNING_KEY_FILE)
         if created:
             self.created.append(self.state_dir / SIGNING_KEY_FILE)
@@ -143,6 +159,7 @@ class Kernel:
             if isinstance(client, RemotePlaneClient):
                 await client.close()
         self._clients.clear()
+        self._lock.release()
 
     # -- plane clients -----------------------------------------------------
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from planes.kernel import errors, server as server_module
 from planes.kernel.host import PluginHost
-from planes.kernel.kernel import Kernel
+from planes.kernel.kernel import SIGNING_KEY_FILE, Kernel
 from planes.kernel.server import KernelServer
 from planes.kernel.settings import ServerSettings, load_settings
 from tests.conftest import RecordingPlugin, candidates, make_settings
@@ -101,3 +106,75 @@ def test_a_failed_plugin_start_gives_the_port_back(run, tmp_path):
     port = run(scenario())
     with socket.create_server(("127.0.0.1", port)):
         pass
+
+
+# -- one kernel per state directory ---------------------------------------------
+
+def test_a_second_kernel_on_the_same_state_directory_is_refused_until_the_first_stops(run, tmp_path):
+    first = Kernel(make_settings(tmp_path)).open()
+    with pytest.raises(errors.SettingsError) as raised:
+        Kernel(make_settings(tmp_path)).open()
+    assert raised.value.message == (
+        f"state directory {tmp_path} is in use by another kernel (pid {os.getpid()}): "
+        "stop that one first, or give this one another state_dir")
+    assert oct((tmp_path / "kernel.lock").stat().st_mode & 0o777) == "0o600"
+    run(first.stop())
+    second = Kernel(make_settings(tmp_path)).open()
+    assert second.host.plugins, "the state directory is free once the first kernel stopped"
+    run(second.stop())
+
+
+def test_a_kernel_whose_open_fails_gives_the_state_directory_back(run, tmp_path):
+    key = tmp_path / SIGNING_KEY_FILE
+    key.parent.mkdir(mode=0o700)
+    key.write_bytes(b"not a key")
+    key.chmod(0o600)
+    with pytest.raises(errors.PlanesError, match="kernel-signing.pem"):
+        Kernel(make_settings(tmp_path)).open()
+    key.unlink()
+    kernel = Kernel(make_settings(tmp_path)).open()
+    run(kernel.stop())
+
+
+def _serving(state, port: int) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
+    environment.update(PLANES_STATE_DIR=str(state), PLANES_SERVER__BIND=f"127.0.0.1:{port}")
+    process = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve"], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "serving on" in line:
+            return process
+        if not line:
+            break
+    process.kill()
+    raise AssertionError(f"planes serve did not start: {process.communicate()[0]}")
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def test_planes_serve_on_a_state_directory_in_use_fails_in_one_line_and_leaves_the_first_serving(tmp_path):
+    """Two real processes, two ports, one state directory: the second stops at start-up, the first serves on."""
+    state = tmp_path / "state"
+    first = _serving(state, _free_port())
+    try:
+        evidence_before = sorted(path.name for path in state.rglob("*"))
+        result = planes("serve", "--bind", f"127.0.0.1:{_free_port()}", state=state)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"planes: error: state directory {state} is in use by another kernel (pid {first.pid}): "
+            "stop that one first, or give this one another state_dir"]
+        assert sorted(path.name for path in state.rglob("*")) == evidence_before, "the second touched no store"
+        assert first.poll() is None, "the first kernel is still serving"
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    # Killed, not stopped: the lock went with the process, so the next start needs no clean-up.
+    again = _serving(state, _free_port())
+    again.send_signal(signal.SIGTERM)
+    out, _ = again.communicate(timeout=30)
+    assert again.returncode == 0, out
