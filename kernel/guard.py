@@ -202,7 +202,8 @@ class CallGuard:
             tenant = request.tenant
         if not tenant:
             if identity.tenant == ALL_TENANTS:
-                raise InvalidArgument("tenant is required: this identity may act for every tenant")
+                raise InvalidArgument("tenant is required: this identity may act for every tenant, so the request "
+                                      "must name one (on the command line: --tenant)")
             if wire:
                 request.data = with_tenant(request.data, tenant_field, identity.tenant)
             else:

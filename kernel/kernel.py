@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import stat
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,12 +14,12 @@ import grpc
 from .auth import Authenticator
 from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options, is_loopback
 from .contract import PlaneContract, PlaneSpec
-from .errors import FailedPrecondition, PluginError, SettingsError
+from .errors import FailedPrecondition, PluginError, SettingsError, Unauthenticated
 from .files import DirectoryInUse, DirectoryLock
 from .guard import CallGuard
 from .host import PluginHost, check_implementation
 from .identity import ALL_TENANTS, Identity
-from .secrets import ensure_private_dir, read_secret, secret_missing, write_public, write_secret
+from .secrets import ensure_private_dir, read_secret, secret_missing, write_public, write_replacing, write_secret
 from .settings import Settings
 from .tokens import SigningKey, TokenVerifier, issue_token, load_public_key
 
@@ -29,6 +31,8 @@ PUBLIC_KEY_FILE = "keys/kernel-signing.pub.pem"
 ADMIN_TOKEN_FILE = "admin.token"
 #: The bootstrap admin token lives 30 days; `planes token issue` makes others.
 ADMIN_TOKEN_TTL = 30 * 24 * 3600
+#: At start-up, an admin token with less than this left (or expired, or unverifiable) is replaced.
+ADMIN_TOKEN_RENEW_BEFORE = 7 * 24 * 3600
 
 
 class Kernel:
@@ -46,6 +50,8 @@ class Kernel:
         self.verifier: TokenVerifier | None = None
         self.guard: CallGuard | None = None
         self.created: list[Path] = []
+        #: (file, why) of each secret replaced at open (see :meth:`_provide_admin_token`).
+        self.renewed: list[tuple[Path, str]] = []
         self._clients: dict[str, Any] = {}
         self._started: list[Any] = []
         self._lock = DirectoryLock(settings.state_dir)
@@ -66,6 +72,11 @@ class Kernel:
         """Take the state directory (one kernel at a time), load keys and plugins, set each plugin up."""
         self._check_remote_planes()
         ensure_private_dir(self.state_dir)
+        mode = stat.S_IMODE(self.state_dir.stat().st_mode)
+        if mode & 0o077:
+            raise SettingsError(
+                f"state directory {self.state_dir} is accessible by group or others (mode {mode:04o}): its stores "
+                f"hold task specs, evidence and payloads; run: chmod 700 {self.state_dir}")
         try:
             self._lock.acquire()
         except DirectoryInUse as exc:
@@ -86,16 +97,11 @@ class Kernel:
         if not public.exists() or public.read_bytes() != self.signing_key.public_pem():
             # Derived from the signing key, so rewriting it is always safe.
             write_public(public, self.signing_key.public_pem())
-        admin = self.state_dir / ADMIN_TOKEN_FILE
-        if secret_missing(admin):
-            token = issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
-                                roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL)
-            if write_secret(admin, token.encode() + b"\n"):
-                self.created.append(admin)
         self.verifier = TokenVerifier({self.signing_key.kid: self.signing_key.public_key},
                                       cache_size=self.settings.auth.token_cache_size)
         for path in self.settings.auth.trusted_public_keys:
             self.verifier.trust(load_public_key(Path(path)))
+        self._provide_admin_token(self.state_dir / ADMIN_TOKEN_FILE)
         self.guard = CallGuard(Authenticator(self.verifier, mtls=bool(self.settings.tls.client_ca_file)))
         if self._host is None:
             self._host = PluginHost.load(self.settings)
@@ -112,6 +118,38 @@ class Kernel:
                 raise PluginError(loaded.name, f"setup failed: {type(exc).__name__}: {exc}") from exc
             loaded.status = "ready"
         return self
+
+    def _provide_admin_token(self, admin: Path) -> None:
+        """Create the bootstrap admin token, or renew one that has expired, will within a week, or no longer verifies.
+
+        The token is what an operator on this host uses to administer the
+        kernel; without renewal a kernel running past 30 days would lock its
+        own operator out. A token that still verifies for over a week is left
+        alone (someone may have copied it).
+        """
+        def issue() -> bytes:
+            return issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
+                               roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL).encode() + b"\n"
+
+        if secret_missing(admin):
+            if write_secret(admin, issue()):
+                self.created.append(admin)
+            return
+        why = None
+        try:
+            token = read_secret(admin).decode("ascii").strip()
+            identity, expires = self.verifier.verify(token), self.verifier.expiry(token)
+            if "admin" not in identity.roles:
+                why = "it did not carry the admin role"
+            elif expires - time.time() < ADMIN_TOKEN_RENEW_BEFORE:
+                why = f"it expires in {max(0, expires - time.time()) / 3600:.0f} h"
+        except Unauthenticated as exc:
+            why = exc.message
+        except UnicodeDecodeError:
+            why = "it was not a token"
+        if why is not None:
+            write_replacing(admin, issue())
+            self.renewed.append((admin, why))
 
     def _check_remote_planes(self) -> None:
         """Refuse, before anything is created, a remote plane that would get its tokens in clear text.

@@ -36,6 +36,8 @@ PREFIX = "pt1"
 MAX_TOKEN_BYTES = 4096
 #: Allowed clock skew between issuer and verifier, in seconds.
 CLOCK_SKEW = 30
+#: The longest lifetime a token may have. Tokens are revoked only all at once, by a new signing key.
+MAX_TOKEN_TTL = 366 * 24 * 3600
 
 
 def _b64(data: bytes) -> str:
@@ -142,6 +144,9 @@ def issue_token(
         raise InvalidArgument("a token needs at least one role")
     if ttl_seconds <= 0:
         raise InvalidArgument("token lifetime must be positive")
+    if ttl_seconds > MAX_TOKEN_TTL:
+        raise InvalidArgument(f"token lifetime {int(ttl_seconds)} s is longer than the maximum, {MAX_TOKEN_TTL} s "
+                              "(366 days): tokens cannot be revoked one by one, so none lives longer")
     issued = int(now if now is not None else time.time())
     claims = {
         "kid": key.kid,
@@ -202,6 +207,11 @@ class TokenVerifier:
         if now + CLOCK_SKEW < not_before:
             raise Unauthenticated("token not yet valid")
         return identity
+
+    def expiry(self, token: str) -> int:
+        """When a token that :meth:`verify` accepted expires (Unix seconds)."""
+        return self._cache[token.strip()][2] if token.strip() in self._cache else \
+            self._verify_signature(token.strip())[2]
 
     def _verify_signature(self, token: str) -> tuple[Identity, int, int]:
         if len(token) > MAX_TOKEN_BYTES:

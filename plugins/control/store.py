@@ -29,6 +29,7 @@ from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import digests
 from planes.kernel.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
+from planes.kernel.secrets import ensure_private_dir
 from planes.kernel.tokens import SigningKey
 
 from .schema import kind_name, validate
@@ -123,7 +124,7 @@ class DesiredStateStore(Protocol):
 
 class ControlStore:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, read_only: bool = False):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
         self.path = path
         self.clock = clock
         self.read_only = read_only

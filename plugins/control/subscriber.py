@@ -35,6 +35,7 @@ from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import digests
 from planes.kernel.contract import ContractVersion
 from planes.kernel.errors import LimitExceeded, PermissionDenied, Unauthenticated
+from planes.kernel.secrets import ensure_private_dir
 
 from .delta import DeltaUnusable, element_bounds, rebuild
 
@@ -139,7 +140,7 @@ class CachedConfig:
 
     def __init__(self, directory: Path, keys: dict[str, Ed25519PublicKey], *,
                  served: dict[str, ContractVersion] | None = None, clock: Callable[[], float] = time.time):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(directory)
         self.directory = directory
         self.keys = dict(keys)
         self.served = dict(served or {})

@@ -294,7 +294,8 @@ class DataClient:
         """Write a payload to ``path`` chunk by chunk (memory stays one chunk), checking its digest.
 
         The file appears only complete and checked: it is written beside
-        ``path`` and renamed into place.
+        ``path`` and renamed into place. It is created with mode 0600,
+        whatever the payload's class: the bytes leave the plane decrypted.
         """
         path = Path(path)
         info, stream = await self._chunks(self._request(payload_id, max_age, expected_digest, None, False), timeout)
@@ -302,7 +303,8 @@ class DataClient:
         running = _hasher(info.ref.digest.algorithm)
         received = 0
         try:
-            with open(partial, "wb") as out:
+            partial.unlink(missing_ok=True)  # a crashed earlier get's leftover, whatever its mode
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 async for raw in stream:
                     offset, data, _ = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
                     if offset != received:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import threading
+import time
 
 import pytest
 
 from planes.kernel import secrets
 from planes.kernel.errors import SettingsError
 from planes.kernel.kernel import ADMIN_TOKEN_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, Kernel
-from planes.kernel.tokens import SigningKey, TokenVerifier
+from planes.kernel.tokens import SigningKey, TokenVerifier, issue_token
 from tests.conftest import make_settings
 
 
@@ -117,3 +119,70 @@ def test_kernel_starts_after_a_crash_left_empty_key_and_admin_token(tmp_path):
     admin = secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip()
     verifier = TokenVerifier({kernel.signing_key.kid: kernel.signing_key.public_key})
     assert verifier.verify(admin).principal == "admin"
+
+
+def test_private_dirs_are_private_all_the_way_down(tmp_path):
+    """``mkdir -p`` would give the missing parents the umask's mode (0755 here): each one is made 0700."""
+    old = os.umask(0o022)
+    try:
+        secrets.ensure_private_dir(tmp_path / "a" / "b" / "c")
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+def test_a_state_directory_others_can_read_is_refused_and_left_untouched(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    with pytest.raises(SettingsError) as raised:
+        Kernel(make_settings(state)).open()
+    assert raised.value.message == (
+        f"state directory {state} is accessible by group or others (mode 0755): its stores hold task specs, "
+        f"evidence and payloads; run: chmod 700 {state}")
+    assert list(state.iterdir()) == [], "no key, token or store was created"
+    state.chmod(0o700)
+    Kernel(make_settings(state)).open()
+    assert (state / ADMIN_TOKEN_FILE).exists()
+
+
+def _admin_token(state, key: SigningKey, *, ttl: float, issued: float, roles=("admin",)) -> str:
+    token = issue_token(key, principal="admin", tenant="*", roles=list(roles), ttl_seconds=ttl, now=issued)
+    (state / ADMIN_TOKEN_FILE).unlink(missing_ok=True)
+    secrets.write_secret(state / ADMIN_TOKEN_FILE, token.encode() + b"\n")
+    return token
+
+
+@pytest.mark.parametrize(
+    ("ttl", "issued_ago", "roles", "why"),
+    [
+        (30 * 86400, 31 * 86400, ("admin",), "token expired"),
+        (30 * 86400, 25 * 86400, ("admin",), "it expires in 120 h"),
+        (30 * 86400, 0, ("service",), "it did not carry the admin role"),
+    ],
+    ids=["expired", "within a week", "not admin"],
+)
+def test_an_admin_token_past_its_use_is_renewed_at_open(tmp_path, ttl, issued_ago, roles, why):
+    state = tmp_path / "state"
+    first = Kernel(make_settings(state)).open()
+    old = _admin_token(state, first.signing_key, ttl=ttl, issued=time.time() - issued_ago, roles=roles)
+    asyncio.run(first.stop())
+
+    kernel = Kernel(make_settings(state)).open()
+    assert kernel.renewed == [(state / ADMIN_TOKEN_FILE, why)]
+    renewed = secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip()
+    assert renewed != old
+    assert kernel.verifier.verify(renewed).roles == frozenset({"admin"})
+    assert kernel.verifier.expiry(renewed) > time.time() + 29 * 86400
+    assert oct((state / ADMIN_TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_admin_token_with_weeks_left_is_left_alone(tmp_path):
+    state = tmp_path / "state"
+    first = Kernel(make_settings(state)).open()
+    token = _admin_token(state, first.signing_key, ttl=30 * 86400, issued=time.time() - 20 * 86400)
+    asyncio.run(first.stop())
+    kernel = Kernel(make_settings(state)).open()
+    assert kernel.renewed == []
+    assert secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip() == token

@@ -85,6 +85,7 @@ def test_cache_is_bounded(key):
         ({"roles": ["root"]}, "unknown roles"),
         ({"roles": []}, "at least one role"),
         ({"ttl_seconds": 0}, "positive"),
+        ({"ttl_seconds": 366 * 24 * 3600 + 1}, "longer than the maximum, 31622400 s"),
     ],
 )
 def test_issue_refuses_bad_claims(key, kwargs, message):
@@ -111,3 +112,8 @@ def test_secret_readable_by_others_is_refused(tmp_path):
     os.chmod(path, 0o644)
     with pytest.raises(errors.SettingsError, match="chmod 600"):
         read_secret(path)
+
+
+def test_a_token_of_the_maximum_lifetime_is_issued(key):
+    token = issue_token(key, principal="a", tenant="t", roles=["service"], ttl_seconds=366 * 24 * 3600, now=1000)
+    assert decode_claims(token)["exp"] == 1000 + 366 * 24 * 3600

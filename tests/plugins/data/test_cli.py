@@ -49,6 +49,7 @@ def test_put_stat_get_and_delete_a_file(served, tmp_path):
     got = planes(env, "data", "get", payload_id, "-o", str(out), token=service)
     assert got.returncode == 0, got.stderr
     assert out.read_bytes() == source.read_bytes()
+    assert oct(out.stat().st_mode & 0o777) == "0o600", "decrypted bytes are the caller's alone, whatever the umask"
     again = planes(env, "data", "get", payload_id, "-o", str(out), token=service)
     assert again.returncode != 0 and "exists" in again.stderr
 
