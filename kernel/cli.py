@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -41,6 +42,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Whatever the stores create (SQLite's -wal and -shm files, spool and payload
+    # directories) is the kernel's alone, whoever's umask started it.
+    os.umask(0o077)
+
     async def serve() -> None:
         # Opened on the running loop: plugins may make remote plane clients in
         # setup, and a grpc.aio channel belongs to the loop it was made on.
@@ -55,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         for path in kernel.created:
             print(f"created {path} (mode 0600)", flush=True)
+        for path, why in kernel.renewed:
+            print(f"renewed {path} ({why})", flush=True)
         print(f"admin token: {settings.state_dir / ADMIN_TOKEN_FILE} (send as 'authorization: Bearer <token>')",
               flush=True)
         server.stop_on_signals()
@@ -82,7 +89,8 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .host import discover, validate
+    from .errors import PluginError
+    from .host import PluginHost, discover, validate
 
     settings = _settings(args)
     rows = []
@@ -100,6 +108,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             except PlanesError as exc:
                 status, detail = "invalid", exc.message
         rows.append({"name": plugin.name, "version": plugin.version, "status": status, "detail": detail})
+    if not any(row["status"] in ("error", "invalid") for row in rows):
+        # Each plugin is valid on its own; now the set, as `serve` loads it: a plane
+        # provided twice, a required plane nobody provides, a dependency cycle.
+        try:
+            PluginHost.load(settings)
+        except PluginError as exc:
+            for row in rows:
+                if row["name"] == exc.plugin:
+                    row["status"], row["detail"] = "invalid", exc.problem
+                    break
+            else:
+                rows.append({"name": exc.plugin, "version": "-", "status": "invalid", "detail": exc.problem})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -146,7 +166,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         status = _run(check())
     except grpc.RpcError as exc:
-        raise PlanesError(f"health check of {address} failed: {exc.code().name}: {exc.details()}") from None
+        if exc.code() == grpc.StatusCode.NOT_FOUND and args.service:
+            raise PlanesError(f"{address} serves no service named {args.service!r} "
+                              "(omit --service for the whole server)") from None
+        raise PlanesError(f"health check of {address} failed: {exc.code().name}: "
+                          f"{exc.details() or 'no detail given'}") from None
     print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if status == "SERVING" else 1
 
@@ -281,11 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="settings TOML file (default: $PLANES_CONFIG, else built-in defaults)")
     common.add_argument("--state-dir", help="state directory (default: ./var)")
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+    transport = argparse.ArgumentParser(add_help=False)
+    transport.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+    transport.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    add_tls_arguments(transport)
+    client = argparse.ArgumentParser(add_help=False, parents=[transport])
     client.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the state dir's admin.token)")
-    client.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
-    add_tls_arguments(client)
 
     parser = argparse.ArgumentParser(prog="planes", description="A gRPC microkernel for governed AI/agent workloads.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -301,13 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(handler=cmd_plugins)
 
-    health = commands.add_parser("health", parents=[common, client], help="check a kernel's health (no token needed)")
+    health = commands.add_parser("health", parents=[common, transport], help="check a kernel's health (no token needed)")
     health.add_argument("--service", default="", help="a service name (default: the whole server)")
+    # Accepted, so one set of client flags works for every command, but never sent: not in --help.
+    health.add_argument("--token-file", help=argparse.SUPPRESS)
     health.set_defaults(handler=cmd_health)
 
     ping = commands.add_parser("ping", parents=[common, client], help="echo round trips through auth and the kernel")
-    ping.add_argument("--count", type=int, default=10)
-    ping.add_argument("--size", type=int, default=64, help="payload bytes per echo")
+    ping.add_argument("--count", type=_at_least(1), default=10, help="echoes to send (default 10)")
+    ping.add_argument("--size", type=_at_least(0), default=64, help="payload bytes per echo (default 64)")
     ping.set_defaults(handler=cmd_ping)
 
     whoami = commands.add_parser("whoami", parents=[common, client], help="show the identity a token carries")
@@ -336,6 +363,17 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-insecure-remote", action="store_true",
                         help="connect to a non-loopback address without TLS, sending the token "
                         "in clear text (only on a network you trust)")
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (argparse turns the ValueError into a usage error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"integer >= {least}"  # argparse names the type in its message
+    return parse
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

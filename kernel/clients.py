@@ -364,8 +364,8 @@ def connect(address: str, contract: type[C], *, token: str | None = None,
     if root_certificates is None and not allow_insecure and not is_loopback(address):
         raise SettingsError(
             f"refusing to connect to {address} without TLS: the token would cross the network in clear text. "
-            "Pass the server's CA certificate (--ca-file, or root_certificates=), "
-            "or allow_insecure=True for a network you trust"
+            "Pass the server's CA certificate (--ca-file on the command line, root_certificates= in Python), "
+            "or, only on a network you trust, --allow-insecure-remote (allow_insecure=True)"
         )
     spec = PlaneSpec(contract)
     version = client_version or spec.version

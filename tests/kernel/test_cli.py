@@ -185,3 +185,42 @@ def test_client_commands_use_the_ca_file(tmp_path):
 
 
 TOKEN_MARKER = "pt1.SECRETTOKENMARKERxyz.sig"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--count", "0"), ("--size", "-1")])
+def test_ping_refuses_a_count_or_size_out_of_range_as_a_usage_error(served, flag, value):
+    state, address = served
+    result = planes("ping", "--address", address, flag, value, state=state)
+    assert result.returncode == 2
+    assert f"argument {flag}: invalid integer >= " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_health_of_an_unknown_service_names_it(served):
+    state, address = served
+    result = planes("health", "--address", address, "--service", "nope", state=state)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"planes: error: {address} serves no service named 'nope' (omit --service for the whole server)"]
+
+
+def test_health_help_offers_no_token_flag():
+    assert "--token-file" not in planes("health", "--help").stdout
+
+
+def test_token_issue_refuses_a_lifetime_past_the_maximum(served):
+    state, _ = served
+    result = planes("token", "issue", "--principal", "p", "--tenant", "t", "--role", "service",
+                    "--ttl", "999999999999", state=state)
+    assert result.returncode == 1
+    assert result.stderr.startswith("planes: error: token lifetime 999999999999 s is longer than the maximum")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_served_state_is_private_whatever_the_starting_umask(served):
+    """`planes serve` sets umask 077: SQLite's -wal/-shm files and the stores' directories are the kernel's alone."""
+    state, _ = served
+    exposed = [f"{path} {stat.S_IMODE(path.stat().st_mode):04o}" for path in [state, *state.rglob("*")]
+               if stat.S_IMODE(path.stat().st_mode) & 0o077]
+    assert exposed == []
+    assert any(path.name.endswith("-wal") for path in state.rglob("*")), "the stores are open in WAL mode"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -11,6 +12,7 @@ from planes.kernel.host import PluginHost, discover
 from planes.kernel.kernel import Kernel
 from planes.kernel.plugin import Plugin
 from tests.conftest import RecordingDiagnostics, RecordingPlugin, candidates, make_settings
+from tests.kernel.test_cli import planes
 
 PLUGIN_MODULE = textwrap.dedent('''
     from planes.kernel.contracts.diagnostics import DiagnosticsPlane
@@ -227,3 +229,32 @@ def test_wire_requests_must_name_rpcs(tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(PluginError, match="wire_requests names reverse, which is not an RPC"):
         Kernel(settings, PluginHost.load(settings, candidates(Plug()))).open()
+
+
+def test_planes_plugins_reports_a_set_that_serve_would_refuse(installed, tmp_path):
+    """Each plugin is fine alone, but two provide one plane: `planes plugins` says so and exits 1, as serve refuses."""
+    installed({"good": "thirdparty_plugins:Good"})
+    listed = planes("plugins", "--json", state=tmp_path / "state", env={"PYTHONPATH": str(tmp_path)})
+    assert listed.returncode == 1, listed.stdout
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["good"]["status"] == "invalid"
+    assert rows["good"]["detail"] == ("provides diagnostics, which plugin 'diagnostics' provides too; "
+                                      "disable one in [plugins] disabled")
+    assert rows["diagnostics"]["status"] == "ok"
+
+
+def test_planes_plugins_reports_a_required_plane_nobody_provides(tmp_path):
+    (tmp_path / "needy_plugin.py").write_text(textwrap.dedent('''
+        from planes.kernel.plugin import Plugin
+
+        class Needy(Plugin):
+            name = "needy"
+            version = "1.0.0"
+            requires = ("nowhere",)
+    '''))
+    (tmp_path / "settings.toml").write_text('[plugins]\nmodules = ["needy_plugin:Needy"]\n')
+    listed = planes("plugins", "--config", str(tmp_path / "settings.toml"), state=tmp_path / "state",
+                    env={"PYTHONPATH": str(tmp_path)})
+    assert listed.returncode == 1
+    needy = [line for line in listed.stdout.splitlines() if line.startswith("needy")]
+    assert needy and "invalid" in needy[0] and "requires the nowhere plane" in needy[0], listed.stdout
