@@ -83,10 +83,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Plugins first: a broken adapter stops the worker here, naming its plugin, before it takes any task.
+    tools, models = load_adapters(settings, tuple(args.python_module))
     address = client_address(args, settings)
     token = client_token(args, settings, admin_fallback=False, address=address)
     tls = client_tls(args)
-    tools, models = load_adapters(settings, tuple(args.python_module))
     key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
     name = args.name
 
