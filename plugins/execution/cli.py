@@ -205,7 +205,7 @@ def cmd_task(args: argparse.Namespace) -> int:
                     reply = await client.deny_task(pb.DenyTaskRequest(
                         tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
                         reason=args.comment), timeout=args.timeout)
-                print(f"{args.task_action}d by {reply.approval.approver}")
+                print(f"{'approved' if args.task_action == 'approve' else 'denied'} by {reply.approval.approver}")
                 show(reply.task)
         finally:
             await client.close()

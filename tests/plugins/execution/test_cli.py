@@ -42,6 +42,21 @@ def test_task_get_then_approve_with_the_digest_shown(scenario):
     assert "approved by alice" in approved[1] and " queued " in approved[1]
 
 
+
+def test_task_deny_says_denied_by_whom(scenario):
+    async def body(cluster):
+        token = cluster.state_dir / "alice.token"
+        write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
+        common = ("--address", cluster.address, "--token-file", str(token))
+        held = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
+        shown = await _planes(cluster, "task", "get", held.task.task_id, *common)
+        digest = re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
+        return await _planes(cluster, "task", "deny", held.task.task_id, "--action-id", "a", "--digest", digest,
+                             "--comment", "not today", *common)
+    code, out, err = scenario(body)
+    assert code == 0, err
+    assert out.startswith("denied by alice\n") and " failed " in out and "approval.denied: not today" in out
+
 def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
     json_spec = tmp_path / "deploy.json"
     json_spec.write_text('{"idempotencyKey": "deploy-v2", "allowedTools": ["deploy"], '
