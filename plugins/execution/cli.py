@@ -40,14 +40,16 @@ def add_commands(commands) -> None:
     task = commands.add_parser("task", help="submit, follow, cancel, approve or deny a task")
     actions = task.add_subparsers(dest="task_command", metavar="ACTION")
     for name, help_text in (("submit", "submit a task from a spec file"), ("get", "show a task"),
-                            ("watch", "follow a task's changes until it ends"), ("cancel", "cancel a task"),
+                            ("watch", "follow a task's changes until it ends; exit 1 unless it completed"),
+                            ("cancel", "cancel a task"),
                             ("approve", "approve a pending action"), ("deny", "deny a pending action")):
         parser = actions.add_parser(name, help=help_text)
         if name == "submit":
             parser.add_argument("-f", "--file", required=True,
                                 help="a TaskSpec with protobuf JSON field names: .json, .toml or .yaml/.yml, "
                                      "or - for JSON on stdin")
-            parser.add_argument("--watch", action="store_true", help="then follow the task until it ends")
+            parser.add_argument("--watch", action="store_true",
+                                help="then follow the task until it ends; exit 1 unless it completed")
         else:
             parser.add_argument("task_id")
         parser.add_argument("--tenant", default="", help="tenant (default: the token's)")
@@ -83,10 +85,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Plugins first: a broken adapter stops the worker here, naming its plugin, before it takes any task.
+    tools, models = load_adapters(settings, tuple(args.python_module))
     address = client_address(args, settings)
     token = client_token(args, settings, admin_fallback=False, address=address)
     tls = client_tls(args)
-    tools, models = load_adapters(settings, tuple(args.python_module))
     key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
     name = args.name
 
@@ -156,23 +159,37 @@ def cmd_task(args: argparse.Namespace) -> int:
     spec = load_task_spec(args.file) if args.task_action == "submit" else None
 
     def show(task: pb.Task) -> None:
-        state = pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
-        print(f"{task.task_id} {state} version {task.version} epoch {task.attempt_epoch} "
+        print(f"{task.task_id} {_state(task)} version {task.version} epoch {task.attempt_epoch} "
               f"config revision {task.config.revision}")
+        # What `planes evidence export --correlation-id` takes to gather the task's evidence.
+        print(f"  correlation id: {task.spec.correlation.correlation_id}")
         for pending in task.pending_approvals:
             print(f"  pending approval: action {pending.action.action_id} digest {pending.action_digest.value.hex()}"
                   f" ({pending.reason})")
             print("    " + json_format.MessageToJson(pending.action, indent=None))
         if task.HasField("failure"):
             print(f"  failure: {task.failure.code}: {task.failure.message}")
+        if task.HasField("result"):
+            print("  result: " + json_format.MessageToJson(task.result.summary, indent=None, sort_keys=True))
+            for ref in task.result.outputs:
+                print(f"  output: payload {ref.payload_id} ({ref.size} bytes, "
+                      f"{common_pb2.Classification.Name(ref.classification).removeprefix('CLASSIFICATION_').lower()})")
 
-    async def watch(client, task_id: str, after_version: int) -> None:
-        async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant, task_id=task_id,
-                                                                   after_version=after_version)):
-            print(f"{change.reason}: ", end="")
-            show(change.task)
+    async def watch(client, task: pb.Task) -> int:
+        """Follow ``task`` until it ends: 0 if it completed, else 1 with the reason on stderr."""
+        ended = (pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED)
+        if task.state not in ended:  # an ended task has no further change to wait for
+            async for change in client.watch_task(pb.WatchTaskRequest(tenant=args.tenant, task_id=task.task_id,
+                                                                       after_version=task.version)):
+                print(f"{change.reason}: ", end="")
+                show(change.task)
+                task = change.task
+        if task.state == pb.TASK_STATE_COMPLETED:
+            return 0
+        print(f"planes: task {task.task_id} {_outcome(task)}", file=sys.stderr)
+        return 1
 
-    async def act() -> None:
+    async def act() -> int:
         client = connect(address, TaskPlane, token=token, **tls)
         try:
             if args.task_action == "get":
@@ -184,9 +201,9 @@ def cmd_task(args: argparse.Namespace) -> int:
                 print("submitted" if reply.created else "already submitted (same idempotency key)")
                 show(reply.task)
                 if args.watch:
-                    await watch(client, reply.task.task_id, reply.task.version)
+                    return await watch(client, reply.task)
             elif args.task_action == "watch":
-                await watch(client, args.task_id, 0)
+                return await watch(client, pb.Task(task_id=args.task_id))
             elif args.task_action == "cancel":
                 show((await client.cancel_task(pb.CancelTaskRequest(tenant=args.tenant, task_id=args.task_id,
                                                                     reason=args.reason), timeout=args.timeout)).task)
@@ -204,13 +221,36 @@ def cmd_task(args: argparse.Namespace) -> int:
                     reply = await client.deny_task(pb.DenyTaskRequest(
                         tenant=args.tenant, task_id=args.task_id, action_id=args.action_id, action_digest=digest,
                         reason=args.comment), timeout=args.timeout)
-                print(f"{args.task_action}d by {reply.approval.approver}")
+                print(f"{'approved' if args.task_action == 'approve' else 'denied'} by {reply.approval.approver}")
                 show(reply.task)
         finally:
             await client.close()
+        return 0
 
-    run(act())
-    return 0
+    return run(act())
+
+
+def _state(task) -> str:
+    from planes.execution.v1 import execution_service_pb2 as pb
+
+    return pb.TaskState.Name(task.state).removeprefix("TASK_STATE_").lower()
+
+
+def _outcome(task) -> str:
+    """Why a task that ended did not complete, in one line (a denial is a failure with a denial code)."""
+    from planes.execution.v1 import execution_service_pb2 as pb
+
+    failure = task.failure
+    if failure.code in ("policy.denied", "approval.denied"):
+        verb = "was denied"
+    elif task.state == pb.TASK_STATE_FAILED:
+        verb = "failed"
+    elif task.state == pb.TASK_STATE_CANCELLED:
+        verb = "was cancelled"
+    else:
+        verb = f"ended {_state(task)}"
+    detail = f": {failure.code}: {failure.message}" if failure.code else ""
+    return (verb + detail).replace("\n", " ")
 
 
 def load_task_spec(path: str):

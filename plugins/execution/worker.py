@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -614,8 +615,43 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
 
 
+#: The extension points a worker loads: a plugin that provides none of them is not the worker's business.
+ADAPTER_POINTS = ("tool_adapter", "model_route")
+
+
+class WorkerKernel:
+    """What ``setup(kernel)`` gets in a worker: the settings, not the kernel's planes.
+
+    A worker hosts no planes and holds no signing key, so a plugin's setup
+    there may read ``kernel.settings`` (``plugin_settings(name)`` above all)
+    and ``kernel.state_dir``; ``kernel.client(...)`` is refused with a
+    FailedPrecondition, which stops the worker naming the plugin.
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
+
+    def client(self, contract, identity=None):
+        raise FailedPrecondition(f"a worker hosts no planes: no {getattr(contract, 'plane', contract)} plane "
+                                 "client in setup (keep adapters in a plugin of their own)")
+
+
 def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict, dict]:
-    """Tool adapters and model adapters from every plugin, validated now (not at first call)."""
+    """Tool adapters and model adapters from every plugin, set up and validated now (not at first call).
+
+    Raises :class:`~planes.kernel.errors.PluginError` naming the plugin when
+    a plugin cannot be loaded (whether from an entry point or ``[plugins]
+    modules``: a broken one might be an adapter, so it is never skipped
+    unless ``[plugins] disabled`` names it), when its contract range excludes
+    this worker's, when its ``setup`` raises, or when an adapter cannot be
+    made, lacks a method or has a plain ``def`` where ``async def`` is needed.
+    Plugins that load and provide no adapter (the planes) are left alone:
+    their ``setup`` is the kernel's to call.
+    """
     from planes.kernel.errors import PluginError
     from planes.kernel.host import check_implementation, discover, validate
 
@@ -623,26 +659,56 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
 
     tools: dict[str, ToolAdapter] = {}
     models: dict[str, ModelAdapter] = {}
+    kernel = WorkerKernel(settings)
+    disabled = set(settings.plugins.disabled)
     for candidate in discover(settings):
-        if candidate.name in settings.plugins.disabled:
-            continue
         plugin = candidate.plugin
-        if plugin is None:
-            if any(word in candidate.origin for word in ("adapter", "tool", "model")):
-                raise PluginError(candidate.name, candidate.error)
+        if candidate.name in disabled or (plugin is not None and plugin.name in disabled):
             continue
-        for provision in plugin.provides:
-            point = getattr(provision.contract, "extension_point", None)
-            if point not in ("tool_adapter", "model_route"):
-                continue
-            validate(plugin)
-            implementation = plugin.implementation(provision)
+        if plugin is None:
+            raise PluginError(candidate.name, f"{candidate.error} (from {candidate.origin}); fix it, or name it "
+                                              "in [plugins] disabled")
+        provisions = [p for p in plugin.provides if getattr(p.contract, "extension_point", None) in ADAPTER_POINTS]
+        if not provisions:
+            continue
+        validate(plugin)
+        try:
+            plugin.setup(kernel)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(plugin.name, f"setup failed: {type(exc).__name__}: {exc}") from exc
+        for provision in provisions:
+            try:
+                implementation = plugin.implementation(provision)
+            except PluginError:
+                raise
+            except Exception as exc:  # an abstract method left out fails here, as a TypeError
+                raise PluginError(plugin.name, f"cannot make its {provision.key} implementation: "
+                                               f"{type(exc).__name__}: {exc}") from exc
             check_implementation(plugin, provision, implementation)
+            _check_async(plugin, provision, implementation)
+            point = provision.contract.extension_point
             (tools if point == "tool_adapter" else models)[provision.name] = implementation
     python = tools.get("python")
     if isinstance(python, PythonAdapter) and python_modules:
         python.allowed_modules = tuple(python.allowed_modules) + tuple(python_modules)
     return tools, models
+
+
+def _check_async(plugin, provision, implementation) -> None:
+    """Refuse a plain ``def`` where the extension point has ``async def``, as the kernel does for planes.
+
+    The kernel's ``check_implementation`` checks only that an extension's
+    methods exist; the worker awaits these, so a plain one would fail each task.
+    """
+    from planes.kernel.errors import PluginError
+
+    plain = sorted(name for name, _ in inspect.getmembers(provision.contract, inspect.iscoroutinefunction)
+                   if not inspect.iscoroutinefunction(getattr(implementation, name, None)))
+    if plain:
+        raise PluginError(plugin.name, f"{provision.key} implementation has a plain def where async def is "
+                                       f"needed: {', '.join(plain)}")
 
 
 def worker_health_callable(worker: Worker) -> Callable[[], common_pb2.HealthSummary]:

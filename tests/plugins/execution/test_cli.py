@@ -42,6 +42,21 @@ def test_task_get_then_approve_with_the_digest_shown(scenario):
     assert "approved by alice" in approved[1] and " queued " in approved[1]
 
 
+
+def test_task_deny_says_denied_by_whom(scenario):
+    async def body(cluster):
+        token = cluster.state_dir / "alice.token"
+        write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
+        common = ("--address", cluster.address, "--token-file", str(token))
+        held = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
+        shown = await _planes(cluster, "task", "get", held.task.task_id, *common)
+        digest = re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
+        return await _planes(cluster, "task", "deny", held.task.task_id, "--action-id", "a", "--digest", digest,
+                             "--comment", "not today", *common)
+    code, out, err = scenario(body)
+    assert code == 0, err
+    assert out.startswith("denied by alice\n") and " failed " in out and "approval.denied: not today" in out
+
 def test_task_submit_from_json_and_toml_files(scenario, tmp_path):
     json_spec = tmp_path / "deploy.json"
     json_spec.write_text('{"idempotencyKey": "deploy-v2", "allowedTools": ["deploy"], '
@@ -141,3 +156,81 @@ def test_a_remote_address_without_tls_is_refused_with_the_kernels_message(run, t
     (code, _, err), (admin_code, _, admin_err) = run(main())
     assert code == 1 and "refusing to connect to 192.0.2.1:7443 without TLS" in err and "--ca-file" in err
     assert admin_code == 1 and "only sent to a loopback address" in admin_err
+
+
+# -- what a task's commands show and how they end ---------------------------------------------
+
+def _lines(output: str, prefix: str) -> list[str]:
+    return [line.strip().removeprefix(prefix) for line in output.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_task_submit_watch_shows_the_correlation_id_and_result_and_exits_0_once_completed(scenario, tmp_path):
+    from planes.plugins.execution.worker import Worker, load_adapters
+
+    spec_file = tmp_path / "upper.json"
+    spec_file.write_text('{"allowedTools": ["upper"], '
+                         '"actions": [{"actionId": "a", "tool": {"tool": "upper", "arguments": {"text": "hi"}}}]}')
+
+    async def body(cluster):
+        token = cluster.state_dir / "shop.token"
+        write_secret(token, cluster.token(("service",), "acme", "shop").encode())
+        tools, models = load_adapters(cluster.kernel.settings)
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="cli", adapters=tools, models=models)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        try:
+            done = await _planes(cluster, "task", "submit", "-f", str(spec_file), "--watch",
+                                 "--address", cluster.address, "--token-file", str(token))
+        finally:
+            stop.set()
+            await running
+        task_id = done[1].split("\n")[1].split()[0]
+        stored = (await cluster.tasks().get_task(pb.GetTaskRequest(task_id=task_id))).task
+        events = await cluster.events(stored.spec.correlation.correlation_id)
+        return done, stored, events
+    (code, out, err), stored, events = scenario(body)
+    assert code == 0, err
+    assert stored.state == pb.TASK_STATE_COMPLETED
+    shown = set(_lines(out, "correlation id: "))
+    assert shown == {stored.spec.correlation.correlation_id} and events, "the id the evidence is filed under"
+    results = _lines(out, "result: ")
+    assert len(results) == 1 and '"REDACTED"' in results[0], out  # the policy's transform, then the tool's output
+
+
+def test_task_submit_watch_exits_1_with_the_reason_when_the_task_is_denied(scenario, tmp_path):
+    spec_file = tmp_path / "danger.json"
+    spec_file.write_text('{"allowedTools": ["danger"], "actions": [{"actionId": "a", "tool": {"tool": "danger"}}]}')
+
+    async def body(cluster):
+        token = cluster.state_dir / "shop.token"
+        write_secret(token, cluster.token(("service",), "acme", "shop").encode())
+        # Denied at admission: the task has ended before the watch begins, which must not wait forever.
+        return await _planes(cluster, "task", "submit", "-f", str(spec_file), "--watch",
+                             "--address", cluster.address, "--token-file", str(token))
+    code, out, err = scenario(body)
+    task_id = out.split("\n")[1].split()[0]
+    assert code == 1
+    assert err.strip() == f"planes: task {task_id} was denied: policy.denied: a: danger is never allowed"
+
+
+def test_task_deny_then_watch_and_cancel_then_watch_end_non_zero(scenario):
+    async def body(cluster):
+        token = cluster.state_dir / "alice.token"
+        write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
+        common = ("--address", cluster.address, "--token-file", str(token))
+        denied, cancelled = [(await cluster.tasks().submit_task(pb.SubmitTaskRequest(
+            task=spec(tool("a", "deploy", text=text), key=text)))).task for text in ("v2", "v3")]
+        shown = await _planes(cluster, "task", "get", denied.task_id, *common)
+        digest = re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
+        deny = await _planes(cluster, "task", "deny", denied.task_id, "--action-id", "a", "--digest", digest,
+                             "--comment", "not today", *common)
+        cancel = await _planes(cluster, "task", "cancel", cancelled.task_id, "--reason", "superseded", *common)
+        watched = [await _planes(cluster, "task", "watch", task.task_id, *common) for task in (denied, cancelled)]
+        return denied.task_id, cancelled.task_id, deny, cancel, watched
+    denied_id, cancelled_id, deny, cancel, (watch_denied, watch_cancelled) = scenario(body)
+    assert deny[0] == 0 and deny[1].startswith("denied by alice\n"), deny
+    assert cancel[0] == 0, cancel[2]
+    assert watch_denied[0] == 1 and " failed " in watch_denied[1]
+    assert watch_denied[2].strip() == f"planes: task {denied_id} was denied: approval.denied: not today"
+    assert watch_cancelled[0] == 1
+    assert watch_cancelled[2].strip() == f"planes: task {cancelled_id} was cancelled: cancelled: superseded"
