@@ -74,6 +74,25 @@ def test_append_query_and_tenant_scope(run, tmp_path):
     assert other == [], "another tenant sees none of acme's events"
 
 
+def test_a_changed_replay_reaches_a_remote_caller_as_already_exists(run, tmp_path):
+    async def scenario(client):
+        service = client(("service",))
+        first = await service.append_events(pb.AppendEventsRequest(events=[event("e1", note="hello")]), timeout=5)
+        with pytest.raises(errors.AlreadyExists) as caught:
+            await service.append_events(pb.AppendEventsRequest(events=[event("e2"), event("e1", note="different")]),
+                                        timeout=5)
+        again = await service.append_events(pb.AppendEventsRequest(events=[event("e1", note="hello")]), timeout=5)
+        found = [e.event_id async for page in client(("reviewer",)).query_events(pb.QueryEventsRequest())
+                 for e in page.events]
+        return first, caught.value, again, found
+
+    first, refused, again, found = _serve(run, tmp_path, scenario)
+    assert "event id 'e1' was already appended (sequence 1) with different content (field 'note')" in refused.message
+    assert refused.metadata["event_id"] == "e1"
+    assert list(again.sequences) == [1] and again.chain_head == first.chain_head
+    assert found == ["e1"], "nothing of the refused request was stored"
+
+
 def test_a_stream_with_a_bad_batch_keeps_the_batches_before_it_and_names_the_bad_one(run, tmp_path):
     async def scenario(client):
         service = client(("service",))
