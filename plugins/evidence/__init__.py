@@ -101,7 +101,8 @@ class EvidencePlugin(Plugin):
         export = actions.add_parser("export", help="export a bundle from a running kernel (reviewer token)")
         export.add_argument("--correlation-id", default="", help="the correlation to export")
         export.add_argument("--tenant", default="", help="tenant (default: the token's)")
-        export.add_argument("--out", required=True, help="bundle file to create")
+        export.add_argument("--out", required=True,
+                            help="bundle file to create (mode 0600: it holds raw values; never replaced)")
         export.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
         export.add_argument("--token-file", help="reviewer token file (default: $PLANES_TOKEN)")
         export.add_argument("--config", help="settings TOML file")
@@ -138,8 +139,10 @@ def _cmd_export(args) -> int:
     from planes.evidence.v1 import evidence_service_pb2 as pb
     from planes.kernel.clients import connect
     from planes.kernel.contracts import EvidencePlane
-    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.errors import InvalidArgument, NotFound
     from planes.kernel.cli import client_address, client_tls, client_token
+
+    from . import bundle
     from planes.kernel.runtime import run
     from planes.kernel.settings import load_settings
 
@@ -171,9 +174,25 @@ def _cmd_export(args) -> int:
     data, summary = run(export())
     if hashlib.sha256(data).digest() != summary.digest.value:
         raise PlanesError("the bundle received does not match the digest the server sent; nothing written")
-    out.write_bytes(data)
-    print(f"wrote {out}: {summary.event_count} events, checkpoint tree size {summary.tree_size}")
+    if not summary.event_count:  # a bundle of nothing proves nothing; most likely a mistyped id or tenant
+        raise NotFound(f"no events for {_tenant_named(args.tenant, token)} match correlation id "
+                       f"{args.correlation_id!r}; nothing written")
+    if not bundle.write_new(out, data):
+        raise InvalidArgument(f"{out} exists; choose another path")
+    print(f"wrote {out} (mode 0600): {summary.event_count} events, checkpoint tree size {summary.tree_size}")
     return 0
+
+
+def _tenant_named(tenant: str, token: str) -> str:
+    """The tenant an export reads, for a message: the one asked for, else the token's."""
+    from planes.kernel.tokens import decode_claims
+
+    if not tenant:
+        try:
+            tenant = str(decode_claims(token).get("ten", ""))
+        except PlanesError:
+            tenant = ""
+    return f"tenant {tenant!r}" if tenant else "this token's tenant"
 
 
 def _cmd_fsck(args) -> int:

@@ -27,8 +27,8 @@ from google.protobuf.message import DecodeError
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.kernel.errors import (FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, PermissionDenied,
-                                  PlanesError)
+from planes.kernel.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, LimitExceeded, NotFound,
+                                  PermissionDenied, PlanesError)
 from planes.kernel.identity import Identity
 from planes.kernel.runtime import ProcessLocalWorker
 from planes.kernel.tokens import SigningKey
@@ -213,7 +213,12 @@ class EvidenceLog:
         """Validate, commit, chain and store a batch; durable when this returns.
 
         The whole batch is checked before anything is stored: one bad event
-        refuses the batch, and nothing of it is kept.
+        refuses the batch, and nothing of it is kept. An event whose id the
+        tenant has stored is a replay (a retry after a lost acknowledgement):
+        acknowledged with the stored sequence when its client-supplied content
+        is the stored event's, refused otherwise (``AlreadyExists``; see
+        :meth:`_confirm_replays`), as is a batch holding one id twice with
+        different content (``InvalidArgument``).
         """
         if len(events) > self.limits.events_per_batch:
             raise LimitExceeded("events_per_batch", self.limits.events_per_batch, len(events))
@@ -234,7 +239,8 @@ class EvidenceLog:
         On an error, the batches before the failing one are durable and the
         rest are not stored; the error says which batch failed (an index
         into ``requests``). Retrying the whole list is harmless: stored
-        event ids make a replayed event a no-op.
+        event ids make a replayed event a no-op (a replay with other content
+        than the stored event's is refused, :meth:`append`).
         """
         pipeline = self.pipeline(appender)
         results = [result for tenant, data in requests if (result := pipeline.push(tenant, data)) is not None]
@@ -323,12 +329,14 @@ class EvidenceLog:
         new_ids: list[str] = []
         now_ns = int(self.clock() * 1e9)
         salts = _SaltPool(sum(len(e.fields) for e in events))
+        replays: list[tuple[int, pb.Event, int]] = []
         for index, event in enumerate(events):
             event_id = event.event_id
             earlier = known.get(event_id) or seen.get(event_id)
             if earlier:
                 self._check(index, event, tenant)
                 sequences.append(earlier)
+                replays.append((index, event, earlier))
                 continue
             sequence = self.size + len(blobs) + 1
             blob, row = self._encode(index, sequence, event, tenant, appender, now_ns, salts, values)
@@ -337,6 +345,8 @@ class EvidenceLog:
             blobs.append(blob)
             rows.append(row)
             new_ids.append(event_id)
+        if replays:  # before anything of the batch is stored
+            self._confirm_replays(replays, appender, blobs, values)
         duplicates = len(events) - len(blobs)
         if not blobs:
             return AppendResult(sequences, 0, duplicates, self.head)
@@ -359,6 +369,50 @@ class EvidenceLog:
         self._commit_batch(tenant, batch, event_ids=new_ids)
         self._maybe_checkpoint()
         return AppendResult(sequences, len(blobs), duplicates, self.head)
+
+    def _confirm_replays(self, replays: list[tuple[int, pb.Event, int]], appender: Identity, blobs: list[bytes],
+                         values: list[tuple]) -> None:
+        """Refuse the batch unless each replayed event (index, event, sequence of the event with its id) says
+        what that event says.
+
+        Only what the client supplies is compared: the event type, ids,
+        correlation, actor (the appender when none is named, as when
+        appending), config stamp, corrected id, a time it gave, and each
+        field's name, classification, kind and value. Sequences, salts and the
+        received time are the log's. A value is compared raw while the stored
+        event still holds it; once redaction or retention removed it (with its
+        salt, so the commitment cannot be brute-forced), only a replay that
+        carries the salt can be checked against the commitment: any other
+        replay of that field cannot be confirmed and is refused too.
+        """
+        first_new = self.size + 1
+        kept = self.store.values(sorted({s for _, _, s in replays if s < first_new}))
+        pending: dict[int, dict[str, StoredValue]] = {}
+        for sequence, name, salt, value in values:  # the batch's own new events, not stored yet
+            pending.setdefault(sequence, {})[name] = StoredValue(sequence, name, salt, value)
+        for index, event, sequence in replays:
+            if sequence >= first_new:
+                original, raw = leaves.decode(blobs[sequence - first_new]), pending.get(sequence, {})
+            else:
+                original, raw = leaves.decode(self.store.event_at(sequence).leaf), kept.get(sequence, {})
+            what, removed = _replay_difference(event, original, raw, appender)
+            event_id = event.event_id
+            metadata = {"event_id": event_id, "sequence": str(sequence)}
+            if sequence >= first_new and (what or removed):
+                what = what or f"field {removed!r}"
+                raise InvalidArgument(f"event {index}: event id {event_id!r} appears earlier in this batch with "
+                                      f"different content ({what}); nothing of the batch was appended",
+                                      metadata=metadata)
+            if what:
+                raise AlreadyExists(f"event {index}: event id {event_id!r} was already appended (sequence "
+                                    f"{sequence}) with different content ({what}); nothing of the batch was "
+                                    "appended", metadata=metadata)
+            if removed:
+                raise FailedPrecondition(
+                    f"event {index}: event id {event_id!r} was already appended (sequence {sequence}) and the raw "
+                    f"value of its field {removed!r} is not stored (redacted, pruned or withheld at the source), "
+                    "so this replay cannot be confirmed to carry the same content; nothing of the batch was "
+                    "appended", metadata=metadata)
 
     def _check(self, index: int, event: pb.Event, tenant: str) -> None:
         """The event-level rules; field rules are checked while encoding."""
@@ -616,6 +670,55 @@ class EvidenceLog:
                 self.store.delete_all_values(sequences)
                 recorded.append(self.to_events([self.store.event_at(result.sequences[0])])[0])
         return recorded
+
+
+def _replay_difference(event: pb.Event, original: leaves.Leaf, raw: dict[str, StoredValue],
+                       appender: Identity) -> tuple[str, str]:
+    """What of a replayed event's client-supplied content differs from the ``original`` leaf (``raw``: the
+    values it still holds), and the first field whose removed value leaves it unconfirmed; "" for none.
+    Says which part differs, never a value."""
+    correlation, config = event.correlation, event.config
+    for what, sent, stored in (
+            ("event_type", event.event_type, original.event_type),
+            ("correlation_id", correlation.correlation_id, original.correlation_id),
+            ("request_id", correlation.request_id, original.request_id),
+            ("trace_id", correlation.trace_id, original.trace_id),
+            ("span_id", correlation.span_id, original.span_id),
+            ("actor", correlation.actor or appender.principal, original.actor),
+            ("config", (config.revision, config.digest), (original.config_revision, original.config_digest)),
+            ("corrects_event_id", event.corrects_event_id, original.corrects_event_id)):
+        if sent != stored:
+            return what, ""
+    if event.HasField("time") and _ns(event.time) != original.time_ns:
+        return "time", ""
+    committed = {field.name: field for field in original.fields}
+    if len(event.fields) != len(committed) or len({field.name for field in event.fields}) != len(committed):
+        return "field names", ""
+    unconfirmed = ""
+    for field in event.fields:
+        name = field.name
+        stored = committed.get(name)
+        if stored is None:
+            return "field names", ""
+        sent_commitment = field.commitment.value
+        which = field.WhichOneof("value")
+        if which is None:  # withheld at the source: the commitment is the content
+            kind, same = leaves.KIND_BYTES, sent_commitment == stored.commitment
+        else:
+            if which == "string_value":
+                kind, value = leaves.KIND_STRING, field.string_value.encode()
+            else:
+                kind, value = leaves.KIND_BYTES, field.bytes_value
+            same = not sent_commitment or sent_commitment == stored.commitment
+            kept = raw.get(name)
+            if kept is not None:
+                same = same and kept.value == value
+            elif kind == stored.kind and same and not (
+                    field.salt and leaves.commitment(field.salt, name, kind, value) == stored.commitment):
+                unconfirmed = unconfirmed or name
+        if not same or kind != stored.kind or field.classification != stored.classification:
+            return f"field {name!r}", ""
+    return "", unconfirmed
 
 
 def to_event(leaf: leaves.Leaf, values: dict[str, StoredValue]) -> pb.Event:

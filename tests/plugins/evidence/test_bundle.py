@@ -130,3 +130,22 @@ def test_export_needs_a_selection(log):
     from planes.kernel import errors
     with pytest.raises(errors.InvalidArgument, match="correlation_id or a time range"):
         Evidence(log)._export(pb.ExportBundleRequest(tenant="acme"))
+
+
+def test_write_new_publishes_an_owner_only_file_whole_and_never_replaces_one(tmp_path):
+    """The check before the export can race another writer: the link into place is what refuses to replace."""
+    import os
+    import stat
+
+    from planes.plugins.evidence.bundle import write_new
+
+    old_umask = os.umask(0)
+    try:
+        assert write_new(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    (tmp_path / "theirs.json").write_bytes(b"theirs")
+    assert write_new(tmp_path / "theirs.json", b"{}") is False
+    assert (tmp_path / "theirs.json").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "theirs.json"], "no temporary file left"

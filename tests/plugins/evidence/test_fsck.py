@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from planes.kernel import errors
 from planes.plugins.evidence import open_log
 from planes.plugins.evidence.fsck import fsck
 from planes.plugins.evidence.store import u64_array
@@ -302,7 +303,10 @@ def test_a_format_1_log_is_migrated_and_still_verifies(tmp_path, filled):
         assert migrated.query("acme", correlation_id="corr-1")[3].fields[0].string_value == "p3"
         proof = migrated.prove_inclusion("acme", "e4")
         assert proof.checkpoint == filled.prove_inclusion("acme", "e4").checkpoint
-        assert migrated.append("acme", [event("e4")], SERVICE).duplicates == 1, "replays are still found"
+        replay = event("e4", prompt="p4", blob=bytes([4]) * 8)  # the same content: a replay, compared by value
+        assert migrated.append("acme", [replay], SERVICE).duplicates == 1, "replays are still found"
+        with pytest.raises(errors.AlreadyExists, match="'e4' was already appended"):
+            migrated.append("acme", [event("e4")], SERVICE)
     finally:
         migrated.store.close()
 

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from planes.common.v1 import common_pb2
 from planes.kernel import errors
 from planes.kernel.identity import Identity
 from planes.native import load
@@ -322,3 +323,118 @@ def test_proofs_against_one_checkpoint_read_the_leaf_hashes_once(log, monkeypatc
 def pb_checkpoint_size(signed) -> int:
     from planes.evidence.v1 import evidence_service_pb2 as pb
     return pb.Checkpoint.FromString(signed.checkpoint).tree_size
+
+
+# -- replays: an id stored again is acknowledged only with the same content -----------------------------------
+
+
+def _state(log):
+    return log.size, log.head, [(e.event_id, [(f.name, f.string_value, f.bytes_value) for f in e.fields])
+                                for e in log.query("acme")]
+
+
+def _changed(change):
+    replay = event("e1", note="hello")
+    change(replay)
+    return replay
+
+
+@pytest.mark.parametrize(("change", "what"), [
+    (lambda e: setattr(e.fields[0], "string_value", "different"), "field 'note'"),
+    (lambda e: setattr(e, "event_type", "tool.failed"), "event_type"),
+    (lambda e: setattr(e.correlation, "correlation_id", "corr-2"), "correlation_id"),
+    (lambda e: setattr(e.correlation, "request_id", "r-2"), "request_id"),
+    (lambda e: setattr(e.correlation, "trace_id", "t-2"), "trace_id"),
+    (lambda e: setattr(e.correlation, "actor", "someone-else"), "actor"),
+    (lambda e: e.time.FromNanoseconds(5), "time"),
+    (lambda e: setattr(e.config, "revision", 9), "config"),
+    (lambda e: setattr(e, "corrects_event_id", "e0"), "corrects_event_id"),
+    (lambda e: setattr(e.fields[0], "name", "other"), "field names"),
+    (lambda e: e.fields.add(name="extra", string_value="x"), "field names"),
+    (lambda e: setattr(e.fields[0], "bytes_value", b"hello"), "field 'note'"),
+    (lambda e: setattr(e.fields[0], "classification", 1), "field 'note'"),
+    (lambda e: setattr(e.fields[0].commitment, "value", bytes(32)), "field 'note'"),
+], ids=["value", "type", "correlation", "request", "trace", "actor", "time", "config", "corrects", "name",
+        "extra-field", "kind", "classification", "commitment"])
+def test_a_replay_with_other_content_is_refused_and_nothing_of_its_batch_is_stored(log, change, what):
+    first = log.append("acme", [event("e1", note="hello")], SERVICE)
+    before = _state(log)
+    with pytest.raises(errors.AlreadyExists) as caught:
+        log.append("acme", [event("e2", note="new"), _changed(change)], SERVICE)
+    message = caught.value.message
+    assert "event 1: event id 'e1' was already appended (sequence 1) with different content" in message
+    assert f"({what})" in message and "hello" not in message, "it says which part differs, never a value"
+    assert caught.value.metadata == {"event_id": "e1", "sequence": "1"}
+    assert _state(log) == before, "nothing of the refused batch was stored"
+    assert log.store.event("acme", "e2") is None
+    again = log.append("acme", [event("e1", note="hello")], SERVICE)
+    assert (again.sequences, again.appended, again.duplicates, again.chain_head) == ([1], 0, 1, first.chain_head)
+
+
+def test_an_identical_replay_is_acknowledged_with_the_stored_sequence(log):
+    stamped = event("e2", note="at five")
+    stamped.time.FromNanoseconds(5)
+    stamped.correlation.actor = "billing-svc"  # the appender, named: what the log records when none is named
+    first = log.append("acme", [event("e1", note="hello", blob=b"\x00\x01"), stamped], SERVICE)
+    unstamped = event("e1", note="hello", blob=b"\x00\x01")  # no time, no actor: both are the log's to fill in
+    again = log.append("acme", [unstamped, stamped, event("e3")], SERVICE)
+    assert (again.sequences, again.appended, again.duplicates) == ([1, 2, 3], 1, 2)
+    assert first.sequences == [1, 2] and log.size == 3
+    reordered = event("e1", blob=b"\x00\x01", note="hello")  # fields are compared by name
+    assert log.append("acme", [reordered], SERVICE).sequences == [1]
+
+
+def test_one_id_twice_in_a_batch_with_other_content_is_refused(log):
+    log.append("acme", [event("e0")], SERVICE)
+    before = _state(log)
+    with pytest.raises(errors.InvalidArgument,
+                       match=r"event 2: event id 'e1' appears earlier in this batch with different content "
+                             r"\(field 'note'\)"):
+        log.append("acme", [event("e1", note="hello"), event("e5"), event("e1", note="different")], SERVICE)
+    assert _state(log) == before
+    same = log.append("acme", [event("e1", note="hello"), event("e1", note="hello")], SERVICE)
+    assert (same.sequences, same.appended, same.duplicates) == ([2, 2], 1, 1)
+
+
+def test_a_replay_of_an_event_whose_value_was_redacted_is_confirmed_only_through_its_salt(log):
+    """The salt goes with the value, so the commitment cannot be recomputed from the store: a replay is
+    acknowledged only when it carries the salt it was first sent with; everything else is still compared."""
+    salted = event("e1", note="card 4111", model="m1")
+    salted.fields[0].salt = b"s" * 16
+    log.append("acme", [salted], SERVICE)
+    log.redact("acme", "e1", "note", "PII", Identity("rev", "acme", frozenset({"reviewer"})))
+    before = _state(log)
+    assert log.append("acme", [salted], SERVICE).sequences == [1], "the sent salt confirms the commitment"
+    unsalted = event("e1", note="card 4111", model="m1")
+    with pytest.raises(errors.FailedPrecondition,
+                       match=r"event id 'e1' was already appended \(sequence 1\) and the raw value of its field "
+                             r"'note' is not stored"):
+        log.append("acme", [event("e9"), unsalted], SERVICE)
+    other = event("e1", note="card 5500", model="m1")
+    other.fields[0].salt = b"s" * 16
+    with pytest.raises(errors.FailedPrecondition, match="cannot be confirmed"):
+        log.append("acme", [other], SERVICE)
+    with pytest.raises(errors.AlreadyExists, match=r"\(field 'model'\)"):
+        log.append("acme", [event("e1", note="card 4111", model="m2")], SERVICE)
+    assert _state(log) == before, "no refused replay stored anything"
+
+
+def test_a_replay_of_a_pruned_event_is_compared_by_what_the_leaf_still_says(log):
+    log.append("acme", [event("e1", event_type="chat.message", note="hello")], SERVICE)
+    log.clock = lambda: 4e9  # 2096: long past the event
+    assert log.prune({"chat.message": 1.0})
+    with pytest.raises(errors.FailedPrecondition, match="'note' is not stored"):
+        log.append("acme", [event("e1", event_type="chat.message", note="hello")], SERVICE)
+    with pytest.raises(errors.AlreadyExists, match=r"\(event_type\)"):
+        log.append("acme", [event("e1", note="hello")], SERVICE)
+
+
+def test_a_field_withheld_at_the_source_is_compared_by_its_commitment(log):
+    withheld = event("e1")
+    withheld.fields.add(name="doc", commitment=common_pb2.Digest(value=b"c" * 32))
+    log.append("acme", [withheld], SERVICE)
+    assert log.append("acme", [withheld], SERVICE).sequences == [1]
+    other = event("e1")
+    other.fields.add(name="doc", commitment=common_pb2.Digest(value=b"d" * 32))
+    with pytest.raises(errors.AlreadyExists, match=r"\(field 'doc'\)"):
+        log.append("acme", [other], SERVICE)

@@ -137,3 +137,34 @@ def test_an_append_between_pushes_makes_the_batch_encoded_ahead_encode_again(log
     assert pipeline.finish() is None
     assert_log_verifies(log)
 
+
+
+def test_a_pipelined_replay_with_other_content_is_refused_and_named(log):
+    """The native path finds the replay through the id index; the batch is refused whole, the ones before stay."""
+    changed = pb.AppendEventsRequest(events=[event("new-0"), event("ok-3", correlation="ok-c0", prompt="different",
+                                                                        digest=bytes(32))])
+    with pytest.raises(errors.AlreadyExists,
+                       match=r"^batch 1: event 1: event id 'ok-3' was already appended \(sequence 4\) with "
+                             r"different content \(field 'prompt'\)"):
+        log.append_many([("acme", request("ok", 50)), ("acme", changed.SerializeToString()),
+                         ("acme", request("later", 50))], SERVICE)
+    assert log.size == 50 and log.store.event("acme", "new-0") is None
+    assert {f.name: f.string_value for f in log.query("acme", limit=10)[3].fields}["prompt"] == "hello"
+    retried = log.append_many([("acme", request("ok", 50)), ("acme", request("later", 50))], SERVICE)
+    assert (retried[0].appended, retried[0].duplicates) == (0, 50), "identical replays are still acknowledged"
+    assert retried[1].sequences == list(range(51, 101))
+    assert_log_verifies(log)
+
+
+def test_append_encoded_refuses_one_id_twice_with_other_content_and_a_changed_replay(log):
+    log.append_encoded("acme", request("ok", 5), SERVICE)
+    head = log.head
+    twice = pb.AppendEventsRequest(events=[event("d-1", prompt="a"), event("d-1", prompt="b")])
+    with pytest.raises(errors.InvalidArgument, match=r"event 1: event id 'd-1' appears earlier in this batch"):
+        log.append_encoded("acme", twice.SerializeToString(), SERVICE)
+    changed = pb.AppendEventsRequest(events=[event("ok-0", event_type="tool.failed", correlation="ok-c0",
+                                                   prompt="hello", digest=bytes(32))])
+    with pytest.raises(errors.AlreadyExists, match=r"event 0: event id 'ok-0' .* \(event_type\)"):
+        log.append_encoded("acme", changed.SerializeToString(), SERVICE)
+    assert (log.size, log.head) == (5, head)
+    assert log.append_encoded("acme", request("ok", 5), SERVICE).sequences == [1, 2, 3, 4, 5]

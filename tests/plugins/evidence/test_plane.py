@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -72,6 +73,25 @@ def test_append_query_and_tenant_scope(run, tmp_path):
     assert (streamed.appended, streamed.duplicates, streamed.last_sequence) == (3, 1, 4)
     assert found == ["e1", "e2", "e3", "e4"]
     assert other == [], "another tenant sees none of acme's events"
+
+
+def test_a_changed_replay_reaches_a_remote_caller_as_already_exists(run, tmp_path):
+    async def scenario(client):
+        service = client(("service",))
+        first = await service.append_events(pb.AppendEventsRequest(events=[event("e1", note="hello")]), timeout=5)
+        with pytest.raises(errors.AlreadyExists) as caught:
+            await service.append_events(pb.AppendEventsRequest(events=[event("e2"), event("e1", note="different")]),
+                                        timeout=5)
+        again = await service.append_events(pb.AppendEventsRequest(events=[event("e1", note="hello")]), timeout=5)
+        found = [e.event_id async for page in client(("reviewer",)).query_events(pb.QueryEventsRequest())
+                 for e in page.events]
+        return first, caught.value, again, found
+
+    first, refused, again, found = _serve(run, tmp_path, scenario)
+    assert "event id 'e1' was already appended (sequence 1) with different content (field 'note')" in refused.message
+    assert refused.metadata["event_id"] == "e1"
+    assert list(again.sequences) == [1] and again.chain_head == first.chain_head
+    assert found == ["e1"], "nothing of the refused request was stored"
 
 
 def test_a_stream_with_a_bad_batch_keeps_the_batches_before_it_and_names_the_bad_one(run, tmp_path):
@@ -155,8 +175,9 @@ def test_stopping_signs_a_checkpoint_covering_every_event(run, tmp_path):
     assert reopened.store.checkpoint()[0] == 2
 
 
-def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
-    """A reviewer's whole path as commands: serve, export, verify."""
+@contextlib.contextmanager
+def _cli_kernel(tmp_path):
+    """A kernel served by ``planes serve`` in a child process: (cli, env, tokens by role, port)."""
     import os
     import socket
     import time
@@ -180,17 +201,29 @@ def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
                                      "--out", str(path)], env=env, capture_output=True, text=True)
             assert issued.returncode == 0, issued.stderr
             tokens[role] = path.read_text().strip()
+        yield cli, env, tokens, port
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
 
-        async def append():
-            client = connect(f"127.0.0.1:{port}", EvidencePlane, token=tokens["service"])
-            try:
-                await client.append_events(pb.AppendEventsRequest(events=[event("x1", correlation="case-7")]),
-                                           timeout=10)
-            finally:
-                await client.close()
 
-        from planes.kernel.runtime import run as run_loop
-        run_loop(append())
+def _append_over_grpc(port, token, events):
+    async def append():
+        client = connect(f"127.0.0.1:{port}", EvidencePlane, token=token)
+        try:
+            await client.append_events(pb.AppendEventsRequest(events=events), timeout=10)
+        finally:
+            await client.close()
+
+    from planes.kernel.runtime import run as run_loop
+    run_loop(append())
+
+
+def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
+    """A reviewer's whole path as commands: serve, export, verify."""
+    with _cli_kernel(tmp_path) as (cli, env, tokens, port):
+        state = tmp_path / "state"
+        _append_over_grpc(port, tokens["service"], [event("x1", correlation="case-7")])
         bundle = tmp_path / "case-7.json"
         exported = subprocess.run([*cli, "evidence", "export", "--correlation-id", "case-7", "--out", str(bundle),
                                    "--token-file", str(tmp_path / "reviewer.token")], env=env,
@@ -205,9 +238,49 @@ def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
         verified = subprocess.run([*cli, "evidence", "verify", str(bundle), "--public-key",
                                    str(state / "keys" / "evidence-signing.pub.pem")], capture_output=True, text=True)
         assert verified.returncode == 0, verified.stderr
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
+
+
+def test_the_cli_exports_nothing_as_an_error_and_a_bundle_owner_only_never_over_a_file(tmp_path):
+    """No matching events: one line, exit 1, no file. A bundle (raw values) is 0600, whole, and never replaces a file."""
+    import base64
+    import os
+    import stat
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with _cli_kernel(tmp_path) as (cli, env, tokens, port):
+        _append_over_grpc(port, tokens["service"], [event("x1", correlation="case-7", prompt="card 4111")])
+
+        def export(correlation_id, out, *extra):
+            return subprocess.run([*cli, "evidence", "export", "--correlation-id", correlation_id, "--out", str(out),
+                                   "--token-file", str(tmp_path / "reviewer.token"), *extra], env=env,
+                                  capture_output=True, text=True)
+
+        nothing = export("case-8", out_dir / "empty.json")
+        assert nothing.returncode == 1 and nothing.stdout == "", nothing.stdout
+        assert nothing.stderr.strip().count("\n") == 0 and "Traceback" not in nothing.stderr
+        assert "no events for tenant 'acme' match correlation id 'case-8'; nothing written" in nothing.stderr
+        named = export("case-7", out_dir / "other.json", "--tenant", "globex")  # a reviewer of acme: refused
+        assert named.returncode == 1 and not (out_dir / "other.json").exists()
+
+        old_umask = os.umask(0)  # even a permissive umask leaves the bundle owner-only
+        try:
+            bundle = out_dir / "case-7.json"
+            written = export("case-7", bundle)
+        finally:
+            os.umask(old_umask)
+        assert written.returncode == 0, written.stderr
+        assert "wrote" in written.stdout and "1 events" in written.stdout
+        assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+        assert sorted(p.name for p in out_dir.iterdir()) == ["case-7.json"], "no file beside it, no temporary left"
+        content = bundle.read_bytes()
+        assert base64.b64encode(b"card 4111") in content, "the bundle holds raw values: why it is owner-only"
+
+        existing = out_dir / "kept.json"
+        existing.write_bytes(b"mine")
+        again = export("case-7", existing)
+        assert again.returncode == 1 and "exists; choose another path" in again.stderr
+        assert existing.read_bytes() == b"mine" and bundle.read_bytes() == content
 
 
 def test_export_to_a_remote_kernel_needs_tls_before_any_connection(tmp_path):
