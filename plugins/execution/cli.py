@@ -154,8 +154,9 @@ def cmd_task(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
     address = client_address(args, settings)
-    # The admin token fallback goes to a loopback address only; TLS is needed for any other.
-    token, tls = client_token(args, settings, address=address), client_tls(args)
+    # No admin.token fallback: the admin role reaches no TaskService call, so it would
+    # only turn "which token?" into a role error.
+    token, tls = client_token(args, settings, admin_fallback=False, address=address), client_tls(args)
     spec = load_task_spec(args.file) if args.task_action == "submit" else None
 
     def show(task: pb.Task) -> None:

@@ -19,6 +19,7 @@ import sqlite3
 from pathlib import Path
 
 from planes.execution.v1 import execution_service_pb2 as pb
+from planes.kernel.secrets import ensure_private_dir
 
 LEASED_STATES = (pb.TASK_STATE_LEASED, pb.TASK_STATE_RUNNING)
 TERMINAL_STATES = (pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED)
@@ -134,7 +135,7 @@ class SqliteTaskStore(TaskStore):
     """The embedded default: one SQLite file in WAL mode, fsynced at every commit."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL"):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -151,11 +151,11 @@ def test_a_remote_address_without_tls_is_refused_with_the_kernels_message(run, t
     async def main():
         return await asyncio.gather(
             _planes(Local, "task", "get", "t-1", "--address", "192.0.2.1:7443", "--token-file", str(token)),
-            # No token given: the state directory's admin token is not sent to another host.
+            # No token given: nothing is sent; the state directory's admin token is no task token.
             _planes(Local, "task", "get", "t-1", "--address", "192.0.2.1:7443"))
     (code, _, err), (admin_code, _, admin_err) = run(main())
     assert code == 1 and "refusing to connect to 192.0.2.1:7443 without TLS" in err and "--ca-file" in err
-    assert admin_code == 1 and "only sent to a loopback address" in admin_err
+    assert admin_code == 1 and "this command needs a token" in admin_err
 
 
 # -- what a task's commands show and how they end ---------------------------------------------
@@ -234,3 +234,12 @@ def test_task_deny_then_watch_and_cancel_then_watch_end_non_zero(scenario):
     assert watch_denied[2].strip() == f"planes: task {denied_id} was denied: approval.denied: not today"
     assert watch_cancelled[0] == 1
     assert watch_cancelled[2].strip() == f"planes: task {cancelled_id} was cancelled: cancelled: superseded"
+
+
+def test_task_commands_ask_for_a_token_rather_than_send_the_admin_one(scenario):
+    """The admin role reaches no TaskService call: without --token-file the command says what it needs."""
+    async def body(cluster):
+        return await _planes(cluster, "task", "get", "t-1", "--address", cluster.address)
+    code, _, err = scenario(body)
+    assert code == 1
+    assert err.splitlines() == ["planes: error: this command needs a token: --token-file or PLANES_TOKEN"]
