@@ -38,14 +38,20 @@ class EvidencePlane(PlaneContract):
         Called by services, workers and the other planes' evidence writers.
         Assigns sequences in order, computes missing salts and commitments,
         extends the chain, and answers only after the batch is durable. An
-        event whose id is already in the log keeps its sequence and is not
-        appended again, so replaying a batch is safe. The batch is appended
-        whole or not at all.
+        event whose id is already in the log with the same content keeps its
+        sequence and is not appended again, so replaying a batch is safe. The
+        batch is appended whole or not at all.
 
         Raises:
             InvalidArgument: an event without an id or type, a tenant in an
-                event's correlation other than the request's, or a commitment
-                that does not match its value.
+                event's correlation other than the request's, a commitment
+                that does not match its value, or one id twice in the batch
+                with different content.
+            AlreadyExists: an event id already in the log with different
+                content (the error names the id and what differs, never a value).
+            FailedPrecondition: a replay of an event whose raw value was
+                redacted or pruned, which cannot be confirmed without the salt
+                it was first sent with.
             LimitExceeded: too many events or bytes in one batch.
             Unavailable: the store cannot make the batch durable.
         """

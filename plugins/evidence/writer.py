@@ -67,6 +67,9 @@ class Gap:
     events: int = 0
     batches: int = 0
     cause: str = ""
+    #: The policy in force when the events were lost, kept with the counts: a gap event
+    #: resent after a restart with another spool bound must be the same event.
+    policy: str = ""
 
 
 def _header(length: int, nonce: bytes) -> bytes:
@@ -344,6 +347,7 @@ class EvidenceWriter:
         gap.events += len(request.events)
         gap.batches += 1
         gap.cause = cause
+        gap.policy = gap.policy or self._policy()
         self._save_gaps()
 
     def _save_gaps(self) -> None:
@@ -387,11 +391,14 @@ class EvidenceWriter:
                     self._save_gaps()
             return sent
 
+    def _policy(self) -> str:
+        return f"buffer, spool bound {self.spool.max_bytes} bytes"
+
     def _gap_request(self, tenant: str, gap: Gap) -> pb.AppendEventsRequest:
         event = pb.Event(event_id=f"gap:{tenant}:{gap.first_ns}:{gap.last_ns}:{gap.events}", event_type="gap",
                          correlation=common_pb2.Correlation(tenant=tenant, actor="evidence-writer"))
         for name, value in (("first_ns", gap.first_ns), ("last_ns", gap.last_ns), ("lost_events", gap.events),
                             ("lost_batches", gap.batches), ("cause", gap.cause),
-                            ("policy", f"buffer, spool bound {self.spool.max_bytes} bytes")):
+                            ("policy", gap.policy or self._policy())):
             event.fields.add(name=name, string_value=str(value))
         return pb.AppendEventsRequest(tenant=tenant, events=[event])

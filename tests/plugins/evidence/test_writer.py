@@ -340,3 +340,33 @@ def test_spool_without_record_checksums_ending_in_an_incomplete_record_is_refuse
     with pytest.raises(SpoolCorrupted, match=f"{path}.*offset {keep}.*truncate the file to {keep} bytes"):
         Spool(tmp_path, max_bytes=10_000)
     assert path.read_bytes() == whole[:-3]
+
+
+def test_a_gap_event_whose_acknowledgement_was_lost_is_resent_unchanged_after_a_restart_with_another_bound(
+        run, plane, tmp_path, log):
+    """The policy is kept with the sealed gap: the resent event is the stored one, not a changed replay."""
+    async def acknowledgement_lost():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=10)
+        plane.up = False
+        await writer.record("acme", [event("lost-1")])
+        plane.up = True
+
+        class StoredThenCut:
+            async def append_events(self, request, *, timeout=None):
+                await plane.append_events(request, timeout=timeout)
+                raise errors.Unavailable("connection reset")
+
+        writer.client = StoredThenCut()
+        with pytest.raises(errors.Unavailable):
+            await writer.replay()
+
+    async def after_the_restart():
+        writer = EvidenceWriter(plane, tmp_path / "spool", max_spool_bytes=4096)
+        assert writer.backlog
+        return await writer.replay()
+
+    run(acknowledgement_lost())
+    assert run(after_the_restart()) == 0
+    gaps = [{f.name: f.string_value for f in e.fields} for e in log.query("acme") if e.event_type == "gap"]
+    assert len(gaps) == 1 and gaps[0]["lost_events"] == "1"
+    assert gaps[0]["policy"] == "buffer, spool bound 10 bytes", "the bound in force when the event was lost"
