@@ -43,7 +43,7 @@ from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailabl
 from planes.kernel.files import fsync_dir
 
 __all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
-from planes.kernel.secrets import read_secret, write_replacing, write_secret
+from planes.kernel.secrets import ensure_private_dir, read_secret, write_replacing, write_secret
 
 #: Opens a spool file in the current format; an older spool (records from the
 #: start of the file, no header checksums) is read once and rewritten in it.
@@ -88,7 +88,7 @@ class Spool:
     """
 
     def __init__(self, directory: Path, *, max_bytes: int):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(directory)
         key_path = directory / "spool.key"
         write_secret(key_path, AESGCM.generate_key(bit_length=256))
         self._aead = AESGCM(read_secret(key_path))

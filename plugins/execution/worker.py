@@ -659,6 +659,7 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
 
     tools: dict[str, ToolAdapter] = {}
     models: dict[str, ModelAdapter] = {}
+    owners: dict[str, str] = {}
     kernel = WorkerKernel(settings)
     disabled = set(settings.plugins.disabled)
     for candidate in discover(settings):
@@ -689,7 +690,13 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
             check_implementation(plugin, provision, implementation)
             _check_async(plugin, provision, implementation)
             point = provision.contract.extension_point
-            (tools if point == "tool_adapter" else models)[provision.name] = implementation
+            found = tools if point == "tool_adapter" else models
+            if provision.name in found:
+                # Tasks name adapters: two under one name would make which one runs depend on discovery order.
+                raise PluginError(plugin.name, f"provides {provision.key}, which plugin "
+                                               f"{owners[provision.key]!r} provides too; disable one in [plugins] disabled")
+            found[provision.name] = implementation
+            owners[provision.key] = plugin.name
     python = tools.get("python")
     if isinstance(python, PythonAdapter) and python_modules:
         python.allowed_modules = tuple(python.allowed_modules) + tuple(python_modules)

@@ -94,3 +94,12 @@ class FutureContractPlugin(Plugin):
 
     def implementation(self, provision):
         return GreetingAdapter("never")
+
+
+class OtherGreetingPlugin(GreetingPlugin):
+    """A second plugin with an adapter named ``greet``: which one a task gets must not be left to discovery order."""
+
+    name = "other-greeting"
+
+    def setup(self, kernel) -> None:
+        self.greeting = "other"

@@ -90,3 +90,12 @@ def test_planes_worker_stops_with_one_line_naming_the_plugin(tmp_path, plugin_cl
     assert len(lines) == 1 and lines[0].startswith(f"planes: error: plugin {name!r}: "), done.stderr
     assert problem in lines[0]
     assert "worker " not in done.stdout, "it never started"
+
+
+def test_two_plugins_with_one_adapter_name_are_refused(tmp_path):
+    with pytest.raises(PluginError) as raised:
+        load_adapters(_settings(tmp_path, f"{HERE}:GreetingPlugin", f"{HERE}:OtherGreetingPlugin",
+                                greeting={"greeting": "hello"}))
+    assert raised.value.plugin == "other-greeting"
+    assert raised.value.problem == ("provides tool_adapter:greet, which plugin 'greeting' provides too; "
+                                    "disable one in [plugins] disabled")
