@@ -8,6 +8,7 @@ never at first call.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -129,6 +130,13 @@ def check_implementation(plugin: Plugin, provision: Provision, implementation: A
         ]
     if missing:
         raise PluginError(plugin.name, f"{provision.key} implementation lacks {', '.join(sorted(missing))}")
+    if not provision.is_plane:
+        # Extensions are awaited by their host (a worker, a plane): a plain def would fail every call, not start-up.
+        plain = sorted(name for name, _ in inspect.getmembers(provision.contract, inspect.iscoroutinefunction)
+                       if not inspect.iscoroutinefunction(getattr(implementation, name, None)))
+        if plain:
+            raise PluginError(plugin.name, f"{provision.key} implementation has a plain def where async def is "
+                                           f"needed: {', '.join(plain)}")
 
 
 class PluginHost:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -688,7 +687,6 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
                 raise PluginError(plugin.name, f"cannot make its {provision.key} implementation: "
                                                f"{type(exc).__name__}: {exc}") from exc
             check_implementation(plugin, provision, implementation)
-            _check_async(plugin, provision, implementation)
             point = provision.contract.extension_point
             found = tools if point == "tool_adapter" else models
             if provision.name in found:
@@ -701,21 +699,6 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
     if isinstance(python, PythonAdapter) and python_modules:
         python.allowed_modules = tuple(python.allowed_modules) + tuple(python_modules)
     return tools, models
-
-
-def _check_async(plugin, provision, implementation) -> None:
-    """Refuse a plain ``def`` where the extension point has ``async def``, as the kernel does for planes.
-
-    The kernel's ``check_implementation`` checks only that an extension's
-    methods exist; the worker awaits these, so a plain one would fail each task.
-    """
-    from planes.kernel.errors import PluginError
-
-    plain = sorted(name for name, _ in inspect.getmembers(provision.contract, inspect.iscoroutinefunction)
-                   if not inspect.iscoroutinefunction(getattr(implementation, name, None)))
-    if plain:
-        raise PluginError(plugin.name, f"{provision.key} implementation has a plain def where async def is "
-                                       f"needed: {', '.join(plain)}")
 
 
 def worker_health_callable(worker: Worker) -> Callable[[], common_pb2.HealthSummary]:

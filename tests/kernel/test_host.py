@@ -10,7 +10,7 @@ import pytest
 from planes.kernel.errors import PluginError
 from planes.kernel.host import PluginHost, discover
 from planes.kernel.kernel import Kernel
-from planes.kernel.plugin import Plugin
+from planes.kernel.plugin import Plugin, Provision
 from tests.conftest import RecordingDiagnostics, RecordingPlugin, candidates, make_settings
 from tests.kernel.test_cli import planes
 
@@ -258,3 +258,30 @@ def test_planes_plugins_reports_a_required_plane_nobody_provides(tmp_path):
     assert listed.returncode == 1
     needy = [line for line in listed.stdout.splitlines() if line.startswith("needy")]
     assert needy and "invalid" in needy[0] and "requires the nowhere plane" in needy[0], listed.stdout
+
+
+def test_an_extension_with_a_plain_def_where_async_is_required_is_refused_at_open(tmp_path):
+    """Extensions are awaited by their host: a plain def is refused at start-up, as for a plane."""
+    from planes.plugins.execution.tools import ToolAdapter, ToolDescription
+
+    class PlainTool(ToolAdapter):
+        def describe(self, contract):
+            return ToolDescription("plain", "test")
+
+        def invoke(self, call, context):  # type: ignore[override]
+            return None
+
+    class Plug(Plugin):
+        name = "plain-tool"
+        version = "1.0.0"
+        provides = (Provision(ToolAdapter, supports=("1.0", "2.0"), name="plain"),)
+
+        def implementation(self, provision):
+            return PlainTool()
+
+    settings = make_settings(tmp_path)
+    with pytest.raises(PluginError) as raised:
+        Kernel(settings, PluginHost.load(settings, candidates(Plug()))).open()
+    assert raised.value.plugin == "plain-tool"
+    assert raised.value.problem == ("tool_adapter:plain implementation has a plain def where async def is needed: "
+                                    "invoke")
