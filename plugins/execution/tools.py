@@ -190,9 +190,10 @@ class ToolAdapter(abc.ABC):
     def describe(self, contract: ToolContract) -> ToolDescription:
         """Check a tool contract's ``target`` for this adapter and say what it runs.
 
-        Called when a worker first meets a contract. Raise
-        :class:`~planes.kernel.errors.InvalidArgument` naming the field when the
-        target is unusable.
+        The worker does not call it: an adapter calls it from :meth:`invoke`
+        (the built-in ones do), so a bad target fails the call that uses it.
+        Raise :class:`~planes.kernel.errors.InvalidArgument` naming the field
+        when the target is unusable.
         """
 
     @abc.abstractmethod
@@ -216,4 +217,5 @@ class ToolAdapter(abc.ABC):
         return Reconciliation.UNKNOWN
 
     async def close(self) -> None:
-        """Release what the adapter holds (connections, servers) when the worker stops."""
+        """Release what the adapter holds (connections, servers) when the worker stops. Optional: holds nothing."""
+        return None
