@@ -9,6 +9,8 @@ import asyncio
 import os
 from pathlib import Path
 
+from planes.kernel.errors import Unavailable
+
 from .tools import Reconciliation
 
 
@@ -45,17 +47,22 @@ async def count(arguments: dict, context) -> dict:
 
     ``pause_before`` / ``pause_after``: marker paths; the first call writes
     the marker and waits there (before or after the effect) to be killed.
+
+    ``unavailable_while``: a path; while it exists, each call makes its
+    effect and then fails with ``Unavailable``, as a service whose answer is
+    lost after it acted.
     """
     ledger = Path(arguments["ledger"])
     await _pause_once(arguments.get("pause_before"))
-    if arguments.get("dedupe") and ledger.exists() and context.idempotency_key in ledger.read_text().splitlines():
-        # An idempotent service: a repeated key changes nothing.
-        await _pause_once(arguments.get("pause_after"))
-        return {"calls": len(ledger.read_text().splitlines())}
-    with ledger.open("a") as handle:
-        handle.write(context.idempotency_key + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    # An idempotent service (dedupe): a repeated key changes nothing.
+    if not (arguments.get("dedupe") and ledger.exists()
+            and context.idempotency_key in ledger.read_text().splitlines()):
+        with ledger.open("a") as handle:
+            handle.write(context.idempotency_key + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    if arguments.get("unavailable_while") and os.path.exists(arguments["unavailable_while"]):
+        raise Unavailable("the counter's answer was lost after it acted")
     await _pause_once(arguments.get("pause_after"))
     return {"calls": len(ledger.read_text().splitlines())}
 

@@ -466,6 +466,12 @@ class Worker:
         """Record what became of an effect that was stopped or failed mid-call."""
         if isinstance(exc, _LeaseLost) or attempt.lost:
             return  # a later attempt resolves it through the ledger
+        if isinstance(exc, RETRYABLE):
+            # The tool may or may not have acted (a timeout mid-call, a connection cut after the
+            # request went out): the outcome is unknown, not failed. Left open, the next attempt
+            # repeats an idempotent tool with the same key, or asks reconcile about another;
+            # recorded as failed, it would only fail the task once it was re-queued.
+            return
         state, error = pb.EFFECT_STATE_FAILED, getattr(exc, "message", type(exc).__name__)
         if isinstance(exc, _TaskCancelled):
             error = "cancelled mid-call"

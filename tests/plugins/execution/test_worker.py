@@ -157,3 +157,38 @@ def test_cancelling_in_the_middle_of_a_tool_call_stops_it(scenario, tmp_path):
     assert end.state == pb.TASK_STATE_CANCELLED
     outcome = [_fields(e) for e in events if e.event_type == "effect.failed"]
     assert outcome and outcome[0]["error"] == "cancelled mid-call", "the interrupted effect's outcome is recorded"
+
+
+@pytest.mark.parametrize("tool_name, expected", [("count-idem", "retried"), ("count", "reconciled")])
+def test_a_tool_whose_answer_was_lost_is_resolved_by_the_next_attempt_not_failed(scenario, tmp_path, tool_name,
+                                                                                   expected):
+    """Unavailable after the tool acted: the outcome is unknown, so the effect stays open for the next attempt,
+    which repeats an idempotent tool with the same key or reconciles another; the effect happens once."""
+    ledger, down = tmp_path / "ledger", tmp_path / "down"
+    down.write_text("the counter's answers are lost")
+
+    async def body(cluster):
+        cluster.worker_process("flaky")
+        tasks = cluster.tasks()
+        action = tool("b", tool_name, ledger=str(ledger), unavailable_while=str(down), dedupe=True)
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(action)))
+        task_id = submitted.task.task_id
+
+        async def later_attempt() -> bool:
+            task = (await tasks.get_task(pb.GetTaskRequest(tenant="acme", task_id=task_id))).task
+            return task.attempt_epoch >= 2 or task.state in DONE
+
+        deadline = time.monotonic() + 60
+        while not await later_attempt():
+            assert time.monotonic() < deadline, "the first attempt never ended"
+            await asyncio.sleep(0.05)
+        down.unlink()
+        end = await wait_state(tasks, task_id, *DONE, timeout=60)
+        events = await cluster.events(submitted.task.spec.correlation.correlation_id)
+        return end, events
+    end, events = scenario(body)
+    assert end.state == pb.TASK_STATE_COMPLETED, end.failure
+    assert ledger.read_text().splitlines() == [f"{end.task_id}/b"], "the effect happened exactly once"
+    committed = [_fields(e) for e in events if e.event_type == "effect.committed"]
+    assert len(committed) == 1 and committed[0]["note.resolved"] == expected
+    assert not [e for e in events if e.event_type == "effect.failed"], "a lost answer is not a failure"
