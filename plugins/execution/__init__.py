@@ -9,7 +9,8 @@ registers the built-in tool adapters (python, subprocess, http, mcp) and model
 routes (echo, openai) as extensions, like any third-party adapter.
 
 Settings (``[plugin.execution]``): ``lease_seconds`` (30), ``heartbeat_seconds``
-(10), ``max_attempts`` (3), ``reap_seconds`` (how often expired leases are
+(10), ``max_attempts`` (3), ``max_spec_bytes`` (1 MiB: a larger task spec is
+refused with RESOURCE_EXHAUSTED; bulk data goes in payloads), ``reap_seconds`` (how often expired leases are
 looked for, default a quarter of the lease, at most 1), ``synchronous``
 (SQLite, ``FULL``), ``control_public_key`` (PEM of the snapshot signing key;
 default the local control plane's).
@@ -67,7 +68,8 @@ class ExecutionPlugin(Plugin):
         lease = float(settings.get("lease_seconds", 30.0))
         self.engine_settings = EngineSettings(
             lease_seconds=lease, heartbeat_seconds=float(settings.get("heartbeat_seconds", min(10.0, lease / 3))),
-            max_attempts=int(settings.get("max_attempts", 3)))
+            max_attempts=int(settings.get("max_attempts", 3)),
+            max_spec_bytes=int(settings.get("max_spec_bytes", EngineSettings.max_spec_bytes)))
         self.reap_seconds = float(settings.get("reap_seconds", min(1.0, lease / 4)))
         key_path = Path(settings.get("control_public_key", kernel.state_dir / CONTROL_PUBLIC_KEY))
         if not key_path.exists():

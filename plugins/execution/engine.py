@@ -88,6 +88,9 @@ class EngineSettings:
     #: Attempts (leases) a task gets before it fails as attempts.exhausted.
     max_attempts: int = 3
     max_lease_batch: int = 256
+    #: Largest task spec accepted, serialized. Every transition stores the task again and every
+    #: worker lease carries it, so bulk data belongs in payloads (``inputs``), not in arguments.
+    max_spec_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,12 @@ class ExecutionEngine:
             raise InvalidArgument("the task's deadline is in the past")
         if len(spec.idempotency_key) > 256:
             raise InvalidArgument("idempotency_key is longer than 256 characters")
+        size = spec.ByteSize()
+        if size > self.settings.max_spec_bytes:
+            raise LimitExceeded("task spec bytes", self.settings.max_spec_bytes, size,
+                                message=f"the task spec is {size} bytes, over the limit of "
+                                        f"{self.settings.max_spec_bytes}: pass bulk data as payloads "
+                                        "(the spec's inputs), not as arguments")
         for ref in spec.inputs:
             if not ref.payload_id:
                 raise InvalidArgument("an input payload reference has no payload_id")

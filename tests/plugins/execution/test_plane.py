@@ -387,3 +387,32 @@ def test_a_worker_is_leased_only_tasks_it_has_the_adapters_for(scenario):
     shell, plain, got, other = scenario(body)
     assert [lease.task.task_id for lease in got.leases] == [plain.task.task_id]
     assert [lease.task.task_id for lease in other.leases] == [shell.task.task_id]
+
+
+def test_a_task_spec_over_the_size_limit_is_refused_before_it_is_stored(scenario):
+    """One tenant's 60 MB spec stalled the store for every tenant: specs are capped (1 MiB by default)."""
+    limit = 1 << 20
+
+    def sized(total: int, key: str) -> pb.TaskSpec:
+        task = spec(tool("a", "upper", text=""), key=key)
+        overhead = task.ByteSize()
+        text = "x" * (total - overhead)
+        task = spec(tool("a", "upper", text=text), key=key)
+        while task.ByteSize() > total:  # the text's length prefix grew by a byte or two
+            text = text[:-1]
+            task = spec(tool("a", "upper", text=text), key=key)
+        assert task.ByteSize() == total
+        return task
+
+    async def body(cluster):
+        tasks = cluster.tasks()
+        with pytest.raises(errors.LimitExceeded) as refused:
+            await tasks.submit_task(pb.SubmitTaskRequest(task=sized(limit + 1, "big")))
+        at_limit = await tasks.submit_task(pb.SubmitTaskRequest(task=sized(limit, "at-limit")))
+        # Nothing was kept under the refused spec's idempotency key: a small spec now takes it afresh.
+        small = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"), key="big")))
+        return refused.value, at_limit, small
+    refused, at_limit, small = scenario(body)
+    assert (refused.name, refused.limit, refused.actual) == ("task spec bytes", limit, limit + 1)
+    assert "pass bulk data as payloads" in refused.message
+    assert at_limit.task.task_id and small.created
