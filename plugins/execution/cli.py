@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ def add_commands(commands) -> None:
     worker.add_argument("--token-file", help="worker token file (default: $PLANES_TOKEN); role worker")
     worker.add_argument("--config", help="settings TOML file")
     worker.add_argument("--state-dir", help="state directory (default: ./var)")
-    worker.add_argument("--name", help="worker name (default: host-pid)")
+    worker.add_argument("--name", help="worker name: its control-plane identity and config cache, kept across "
+                        "restarts (default: the host name, or host-2, host-3, ... beside running ones)")
     worker.add_argument("--tenant", default="*", help="tenant whose tasks to run ('*': every tenant)")
     worker.add_argument("--slots", type=int, default=8, help="tasks run at once (default 8)")
     worker.add_argument("--python-module", action="append", default=[],
@@ -93,11 +95,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
     name = args.name
 
-    async def main() -> None:
-        import os
-        import socket
+    worker_name, held = claim_worker_dir(settings.state_dir / "workers", name)
 
-        worker_name = name or f"{socket.gethostname()}-{os.getpid()}"
+    async def main() -> None:
         cache = CachedConfig(settings.state_dir / "workers" / worker_name / "config", control_keys(key_path),
                              served={"execution": ContractVersion(1, 0)})
         client = connect(address, WorkerPlane, token=token, **tls)
@@ -128,8 +128,48 @@ def cmd_worker(args: argparse.Namespace) -> int:
             await data.client.close()
         print(f"worker {worker_name} stopped after {worker.completed} tasks", flush=True)
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        held.release()
     return 0
+
+
+_WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def claim_worker_dir(root: Path, name: str | None):
+    """The worker's name and the lock on its directory under ``root`` (its config cache lives there).
+
+    The name is the worker's identity to the control plane (subscriber
+    ``worker:NAME``) and keeps its cache, with the revision floor that
+    refuses a rollback, across restarts. Without ``--name`` it is the host
+    name, or ``host-2``, ``host-3``, ... for the further workers running at
+    once on one host: a restart gets its directory back instead of a new one.
+    """
+    import socket
+
+    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.files import DirectoryInUse, DirectoryLock
+    from planes.kernel.secrets import ensure_private_dir
+
+    if name is not None and (not _WORKER_NAME.fullmatch(name) or ".." in name):
+        raise InvalidArgument(f"--name {name!r}: a worker name is 1-64 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit")
+    host = _WORKER_NAME.match(re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "worker")
+    host = host.group(0) if host else "worker"
+    names = [name] if name else [host, *(f"{host}-{index}" for index in range(2, 65))]
+    for candidate in names:
+        lock = DirectoryLock(ensure_private_dir(root / candidate), "worker.lock")
+        try:
+            lock.acquire()
+        except DirectoryInUse as exc:
+            if name:
+                raise InvalidArgument(f"a worker named {name!r} is already running here "
+                                      f"(pid {exc.holder or 'unknown'}); give this one another --name") from None
+            continue
+        return candidate, lock
+    raise InvalidArgument(f"64 workers named {host}... already run here; give this one a --name")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import os
 import re
 import sys
 
+import pytest
+
 from planes.execution.v1 import execution_service_pb2 as pb
 from planes.kernel.secrets import write_secret
 
@@ -243,3 +245,45 @@ def test_task_commands_ask_for_a_token_rather_than_send_the_admin_one(scenario):
     code, _, err = scenario(body)
     assert code == 1
     assert err.splitlines() == ["planes: error: this command needs a token: --token-file or PLANES_TOKEN"]
+
+
+# -- a worker's name and directory ------------------------------------------------------------
+
+def test_an_unnamed_worker_gets_the_host_name_back_after_a_restart_and_a_second_one_beside_it(tmp_path):
+    """Its name is its control-plane identity and keeps its config cache (and rollback floor) across restarts."""
+    import socket
+
+    from planes.plugins.execution.cli import claim_worker_dir
+
+    host = socket.gethostname()
+    first, first_lock = claim_worker_dir(tmp_path, None)
+    second, second_lock = claim_worker_dir(tmp_path, None)
+    assert (first, second) == (host, f"{host}-2")
+    first_lock.release()  # the first worker stops
+    again, again_lock = claim_worker_dir(tmp_path, None)
+    assert again == host, "a restart finds its own directory, not a new one"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [host, f"{host}-2"]
+    assert oct((tmp_path / host).stat().st_mode & 0o777) == "0o700"
+    again_lock.release()
+    second_lock.release()
+
+
+def test_a_named_worker_already_running_is_refused(tmp_path):
+    from planes.kernel.errors import InvalidArgument
+    from planes.plugins.execution.cli import claim_worker_dir
+
+    name, lock = claim_worker_dir(tmp_path, "w1")
+    with pytest.raises(InvalidArgument, match=r"a worker named 'w1' is already running here \(pid \d+\)"):
+        claim_worker_dir(tmp_path, "w1")
+    lock.release()
+    assert claim_worker_dir(tmp_path, "w1")[0] == "w1"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x" * 65, "sp ace"])
+def test_a_worker_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    from planes.kernel.errors import InvalidArgument
+    from planes.plugins.execution.cli import claim_worker_dir
+
+    with pytest.raises(InvalidArgument, match="a worker name is 1-64 letters"):
+        claim_worker_dir(tmp_path / "workers", name)
+    assert not (tmp_path / "workers").exists() and not (tmp_path / "escape").exists()
