@@ -21,6 +21,7 @@ require approval.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from google.protobuf import struct_pb2
@@ -77,6 +78,10 @@ def _matches(rule: dict, tool: str, side_effect: str, risk: int, rank: int) -> b
     return True
 
 
+#: What an action id may be: it is part of idempotency keys (``task/action``) and evidence.
+ACTION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
 class PolicyEngine:
     """Decides tasks and run-time actions under one :class:`RunConfig`."""
 
@@ -89,6 +94,10 @@ class PolicyEngine:
         for index, action in enumerate(spec.actions):
             if not action.action_id:
                 raise InvalidArgument(f"action {index} has no action_id")
+            if not ACTION_ID.fullmatch(action.action_id):
+                # It becomes part of idempotency keys, evidence ids and what tools see: a plain name only.
+                raise InvalidArgument(f"action {index}: action_id must be 1-64 letters, digits, '.', '_', ':' "
+                                      "or '-'")
             if action.action_id in seen:
                 raise InvalidArgument(f"action id {action.action_id!r} appears twice")
             seen.add(action.action_id)

@@ -702,8 +702,13 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
             found[provision.name] = implementation
             owners[provision.key] = plugin.name
     python = tools.get("python")
-    if isinstance(python, PythonAdapter) and python_modules:
-        python.allowed_modules = tuple(python.allowed_modules) + tuple(python_modules)
+    configured = settings.plugin_settings("execution-adapters").get("python_modules", ())
+    if isinstance(configured, str) or not all(isinstance(name, str) and name for name in configured):
+        raise PluginError("execution-adapters", "[plugin.execution-adapters] python_modules must be a list of "
+                                                "module names")
+    extra = tuple(configured) + tuple(python_modules)
+    if isinstance(python, PythonAdapter) and extra:
+        python.allowed_modules = tuple(python.allowed_modules) + extra
     return tools, models
 
 

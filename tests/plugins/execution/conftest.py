@@ -30,12 +30,14 @@ from planes.plugins.execution import BuiltinAdapters, ExecutionPlugin
 from tests.conftest import make_settings
 
 EXAMPLES = "planes.plugins.execution.examples"
+#: Tools that write where their arguments say: allowed on the tests' workers only.
+FAULT_TOOLS = "planes.plugins.execution.fault_tools"
 ECHO_JSON = "import json, sys; print(json.dumps(json.load(sys.stdin)))"
 TOOL = cpb.RESOURCE_KIND_TOOL_CONTRACT
 
 
 def python_tool(function: str, side_effect: str = "none", **extra) -> dict:
-    target = {"module": EXAMPLES, "function": function}
+    target = {"module": FAULT_TOOLS if function in ("sleep", "pause", "count") else EXAMPLES, "function": function}
     if function == "count":
         target["reconcile"] = "reconcile_count"
     return {"version": "1", "adapter": "python", "target": target, "side_effect": side_effect,
@@ -49,7 +51,7 @@ SEED = [
     (TOOL, "count", python_tool("count", "non_idempotent")),
     (TOOL, "count-idem", python_tool("count", "idempotent")),
     (TOOL, "count-blind", {**python_tool("count", "non_idempotent"),
-                           "target": {"module": EXAMPLES, "function": "count"}}),
+                           "target": {"module": FAULT_TOOLS, "function": "count"}}),
     (TOOL, "sleep", python_tool("sleep", "idempotent", timeout_seconds=60)),
     (TOOL, "deploy", python_tool("upper", "non_idempotent", approval_triggers=["always"])),
     (TOOL, "danger", python_tool("noop")),
@@ -134,7 +136,7 @@ class Cluster:
         log = open(self.state_dir / f"{name}.log", "ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "planes.kernel.cli", "worker", "--address", self.address, "--token-file",
-             str(token_file), "--name", name, "--slots", "4", *extra],
+             str(token_file), "--name", name, "--slots", "4", "--python-module", FAULT_TOOLS, *extra],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
@@ -162,7 +164,8 @@ async def wait_state(tasks: TaskPlane, task_id: str, *states: int, timeout: floa
 
 @asynccontextmanager
 async def cluster(state_dir: Path, *, execution: dict | None = None, seed=True):
-    settings = make_settings(state_dir, plugin={"execution": {**EXECUTION_SETTINGS, **(execution or {})}})
+    settings = make_settings(state_dir, plugin={"execution": {**EXECUTION_SETTINGS, **(execution or {})},
+                                                "execution-adapters": {"python_modules": [FAULT_TOOLS]}})
     plugins = [EvidencePlugin(), ControlPlugin(), ExecutionPlugin(), BuiltinAdapters()]
     kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "test", p) for p in plugins])).open()
     server = KernelServer(kernel)

@@ -358,3 +358,32 @@ def test_python_tools_load_only_from_allowed_modules(run):
     assert run(adapter.invoke(ok, _context())).output == {"text": "A"}
     with pytest.raises(errors.PermissionDenied, match="'os' is not allowed"):
         run(adapter.invoke(_call("python", {"module": "os", "function": "system"}, {}), _context()))
+
+
+def test_tools_that_write_where_their_arguments_say_are_not_allowed_by_default(run, tmp_path):
+    """A tenant that can submit tasks must not reach a file the worker can write (a shell rc, a cron file)."""
+    target = tmp_path / "victim.sh"
+    call = _call("python", {"module": "planes.plugins.execution.fault_tools", "function": "count"},
+                 {"ledger": str(target)})
+    with pytest.raises(errors.PermissionDenied, match="'planes.plugins.execution.fault_tools' is not allowed"):
+        run(PythonAdapter().invoke(call, _context()))
+    assert not target.exists()
+    import planes.plugins.execution.examples as examples
+    assert {name for name in vars(examples) if not name.startswith("_") and callable(vars(examples)[name])} == {
+        "noop", "upper", "render_report", "publish_report"}, "the default-allowed module only computes"
+
+
+def test_a_worker_allows_more_python_modules_only_by_setting_or_flag(tmp_path):
+    from planes.plugins.execution.worker import load_adapters
+    from tests.conftest import make_settings
+
+    fault = "planes.plugins.execution.fault_tools"
+    plain, _ = load_adapters(make_settings(tmp_path))
+    assert fault not in plain["python"].allowed_modules
+    by_setting, _ = load_adapters(make_settings(tmp_path, plugin={"execution-adapters": {"python_modules": [fault]}}))
+    assert fault in by_setting["python"].allowed_modules
+    by_flag, _ = load_adapters(make_settings(tmp_path), (fault,))
+    assert fault in by_flag["python"].allowed_modules
+    from planes.kernel.errors import PluginError
+    with pytest.raises(PluginError, match="python_modules must be a list of module names"):
+        load_adapters(make_settings(tmp_path, plugin={"execution-adapters": {"python_modules": fault}}))

@@ -92,3 +92,20 @@ def test_specs_that_no_policy_could_allow_are_malformed():
         engine.check_spec("acme", pb.TaskSpec(actions=[pb.Action(action_id="m", model=pb.ModelAction(route="gpt"))]))
     with pytest.raises(errors.InvalidArgument, match="no tool contract 't' in config revision 3"):
         PolicyEngine(_config({}, [])).check_spec("acme", pb.TaskSpec(allowed_tools=["t"], actions=[_action("t")]))
+
+
+@pytest.mark.parametrize("action_id, ok", [
+    ("a", True), ("step-1.retry_2:x", True), ("x" * 64, True),
+    ("x" * 65, False), ("x\necho PWNED > /tmp/p #", False), ("a/b", False), ("a b", False), ("é", False),
+])
+def test_an_action_id_is_a_plain_name(action_id, ok):
+    """It is part of the idempotency key a tool sees (``task/action``): no newline, slash or space gets in."""
+    action = _action("t")
+    action.action_id = action_id
+    spec = pb.TaskSpec(allowed_tools=["t"], actions=[action])
+    engine = PolicyEngine(_config({"t": _tool()}, []))
+    if ok:
+        engine.check_spec("acme", spec)
+    else:
+        with pytest.raises(errors.InvalidArgument, match="action_id must be 1-64 letters"):
+            engine.check_spec("acme", spec)
