@@ -772,7 +772,8 @@ class Control(ControlPlane):
                 with self.store.transaction():
                     self.store.save_rollout(promoted)
                     self.store.set_counter("fleet", promoted.revision)
-                    self._clear_canaries(promoted)
+                    cleared = self._clear_canaries(promoted)
+            self._cleared(cleared)
             rollout.CopyFrom(promoted)
             self._arm_deadline()
             await self._target_fleet(rollout.revision)
@@ -823,7 +824,8 @@ class Control(ControlPlane):
                     self.store.commit_snapshot(signed)
                     self.store.set_counter("fleet", ended.rollback_revision)
                     self.store.save_rollout(ended)
-                    self._clear_canaries(ended)
+                    cleared = self._clear_canaries(ended)
+            self._cleared(cleared)
             rollout.CopyFrom(ended)
             self._encode_push(ended.rollback_revision, signed)
             self._arm_deadline()
@@ -841,11 +843,23 @@ class Control(ControlPlane):
             log.warning("automatic rollback of rollout %s deferred: %s", rollout.rollout_id, exc.message)
             return False
 
-    def _clear_canaries(self, rollout: pb.Rollout) -> None:
+    def _clear_canaries(self, rollout: pb.Rollout) -> list[pb.SubscriberStatus]:
+        """Store the canaries' statuses as no longer canaries; the caller applies them in memory once
+        committed (:meth:`_cleared`), so a commit that fails leaves the canaries shown as they are."""
+        cleared = []
         for subscriber in rollout.canary_subscribers:
             if subscriber in self.subscribers:
-                self.subscribers[subscriber].canary = False
-                self._save_status(self.subscribers[subscriber])
+                status = pb.SubscriberStatus()
+                status.CopyFrom(self.subscribers[subscriber])
+                status.canary = False
+                self._save_status(status)
+                cleared.append(status)
+        return cleared
+
+    def _cleared(self, cleared: list[pb.SubscriberStatus]) -> None:
+        for status in cleared:
+            if status.subscriber_id in self.subscribers:
+                self.subscribers[status.subscriber_id].canary = False
 
     # -- resuming and the window's deadline ------------------------------------------------
 

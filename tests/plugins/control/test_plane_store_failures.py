@@ -21,6 +21,7 @@ from planes.plugins.control.store import ControlStore
 from planes.plugins.evidence import EvidencePlugin
 from tests.conftest import make_settings
 from tests.plugins.control.test_plane import _events, _serve
+from tests.plugins.control.test_plane_guards import _canary
 
 ROUTE = pb.RESOURCE_KIND_MODEL_ROUTE
 
@@ -107,6 +108,31 @@ def test_a_resource_write_that_cannot_commit_is_recorded_as_failed(run, tmp_path
     assert events[1].correlation.tenant == "acme"
     assert _fields(events[1])["reason"] == full.message
     assert "a" * 100 not in str(_fields(events[1])), "the failure records the error, not the values written"
+
+
+def test_a_promotion_that_cannot_commit_is_recorded_as_failed_and_the_canary_stays(run, tmp_path):
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        rollout = await _canary(admin, client(ControlPlane, ("worker",)))
+        plugin.store.db.execute("PRAGMA query_only = 1")  # every write refused, as by a read-only remount
+        with pytest.raises(errors.Unavailable, match="readonly database"):
+            await admin.promote_rollout(pb.PromoteRolloutRequest(rollout_id=rollout.rollout_id), timeout=5)
+        plugin.store.db.execute("PRAGMA query_only = 0")
+        status = await admin.get_rollout_status(pb.GetRolloutStatusRequest(rollout_id=rollout.rollout_id),
+                                                timeout=5)
+        return status, plugin.store.counter("fleet"), plugin.store.rollouts(), await _events(client)
+
+    status, fleet, stored, events = _serve(run, tmp_path, scenario)
+    assert status.rollout.state == pb.ROLLOUT_STATE_CANARY and status.fleet_revision == 1 and fleet == 1
+    assert [r.state for r in stored] == [pb.ROLLOUT_STATE_CANARY]
+    assert [(s.subscriber_id, s.canary) for s in status.subscribers] == [("host-a", True)], \
+        "the canary is still shown as one"
+    promoted = [e for e in events if e.event_type == "rollout.promoted"]
+    failed = [e for e in events if e.event_type == COMMIT_FAILED]
+    assert len(promoted) == 1 and len(failed) == 1
+    assert failed[0].corrects_event_id == promoted[0].event_id
+    assert _fields(failed[0])["intent_event_type"] == "rollout.promoted"
+    assert _fields(failed[0])["store_error"] == "SQLITE_READONLY"
 
 
 # -- a store that cannot be written ---------------------------------------------------------------------
