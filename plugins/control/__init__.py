@@ -10,12 +10,13 @@ control plane over gRPC uses it as is. :class:`ControlPlugin` serves the plane
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.contracts.evidence import EvidencePlane
-from planes.kernel.errors import SettingsError
+from planes.kernel.errors import PlanesError, PluginError, SettingsError
 from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.tokens import SigningKey
 
@@ -38,6 +39,9 @@ class ControlPlugin(Plugin):
     been silent (not watching, not a canary, no report) for ``subscriber_idle_seconds`` (number,
     default 86,400), and is refused otherwise.
 
+    A store file the kernel cannot write (its permissions, a read-only mount) is served as with
+    ``read_only``, with one warning naming it; one it cannot read fails start-up, naming it.
+
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
 
@@ -50,14 +54,29 @@ class ControlPlugin(Plugin):
         self.clock = clock
 
     def setup(self, kernel) -> None:
-        from planes.plugins.evidence.writer import EvidenceWriter
-
-        from .plane import DEFAULT_MAX_SUBSCRIBERS, DEFAULT_SUBSCRIBER_IDLE_SECONDS, Control
         from .store import ControlStore
 
         settings = dict(kernel.settings.plugin_settings(self.name))
-        self.store = ControlStore(kernel.state_dir / STORE_FILE, clock=self.clock,
-                                  read_only=bool(settings.get("read_only", False)))
+        path = kernel.state_dir / STORE_FILE
+        try:
+            self.store = ControlStore(path, clock=self.clock, read_only=bool(settings.get("read_only", False)))
+        except PlanesError as exc:  # names the file: which one is broken is the first thing to know
+            raise PluginError(self.name, exc.message) from exc
+        if self.store.read_only_reason:
+            # Degraded, not down, as with read_only = true: subscribers still get their snapshots.
+            log.warning("control store %s is not writable (%s): serving reads and watches, refusing changes",
+                        path, self.store.read_only_reason)
+        try:
+            self._setup_plane(kernel, settings)
+        except sqlite3.Error as exc:  # a corrupt page shows only when it is read
+            self.store.close()
+            raise PluginError(self.name, f"the control store {path} cannot be read: {exc}") from exc
+
+    def _setup_plane(self, kernel, settings: dict) -> None:
+        from planes.plugins.evidence.writer import EvidenceWriter
+
+        from .plane import DEFAULT_MAX_SUBSCRIBERS, DEFAULT_SUBSCRIBER_IDLE_SECONDS, Control
+
         key, key_problem = None, ""
         key_path = kernel.state_dir / KEY_FILE
         published = self.store.latest_revision()

@@ -3,7 +3,10 @@
 Every mutation is authorized by the kernel (admin role; tenant scope), then
 recorded in evidence BEFORE it is committed (who, what, digests before and
 after): when evidence cannot be written the mutation is refused, so there is
-never a change without its record. Subscribers watch the fleet's target
+never a change without its record. A commit that fails after its record (the
+store full or read-only) is recorded too, as ``config.commit.failed`` pointing
+at the record, so evidence never shows as done a change that did not happen;
+the caller gets the store's reason (UNAVAILABLE). Subscribers watch the fleet's target
 revision (or the rollout's, for canaries) and report ACK/NACK with health and
 capacity; a canary that NACKs or reports unhealthy inside the rollout window
 rolls the rollout back automatically, by publishing a new revision with the
@@ -25,16 +28,18 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
+from planes.evidence.v1 import evidence_service_pb2 as epb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.errors import (Conflict, FailedPrecondition, InvalidArgument, LimitExceeded, NotFound,
-                                  PermissionDenied, PlanesError)
+                                  PermissionDenied, PlanesError, Unavailable)
 from planes.kernel.identity import ALL_TENANTS, Identity
 from planes.kernel.tokens import SigningKey
 from planes.plugins.evidence.writer import call_event
@@ -54,6 +59,8 @@ DEFAULT_MAX_SUBSCRIBERS = 10_000
 #: reached: a worker's default id carries its pid, so every restart registers a new id.
 DEFAULT_SUBSCRIBER_IDLE_SECONDS = 24 * 3600.0
 MAX_SUBSCRIBER_ID = 256
+#: Recorded when a change recorded in evidence then failed to commit (see :meth:`Control._committing`).
+COMMIT_FAILED = "config.commit.failed"
 #: Who automatic steps (a rollback at the window's end or after a restart) are recorded as.
 CONTROL_IDENTITY = Identity(principal="control", tenant=ALL_TENANTS, roles=frozenset({"service"}), source="kernel")
 
@@ -116,6 +123,8 @@ class Control(ControlPlane):
         #: In-process only: control planes of several hosts sharing one store still refuse the
         #: loser in the store's transaction, but after its record.
         self._writing = asyncio.Lock()
+        #: The store's refusal of a watch's bookkeeping, warned about once (see :meth:`_keep`).
+        self._bookkeeping_problem = ""
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
         self._checkpointing: asyncio.Task | None = None
@@ -144,8 +153,41 @@ class Control(ControlPlane):
 
     # -- evidence ---------------------------------------------------------------
 
-    async def _record(self, call: CallContext, tenant: str, event_type: str, **fields: str) -> None:
-        await self._record_events(tenant, [call_event("control", call, tenant, event_type, **fields)])
+    async def _record(self, call: CallContext, tenant: str, event_type: str, **fields: str) -> epb.Event:
+        event = call_event("control", call, tenant, event_type, **fields)
+        await self._record_events(tenant, [event])
+        return event
+
+    @asynccontextmanager
+    async def _committing(self, call: CallContext, tenant: str, intent: epb.Event) -> AsyncIterator[None]:
+        """Around the commit of a change already recorded as ``intent``: if the commit fails, say so.
+
+        The record comes first (no change without it: evidence down refuses
+        the change), so a commit that then fails (disk full, a read-only
+        file, a writer on another host that got there first) would leave a
+        record of something that never happened. A ``config.commit.failed``
+        event, in the same correlation and pointing at the intent
+        (``corrects_event_id``), records that it did not, and why: the error's
+        class and message, never the values being written.
+        """
+        try:
+            yield
+        except Exception as exc:
+            fields = {"intent_event_id": intent.event_id, "intent_event_type": intent.event_type,
+                      "error": type(exc).__name__}
+            if isinstance(exc, PlanesError):
+                fields["reason"] = exc.message[:500]
+                if "store_error" in exc.metadata:
+                    fields["store_error"] = exc.metadata["store_error"]
+            failed = call_event("control", call, tenant, COMMIT_FAILED, **fields)
+            failed.corrects_event_id = intent.event_id
+            try:
+                await self._record_events(tenant, [failed])
+            except Exception as record_exc:
+                log.warning("control: %s (event %s) was recorded but not committed (%s), and recording that "
+                            "failed too: %s", intent.event_type, intent.event_id, type(exc).__name__,
+                            getattr(record_exc, "message", None) or record_exc)
+            raise
 
     # -- resources ----------------------------------------------------------------
 
@@ -157,13 +199,14 @@ class Control(ControlPlane):
             # the lock, so no other write can take the version while this one's record is written.
             current = self.store.check_version(request.kind, request.tenant, request.name,
                                                request.expected_resource_version)
-            await self._record(
+            intent = await self._record(
                 call, request.tenant, "config.resource.put", kind=kind_name(request.kind), name=request.name,
                 version_before=current.resource_version if current else 0,
                 digest_before=current.spec_digest.value.hex() if current else "",
                 digest_after=digest_of(canonical_spec(request.spec)).value.hex())
-            _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
-                                      request.expected_resource_version, call.identity.principal)
+            async with self._committing(call, request.tenant, intent):
+                _, after = self.store.put(request.kind, request.tenant, request.name, request.spec,
+                                          request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.PutResourceResponse(resource=after)
 
@@ -184,11 +227,13 @@ class Control(ControlPlane):
         async with self._writing:  # as in put_resource: check, record and delete with no write between
             current = self.store.get(request.kind, request.tenant, request.name)
             self.store.check_version(request.kind, request.tenant, request.name, request.expected_resource_version)
-            await self._record(call, request.tenant, "config.resource.deleted", kind=kind_name(request.kind),
-                               name=request.name, version_before=current.resource_version,
-                               digest_before=current.spec_digest.value.hex())
-            before = self.store.delete(request.kind, request.tenant, request.name,
-                                       request.expected_resource_version, call.identity.principal)
+            intent = await self._record(call, request.tenant, "config.resource.deleted",
+                                        kind=kind_name(request.kind), name=request.name,
+                                        version_before=current.resource_version,
+                                        digest_before=current.spec_digest.value.hex())
+            async with self._committing(call, request.tenant, intent):
+                before = self.store.delete(request.kind, request.tenant, request.name,
+                                           request.expected_resource_version, call.identity.principal)
         self._checkpoint_soon(small=True)
         return pb.DeleteResourceResponse(resource=before)
 
@@ -253,12 +298,14 @@ class Control(ControlPlane):
                 on_lease_expiry=policy, required_contracts=list(request.required_contracts),
                 message=request.message)
             revision = request.expected_revision + 1
-            await self._record(call, ALL_TENANTS, "config.published", revision=revision, staged=request.staged,
-                               message=request.message, **self._digests(request.expected_revision, signed))
-            with self.store.transaction():
-                self.store.commit_snapshot(signed)
-                if not request.staged:
-                    self.store.set_counter("fleet", revision)
+            intent = await self._record(call, ALL_TENANTS, "config.published", revision=revision,
+                                        staged=request.staged, message=request.message,
+                                        **self._digests(request.expected_revision, signed))
+            async with self._committing(call, ALL_TENANTS, intent):
+                with self.store.transaction():
+                    self.store.commit_snapshot(signed)
+                    if not request.staged:
+                        self.store.set_counter("fleet", revision)
             self._encode_push(revision, signed)
             if not request.staged:
                 await self._target_fleet(revision)
@@ -307,12 +354,13 @@ class Control(ControlPlane):
                                                  actor=call.identity.principal,
                                                  **({"message": request.message} if request.message else {}))
             revision = request.expected_revision + 1
-            await self._record(call, ALL_TENANTS, "config.rolled_back", to_revision=request.to_revision,
-                               revision=revision, message=request.message,
-                               **self._digests(request.expected_revision, signed))
-            with self.store.transaction():
-                self.store.commit_snapshot(signed)
-                self.store.set_counter("fleet", revision)
+            intent = await self._record(call, ALL_TENANTS, "config.rolled_back", to_revision=request.to_revision,
+                                        revision=revision, message=request.message,
+                                        **self._digests(request.expected_revision, signed))
+            async with self._committing(call, ALL_TENANTS, intent):
+                with self.store.transaction():
+                    self.store.commit_snapshot(signed)
+                    self.store.set_counter("fleet", revision)
             self._encode_push(revision, signed)
             await self._target_fleet(revision)
             self._checkpoint_soon()
@@ -387,8 +435,11 @@ class Control(ControlPlane):
         async with self._changed:
             self._changed.notify_all()
 
-    def _subscriber(self, call: CallContext, subscriber_id: str) -> pb.SubscriberStatus:
+    def _subscriber(self, call: CallContext, subscriber_id: str, *, bookkeeping: bool = False) -> pb.SubscriberStatus:
         """The status of the subscriber a caller watches or reports as, once it may act as it.
+
+        ``bookkeeping``: a store that cannot write the owner is warned about
+        (see :meth:`_keep`), not an error; a watch must not fail on it.
 
         A subscriber's reports steer the whole fleet (a canary's NACK rolls a
         rollout back) and its watch gets every tenant's desired state, so:
@@ -429,9 +480,12 @@ class Control(ControlPlane):
                                 message=f"subscriber {subscriber_id!r} refused: the control plane keeps at most "
                                         f"{self.max_subscribers} subscribers and knows {len(self.subscribers)}")
         if owner is None and "admin" not in identity.roles:  # an admin acting as a host claims nothing
-            self._owners[subscriber_id] = identity.principal
             if not self.store.read_only:
-                self.store.bind_subscriber(subscriber_id, identity.principal)
+                if bookkeeping:
+                    self._keep("binding subscriber", self.store.bind_subscriber, subscriber_id, identity.principal)
+                else:
+                    self.store.bind_subscriber(subscriber_id, identity.principal)
+            self._owners[subscriber_id] = identity.principal
         return self._status(subscriber_id)
 
     def _forget_idle_subscriber(self) -> bool:
@@ -453,19 +507,47 @@ class Control(ControlPlane):
             raise InvalidArgument("subscriber_id is required")
         return self.subscribers.setdefault(subscriber_id, pb.SubscriberStatus(subscriber_id=subscriber_id))
 
-    def _save_status(self, status: pb.SubscriberStatus) -> None:
-        """Keep the status view across restarts; a read-only store keeps it in memory only."""
-        if not self.store.read_only:
+    def _save_status(self, status: pb.SubscriberStatus, *, bookkeeping: bool = False) -> None:
+        """Keep the status view across restarts; a read-only store keeps it in memory only.
+
+        ``bookkeeping``: a failed write is warned about, not raised (see :meth:`_keep`).
+        """
+        if self.store.read_only:
+            return
+        if bookkeeping:
+            if not self._keep("recording subscriber status", self.store.save_subscriber, status):
+                return
+        else:
             self.store.save_subscriber(status)
-            self._checkpoint_soon(small=True)
+        self._checkpoint_soon(small=True)
+
+    def _keep(self, what: str, write: Callable, *args) -> bool:
+        """A watch's bookkeeping write; True if it was stored.
+
+        A watch needs nothing from the store but the snapshots it reads, so
+        a store that stops taking writes (disk full, a file made read-only
+        while serving) must not fail every subscriber's watch: the status
+        stays in memory, and one warning says so until a write works again.
+        """
+        try:
+            write(*args)
+        except Unavailable as exc:
+            if self._bookkeeping_problem != exc.message:
+                self._bookkeeping_problem = exc.message
+                log.warning("control: %s not kept across restarts (kept in memory): %s", what, exc.message)
+            return False
+        if self._bookkeeping_problem:
+            log.info("control: the store takes subscriber bookkeeping again")
+            self._bookkeeping_problem = ""
+        return True
 
     async def watch_snapshots(self, request: pb.WatchSnapshotsRequest, call: CallContext) -> AsyncIterator[pb.WatchSnapshotsResponse]:
-        status = self._subscriber(call, request.subscriber_id)
+        status = self._subscriber(call, request.subscriber_id, bookkeeping=True)
         status.watching = True
         if request.contract_versions:
             del status.contract_versions[:]
             status.contract_versions.extend(request.contract_versions)
-        self._save_status(status)
+        self._save_status(status, bookkeeping=True)
         known = request.known_revision
         self._streams[request.subscriber_id] = self._streams.get(request.subscriber_id, 0) + 1
         self._start_ticking()
@@ -639,19 +721,20 @@ class Control(ControlPlane):
                                  state=pb.ROLLOUT_STATE_CANARY, started_at=_stamp(now),
                                  started_by=call.identity.principal, updated_at=_stamp(now))
             self._writable("starting a rollout")
-            await self._record(call, ALL_TENANTS, "rollout.started", rollout_id=rollout.rollout_id,
-                               revision=request.revision, base_revision=rollout.base_revision,
-                               canaries=",".join(canaries))
+            intent = await self._record(call, ALL_TENANTS, "rollout.started", rollout_id=rollout.rollout_id,
+                                        revision=request.revision, base_revision=rollout.base_revision,
+                                        canaries=",".join(canaries))
             marked = []
             for subscriber in canaries:
                 status = pb.SubscriberStatus()
                 status.CopyFrom(self._status(subscriber))
                 status.canary = True
                 marked.append(status)
-            with self.store.transaction():
-                self.store.save_rollout(rollout)
-                for status in marked:
-                    self._save_status(status)
+            async with self._committing(call, ALL_TENANTS, intent):
+                with self.store.transaction():
+                    self.store.save_rollout(rollout)
+                    for status in marked:
+                        self._save_status(status)
             for status in marked:  # in memory only once stored
                 self.subscribers[status.subscriber_id].canary = True
             self.rollouts[rollout.rollout_id] = rollout
@@ -679,16 +762,18 @@ class Control(ControlPlane):
                     f"promoting rollout {rollout.rollout_id} would move the fleet from revision "
                     f"{self._fleet_revision} back to {rollout.revision}; abort the rollout instead")
             self._writable("promoting")
-            await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
-                               revision=rollout.revision)
+            intent = await self._record(call, ALL_TENANTS, "rollout.promoted", rollout_id=rollout.rollout_id,
+                                        revision=rollout.revision)
             promoted = pb.Rollout()
             promoted.CopyFrom(rollout)
             promoted.state = pb.ROLLOUT_STATE_PROMOTED
             promoted.updated_at.CopyFrom(_stamp(self.clock()))
-            with self.store.transaction():
-                self.store.save_rollout(promoted)
-                self.store.set_counter("fleet", promoted.revision)
-                self._clear_canaries(promoted)
+            async with self._committing(call, ALL_TENANTS, intent):
+                with self.store.transaction():
+                    self.store.save_rollout(promoted)
+                    self.store.set_counter("fleet", promoted.revision)
+                    cleared = self._clear_canaries(promoted)
+            self._cleared(cleared)
             rollout.CopyFrom(promoted)
             self._arm_deadline()
             await self._target_fleet(rollout.revision)
@@ -724,8 +809,8 @@ class Control(ControlPlane):
                                                      actor=call.identity.principal, content=b"",
                                                      message=f"rollout {rollout.rollout_id}: back to no "
                                                              "configuration (the fleet ran none before)")
-            await self._record(call, ALL_TENANTS, "rollout.rolled_back" if state == pb.ROLLOUT_STATE_ROLLED_BACK
-                               else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
+            intent = await self._record(call, ALL_TENANTS, "rollout.rolled_back"
+                                        if state == pb.ROLLOUT_STATE_ROLLED_BACK else "rollout.aborted", rollout_id=rollout.rollout_id, revision=rollout.revision,
                                base_revision=rollout.base_revision, rollback_revision=latest + 1, reason=reason,
                                **self._digests(latest, signed))
             ended = pb.Rollout()
@@ -734,11 +819,13 @@ class Control(ControlPlane):
             ended.reason = reason
             ended.rollback_revision = latest + 1
             ended.updated_at.CopyFrom(_stamp(self.clock()))
-            with self.store.transaction():
-                self.store.commit_snapshot(signed)
-                self.store.set_counter("fleet", ended.rollback_revision)
-                self.store.save_rollout(ended)
-                self._clear_canaries(ended)
+            async with self._committing(call, ALL_TENANTS, intent):
+                with self.store.transaction():
+                    self.store.commit_snapshot(signed)
+                    self.store.set_counter("fleet", ended.rollback_revision)
+                    self.store.save_rollout(ended)
+                    cleared = self._clear_canaries(ended)
+            self._cleared(cleared)
             rollout.CopyFrom(ended)
             self._encode_push(ended.rollback_revision, signed)
             self._arm_deadline()
@@ -756,11 +843,23 @@ class Control(ControlPlane):
             log.warning("automatic rollback of rollout %s deferred: %s", rollout.rollout_id, exc.message)
             return False
 
-    def _clear_canaries(self, rollout: pb.Rollout) -> None:
+    def _clear_canaries(self, rollout: pb.Rollout) -> list[pb.SubscriberStatus]:
+        """Store the canaries' statuses as no longer canaries; the caller applies them in memory once
+        committed (:meth:`_cleared`), so a commit that fails leaves the canaries shown as they are."""
+        cleared = []
         for subscriber in rollout.canary_subscribers:
             if subscriber in self.subscribers:
-                self.subscribers[subscriber].canary = False
-                self._save_status(self.subscribers[subscriber])
+                status = pb.SubscriberStatus()
+                status.CopyFrom(self.subscribers[subscriber])
+                status.canary = False
+                self._save_status(status)
+                cleared.append(status)
+        return cleared
+
+    def _cleared(self, cleared: list[pb.SubscriberStatus]) -> None:
+        for status in cleared:
+            if status.subscriber_id in self.subscribers:
+                self.subscribers[status.subscriber_id].canary = False
 
     # -- resuming and the window's deadline ------------------------------------------------
 

@@ -16,6 +16,7 @@ a canary and still shows who runs what.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel import digests
-from planes.kernel.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
+from planes.kernel.errors import (AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound,
+                                  PlanesError, Unavailable)
 from planes.kernel.secrets import ensure_private_dir
 from planes.kernel.tokens import SigningKey
 
@@ -58,6 +60,8 @@ RESOURCE_COLUMNS = "kind, tenant, name, version, spec, updated_ns, updated_by"
 # Field 1 of SnapshotContent, length-delimited: the tag before each resource.
 _RESOURCES_TAG = b"\x0a"
 
+log = logging.getLogger(__name__)
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -82,6 +86,23 @@ def digest_of(data: bytes) -> common_pb2.Digest:
     return digests.digest(digests.SHA256, data)
 
 
+def _store_failure(exc: BaseException) -> bool:
+    """An error of the database itself (full, read-only, locked, I/O, corrupt), not of the statement."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _sqlite_code(exc: sqlite3.Error) -> str:
+    return getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+
+
+def cannot_write(exc: sqlite3.Error) -> Unavailable:
+    """What a client is told when the store refuses a write: SQLite's own words, never a traceback.
+
+    Its message is SQLite's fixed text ("database or disk is full"), never a value being written.
+    """
+    return Unavailable(f"the control store cannot write: {exc}; nothing was changed",
+                       metadata={"store_error": _sqlite_code(exc)})
+
 
 class DesiredStateStore(Protocol):
     """What the control plane needs from its store; :class:`ControlStore` is the SQLite one.
@@ -91,6 +112,8 @@ class DesiredStateStore(Protocol):
     """
 
     read_only: bool
+    #: Why the store is read-only when nobody asked for it (the file is not writable), or "".
+    read_only_reason: str
 
     def transaction(self) -> AbstractContextManager[None]: ...
     def get(self, kind: int, tenant: str, name: str) -> pb.Resource: ...
@@ -123,17 +146,40 @@ class DesiredStateStore(Protocol):
 
 
 class ControlStore:
+    """Errors opening the file name it (a FailedPrecondition); a write the database refuses (disk
+    full, read-only, I/O) is Unavailable with SQLite's reason, and nothing of it is kept.
+
+    A store file that cannot be written (its permissions, a read-only mount) is found at start-up
+    by a write that is rolled back: the store then serves read-only, as with ``read_only``, and
+    :attr:`read_only_reason` says why.
+    """
+
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, read_only: bool = False):
-        ensure_private_dir(path.parent)
         self.path = path
         self.clock = clock
         self.read_only = read_only
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.read_only_reason = ""
+        self._depth = 0
+        self._checkpointer: sqlite3.Connection | None = None
+        try:
+            ensure_private_dir(path.parent)
+            self.db = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise FailedPrecondition(f"the control store {path} cannot be opened: {exc}") from exc
+        try:
+            self._open()
+        except (PlanesError, sqlite3.Error) as exc:
+            self.db.close()
+            problem = getattr(exc, "message", None) or str(exc)
+            raise FailedPrecondition(f"the control store {path} cannot be opened: {problem}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+
+    def _open(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        self._depth = 0
-        self._checkpointer: sqlite3.Connection | None = None
         columns = [row[1] for row in self.db.execute("PRAGMA table_info(resources)")]
         if "encoded" not in columns:  # a store from before encodings were kept
             with self.transaction():
@@ -141,6 +187,29 @@ class ControlStore:
                 for row in self.db.execute(f"SELECT {RESOURCE_COLUMNS} FROM resources").fetchall():
                     self.db.execute("UPDATE resources SET encoded = ? WHERE kind = ? AND tenant = ? AND name = ?",
                                     (_framed(self._row_to_resource(row)), *row[:3]))
+        if not self.read_only:
+            self.read_only_reason = self._write_problem()
+            self.read_only = bool(self.read_only_reason)
+
+    def _write_problem(self) -> str:
+        """Why a write would be refused (the file or its mount is read-only), or "": a write, rolled back.
+
+        Opening a read-only file succeeds and every read works, so without
+        this the plane would serve and then fail each subscriber's watch on
+        its bookkeeping. Only SQLite's "read-only" counts: a lock held by
+        another writer, or a full disk, may pass, and a write then reports it.
+        """
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT OR REPLACE INTO counters VALUES ('write-probe', 0)")
+            finally:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if _sqlite_code(exc).startswith("SQLITE_READONLY") or "readonly" in str(exc):
+                return str(exc)
+        return ""
 
     def close(self) -> None:
         self.db.close()
@@ -179,20 +248,35 @@ class ControlStore:
             finally:
                 self._depth -= 1
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _store_failure(exc):
+                raise cannot_write(exc) from exc
+            raise
         self._depth = 1
         try:
             yield
-        except BaseException:
+            self.db.execute("COMMIT")
+        except BaseException as exc:
             self._depth = 0
-            self.db.execute("ROLLBACK")
+            # A failed COMMIT (disk full) may leave the transaction open, and then every later
+            # BEGIN would fail: roll back whatever is left, so a retry after space is freed works.
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.warning("control store: rolling back after %s failed as well", type(exc).__name__)
+            if isinstance(exc, sqlite3.Error) and _store_failure(exc):
+                raise cannot_write(exc) from exc
             raise
         self._depth = 0
-        self.db.execute("COMMIT")
 
     def _writable(self, what: str) -> None:
         if self.read_only:
-            raise FailedPrecondition(f"{what} refused: the control store is read-only (degraded); reads still work")
+            why = f"; {self.read_only_reason}" if self.read_only_reason else ""
+            raise FailedPrecondition(f"{what} refused: the control store is read-only (degraded{why}); "
+                                     "reads still work")
 
     def _row_to_resource(self, row) -> pb.Resource:
         kind, tenant, name, version, spec, updated_ns, updated_by = row
@@ -278,7 +362,8 @@ class ControlStore:
 
     def set_counter(self, name: str, value: int) -> None:
         self._writable(f"setting {name}")
-        self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (name, value))
 
     def latest_revision(self) -> int:
         row = self.db.execute("SELECT value FROM counters WHERE name = 'revision'").fetchone()
@@ -378,8 +463,9 @@ class ControlStore:
     def save_rollout(self, rollout: pb.Rollout) -> None:
         self._writable("changing a rollout")
         started_ns = rollout.started_at.seconds * 10**9 + rollout.started_at.nanos
-        self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?)",
-                        (rollout.rollout_id, rollout.state, started_ns, rollout.SerializeToString()))
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?)",
+                            (rollout.rollout_id, rollout.state, started_ns, rollout.SerializeToString()))
 
     def rollouts(self) -> list[pb.Rollout]:
         """Every rollout, oldest first."""
@@ -389,8 +475,9 @@ class ControlStore:
     def save_subscriber(self, status: pb.SubscriberStatus) -> None:
         """The subscriber's last report, as the status view shows it (a process restart keeps it)."""
         self._writable("recording a subscriber's status")
-        self.db.execute("INSERT OR REPLACE INTO subscribers VALUES (?, ?)",
-                        (status.subscriber_id, status.SerializeToString()))
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO subscribers VALUES (?, ?)",
+                            (status.subscriber_id, status.SerializeToString()))
 
     def subscribers(self) -> list[pb.SubscriberStatus]:
         return [pb.SubscriberStatus.FromString(row[0]) for row in
@@ -399,7 +486,8 @@ class ControlStore:
     def bind_subscriber(self, subscriber_id: str, principal: str) -> None:
         """Make ``principal`` the owner of ``subscriber_id``; the first binding stays (see ``Control``)."""
         self._writable("binding a subscriber")
-        self.db.execute("INSERT OR IGNORE INTO subscriber_owners VALUES (?, ?)", (subscriber_id, principal))
+        with self.transaction():
+            self.db.execute("INSERT OR IGNORE INTO subscriber_owners VALUES (?, ?)", (subscriber_id, principal))
 
     def forget_subscriber(self, subscriber_id: str) -> None:
         """Drop a subscriber's status and owner (it gave its place up to a new one; see ``Control``)."""

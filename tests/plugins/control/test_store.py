@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import blake3
 import pytest
 from google.protobuf import json_format, struct_pb2
@@ -216,3 +218,51 @@ def test_rollouts_and_subscriber_reports_survive_reopening(tmp_path, clock):
         reopened.bind_subscriber("h2", "host-2")
     with pytest.raises(errors.FailedPrecondition, match="read-only"):
         reopened.save_rollout(rollout)
+
+
+# -- the database refusing writes -----------------------------------------------------------------------
+
+def test_a_full_database_refuses_a_publish_keeps_nothing_and_takes_the_retry(store, key):
+    for index in range(40):
+        store.put(ROUTE, "acme", f"route-{index:03d}", spec(adapter="e" * 80, allowed_classifications=["public"]),
+                  0, "alice")
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's SQLITE_FULL, as on a full disk
+    with pytest.raises(errors.Unavailable) as full:
+        store.publish(key, expected_revision=0, actor="alice")
+    assert full.value.message == "the control store cannot write: database or disk is full; nothing was changed"
+    assert full.value.metadata == {"store_error": "SQLITE_FULL"}
+    assert not store.db.in_transaction, "a failed write leaves no transaction open behind it"
+    assert store.latest_revision() == 0 and store.counter("fleet") == 0
+    store.db.execute("PRAGMA max_page_count = 1073741823")
+    assert pb.Snapshot.FromString(store.publish(key, expected_revision=0, actor="alice").snapshot).revision == 1
+
+
+def test_a_store_file_that_cannot_be_written_opens_read_only_and_says_why(tmp_path, clock, monkeypatch):
+    path = tmp_path / "control.sqlite3"
+    ControlStore(path, clock=clock).close()
+    # How SQLite opens a file its process may not write (chmod 400 as a non-root user, a read-only mount).
+    monkeypatch.setattr(ControlStore, "_connect", lambda self: sqlite3.connect(
+        f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False))
+    opened = ControlStore(path, clock=clock)
+    assert opened.read_only and opened.read_only_reason == "attempt to write a readonly database"
+    with pytest.raises(errors.FailedPrecondition, match=r"read-only \(degraded; attempt to write a readonly"):
+        opened.put(ROUTE, "acme", "gpt", GOOD_ROUTE, 0, "alice")
+    assert opened.list() == [] and opened.latest_revision() == 0
+    opened.close()
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path, clock):
+    path = tmp_path / "control.sqlite3"
+    opened = ControlStore(path, clock=clock)
+    assert not opened.read_only and opened.read_only_reason == ""
+    assert opened.db.execute("SELECT count(*) FROM counters").fetchone() == (0,)
+    opened.close()
+
+
+def test_a_file_that_is_not_a_store_is_named(tmp_path, clock):
+    path = tmp_path / "control.sqlite3"
+    path.write_bytes(b"not sqlite at all" * 300)
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        ControlStore(path, clock=clock)
+    assert refused.value.message == f"the control store {path} cannot be opened: file is not a database"
