@@ -242,6 +242,7 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing, *, 
         async def stream(request, *, timeout: float | None = None):
             metadata, remaining = outgoing(timeout)
             call = multicallable(request, metadata=metadata, timeout=remaining)
+            ended = _EndStatus(call) if rpc.client_streaming else None
             try:
                 # read() rather than iteration: grpc's iterator keeps the last
                 # message while it waits for the next, and so would a loop
@@ -250,13 +251,25 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing, *, 
                     yield item
                     del item
             except grpc.RpcError as exc:
-                raise errors.from_rpc_error(exc) from None
+                raise errors.from_rpc_error(ended.instead_of(exc) if ended else exc) from None
             finally:
                 # A caller that stops reading early ends the call, so the server stops sending.
                 if not call.done():
                     call.cancel()
         stream.__name__ = rpc.attribute
         return stream
+
+    if rpc.client_streaming:
+        async def collect(requests, *, timeout: float | None = None):
+            metadata, remaining = outgoing(timeout)
+            call = multicallable(requests, metadata=metadata, timeout=remaining)
+            ended = _EndStatus(call)
+            try:
+                return await call
+            except grpc.RpcError as exc:
+                raise errors.from_rpc_error(ended.instead_of(exc)) from None
+        collect.__name__ = rpc.attribute
+        return collect
 
     async def unary(request, *, timeout: float | None = None):
         metadata, remaining = outgoing(timeout)
@@ -266,6 +279,59 @@ def _remote_method(channel: grpc.aio.Channel, rpc: Rpc, outgoing: _Outgoing, *, 
             raise errors.from_rpc_error(exc) from None
     unary.__name__ = rpc.attribute
     return unary
+
+
+#: What grpc.aio reports when a request write fails in Core (see :class:`_EndStatus`).
+_WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+class _EndStatus:
+    """The status a client-streaming call really ended with, kept from being overwritten.
+
+    A server may refuse a request stream early (a quota, a limit, a full disk)
+    and end the call while the client is still writing. grpc.aio then fails the
+    write in flight and, depending on which the event loop sees first,
+    overwrites the server's status with ``INTERNAL: Internal error from Core``
+    (grpc/grpc#36066; the sync API and other languages keep the server's
+    status). The call announces each status it takes to its done callbacks,
+    so the one the server sent is seen here before any overwrite.
+    """
+
+    __slots__ = ("statuses",)
+
+    def __init__(self, call: grpc.aio.Call):
+        self.statuses: list[grpc.aio.AioRpcError] = []
+        call.add_done_callback(self._ended)
+
+    def _ended(self, call: grpc.aio.Call) -> None:
+        # Runs inside grpc as the status is set: nothing may escape, nothing may wait.
+        try:
+            code, details, trailing = _at_once(call.code()), _at_once(call.details()), \
+                _at_once(call.trailing_metadata())
+        except Exception:  # pragma: no cover - a grpc that works otherwise
+            return
+        if code is not None:
+            self.statuses.append(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing or grpc.aio.Metadata(),
+                                                      details))
+
+    def instead_of(self, error: grpc.RpcError) -> grpc.RpcError:
+        """``error``, unless it is a failed write's and the server's own status was seen: then that."""
+        if (error.code(), error.details()) != _WRITE_FAILED:
+            return error
+        for status in self.statuses:
+            if (status.code(), status.details()) != _WRITE_FAILED:
+                return status
+        return error
+
+
+def _at_once(awaitable):
+    """The result of a coroutine that completes without waiting (a call's status once set); else None."""
+    try:
+        awaitable.send(None)
+    except StopIteration as done:
+        return done.value
+    awaitable.close()
+    return None
 
 
 def _serializer(response_type):

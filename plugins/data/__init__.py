@@ -40,20 +40,22 @@ class DataPlugin(Plugin):
     def setup(self, kernel) -> None:
         from planes.plugins.evidence.writer import EvidenceWriter
 
-        from .crypto import MasterKey
         from .heap import keep_freed_memory
         from .limits import DataSettings
         from .plane import Data
-        from .store import PayloadStore
+        from .store import ORPHANS, PayloadStore
 
         self.kernel = kernel
         settings = DataSettings.from_mapping(kernel.settings.plugin_settings(self.name))
         keep_freed_memory(settings.heap_keep_bytes)
         key_path = kernel.state_dir / settings.master_key_file
-        master = MasterKey.load_or_create(key_path)
-        self.store = PayloadStore(kernel.state_dir / "data", master, durable=settings.durable)
+        self.store = PayloadStore(kernel.state_dir / "data", key_path, durable=settings.durable)
         if self.store.removed_partial:
             log.warning("removed %d partial payload(s) left by an interrupted put", self.store.removed_partial)
+        if self.store.orphaned:
+            log.warning("moved %d object file(s) with no catalogue row to %s: never acknowledged (a put "
+                        "interrupted between storing and cataloguing), kept for inspection",
+                        self.store.orphaned, self.store.root / ORPHANS)
         evidence = kernel.client(EvidencePlane, kernel.service_identity("data"))
         writer = EvidenceWriter(evidence, kernel.state_dir / "data" / "evidence-spool",
                                 required=REQUIRED_EVIDENCE.__contains__)

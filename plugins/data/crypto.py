@@ -13,10 +13,18 @@ the master key with the payload id as associated data. Deleting a payload
 deletes its wrapped key, so copies of the file that survive elsewhere (a
 backup, a disk image) stay unreadable. The master key is a 0600 file made on
 first start, or one named in settings.
+
+The key's check value (:attr:`MasterKey.check_value`, an HMAC of a fixed
+label, which reveals nothing of the key) is kept in the catalogue, so a start
+with another key than the one that wrapped the stored data keys is refused at
+once rather than failing each get. A missing key is never replaced by a new
+one while encrypted payloads depend on it (see :meth:`MasterKey.load_or_create`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 from pathlib import Path
@@ -24,8 +32,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from planes.kernel.errors import Internal
-from planes.kernel.secrets import read_secret, write_secret
+from planes.kernel.errors import Internal, SettingsError
+from planes.kernel.secrets import read_secret, secret_missing, write_secret
 
 __all__ = ["SEGMENT", "TAG", "MasterKey", "SegmentCipher", "StoredDataCorrupt"]
 
@@ -33,6 +41,7 @@ __all__ = ["SEGMENT", "TAG", "MasterKey", "SegmentCipher", "StoredDataCorrupt"]
 SEGMENT = 1 << 20
 TAG = 16
 _WRAP_AAD = b"planes-data-key\x00"
+_CHECK_LABEL = b"planes-data-master-key-check\x00"
 
 
 class StoredDataCorrupt(Internal):
@@ -46,10 +55,23 @@ class MasterKey:
         if len(key) != 32:
             raise ValueError("the data master key must be 32 bytes (AES-256)")
         self._aead = AESGCM(key)
+        #: Identifies the key without revealing it: stored beside the data keys it wraps.
+        self.check_value = hmac.new(key, _CHECK_LABEL, hashlib.sha256).digest()[:16]
 
     @classmethod
-    def load_or_create(cls, path: Path) -> MasterKey:
-        write_secret(path, AESGCM.generate_key(bit_length=256))
+    def load_or_create(cls, path: Path, *, dependents: int = 0) -> MasterKey:
+        """The key at ``path``; a new one only when none is there and no payload depends on one.
+
+        ``dependents``: how many stored payloads have a data key wrapped by the
+        master key. With any, a missing (or empty) key file is refused: a new
+        key would leave each of them unreadable.
+        """
+        if secret_missing(path):
+            if dependents:
+                raise SettingsError(
+                    f"data master key {path} is missing or empty, and {dependents} encrypted payload(s) "
+                    "depend on it: restore it from backup (a new key would leave them unreadable)")
+            write_secret(path, AESGCM.generate_key(bit_length=256))
         return cls(read_secret(path))
 
     def wrap(self, data_key: bytes, payload_id: str) -> bytes:

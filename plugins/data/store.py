@@ -2,9 +2,11 @@
 
 Layout (``<state>/data``, mode 0700)::
 
-    payloads.sqlite3     catalogue: state, tenant, size, expiry, wrapped key, info
+    payloads.sqlite3     catalogue: state, tenant, size, expiry, wrapped key, info;
+                         and the master key's check value (see crypto)
     incoming/<id>        a payload being received; removed if the put fails
     objects/<id>         a stored payload (plain, or sealed segments; see crypto)
+    orphans/<id>         object files found at start-up with no catalogue row
 
 A durable put writes ``incoming/<id>`` with direct I/O where the filesystem
 takes it (``O_DIRECT``: aligned writes from a staging buffer, the unaligned
@@ -12,7 +14,18 @@ tail through the page cache), fsyncs it, renames it into ``objects/`` and
 fsyncs the directory before the catalogue row commits (SQLite WAL,
 ``synchronous=FULL``), so an acknowledged payload survives a crash and a
 crash before the acknowledgement leaves only an ``incoming`` file, removed at
-the next start. Plain payloads are read by memory-mapping their file.
+the next start, or an object file without a catalogue row (the crash fell
+between the rename and the commit): never acknowledged, so never served, it
+is moved to ``orphans/`` at the next start with a warning, never deleted
+unseen. A failed catalogue insert removes its object file at once. Plain
+payloads are read by memory-mapping their file.
+
+Start-up refuses, with one line naming the file, a store it would damage by
+going on: a catalogue missing or empty while object files exist (going on
+would orphan every payload; restore the catalogue), a master key missing
+while encrypted payloads depend on it, or one that is not the key that
+wrapped them (restore it from backup), and a catalogue or directory that
+cannot be opened or written.
 
 The catalogue keeps each payload's ``PayloadInfo`` as protobuf bytes beside
 the columns it is queried by; quarantined payloads also keep their
@@ -25,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import hashlib
+import logging
 import mmap
 import os
 import sqlite3
@@ -38,12 +52,18 @@ import numpy as np
 import pyarrow as pa
 
 from planes.data.v1 import data_service_pb2 as pb
+from planes.kernel.errors import SettingsError
 from planes.kernel.files import DIRECT_ALIGN, fsync_dir, open_direct
 from planes.kernel.secrets import ensure_private_dir
 
 from .crypto import SEGMENT, TAG, MasterKey, SegmentCipher, StoredDataCorrupt
 
-__all__ = ["ObjectWriter", "PayloadStore", "StoredPayload"]
+__all__ = ["CATALOGUE", "ORPHANS", "ObjectWriter", "PayloadStore", "StoredPayload"]
+
+log = logging.getLogger("planes.plugins.data")
+
+CATALOGUE = "payloads.sqlite3"
+ORPHANS = "orphans"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (
@@ -59,7 +79,13 @@ CREATE TABLE IF NOT EXISTS payloads (
 );
 CREATE INDEX IF NOT EXISTS payloads_by_tenant ON payloads (tenant, state);
 CREATE INDEX IF NOT EXISTS payloads_by_expiry ON payloads (expires_ns) WHERE expires_ns > 0;
+CREATE TABLE IF NOT EXISTS store_meta (
+    name        TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+);
 """
+#: store_meta row: the check value of the master key that wraps the catalogue's data keys.
+_KEY_CHECK = "master_key_check"
 
 #: Bytes written between interim syncs of a durable payload.
 SYNC_EVERY = 16 << 20
@@ -337,22 +363,88 @@ class ObjectWriter:
 
 
 class PayloadStore:
-    def __init__(self, root: Path, master: MasterKey, *, durable: bool = True):
-        self.root = ensure_private_dir(root)
-        self.incoming = ensure_private_dir(root / "incoming")
-        self.objects = ensure_private_dir(root / "objects")
-        self.master = master
+    def __init__(self, root: Path, master_key: Path, *, durable: bool = True):
+        """Open (or create) the store under ``root`` with the master key file ``master_key``.
+
+        Raises :class:`~planes.kernel.errors.SettingsError`, naming the file,
+        when the store cannot be opened as it is (see the module docstring).
+        """
+        catalogue = root / CATALOGUE
+        try:
+            self.root = ensure_private_dir(root)
+            self.incoming = ensure_private_dir(root / "incoming")
+            self.objects = ensure_private_dir(root / "objects")
+        except OSError as exc:
+            raise _refusal(exc, root) from None
         self.durable = durable
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(root / "payloads.sqlite3", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        #: Partial puts a crash left behind; never acknowledged, so removed.
-        self.removed_partial = 0
-        for leftover in self.incoming.iterdir():
-            leftover.unlink()
-            self.removed_partial += 1
+        _refuse_lost_catalogue(catalogue, self.objects)
+        try:
+            self._db = sqlite3.connect(catalogue, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise SettingsError(f"data catalogue {catalogue} cannot be opened: {exc} (damaged: restore it from "
+                                "backup; read-only: give the server write access to it and its directory)") from None
+        try:
+            self.master = self._open_master_key(master_key)
+            #: Partial puts a crash left behind; never acknowledged, so removed.
+            self.removed_partial = 0
+            for leftover in self.incoming.iterdir():
+                leftover.unlink()
+                self.removed_partial += 1
+            #: Object files without a catalogue row, moved to ``orphans/`` (see the module docstring).
+            self.orphaned = self._set_orphans_aside()
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, OSError):
+                raise _refusal(exc, root) from None
+            if isinstance(exc, sqlite3.Error):
+                raise SettingsError(f"data catalogue {catalogue} cannot be read or written: {exc}") from None
+            raise
+
+    def _open_master_key(self, path: Path) -> MasterKey:
+        """Load the master key, refusing one that cannot open the data keys the catalogue holds."""
+        (encrypted,) = self._db.execute("SELECT COUNT(*) FROM payloads WHERE wrapped_key IS NOT NULL").fetchone()
+        master = MasterKey.load_or_create(path, dependents=encrypted)
+        row = self._db.execute("SELECT value FROM store_meta WHERE name = ?", (_KEY_CHECK,)).fetchone()
+        if row is not None and row[0] == master.check_value:
+            return master
+        if encrypted:
+            if row is not None:
+                raise SettingsError(f"data master key {path} is not the key that wrapped the {encrypted} encrypted "
+                                    "payload(s) in the catalogue (its check value differs): restore the right "
+                                    "key from backup")
+            # A catalogue from before check values: the key must open a data key it holds.
+            payload_id, wrapped = self._db.execute(
+                "SELECT payload_id, wrapped_key FROM payloads WHERE wrapped_key IS NOT NULL LIMIT 1").fetchone()
+            try:
+                master.unwrap(wrapped, payload_id)
+            except StoredDataCorrupt:
+                raise SettingsError(f"data master key {path} does not open the data keys of the {encrypted} "
+                                    "encrypted payload(s) in the catalogue: restore the right key from "
+                                    "backup") from None
+        elif row is not None:
+            log.warning("data master key %s is not the one recorded in the catalogue; no encrypted payload "
+                        "depends on the old one, so this one is recorded instead", path)
+        self._db.execute("INSERT OR REPLACE INTO store_meta VALUES (?, ?)", (_KEY_CHECK, master.check_value))
+        return master
+
+    def _set_orphans_aside(self) -> int:
+        """Move object files that have no catalogue row to ``orphans/``; how many were moved."""
+        moved = 0
+        orphans = self.root / ORPHANS
+        for entry in self.objects.iterdir():
+            if self._db.execute("SELECT 1 FROM payloads WHERE payload_id = ?", (entry.name,)).fetchone():
+                continue
+            ensure_private_dir(orphans)
+            os.replace(entry, orphans / entry.name)
+            moved += 1
+        if moved and self.durable:
+            fsync_dir(self.objects)
+            fsync_dir(orphans)
+        return moved
 
     def close(self) -> None:
         with self._lock:
@@ -384,12 +476,17 @@ class PayloadStore:
             created_ns=info.created_at.ToNanoseconds(),
             expires_ns=info.expires_at.ToNanoseconds() if info.HasField("expires_at") else 0,
             wrapped_key=wrapped_key, info=info, quarantine=quarantine)
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.payload_id, record.tenant, record.state, record.size, record.created_ns,
-                 record.expires_ns, wrapped_key, info.SerializeToString(),
-                 quarantine.SerializeToString() if quarantine is not None else None))
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO payloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.payload_id, record.tenant, record.state, record.size, record.created_ns,
+                     record.expires_ns, wrapped_key, info.SerializeToString(),
+                     quarantine.SerializeToString() if quarantine is not None else None))
+        except BaseException:
+            # Not catalogued, so never acknowledged nor served: the file must not stay behind.
+            final.unlink(missing_ok=True)
+            raise
         return record
 
     def update(self, record: StoredPayload) -> None:
@@ -475,6 +572,32 @@ class PayloadStore:
                 yield cipher.open(index, sealed, index == last, record.payload_id)
             if file.read(1):
                 raise StoredDataCorrupt(f"payload {record.payload_id}: stored file is longer than its records")
+
+
+def _refuse_lost_catalogue(catalogue: Path, objects: Path) -> None:
+    """Refuse to start on a missing or empty catalogue while object files exist.
+
+    SQLite would take such a file for a new, empty catalogue: every stored
+    payload would be NOT_FOUND and its file orphaned. (Checked before SQLite
+    opens the file, which would also drop a write-ahead log beside an empty one.)
+    """
+    try:
+        size = catalogue.stat().st_size
+    except FileNotFoundError:
+        size = None
+    if size:
+        return
+    stored = sum(1 for _ in objects.iterdir())
+    if stored:
+        state = "missing" if size is None else "empty"
+        raise SettingsError(f"data catalogue {catalogue} is {state} but {stored} object file(s) exist in "
+                            f"{objects}: restore the catalogue from backup")
+
+
+def _refusal(exc: OSError, root: Path) -> SettingsError:
+    """A start-up refusal for a file or directory the store cannot use, naming it."""
+    return SettingsError(f"data store: {exc.filename or root}: {exc.strerror or exc} (the server must be able "
+                         f"to read and write {root})")
 
 
 def _record(row) -> StoredPayload:

@@ -291,3 +291,26 @@ def test_a_ttl_of_zero_is_the_default_and_a_negative_one_is_refused(serve):
     assert "-5.000 s" in refused[-5] and "0 for the tenant's default" in refused[-5]
     assert "past what the catalogue holds" in refused[400 * 365 * 10 * day]
     assert held == 2 * len(b"kept for the default") + len(b"kept an hour"), "refused puts stored nothing"
+
+
+@pytest.mark.parametrize("limit", ["quota_bytes", "max_payload_bytes"])
+def test_a_large_put_refused_early_reaches_the_producer_as_the_refusal(serve, limit):
+    """The refusal arrives while 1 MiB chunks are still being written: the producer sees it, not
+    grpc.aio's ``Internal error from Core`` (grpc/grpc#36066), every time."""
+    size = 32 << 20
+    payload = bytes(size)
+
+    async def scenario(served):
+        data = served.data("acme", chunk_bytes=1 << 20)
+        seen = []
+        for _ in range(25):
+            with pytest.raises(errors.PlanesError) as refused:
+                await data.put(payload, classification="internal", timeout=30)
+            seen.append(refused.value)
+        stored = served.plugin.store.held_bytes("acme", 0)
+        return seen, stored, sorted(p.name for p in (served.state_dir / "data" / "objects").iterdir())
+
+    seen, stored, objects = serve(scenario, data_settings={limit: 8 << 20})
+    assert {type(error) for error in seen} == {errors.LimitExceeded}
+    assert {(error.limit, error.actual) for error in seen} == {(8 << 20, size)}
+    assert (stored, objects) == (0, []), "a refused put leaves nothing behind"
