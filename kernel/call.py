@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -15,6 +16,8 @@ from .identity import Identity
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "planes_call", default=None
 )
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 # Trace and span ids must be unique, not secret: a PRNG seeded from the OS
@@ -55,11 +58,9 @@ class TraceContext(NamedTuple):
             return None
         if len(trace_id) != 32 or len(span_id) != 16 or len(flags) != 2:
             return None
-        try:
-            int(trace_id, 16), int(span_id, 16)
-            flag_bits = int(flags, 16)
-        except ValueError:
-            return None
+        if not (_HEX.fullmatch(trace_id) and _HEX.fullmatch(span_id) and _HEX.fullmatch(flags)):
+            return None  # int(x, 16) alone would take '_', '+' and spaces, and the id reaches evidence
+        flag_bits = int(flags, 16)
         if trace_id == "0" * 32 or span_id == "0" * 16:
             return None
         return cls(trace_id.lower(), span_id.lower(), bool(flag_bits & 1))

@@ -325,3 +325,47 @@ async def _scoped_stream(requests: AsyncIterator[Any], identity: Identity, tenan
     async for request in requests:
         CallGuard.scope_tenant(request, identity, tenant_field)
         yield request
+
+
+class AuthenticateFirst(grpc.aio.ServerInterceptor):
+    """Refuses a call whose token does not verify before its request is read.
+
+    The guard admits a call inside its handler, and by then gRPC has read the
+    whole request: an unauthenticated caller could make the server buffer
+    ``max_message_bytes`` per call, as many calls as it likes. This runs on
+    the call's metadata alone; a call it refuses gets a handler that reads
+    no message and aborts UNAUTHENTICATED, as the guard would. A call
+    without a token goes on when client certificates are accepted (the guard
+    reads the certificate), and health checks need no token. The guard still
+    admits every call it lets through: this only answers earlier.
+    """
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, authenticator: Callable[[], Authenticator | None]):
+        #: The kernel's authenticator once it is open (the port is bound before, with no handler yet).
+        self._authenticator = authenticator
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        authenticator = self._authenticator()
+        if authenticator is None or details.method.startswith(self.OPEN):
+            return await continuation(details)
+        authorization = None
+        for key, value in details.invocation_metadata or ():
+            if key == AUTHORIZATION_KEY:
+                authorization = value  # the last one, as the guard takes it
+        if authorization is None and authenticator.mtls:
+            return await continuation(details)
+        try:
+            authenticator.identify(authorization)
+        except errors.Unauthenticated as exc:
+            return _refusal(exc)
+        return await continuation(details)
+
+
+def _refusal(failure: PlanesError) -> grpc.RpcMethodHandler:
+    """A handler that aborts with ``failure`` and never reads the request (request streaming: read on demand)."""
+    async def refuse(_requests, context) -> None:
+        code, message, trailers = errors.to_status(failure)
+        await context.abort(code, message, trailers)
+    return grpc.stream_stream_rpc_method_handler(refuse)

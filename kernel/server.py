@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from .clients import channel_options, is_loopback, plane_handlers
 from .contract import PlaneSpec
 from .errors import SettingsError
-from .guard import MethodGuard
+from .guard import AuthenticateFirst, MethodGuard
 from .identity import ROLES
 from .kernel import Kernel
 
@@ -103,8 +103,9 @@ class KernelServer:
         _check_port_free(bind)
         # Without SO_REUSEPORT a second kernel on the same port fails here
         # instead of silently sharing the port's connections with the first.
+        authenticate = AuthenticateFirst(lambda: self.kernel.guard.authenticator if self.kernel.guard else None)
         server = grpc.aio.server(options=[*channel_options(settings.server.max_message_bytes),
-                                          ("grpc.so_reuseport", 0)])
+                                          ("grpc.so_reuseport", 0)], interceptors=[authenticate])
         try:
             if credentials is not None:
                 self.port = server.add_secure_port(bind, credentials)

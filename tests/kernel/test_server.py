@@ -188,3 +188,48 @@ def test_planes_serve_process_drains_on_sigterm(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+_BIG_ECHO = """
+import sys, grpc
+from planes.kernel.contracts.diagnostics import pb
+address, token = sys.argv[1], sys.argv[2]
+channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
+                                                  ("grpc.max_receive_message_length", 64 << 20)])
+echo = channel.unary_unary("/planes.diagnostics.v1.DiagnosticsService/Echo",
+                           request_serializer=pb.EchoRequest.SerializeToString,
+                           response_deserializer=pb.EchoResponse.FromString)
+metadata = [("authorization", "Bearer " + token)] if token != "-" else []
+try:
+    echo(pb.EchoRequest(tenant="acme", payload=b"x" * (48 << 20)), metadata=metadata, timeout=60)
+    print("OK")
+except grpc.RpcError as exc:
+    print(exc.code().name)
+"""
+
+
+@pytest.mark.parametrize("token", ["none", "forged", "valid"])
+def test_a_call_without_a_valid_token_is_refused_before_its_request_is_read(run, tmp_path, token):
+    """48 MiB sent without a valid token: UNAUTHENTICATED, and the server never holds the request in memory."""
+    import tracemalloc
+
+    async def scenario():
+        async with running_kernel(tmp_path) as running:
+            sent = {"none": "-", "forged": running.token()[:-4] + "AAAA", "valid": running.token()}[token]
+            tracemalloc.start()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", _BIG_ECHO, running.address, sent, stdout=asyncio.subprocess.PIPE)
+                out, _ = await asyncio.wait_for(process.communicate(), 60)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            return out.decode().strip(), peak, list(running.plane.calls)
+
+    answer, peak, calls = run(scenario())
+    if token == "valid":
+        assert answer == "OK" and peak >= 48 << 20, "the measure sees a request the server did read"
+    else:
+        assert answer == "UNAUTHENTICATED"
+        assert peak < 8 << 20, f"the server held {peak} bytes for a call it refused"
+        assert calls == []

@@ -39,7 +39,12 @@ def test_incoming_trace_and_correlation_reach_the_handler(run, tmp_path):
     assert "x-correlation-id" not in trailers, "a correlation id the caller chose is not echoed back"
 
 
-@pytest.mark.parametrize("bad", ["garbage", "00-zz-yy-01", "00-" + "0" * 32 + "-b7ad6b7169203331-01", "ff-a-b-c"])
+@pytest.mark.parametrize("bad", ["garbage", "00-zz-yy-01", "00-" + "0" * 32 + "-b7ad6b7169203331-01", "ff-a-b-c",
+                                 # int(x, 16) takes these; the W3C format does not, and the id reaches evidence
+                                 "00-1_2222222222222222222222222222222-b7ad6b7169203331-01",
+                                 "00-+0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+                                 "00- 0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",
+                                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033_1-01"])
 def test_malformed_traceparent_starts_a_new_trace(run, tmp_path, bad):
     async def scenario():
         async with running_kernel(tmp_path) as k:
