@@ -7,7 +7,9 @@ Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
 pruned, until the control plane provides retention rules).
 State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
 (the append-only segment file) beside it, and the checkpoint signing key
-``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it).
+``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it), made with
+a new log and kept for its life (:func:`signing_key`). Start-up refuses, changing
+nothing, when these files disagree (:mod:`.recovery`, :func:`signing_key`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import sys
 from pathlib import Path
 
 from planes.kernel.contracts.evidence import EvidencePlane
-from planes.kernel.errors import PlanesError
+from planes.kernel.errors import FailedPrecondition, PlanesError
 from planes.kernel.plugin import Plugin, Provision
-from planes.kernel.tokens import SigningKey
+from planes.kernel.secrets import secret_missing
+from planes.kernel.tokens import SigningKey, key_id, load_public_key
 
 from .log import EvidenceLog
 from .plane import Evidence
@@ -36,19 +39,65 @@ STORE_FILE = "evidence/log.sqlite3"
 
 def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
     settings = settings or {}
-    key, _ = SigningKey.load_or_create(state_dir / KEY_FILE)
-    public = state_dir / PUBLIC_KEY_FILE
-    if not public.exists():
-        public.write_bytes(key.public_pem())
     store = SqliteEvidenceStore(state_dir / STORE_FILE, synchronous=str(settings.get("synchronous", "FULL")))
-    log_id = store.meta("log_id")
-    if log_id is None:
-        log_id = os.urandom(16).hex().encode()
-        store.set_meta("log_id", log_id)
+    try:
+        key = signing_key(state_dir, store)
+        log_id = store.meta("log_id")
+        if log_id is None:
+            log_id = os.urandom(16).hex().encode()
+            store.set_meta("log_id", log_id)
+    except BaseException:
+        store.close()
+        raise
     return EvidenceLog(store, key, log_id=log_id.decode(),
                        checkpoint_every=int(settings.get("checkpoint_every", 1000)),
                        checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)),
                        encode_threads=int(settings.get("encode_threads", 2)))
+
+
+def signing_key(state_dir: Path, store: SqliteEvidenceStore) -> SigningKey:
+    """The log's checkpoint signing key: made for a new log, and for an existing one only ever the key it has.
+
+    The log has one key for life (fsck and every verifier hold its
+    checkpoints to one key id; there is no rotation), so a missing key, or
+    one that is not the key of the public key file or of the checkpoints
+    already signed, refuses start-up instead of silently signing with
+    another (which fsck would later misreport as bad signatures).
+    """
+    path, public = state_dir / KEY_FILE, state_dir / PUBLIC_KEY_FILE
+    signed = store.checkpoint_key_ids()
+    events = store.head()[0]
+    if secret_missing(path):
+        if signed or events:
+            raise FailedPrecondition(
+                f"evidence signing key {path} is missing, and the evidence log holds {events} events and "
+                f"{_signed_by(signed)}: restore the key from backup (a new key cannot sign on for the old one); "
+                "nothing was changed")
+        if public.exists():
+            raise FailedPrecondition(
+                f"evidence signing key {path} is missing but its public half {public} is there: restore the key "
+                f"from backup, or (the log holds no events) remove {public.name} to make a new key")
+    key, _ = SigningKey.load_or_create(path)
+    if public.exists():
+        published = key_id(load_public_key(public))
+        if published != key.kid:
+            raise FailedPrecondition(
+                f"evidence signing key {path} (key id {key.kid}) is not the private half of {public} (key id "
+                f"{published}): restore the matching pair from backup; the evidence log does not rotate keys")
+    others = {kid: count for kid, count in signed.items() if kid != key.kid}
+    if others:
+        raise FailedPrecondition(
+            f"evidence signing key {path} has key id {key.kid}, but the evidence log holds {_signed_by(others)}: "
+            "restore that key from backup; the evidence log does not rotate keys")
+    if not public.exists():
+        public.write_bytes(key.public_pem())
+    return key
+
+
+def _signed_by(signed: dict[str, int]) -> str:
+    if not signed:
+        return "no checkpoint yet"
+    return " and ".join(f"{count} checkpoint{'s' * (count != 1)} signed by key id {kid}" for kid, count in signed.items())
 
 
 class EvidencePlugin(Plugin):
@@ -197,7 +246,6 @@ def _tenant_named(tenant: str, token: str) -> str:
 
 def _cmd_fsck(args) -> int:
     from planes.kernel.settings import load_settings
-    from planes.kernel.tokens import load_public_key
 
     from .fsck import fsck
 

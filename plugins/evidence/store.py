@@ -59,12 +59,13 @@ from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from planes.kernel.errors import PlanesError
+from planes.kernel.errors import FailedPrecondition, LimitExceeded, PlanesError
 from planes.kernel.files import DIRECT_ALIGN, align_up, open_direct
 from planes.kernel.runtime import ProcessLocalWorker
 from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
+from . import recovery
 
 eventbatch = load("eventbatch")
 
@@ -260,32 +261,57 @@ class SqliteEvidenceStore:
         self.path = path
         self.segment_path = path.with_name(path.name + ".segments")
         self._synchronous = synchronous
-        self._write = self._connect(synchronous)
+        self._write: sqlite3.Connection | None = None
+        self._fd = -1
+        self._direct_fd: int | None = None
+        self._stage: mmap.mmap | None = None
+        self._local = threading.local()
+        # Every thread's read connection, closed with the store: the last one closed folds the WAL back into
+        # the index, so a stopped host leaves log.sqlite3 whole (no -wal file to lose beside it).
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._syncer = ProcessLocalWorker("evidence-segments")  # writes and syncs segments
+        try:
+            self._open(writer)
+        except BaseException as exc:
+            self._release()
+            if isinstance(exc, sqlite3.Error):
+                raise recovery.index_error(path, exc) from exc
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise FailedPrecondition(f"evidence segment file {self.segment_path}: {exc}") from exc
+            raise
+
+    def _open(self, writer: bool) -> None:
+        """Open the index and the segment file; a writer first checks they agree (:mod:`.recovery`)."""
+        path = self.path
+        if writer:
+            recovery.refuse_a_missing_index(path, self.segment_path)  # before SQLite makes an empty one
+        index_bytes = recovery.file_size(path)
+        self._write = self._connect(self._synchronous)
+        if writer:
+            recovery.refuse_an_empty_index(self._write, path, self.segment_path, index_bytes or 0)
         self._write.executescript(SCHEMA)
         self._migrate_correlation_runs()  # a schema-only change, like the tables above: made by readers too
-        self._local = threading.local()
-        self._syncer = ProcessLocalWorker("evidence-segments")  # writes and syncs segments
         if not writer and self._write.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
-            self._write.close()
             raise PlanesError(f"{path} holds an evidence log in format 1 (a row per event): open it for writing "
                               "once (start the kernel) to migrate it to segments, then check it")
+        row = self._write.execute("SELECT file_offset, count, leaves_length, values_length FROM segments "
+                                  "ORDER BY first_sequence DESC LIMIT 1").fetchone()
+        self._end = row[0] + record_length(*row[1:]) if row else 0
+        if writer:
+            recovery.refuse_a_short_segment_file(path, self.segment_path, self._end)
         if writer or self.segment_path.exists():
             self._fd = os.open(self.segment_path, (os.O_RDWR | os.O_CREAT) if writer else os.O_RDONLY, 0o600)
         else:  # a log nothing was ever appended to, checked read-only
             self._fd = os.open(os.devnull, os.O_RDONLY)
         self._direct_fd = open_direct(self.segment_path) if writer else None
-        self._stage: mmap.mmap | None = None
-        row = self._write.execute("SELECT file_offset, count, leaves_length, values_length FROM segments "
-                                  "ORDER BY first_sequence DESC LIMIT 1").fetchone()
-        self._end = row[0] + record_length(*row[1:]) if row else 0
         if writer:
             self._migrate_collisions()
             self._migrate_format_1()
-            if os.fstat(self._fd).st_size > self._end:
-                # Written, never committed, never acknowledged: a crash between the two steps.
-                os.ftruncate(self._fd, self._end)
-                os.fsync(self._fd)
+            # Written, never committed, never acknowledged: a crash between the two steps (set aside, then cut).
+            last = self._write.execute("SELECT coalesce(max(first_sequence + count), 1) FROM segments").fetchone()
+            recovery.set_aside_tail(self._fd, path, self.segment_path, self._end, last[0])
             pending = self._write.execute("SELECT value FROM meta WHERE key = 'erasing'").fetchone()
             if pending is not None:
                 self._erase(u64_array(pending[0]).tolist())
@@ -295,6 +321,16 @@ class SqliteEvidenceStore:
                 "ORDER BY first_sequence"):
             start = offset + leaves_length + (count + 1) * 8 + count * 64
             self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
+
+    def _release(self) -> None:
+        """Close whatever an open that failed had opened."""
+        if self._write is not None:
+            self._write.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._stop_direct()
+        self._syncer.shutdown()
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -309,6 +345,8 @@ class SqliteEvidenceStore:
             connection = self._local.connection = self._connect(self._synchronous)
             connection.execute("PRAGMA query_only=ON")
             self._local.segments = OrderedDict()
+            with self._readers_lock:
+                self._readers.append(connection)
         return connection
 
     def close(self) -> None:
@@ -316,6 +354,11 @@ class SqliteEvidenceStore:
         if self._fd < 0:
             return
         self._syncer.shutdown()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for connection in readers:
+            connection.close()
+        self._local = threading.local()
         self._write.close()
         os.close(self._fd)
         self._fd = -1
@@ -400,7 +443,12 @@ class SqliteEvidenceStore:
                 if key in batch_keys or self._ids.get(key ^ scope) is not None:
                     collisions.append((event_id, sequence))
                 batch_keys.add(key)
-        offset = self._segment_at(record_length(count, len(batch.leaves), len(batch.values)))
+        length = record_length(count, len(batch.leaves), len(batch.values))
+        if length > recovery.MAX_SEGMENT_BYTES:  # what bounds the tail a crash can leave (see .recovery)
+            raise LimitExceeded("segment_bytes", recovery.MAX_SEGMENT_BYTES, length,
+                                message=f"a batch of {count} events takes {length} bytes stored, more than "
+                                        f"{recovery.MAX_SEGMENT_BYTES}: split it")
+        offset = self._segment_at(length)
         synced = self._syncer.submit(self._write_segment, [batch.leaves, u64_bytes(batch.offsets), leaf_hashes,
                                                            chain_heads, batch.id_hashes, batch.values], offset)
         connection = self._write
@@ -703,6 +751,10 @@ class SqliteEvidenceStore:
         row = self._read.execute("SELECT * FROM checkpoints WHERE tree_size >= ? ORDER BY tree_size LIMIT 1",
                                  (tree_size,)).fetchone()
         return tuple(row) if row else None
+
+    def checkpoint_key_ids(self) -> dict[str, int]:
+        """How many checkpoints each key id signed."""
+        return dict(self._read.execute("SELECT key_id, count(*) FROM checkpoints GROUP BY key_id ORDER BY 2 DESC"))
 
     def checkpoints(self) -> list[tuple[int, bytes, bytes, str]]:
         return [tuple(row) for row in self._read.execute("SELECT * FROM checkpoints ORDER BY tree_size")]
