@@ -304,12 +304,17 @@ def test_host_with_a_damaged_cache_refetches_the_fleet_revision_and_acks_it(run,
         restarted = CachedConfig(tmp_path / "agent", keys)
         agent = agent_on(restarted)
         before = agent.health()
+
+        async def status_of_host():
+            reply = await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)
+            return next(s for s in reply.subscribers if s.subscriber_id == "host-c")
+
+        reported_before = (await status_of_host()).last_seen.ToNanoseconds()
         task = asyncio.create_task(agent.run())
         status = None
-        for _ in range(100):
-            status = next(s for s in (await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5))
-                          .subscribers if s.subscriber_id == "host-c")
-            if status.applied_revision == 3 and status.last_outcome_revision == 3:
+        for _ in range(100):  # until the restarted host has answered the revision pushed to it
+            status = await status_of_host()
+            if status.last_seen.ToNanoseconds() > reported_before and status.last_outcome_revision == 3:
                 break
             await asyncio.sleep(0.05)
         task.cancel()
@@ -322,7 +327,7 @@ def test_host_with_a_damaged_cache_refetches_the_fleet_revision_and_acks_it(run,
         (pb.APPLY_OUTCOME_ACK, 3, 3), status.error
     assert status.nack_reason == pb.NACK_REASON_UNSPECIFIED and not status.error
     assert status.health.state == common_pb2.HealthSummary.STATE_HEALTHY
-    assert restarted.admitting() and restarted.current.revision == 3
+    assert restarted.admitting() and restarted.current.revision == 3, restarted.state()
 
 
 def kernel_version():
