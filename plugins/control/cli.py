@@ -10,9 +10,12 @@ A resource file (TOML or YAML) lists resources::
     adapter = "echo"
     allowed_classifications = ["public", "internal"]
 
-``apply`` creates what is missing, replaces what changed (at the version it
-just read, so a concurrent change is refused, not overwritten) and leaves the
-rest alone. The commands use an admin token (``--token-file``,
+``apply`` checks every entry against its kind's schema first and sends
+nothing if any is invalid; then it creates what is missing, replaces what
+changed (at the version it just read, so a concurrent change is refused, not
+overwritten) and leaves the rest alone. Each resource is its own PutResource:
+if one is refused by the server (a conflict), those before it stay applied and
+the error lists what was and was not. The commands use an admin token (``--token-file``,
 ``PLANES_TOKEN``, else the state directory's ``admin.token``, which is only
 sent to a loopback address). A non-loopback ``--address`` needs
 ``--ca-file`` (or ``PLANES_CA_FILE``): the token never crosses the network in
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import json_format, struct_pb2
@@ -32,7 +36,7 @@ from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as pb
 from planes.kernel.errors import InvalidArgument, NotFound, PlanesError
 
-from .schema import kind_name
+from .schema import kind_name, validate
 from .store import canonical_spec, digest_of
 
 
@@ -87,7 +91,11 @@ def _kind(text: str) -> int:
 
 
 def load_resources(path: str) -> list[pb.Resource]:
-    """Parse a resource file; InvalidArgument naming the entry and the problem."""
+    """Parse a resource file and check every entry against its kind's schema, as the plane would.
+
+    InvalidArgument naming every invalid entry and its problem, so a file is
+    either applied whole or not at all for reasons known before sending.
+    """
     if path == "-":
         raw, suffix = sys.stdin.buffer.read(), ".toml"
     else:
@@ -104,23 +112,53 @@ def load_resources(path: str) -> list[pb.Resource]:
     entries = document.get("resource") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise InvalidArgument(f"{path}: expected a list named 'resource' ([[resource]] tables in TOML)")
-    resources = []
+    resources, problems, seen = [], [], {}
     for index, entry in enumerate(entries):
-        where = f"{path}: resource #{index + 1}"
-        if not isinstance(entry, dict):
-            raise InvalidArgument(f"{where}: must be a table")
-        unknown = sorted(set(entry) - {"kind", "tenant", "name", "spec"})
-        if unknown:
-            raise InvalidArgument(f"{where}: unknown key {unknown[0]!r} (keys: kind, tenant, name, spec)")
-        for key in ("kind", "tenant", "name"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise InvalidArgument(f"{where}: {key!r} must be a non-empty string")
-        spec = entry.get("spec", {})
-        if not isinstance(spec, dict):
-            raise InvalidArgument(f"{where}: 'spec' must be a table")
-        resources.append(pb.Resource(kind=_kind(entry["kind"]), tenant=entry["tenant"], name=entry["name"],
-                                     spec=json_format.ParseDict(spec, struct_pb2.Struct())))
+        try:
+            resource = _resource(entry)
+        except InvalidArgument as exc:
+            problems.append(f"resource #{index + 1}{_label_of(entry)}: {exc.message}")
+            continue
+        key = (resource.kind, resource.tenant, resource.name)
+        if key in seen:
+            problems.append(f"resource #{index + 1}{_label_of(entry)}: the same resource as #{seen[key]}")
+            continue
+        seen[key] = index + 1
+        resources.append(resource)
+    if problems:
+        if len(entries) == 1:
+            raise InvalidArgument(f"{path}: {problems[0]}")
+        raise InvalidArgument(f"{path}: {len(problems)} of {len(entries)} resources are invalid:\n  "
+                              + "\n  ".join(problems))
     return resources
+
+
+def _label_of(entry) -> str:
+    if isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("kind", "tenant", "name")):
+        return f" {entry['kind']} {entry['tenant']}/{entry['name']}"
+    return ""
+
+
+def _resource(entry) -> pb.Resource:
+    """One file entry as a Resource, checked as PutResource checks it; InvalidArgument otherwise."""
+    if not isinstance(entry, dict):
+        raise InvalidArgument("must be a table")
+    unknown = sorted(set(entry) - {"kind", "tenant", "name", "spec"})
+    if unknown:
+        raise InvalidArgument(f"unknown key {unknown[0]!r} (keys: kind, tenant, name, spec)")
+    for key in ("kind", "tenant", "name"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise InvalidArgument(f"{key!r} must be a non-empty string")
+    spec = entry.get("spec", {})
+    if not isinstance(spec, dict):
+        raise InvalidArgument("'spec' must be a table")
+    try:
+        body = json_format.ParseDict(spec, struct_pb2.Struct())
+    except (json_format.ParseError, ValueError, TypeError) as exc:
+        raise InvalidArgument(f"'spec' cannot be sent: {exc}") from None
+    resource = pb.Resource(kind=_kind(entry["kind"]), tenant=entry["tenant"], name=entry["name"], spec=body)
+    validate(resource.kind, resource.tenant, resource.name, resource.spec)
+    return resource
 
 
 def _client(args):
@@ -148,33 +186,60 @@ def _run(args, work) -> int:
 
 
 def _apply(args) -> int:
-    resources = load_resources(args.file)
+    try:
+        resources = load_resources(args.file)
+    except InvalidArgument as exc:
+        exc.message += "\nnothing was applied"
+        raise
 
     async def work(client):
-        counts = {"created": 0, "updated": 0, "unchanged": 0}
-        for resource in resources:
-            label = f"{kind_name(resource.kind)} {resource.tenant}/{resource.name}"
-            try:
-                current = (await client.get_resource(pb.GetResourceRequest(
-                    tenant=resource.tenant, kind=resource.kind, name=resource.name), timeout=args.timeout)).resource
-            except NotFound:
-                current = None
-            if current is not None and current.spec_digest.value == digest_of(canonical_spec(resource.spec)).value:
-                counts["unchanged"] += 1
-                continue
-            try:
-                await client.put_resource(pb.PutResourceRequest(
-                    tenant=resource.tenant, kind=resource.kind, name=resource.name, spec=resource.spec,
-                    expected_resource_version=current.resource_version if current else 0), timeout=args.timeout)
-            except PlanesError as exc:
-                exc.message = f"{label}: {exc.message}"  # the CLI prints the message; say which resource
-                raise
-            counts["updated" if current else "created"] += 1
-            print(f"{'updated' if current else 'created'} {label}")
+        counts = await apply_resources(client, resources, args.timeout)
         print(f"{counts['created']} created, {counts['updated']} updated, {counts['unchanged']} unchanged")
         return 0
 
     return _run(args, work)
+
+
+async def apply_resources(client, resources: list[pb.Resource], timeout: float, *,
+                          say: Callable[[str], None] = print) -> dict[str, int]:
+    """Create or replace each resource in turn; how many were created, updated, unchanged.
+
+    One PutResource per resource (there is no batch RPC), so a refusal midway
+    (a conflict) leaves those before it applied: the PlanesError then names
+    what was applied and what was not, so the file can be fixed and applied again.
+    """
+    counts = {"created": 0, "updated": 0, "unchanged": 0}
+    done: list[str] = []
+    for position, resource in enumerate(resources):
+        label = f"{kind_name(resource.kind)} {resource.tenant}/{resource.name}"
+        try:
+            outcome = await _apply_one(client, resource, timeout)
+        except PlanesError as exc:
+            rest = [f"{kind_name(r.kind)} {r.tenant}/{r.name}" for r in resources[position + 1:]]
+            exc.message = (f"{label}: {exc.message}\n"
+                           f"applied before the failure: {', '.join(done) or 'none'}\n"
+                           f"not applied: {', '.join([label, *rest])}")
+            raise
+        counts[outcome] += 1
+        if outcome != "unchanged":
+            done.append(f"{label} ({outcome})")
+            say(f"{outcome} {label}")
+    return counts
+
+
+async def _apply_one(client, resource: pb.Resource, timeout: float) -> str:
+    """Create or replace one resource unless it is unchanged; which of the three it was."""
+    try:
+        current = (await client.get_resource(pb.GetResourceRequest(
+            tenant=resource.tenant, kind=resource.kind, name=resource.name), timeout=timeout)).resource
+    except NotFound:
+        current = None
+    if current is not None and current.spec_digest.value == digest_of(canonical_spec(resource.spec)).value:
+        return "unchanged"
+    await client.put_resource(pb.PutResourceRequest(
+        tenant=resource.tenant, kind=resource.kind, name=resource.name, spec=resource.spec,
+        expected_resource_version=current.resource_version if current else 0), timeout=timeout)
+    return "updated" if current else "created"
 
 
 def _get(args) -> int:

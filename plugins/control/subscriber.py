@@ -5,7 +5,9 @@ verify: the Ed25519 signature over the header bytes exactly as sent, the
 content digest, the validity window, a revision above every one it has
 applied (anti-rollback, kept in a high-water file that survives restarts),
 and the plane contracts it serves. It keeps the last good snapshot on disk,
-written atomically, so a restart works offline.
+written atomically, so a restart works offline. A cache refused at start-up
+(damaged, foreign) leaves it running on nothing: then the revision it last
+applied is accepted again, since fetching it afresh is no rollback.
 
 While it hears from the control plane (a watch message, a status reply) it
 renews its lease; the lease length comes from the snapshot. When the lease
@@ -155,11 +157,34 @@ class CachedConfig:
     # -- persistence ----------------------------------------------------------
 
     def _load(self) -> None:
+        state_problem = self._load_state()
+        self._load_snapshot()
+        if state_problem:
+            if self.current is not None:
+                floor = (f"anti-rollback floor kept from the cached snapshot (revision {self.high_water}); "
+                         "the lease starts again at the next contact with the control plane")
+            else:
+                floor = ("anti-rollback floor lost (no valid cached snapshot to recover it from): the next "
+                         "correctly signed revision will be accepted whatever its number")
+            log.warning("%s; %s", state_problem, floor)
+
+    def _load_state(self) -> str:
+        """Read the high-water mark and last contact; a problem to report, or ""."""
         state_path = self.directory / STATE_FILE
-        if state_path.exists():
+        if not state_path.exists():
+            return ""
+        try:
             state = json.loads(state_path.read_text())
-            self.high_water = int(state.get("high_water", 0))
-            self.last_contact = float(state.get("last_contact", 0.0))
+            high_water = int(state.get("high_water", 0))
+            last_contact = float(state.get("last_contact", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            # Treated like a damaged cache: what it held is recovered where it
+            # can be, and the control plane is asked afresh.
+            return f"{state_path} is damaged and was ignored ({type(exc).__name__}: {exc})"
+        self.high_water, self.last_contact = high_water, last_contact
+        return ""
+
+    def _load_snapshot(self) -> None:
         snapshot_path = self.directory / SNAPSHOT_FILE
         if not snapshot_path.exists():
             return
@@ -169,13 +194,18 @@ class CachedConfig:
             # kept, but never admits work; state() says so.
             verified = verify_snapshot(signed, self.keys, None, self.served)
         except Exception as exc:  # a damaged or foreign cache: run with nothing rather than with it
-            self.load_problem = f"cached snapshot refused: {exc}"
+            self.load_problem = f"cached snapshot refused: {exc or type(exc).__name__}"
+            log.warning("%s: %s; admitting nothing until the control plane sends revision %d or newer",
+                        snapshot_path, self.load_problem, max(self.high_water, 1))
             return
         if verified.revision < self.high_water:
             self.load_problem = (f"cached snapshot revision {verified.revision} is older than revision "
                                  f"{self.high_water} applied before: refused (rollback)")
+            log.warning("%s: %s", snapshot_path, self.load_problem)
             return
         self.current = verified
+        # The state file lags the snapshot after a crash between the two writes.
+        self.high_water = max(self.high_water, verified.revision)
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         path = self.directory / name
@@ -212,13 +242,21 @@ class CachedConfig:
             self.heard_from_control()
             return self.current
         verified = verify_snapshot(signed, self.keys, now, self.served)
-        floor = max(self.high_water, self.current.revision if self.current else 0)
-        if verified.revision <= floor:
+        if self.current is not None:
+            floor = max(self.high_water, self.current.revision)
+            if verified.revision <= floor:
+                raise SnapshotRejected(pb.NACK_REASON_STALE_REVISION,
+                                       f"revision {verified.revision} is not newer than revision {floor} "
+                                       "already applied (rollback or replay)")
+        elif verified.revision < self.high_water:
+            # Running on nothing (the cache was refused): the revision trusted
+            # last is welcome again, as re-fetching it is no rollback.
             raise SnapshotRejected(pb.NACK_REASON_STALE_REVISION,
-                                   f"revision {verified.revision} is not newer than revision {floor} "
-                                   "already applied (rollback or replay)")
+                                   f"revision {verified.revision} is older than revision {self.high_water} "
+                                   "applied before (rollback or replay)")
         self._write_atomically(SNAPSHOT_FILE, signed.SerializeToString())
         self.current = verified
+        self.load_problem = ""
         self._bounds = bounds
         if bounds is None:
             # Where the next delta's elements are: found now, while applying
@@ -287,6 +325,17 @@ class CachedConfig:
         return self.state()[0] in (ConfigState.ACTIVE, ConfigState.DEGRADED)
 
 
+_HEALTH = {ConfigState.ACTIVE: common_pb2.HealthSummary.STATE_HEALTHY,
+           ConfigState.DEGRADED: common_pb2.HealthSummary.STATE_DEGRADED}
+
+
+def config_health(cache: CachedConfig) -> common_pb2.HealthSummary:
+    """A host's health as its configuration makes it: healthy only while admitting under a live lease."""
+    state, reason = cache.state()
+    return common_pb2.HealthSummary(state=_HEALTH.get(state, common_pb2.HealthSummary.STATE_STOP_ADMITTING),
+                                    reason=f"configuration {state.value}: {reason}")
+
+
 class SnapshotSubscriber:
     """Keeps a :class:`CachedConfig` in step with the control plane.
 
@@ -295,6 +344,7 @@ class SnapshotSubscriber:
     payloads). Every message from the control plane renews the lease; when
     the stream breaks it retries with capped backoff, running on the cache
     meanwhile. ``control`` is a control-plane client (in-process or remote).
+    ``health`` defaults to what the cache's state says (:func:`config_health`).
     """
 
     def __init__(self, control, cache: CachedConfig, subscriber_id: str, *,
@@ -307,7 +357,7 @@ class SnapshotSubscriber:
         self.cache = cache
         self.subscriber_id = subscriber_id
         self.contracts = list(contracts or [])
-        self.health = health or (lambda: common_pb2.HealthSummary(state=common_pb2.HealthSummary.STATE_HEALTHY))
+        self.health = health or (lambda: config_health(cache))
         self.capacity = capacity or common_pb2.CapacitySummary
         self.on_applied = on_applied
         self.max_backoff = max_backoff

@@ -136,3 +136,120 @@ def test_status_view_shows_who_runs_what_and_why_a_host_refused():
     assert lines[2].endswith("; NACK 2 missing_contract: revision 2 needs the execution contract 1.5; "
                              "this host serves 1.0")
     assert "watching" in lines[3] and lines[3].endswith("; ACK 3")
+
+
+HALF_VALID = """
+[[resource]]
+kind = "model_route"
+tenant = "halfco"
+name = "first"
+[resource.spec]
+adapter = "echo"
+allowed_classifications = ["public"]
+
+[[resource]]
+kind = "quota"
+tenant = "halfco"
+name = "second"
+[resource.spec]
+tasks = 10
+
+[[resource]]
+kind = "model_route"
+tenant = "halfco"
+name = "third"
+[resource.spec]
+adapter = "echo"
+
+[[resource]]
+kind = "egress_rule"
+tenant = "halfco"
+name = "fourth"
+[resource.spec]
+classification = "public"
+destinations = ["example.org"]
+colour = "blue"
+"""
+
+
+def test_a_file_with_invalid_entries_applies_nothing_and_names_them_all(served, tmp_path):
+    env, _ = served
+    path = tmp_path / "half.toml"
+    path.write_text(HALF_VALID)
+    result = config(env, "apply", "-f", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "2 of 4 resources are invalid" in result.stderr
+    assert "resource #3 model_route halfco/third: model_route 'third': field 'allowed_classifications' is required" \
+        in result.stderr
+    assert "resource #4 egress_rule halfco/fourth: egress_rule 'fourth': unknown field 'colour'" in result.stderr
+    assert "nothing was applied" in result.stderr and "created" not in result.stdout
+    listed = config(env, "list", "--tenant", "halfco")
+    assert listed.returncode == 0 and listed.stdout == "", "the two valid entries were not written either"
+
+
+def test_a_resource_twice_in_one_file_is_refused_before_sending(tmp_path):
+    from planes.kernel.errors import InvalidArgument
+    from planes.plugins.control.cli import load_resources
+
+    path = tmp_path / "twice.toml"
+    path.write_text(ROUTES + ROUTES.split("[[resource]]")[1].join(["[[resource]]", ""]))
+    with pytest.raises(InvalidArgument) as raised:
+        load_resources(str(path))
+    assert "1 of 3 resources are invalid" in raised.value.message
+    assert "resource #3 model_route acme/gpt: the same resource as #1" in raised.value.message
+
+
+def test_a_conflict_midway_says_what_was_applied_and_what_not(run, tmp_path):
+    """A concurrent change to the second resource between apply's read and its write: a real Conflict."""
+    from google.protobuf import json_format, struct_pb2
+
+    from planes.control.v1 import control_service_pb2 as pb
+    from planes.kernel.contracts import ControlPlane
+    from planes.kernel.errors import Conflict
+    from planes.plugins.control.cli import apply_resources, load_resources
+    from tests.plugins.control.test_plane import _serve
+
+    path = tmp_path / "three.toml"
+    path.write_text(HALF_VALID.split('[[resource]]\nkind = "egress_rule"')[0].replace(
+        'name = "third"\n[resource.spec]\nadapter = "echo"\n',
+        'name = "third"\n[resource.spec]\nadapter = "echo"\nallowed_classifications = ["public"]\n'))
+    resources = load_resources(str(path))
+    assert [r.name for r in resources] == ["first", "second", "third"]
+
+    class RacedClient:
+        """The admin's client, with another admin changing 'second' right after apply reads it."""
+
+        def __init__(self, inner, rival):
+            self.inner, self.rival = inner, rival
+
+        async def get_resource(self, request, timeout):
+            reply = await self.inner.get_resource(request, timeout=timeout)
+            if request.name == "second":
+                await self.rival.put_resource(pb.PutResourceRequest(
+                    tenant="halfco", kind=pb.RESOURCE_KIND_QUOTA, name="second", expected_resource_version=1,
+                    spec=json_format.ParseDict({"tasks": 99}, struct_pb2.Struct())), timeout=5)
+            return reply
+
+        async def put_resource(self, request, timeout):
+            return await self.inner.put_resource(request, timeout=timeout)
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        await admin.put_resource(pb.PutResourceRequest(
+            tenant="halfco", kind=pb.RESOURCE_KIND_QUOTA, name="second",
+            spec=json_format.ParseDict({"tasks": 1}, struct_pb2.Struct())), timeout=5)
+        said = []
+        with pytest.raises(Conflict) as raised:
+            await apply_resources(RacedClient(admin, client(ControlPlane, ("admin",), principal="rival")),
+                                  resources, 5, say=said.append)
+        names = [(r.name, r.resource_version) for r in
+                 (await admin.list_resources(pb.ListResourcesRequest(tenant="halfco"), timeout=5)).resources]
+        return raised.value.message, said, sorted(names)
+
+    message, said, stored = _serve(run, tmp_path / "kernel", scenario)
+    first_line, applied, not_applied = message.splitlines()
+    assert first_line.startswith("quota halfco/second: ")
+    assert applied == "applied before the failure: model_route halfco/first (created)"
+    assert not_applied == "not applied: quota halfco/second, model_route halfco/third"
+    assert said == ["created model_route halfco/first"]
+    assert stored == [("first", 1), ("second", 2)], "first applied, the rival's change kept, third not written"

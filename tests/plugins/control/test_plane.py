@@ -275,6 +275,61 @@ def test_subscriber_agent_applies_and_acks_and_nacks_what_it_cannot_serve(run, t
     assert status.applied_revision == 1
 
 
+def test_host_with_a_damaged_cache_refetches_the_fleet_revision_and_acks_it(run, tmp_path):
+    """A flipped byte in the cached snapshot: the host runs on nothing, says so, and takes the fleet's revision
+    again (an ACK, not a stale-revision NACK that would roll a canary's rollout back)."""
+    from planes.kernel.tokens import key_id
+    from planes.plugins.control.subscriber import SnapshotSubscriber
+
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        key = load_public_key(tmp_path / "keys" / "control-signing.pub.pem")
+        keys = {key_id(key): key}
+
+        def agent_on(cache):
+            return SnapshotSubscriber(client(ControlPlane, ("worker",)), cache, "host-c",
+                                      contracts=[common_pb2.ContractVersion(plane="execution", major=1, minor=0)])
+
+        first = CachedConfig(tmp_path / "agent", keys)
+        task = asyncio.create_task(agent_on(first).run())
+        for revision in range(3):
+            await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=revision), timeout=5)
+        await _until(lambda: first.current is not None and first.current.revision == 3)
+        task.cancel()
+        cached = tmp_path / "agent" / "snapshot.bin"
+        damaged = bytearray(cached.read_bytes())
+        damaged[-5] ^= 0x01
+        cached.write_bytes(bytes(damaged))
+
+        restarted = CachedConfig(tmp_path / "agent", keys)
+        agent = agent_on(restarted)
+        before = agent.health()
+
+        async def status_of_host():
+            reply = await admin.get_rollout_status(pb.GetRolloutStatusRequest(), timeout=5)
+            return next(s for s in reply.subscribers if s.subscriber_id == "host-c")
+
+        reported_before = (await status_of_host()).last_seen.ToNanoseconds()
+        task = asyncio.create_task(agent.run())
+        status = None
+        for _ in range(100):  # until the restarted host has answered the revision pushed to it
+            status = await status_of_host()
+            if status.last_seen.ToNanoseconds() > reported_before and status.last_outcome_revision == 3:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        return before, status, restarted
+
+    before, status, restarted = _serve(run, tmp_path, scenario)
+    assert before.state == common_pb2.HealthSummary.STATE_STOP_ADMITTING
+    assert before.reason.startswith("configuration empty: cached snapshot refused")
+    assert (status.last_outcome, status.last_outcome_revision, status.applied_revision) == \
+        (pb.APPLY_OUTCOME_ACK, 3, 3), status.error
+    assert status.nack_reason == pb.NACK_REASON_UNSPECIFIED and not status.error
+    assert status.health.state == common_pb2.HealthSummary.STATE_HEALTHY
+    assert restarted.admitting() and restarted.current.revision == 3, restarted.state()
+
+
 def kernel_version():
     from planes.kernel.contract import ContractVersion
     return ContractVersion(1, 0)

@@ -150,3 +150,100 @@ def test_cache_files_are_private(cache, key, tmp_path):
 def test_verify_snapshot_alone(key):
     verified = verify_snapshot(signed_snapshot(key, 7), {key.kid: key.public_key}, T0)
     assert verified.revision == 7
+
+
+def _flip_one_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_cache_accepts_the_revision_it_trusted_again(tmp_path, key, clock):
+    """A refused cache is no reason to refuse the fleet's revision: re-fetching it is not a rollback."""
+    directory = tmp_path / "config"
+    keys = {key.kid: key.public_key}
+    cache = CachedConfig(directory, keys, clock=clock)
+    for revision in (1, 2, 3):
+        cache.offer(signed_snapshot(key, revision))
+    _flip_one_byte(directory / "snapshot.bin")
+    restarted = CachedConfig(directory, keys, clock=clock)
+    state, reason = restarted.state()
+    assert restarted.current is None and state is ConfigState.EMPTY and reason.startswith("cached snapshot refused")
+    assert not restarted.admitting()
+    assert _rejected(restarted, signed_snapshot(key, 2)).reason == pb.NACK_REASON_STALE_REVISION, \
+        "below the floor stays refused"
+    assert restarted.offer(signed_snapshot(key, 3)).revision == 3
+    assert restarted.state() == (ConfigState.ACTIVE, "revision 3")
+    assert _rejected(restarted, signed_snapshot(key, 3, note="other")).reason == pb.NACK_REASON_STALE_REVISION
+    again = CachedConfig(directory, keys, clock=clock)
+    assert again.current.revision == 3 and again.high_water == 3 and again.load_problem == "", \
+        "the re-fetched revision is cached again"
+
+
+def test_rolled_back_cache_accepts_the_high_water_revision_only(tmp_path, key, clock):
+    directory = tmp_path / "config"
+    keys = {key.kid: key.public_key}
+    cache = CachedConfig(directory, keys, clock=clock)
+    old = signed_snapshot(key, 1)
+    cache.offer(old)
+    cache.offer(signed_snapshot(key, 2))
+    (directory / "snapshot.bin").write_bytes(old.SerializeToString())
+    restarted = CachedConfig(directory, keys, clock=clock)
+    error = _rejected(restarted, old)
+    assert error.reason == pb.NACK_REASON_STALE_REVISION and "older than revision 2" in error.message
+    assert restarted.offer(signed_snapshot(key, 2)).revision == 2
+
+
+def test_health_reported_while_the_cache_is_refused_is_not_healthy(tmp_path, key, clock):
+    from planes.plugins.control.subscriber import config_health
+
+    directory = tmp_path / "config"
+    keys = {key.kid: key.public_key}
+    CachedConfig(directory, keys, clock=clock).offer(signed_snapshot(key, 1, lease=60))
+    _flip_one_byte(directory / "snapshot.bin")
+    refused = CachedConfig(directory, keys, clock=clock)
+    health = config_health(refused)
+    assert health.state == common_pb2.HealthSummary.STATE_STOP_ADMITTING
+    assert health.reason.startswith("configuration empty: cached snapshot refused")
+    refused.offer(signed_snapshot(key, 1, lease=60))
+    assert config_health(refused) == common_pb2.HealthSummary(state=common_pb2.HealthSummary.STATE_HEALTHY,
+                                                              reason="configuration active: revision 1")
+    clock.now += 61
+    assert config_health(refused).state == common_pb2.HealthSummary.STATE_STOP_ADMITTING
+
+
+@pytest.mark.parametrize("damage", [b'{"high_water": 3, "last_con', b"", b"[3]", b'{"high_water": "three"}'])
+def test_damaged_state_file_keeps_the_floor_from_the_cached_snapshot(tmp_path, key, clock, caplog, damage):
+    directory = tmp_path / "config"
+    keys = {key.kid: key.public_key}
+    cache = CachedConfig(directory, keys, clock=clock)
+    for revision in (1, 2, 3):
+        cache.offer(signed_snapshot(key, revision))
+    (directory / "subscriber.json").write_bytes(damage)
+    with caplog.at_level("WARNING", logger="planes.plugins.control.subscriber"):
+        restarted = CachedConfig(directory, keys, clock=clock)
+    assert restarted.current.revision == 3 and restarted.high_water == 3
+    assert restarted.state()[0] is ConfigState.STOP_ADMITTING, "the lease is unknown until the next contact"
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "subscriber.json is damaged" in warning and "floor kept from the cached snapshot (revision 3)" in warning
+    assert _rejected(restarted, signed_snapshot(key, 2)).reason == pb.NACK_REASON_STALE_REVISION
+    restarted.heard_from_control()
+    assert restarted.state()[0] is ConfigState.ACTIVE
+    assert CachedConfig(directory, keys, clock=clock).high_water == 3, "the state file is whole again"
+
+
+def test_damaged_state_file_and_cache_say_the_floor_is_lost(tmp_path, key, clock, caplog):
+    directory = tmp_path / "config"
+    keys = {key.kid: key.public_key}
+    cache = CachedConfig(directory, keys, clock=clock)
+    cache.offer(signed_snapshot(key, 1))
+    cache.offer(signed_snapshot(key, 2))
+    (directory / "subscriber.json").write_bytes(b'{"high_wa')
+    _flip_one_byte(directory / "snapshot.bin")
+    with caplog.at_level("WARNING", logger="planes.plugins.control.subscriber"):
+        restarted = CachedConfig(directory, keys, clock=clock)
+    assert restarted.current is None and restarted.state()[0] is ConfigState.EMPTY
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "snapshot.bin: cached snapshot refused" in messages
+    assert "subscriber.json is damaged" in messages and "anti-rollback floor lost" in messages
+    assert restarted.offer(signed_snapshot(key, 2)).revision == 2, "fetched afresh"
