@@ -26,7 +26,7 @@ from . import errors
 from .call import CallContext, _current, _reset_current, _set_current, current_call
 from .contract import ContractVersion, Encoded, PlaneContract, PlaneSpec, Rpc
 from .errors import PlanesError, SettingsError
-from .guard import AUTHORIZATION_KEY, CONTRACT_KEY, USER_AGENT_CONTRACT, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard
+from .guard import AUTHORIZATION_KEY, CONTRACT_KEY, USER_AGENT_CONTRACT, CORRELATION_KEY, REQUEST_ID_KEY, TRACEPARENT_KEY, CallGuard, MethodGuard, out_of_space
 from .identity import Identity
 
 C = TypeVar("C", bound=PlaneContract)
@@ -97,6 +97,9 @@ def _local_method(rpc: Rpc, method: MethodGuard, target, guard: CallGuard, ident
             return exc
         if isinstance(exc, TimeoutError):
             return errors.DeadlineExceeded(f"{method.path} ran past its deadline")
+        full = out_of_space(method, exc)
+        if full is not None:
+            return full
         log.error("unhandled error in %s", method.path, exc_info=exc)
         return errors.Internal(f"internal error in {method.path}")
 

@@ -301,11 +301,14 @@ def from_status(code: grpc.StatusCode, message: str, trailing_metadata: Any) -> 
 def from_rpc_error(error: grpc.RpcError) -> PlanesError:
     """The typed error carried by a failed gRPC call."""
     code = error.code()
+    if _has_details(error):
+        # A status the server made (a planes error), whatever its code: keep its metadata and details.
+        return from_status(code, error.details() or "", error.trailing_metadata())
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(error.details() or "deadline exceeded")
     if code == grpc.StatusCode.CANCELLED:
         return Cancelled(error.details() or "call cancelled")
-    if code == grpc.StatusCode.UNAVAILABLE and not _has_details(error):
+    if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(error.details() or "server unavailable")
     return from_status(code, error.details() or "", error.trailing_metadata())
 

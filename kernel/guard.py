@@ -14,7 +14,9 @@ so a call fails the same way whether or not it crossed the wire.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -259,8 +261,8 @@ class CallGuard:
                 failure = exc
             except TimeoutError:
                 failure = errors.DeadlineExceeded(f"{method.path} ran past its deadline")
-            except Exception:
-                failure = _internal(method)
+            except Exception as exc:
+                failure = out_of_space(method, exc) or _internal(method)
             finally:
                 if token is not None:
                     _reset_current(token)
@@ -293,8 +295,8 @@ class CallGuard:
                 failure = exc
             except TimeoutError:
                 failure = errors.DeadlineExceeded(f"{method.path} ran past its deadline")
-            except Exception:
-                failure = _internal(method)
+            except Exception as exc:
+                failure = out_of_space(method, exc) or _internal(method)
             finally:
                 if token is not None:
                     _reset_current(token)
@@ -310,6 +312,27 @@ async def _abort(context: grpc.aio.ServicerContext, failure: PlanesError, call: 
         # The caller quotes this id when it reports the failure.
         trailers = (*trailers, (CORRELATION_KEY, call.correlation_id))
     await context.abort(code, message, trailers)
+
+
+def out_of_space(method: MethodGuard, exc: BaseException) -> errors.Unavailable | None:
+    """UNAVAILABLE for a store that ran out of disk (ENOSPC, a quota, SQLite's SQLITE_FULL), else None.
+
+    A full disk is the operator's to fix and passes: the caller should retry
+    later, not report a bug. Whatever raised it acknowledged nothing.
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
+                                                or "database or disk is full" in str(exc)))
+        if full:
+            call = current_call()
+            log.error("no space left while serving %s (correlation %s): %s", method.path,
+                      call.correlation_id if call else "-", type(exc).__name__)
+            return errors.Unavailable(f"the server's storage is full: {method.path} stored nothing; "
+                                      "retry once its operator has freed space", retry_after=30.0)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _internal(method: MethodGuard) -> errors.Internal:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import errno
 import os
 import socket
 import subprocess
@@ -56,6 +58,17 @@ class RecordingDiagnostics(DiagnosticsPlane):
             raise RuntimeError(payload.decode())
         if payload.startswith(b"slow:"):
             await asyncio.sleep(float(payload[5:]))
+        if payload == b"disk-full":
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as exc:  # as a store's write lets it through, under its own error
+                raise RuntimeError("write failed") from exc
+        if payload == b"sqlite-full":
+            # A real SQLITE_FULL: an in-memory database allowed one page.
+            db = sqlite3.connect(":memory:")
+            db.execute("PRAGMA max_page_count = 2")
+            db.execute("CREATE TABLE t (x BLOB)")
+            db.execute("INSERT INTO t VALUES (?)", (b"x" * 100_000,))
 
     async def echo(self, request, call):
         self.calls.append(("echo", call))

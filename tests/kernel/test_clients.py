@@ -90,6 +90,20 @@ def test_unexpected_exception_is_internal_and_hides_its_text(run, tmp_path, mode
     assert "internal error in /planes.diagnostics.v1.DiagnosticsService/Echo" in error.message
 
 
+@pytest.mark.parametrize("payload", [b"disk-full", b"sqlite-full"])
+def test_a_full_disk_is_unavailable_with_a_retry_not_an_internal_error(run, tmp_path, mode, payload):
+    async def scenario():
+        async with running_kernel(tmp_path) as k:
+            with pytest.raises(errors.Unavailable) as raised:
+                await _client(k, mode).echo(pb.EchoRequest(payload=payload), timeout=5)
+            return raised.value
+
+    error = run(scenario())
+    assert error.message == ("the server's storage is full: /planes.diagnostics.v1.DiagnosticsService/Echo stored "
+                             "nothing; retry once its operator has freed space")
+    assert error.retry_after == 30.0
+
+
 def test_deadline_is_honoured(run, tmp_path, mode):
     async def scenario():
         async with running_kernel(tmp_path) as k:

@@ -57,3 +57,35 @@ def test_foreign_status_without_details_maps_by_code():
 def test_garbage_details_fall_back_to_the_code():
     error = errors.from_status(grpc.StatusCode.NOT_FOUND, "gone", ((errors.STATUS_DETAILS_KEY, b"\xff\x00garbage"),))
     assert isinstance(error, errors.NotFound)
+
+
+class _RpcError(grpc.RpcError):
+    """What a failed grpc call raises: code, details, trailing metadata (as grpc.aio.AioRpcError has)."""
+
+    def __init__(self, code, details, trailers):
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+@pytest.mark.parametrize("error", [errors.DeadlineExceeded("payload p-1: idle 30 s", metadata={"payload_id": "p-1"}),
+                                   errors.Cancelled("stopped", metadata={"task_id": "t-1"}),
+                                   errors.Unavailable("store full", retry_after=30.0)],
+                         ids=lambda e: type(e).__name__)
+def test_a_server_made_status_keeps_its_metadata_whatever_its_code(error):
+    code, message, trailers = errors.to_status(error)
+    back = errors.from_rpc_error(_RpcError(code, message, trailers))
+    assert type(back) is type(error) and back.message == error.message
+    assert back.metadata == error.metadata and getattr(back, "retry_after", None) == getattr(error, "retry_after", None)
+
+
+def test_a_transport_deadline_without_details_is_still_a_deadline():
+    back = errors.from_rpc_error(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
+    assert isinstance(back, errors.DeadlineExceeded) and back.message == "Deadline Exceeded"
