@@ -151,6 +151,11 @@ class _Ingest:
         self._hashing = _Lane("data-put-hash", writer.update_digest, self._progressed, self._loop)
         self._storing = _Lane("data-put-store", _appender(writer), self._progressed, self._loop)
         self._lanes = (self._hashing, self._storing)
+        #: The lanes start with the first chunk: a put that stalls after its header holds no thread.
+        self._started = False
+
+    def _start(self) -> None:
+        self._started = True
         for lane in self._lanes:
             lane.start()
 
@@ -212,6 +217,8 @@ class _Ingest:
                 self.received - self._settled() + size > settings.stream_inflight_bytes:
             await self._wait()
         granted = await self._budget.acquire(size)
+        if not self._started:
+            self._start()
         self.received += size
         self.chunks += 1
         self._grants.append((self.received, granted))
@@ -222,6 +229,8 @@ class _Ingest:
 
     async def call(self, function: Callable, *args):
         """``function(*args)`` on the storing lane, after every chunk queued so far is stored."""
+        if not self._started:  # no chunk queued: nothing to wait for, and no lane to start for it
+            return await self._loop.run_in_executor(None, function, *args)
         future = self._loop.create_future()
         self._storing.queue.put((function, args, future))
         return await future
@@ -239,8 +248,9 @@ class _Ingest:
         self._collect()
 
     def close(self) -> None:
-        for lane in self._lanes:
-            lane.queue.put(None)
+        if self._started:
+            for lane in self._lanes:
+                lane.queue.put(None)
         # Bytes never settled (an abandoned put) go back to the tenant's budget.
         while self._grants:
             self._budget.release(self._grants.popleft()[1])
