@@ -9,6 +9,9 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     quota_bytes = 68719476736           # bytes a tenant may keep stored
     stream_inflight_bytes = 67108864    # received, not yet on disk, per stream
     tenant_inflight_bytes = 268435456   # the same, summed over a tenant's streams
+    max_concurrent_puts = 16            # puts in progress per tenant
+    max_concurrent_puts_total = 256     # puts in progress in this process, all tenants
+    put_idle_seconds = 30.0             # a put stream silent this long is aborted
     default_ttl_seconds = 604800        # 0: payloads never expire
     durable = true                      # fsync each payload before acknowledging it
     heap_keep_bytes = 67108864          # freed memory kept for reuse (glibc; 0: allocator defaults); see heap.py
@@ -26,6 +29,14 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     internal = ["tool:*", "model_route:*"]
     confidential = ["model_route:local-*"]
     restricted = []
+
+Each put in progress holds two threads (from its first chunk) and a partial
+file, so the number of puts in progress is bounded per tenant and per
+process: a put over either limit is refused after its header, before it costs
+a thread or a file, with ``LimitExceeded`` (RESOURCE_EXHAUSTED, a retry hint).
+A put whose producer sends nothing for ``put_idle_seconds`` (header included)
+is aborted with ``DeadlineExceeded``; its threads end, its budgets return and
+its partial file is removed (see ``plane.py`` on abandoned puts).
 
 Destinations are ``kind:name`` (``tool``, ``model_route`` or ``sink``) and the
 rules are shell-style patterns; a transfer is allowed only when a pattern of
@@ -124,6 +135,9 @@ class DataSettings:
     quota_bytes: int = 64 * GiB
     stream_inflight_bytes: int = 64 * MiB
     tenant_inflight_bytes: int = 256 * MiB
+    max_concurrent_puts: int = 16
+    max_concurrent_puts_total: int = 256
+    put_idle_seconds: float = 30.0
     default_ttl_seconds: float = 7 * 86400.0
     durable: bool = True
     heap_keep_bytes: int = 64 * MiB
@@ -137,8 +151,9 @@ class DataSettings:
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> DataSettings:
         known = {"max_chunk_bytes", "max_chunks", "max_payload_bytes", "get_chunk_bytes", "quota_bytes",
-                 "stream_inflight_bytes", "tenant_inflight_bytes", "default_ttl_seconds", "durable", "heap_keep_bytes",
-                 "master_key_file", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
+                 "stream_inflight_bytes", "tenant_inflight_bytes", "max_concurrent_puts",
+                 "max_concurrent_puts_total", "put_idle_seconds", "default_ttl_seconds", "durable",
+                 "heap_keep_bytes", "master_key_file", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
                  "tenant_quota_bytes", "egress"}
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -151,6 +166,9 @@ class DataSettings:
         ttl = settings.get("default_ttl_seconds", cls.default_ttl_seconds)
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
             raise SettingsError(f"[plugin.data] default_ttl_seconds must be a number >= 0, got {ttl!r}")
+        idle = settings.get("put_idle_seconds", cls.put_idle_seconds)
+        if isinstance(idle, bool) or not isinstance(idle, int | float) or not idle > 0:
+            raise SettingsError(f"[plugin.data] put_idle_seconds must be a number > 0, got {idle!r}")
         made = cls(
             max_chunk_bytes=_size(settings, "max_chunk_bytes", cls.max_chunk_bytes),
             max_chunks=_size(settings, "max_chunks", cls.max_chunks),
@@ -159,6 +177,9 @@ class DataSettings:
             quota_bytes=_size(settings, "quota_bytes", cls.quota_bytes, minimum=0),
             stream_inflight_bytes=_size(settings, "stream_inflight_bytes", cls.stream_inflight_bytes),
             tenant_inflight_bytes=_size(settings, "tenant_inflight_bytes", cls.tenant_inflight_bytes),
+            max_concurrent_puts=_size(settings, "max_concurrent_puts", cls.max_concurrent_puts),
+            max_concurrent_puts_total=_size(settings, "max_concurrent_puts_total", cls.max_concurrent_puts_total),
+            put_idle_seconds=float(idle),
             default_ttl_seconds=float(ttl),
             durable=bool(settings.get("durable", True)),
             heap_keep_bytes=_size(settings, "heap_keep_bytes", cls.heap_keep_bytes, minimum=0),

@@ -10,6 +10,26 @@ reads the next one. Memory stays bounded twice over: at most
 tenant are received and not yet through both lanes; beyond that the loop
 stops reading, so gRPC flow control makes the producer wait.
 
+Puts in progress are bounded too (settings in :mod:`.limits`): at most
+``max_concurrent_puts`` (16) per tenant and ``max_concurrent_puts_total``
+(256) in the process; one more is refused after its header, before it has a
+file or a thread, with ``LimitExceeded`` (RESOURCE_EXHAUSTED, retry after
+1 s). The lanes start with the first chunk, so a put stalled after its header
+holds no thread; and a producer that sends nothing for ``put_idle_seconds``
+(30) while the plane waits on it, header included, is aborted with
+``DeadlineExceeded`` naming the payload and the idle time (time the plane
+spends waiting on its own budgets does not count).
+
+Quarantine is for bytes that arrived and do not match what was declared. A
+put that ends with nothing to keep is *abandoned* instead: idle past
+``put_idle_seconds``, cancelled by its client, or ended before any chunk of a
+non-empty payload. Its partial file is removed, its budgets and slot come
+back, no payload row is made, and a ``data.abandoned`` evidence event
+(payload id, declared size, bytes and chunks received, reason) records the
+attempt. A cancelled put whose request stream merely ends (gRPC often reports
+a cancellation that way) after some chunks cannot be told from a short put,
+and is quarantined as a size mismatch, as before.
+
 Where the digest is computed, and why: once, at ingest, on the hashing lane
 (it releases the GIL, so it runs beside the receiving loop and the storing
 lane); the result is stored in the payload's info. The content digest is
@@ -151,6 +171,11 @@ class _Ingest:
         self._hashing = _Lane("data-put-hash", writer.update_digest, self._progressed, self._loop)
         self._storing = _Lane("data-put-store", _appender(writer), self._progressed, self._loop)
         self._lanes = (self._hashing, self._storing)
+        #: The lanes start with the first chunk: a put that stalls after its header holds no thread.
+        self._started = False
+
+    def _start(self) -> None:
+        self._started = True
         for lane in self._lanes:
             lane.start()
 
@@ -212,6 +237,8 @@ class _Ingest:
                 self.received - self._settled() + size > settings.stream_inflight_bytes:
             await self._wait()
         granted = await self._budget.acquire(size)
+        if not self._started:
+            self._start()
         self.received += size
         self.chunks += 1
         self._grants.append((self.received, granted))
@@ -222,6 +249,9 @@ class _Ingest:
 
     async def call(self, function: Callable, *args):
         """``function(*args)`` on the storing lane, after every chunk queued so far is stored."""
+        if not self._started:  # no chunk queued: nothing to wait for, and no lane to start for it
+            # Shielded as a lane's work is: a cancelled caller must not cancel a discard not yet begun.
+            return await asyncio.shield(self._loop.run_in_executor(None, function, *args))
         future = self._loop.create_future()
         self._storing.queue.put((function, args, future))
         return await future
@@ -239,8 +269,9 @@ class _Ingest:
         self._collect()
 
     def close(self) -> None:
-        for lane in self._lanes:
-            lane.queue.put(None)
+        if self._started:
+            for lane in self._lanes:
+                lane.queue.put(None)
         # Bytes never settled (an abandoned put) go back to the tenant's budget.
         while self._grants:
             self._budget.release(self._grants.popleft()[1])
@@ -250,6 +281,54 @@ def _appender(writer: ObjectWriter) -> Callable:
     def append(data, _digest) -> None:
         writer.append(data)
     return append
+
+
+class _Idle(Exception):
+    """A put's producer sent nothing for ``put_idle_seconds``."""
+
+
+class _IdleWatch:
+    """Aborts a put whose producer stays silent for ``seconds`` while the plane waits for its next message.
+
+    One timer per stream, re-armed only when it fires: a read costs a clock
+    reading, not a timer made and cancelled per chunk as ``asyncio.timeout``
+    around each read would. Time the plane spends waiting on its own budgets
+    and disk does not count: only time spent waiting on the producer.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        #: When the read in progress began; None while the plane is not waiting on the producer.
+        self._since: float | None = None
+        self._fired = False
+        self._timer = self._loop.call_later(seconds, self._check)
+
+    async def read(self, stream):
+        """The stream's next message; raises ``_Idle`` when none came in time."""
+        self._since = self._loop.time()
+        try:
+            return await stream.__anext__()
+        except asyncio.CancelledError:
+            # Ours, and no one else's cancellation (the client's, the deadline's) pending: idle.
+            if self._fired and self._task.uncancel() == 0:
+                raise _Idle from None
+            raise
+        finally:
+            self._since = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self._since
+        if since is not None and now - since >= self.seconds:
+            self._fired = True
+            self._task.cancel()
+            return
+        self._timer = self._loop.call_at((now if since is None else since) + self.seconds, self._check)
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 class Data(DataPlane):
@@ -269,6 +348,9 @@ class Data(DataPlane):
         self._budgets: dict[str, ByteBudget] = {}
         #: Bytes declared by puts in progress, per tenant (counted against the quota).
         self._reserved: dict[str, int] = {}
+        #: Puts in progress, per tenant and in all (bounded: each may hold two threads and a file).
+        self._puts: dict[str, int] = {}
+        self._puts_total = 0
 
     def tenant_budget(self, tenant: str) -> ByteBudget:
         budget = self._budgets.get(tenant)
@@ -372,31 +454,83 @@ class Data(DataPlane):
                 message=f"tenant {header.tenant} would hold {held + header.declared_size} bytes, over its quota "
                         f"of {quota}; retry after {retry:.0f} s or delete payloads")
 
+    def _take_put_slot(self, tenant: str) -> None:
+        """Count one more put in progress for ``tenant``, or refuse it over either limit."""
+        settings = self.settings
+        retry = min(1.0, settings.put_idle_seconds)
+        held = self._puts.get(tenant, 0)
+        if held + 1 > settings.max_concurrent_puts:
+            raise errors.LimitExceeded(
+                "tenant concurrent puts", settings.max_concurrent_puts, held + 1, retry_after=retry,
+                message=f"tenant {tenant} has {held} puts in progress, the most it may have at once; retry "
+                        f"after {retry:g} s, once one ends")
+        if self._puts_total + 1 > settings.max_concurrent_puts_total:
+            raise errors.LimitExceeded(
+                "concurrent puts", settings.max_concurrent_puts_total, self._puts_total + 1, retry_after=retry,
+                message=f"the data plane has {self._puts_total} puts in progress, the most it takes at once; "
+                        f"retry after {retry:g} s, once one ends")
+        self._puts[tenant] = held + 1
+        self._puts_total += 1
+
+    def _give_put_slot(self, tenant: str) -> None:
+        self._puts_total -= 1
+        if self._puts[tenant] == 1:
+            del self._puts[tenant]
+        else:
+            self._puts[tenant] -= 1
+
     async def put_payload(self, requests: AsyncIterator, call: CallContext) -> pb.PutPayloadResponse:
-        stream = requests.__aiter__()
+        idle = _IdleWatch(self.settings.put_idle_seconds)
         try:
-            first = await stream.__anext__()
+            return await self._put(requests.__aiter__(), idle, call)
+        finally:
+            idle.close()
+
+    async def _put(self, stream, idle: _IdleWatch, call: CallContext) -> pb.PutPayloadResponse:
+        try:
+            first = await idle.read(stream)
         except StopAsyncIteration:
             raise errors.InvalidArgument("PutPayload ended before its header") from None
+        except _Idle:
+            raise errors.DeadlineExceeded(f"PutPayload sent no header in {idle.seconds:g} s") from None
         payload_id = f"pl_{os.urandom(16).hex()}"
         # Every refusal before the ingest owns the stream settles it, whatever
         # raised: an error that skipped this could reach the producer as a reset.
+        slot = None
         try:
             kind, header = self._part(first)
             if kind != "header":
                 raise errors.InvalidArgument(f"PutPayload must start with a header, not a {kind}")
             self._admit_header(header, call)
+            self._take_put_slot(header.tenant)
+            slot = header.tenant
             algorithm = _algorithm(header)
             writer, wrapped = self._begin(payload_id, header, algorithm)
         except Exception:
+            if slot is not None:
+                self._give_put_slot(slot)
             await _settle(stream)
             raise
         tenant = header.tenant
         ingest = _Ingest(self, header, writer)
         self._reserved[tenant] = self._reserved.get(tenant, 0) + header.declared_size
         committed = False
+        abandoned = None  # why, when the producer went silent or away before sending anything to keep
         try:
-            async for message in stream:
+            while True:
+                try:
+                    message = await idle.read(stream)
+                except StopAsyncIteration:
+                    break
+                except _Idle:
+                    abandoned = f"the producer sent nothing for {idle.seconds:g} s"
+                    raise errors.DeadlineExceeded(
+                        f"payload {payload_id} abandoned: PutPayload sent nothing for {idle.seconds:g} s "
+                        f"({ingest.received} of {header.declared_size} bytes received); nothing was kept",
+                        metadata={"payload_id": payload_id}) from None
+                except asyncio.CancelledError:
+                    abandoned = "the call was cancelled"
+                    raise
                 kind, value = self._part(message)
                 if kind == "chunk":
                     await ingest.chunk(*self._decode(value))
@@ -410,6 +544,13 @@ class Data(DataPlane):
                             f"header announced {NAMES[algorithm]}")
                 else:
                     raise errors.InvalidArgument("PutPayload carries a second header")
+            if ingest.chunks == 0 and header.declared_size > 0:
+                # Nothing arrived to review: no quarantine entry, only the attempt on record.
+                # (A cancelled call often ends its request stream this way, not with a cancellation.)
+                abandoned = "the stream ended before any chunk"
+                raise errors.InvalidArgument(
+                    f"payload {payload_id} abandoned: PutPayload ended after its header, before any of its "
+                    f"{header.declared_size} declared bytes; nothing was kept", metadata={"payload_id": payload_id})
             declared = _declared_digest(header, ingest.trailer_digest)
             digest = await ingest.finish()
             record = await self._conclude(call, header, payload_id, ingest, common_pb2.Digest(
@@ -422,6 +563,9 @@ class Data(DataPlane):
                     await ingest.abandon()
             finally:
                 ingest.close()
+                self._give_put_slot(tenant)
+                if abandoned is not None:  # even when the discard's wait was cancelled: the discard goes on
+                    await self._record_abandoned(call, header, payload_id, ingest, abandoned)
         if record.state == pb.PAYLOAD_STATE_QUARANTINED:
             entry = record.quarantine
             raise errors.InvalidArgument(
@@ -429,6 +573,22 @@ class Data(DataPlane):
                 metadata={"payload_id": payload_id,
                           "quarantine_reason": pb.QuarantineReason.Name(entry.reason)})
         return pb.PutPayloadResponse(payload=record.info)
+
+    async def _record_abandoned(self, call: CallContext, header: pb.PayloadHeader, payload_id: str,
+                                ingest: _Ingest, reason: str) -> None:
+        """Evidence of a put given up before it had anything to keep; its bytes are already discarded."""
+        log.info("payload %s abandoned after %d of %d bytes: %s", payload_id, ingest.received,
+                 header.declared_size, reason)
+        try:
+            # Shielded: a put cancelled by its client is cancelled again when the call ends.
+            await asyncio.shield(self._record(
+                call, header.tenant, "data.abandoned", payload_id=payload_id, declared_size=header.declared_size,
+                received=ingest.received, chunks=ingest.chunks,
+                classification=classification_name(header.classification), reason=reason))
+        except asyncio.CancelledError:
+            pass  # cancelled again while waiting: the shielded record goes on without us
+        except Exception:
+            log.exception("could not record the abandoned put of payload %s", payload_id)
 
     def _begin(self, payload_id: str, header: pb.PayloadHeader, algorithm: int) -> tuple[ObjectWriter, bytes | None]:
         try:
