@@ -235,3 +235,43 @@ def test_export_limits_come_from_the_settings_and_refuse_nonsense():
     assert ExportLimits.from_settings({}) == ExportLimits()
     with pytest.raises(errors.InvalidArgument, match="export_max_bytes must be at least 1"):
         ExportLimits.from_settings({"export_max_bytes": 0})
+
+
+def test_an_append_is_acknowledged_while_a_query_page_and_a_proof_are_held(run, tmp_path, monkeypatch):
+    """Query pages and proofs run on reader threads too: held there, they hold no append."""
+    from planes.plugins.evidence.log import EvidenceLog
+
+    entered, release = queue.Queue(), threading.Event()
+
+    def holding(real, name):
+        def held(self, *args, **kwargs):
+            entered.put(name)
+            assert release.wait(60), "never released"
+            return real(self, *args, **kwargs)
+        return held
+
+    monkeypatch.setattr(EvidenceLog, "query", holding(EvidenceLog.query, "query"))
+    monkeypatch.setattr(EvidenceLog, "prove_inclusion_at", holding(EvidenceLog.prove_inclusion_at, "proof"))
+
+    async def scenario(client):
+        await client("service").append_events(pb.AppendEventsRequest(events=[event("q1")]), timeout=10)
+        reviewer = client("reviewer")
+
+        async def query():
+            return [e.event_id async for page in reviewer.query_events(pb.QueryEventsRequest(), timeout=60)
+                    for e in page.events]
+
+        reads = [asyncio.ensure_future(query()),
+                 asyncio.ensure_future(reviewer.prove_inclusion(pb.ProveInclusionRequest(event_id="q1"), timeout=60))]
+        held = sorted([await asyncio.to_thread(entered.get, True, 30) for _ in reads])
+        appended = await client("service", "globex").append_events(
+            pb.AppendEventsRequest(events=[event("g1")]), timeout=10)
+        pending = [not read.done() for read in reads]
+        release.set()
+        found, proof = await asyncio.gather(*reads)
+        return held, appended, pending, found, proof
+
+    held, appended, pending, found, proof = _serve(run, tmp_path, scenario)
+    assert held == ["proof", "query"] and pending == [True, True]
+    assert list(appended.sequences) == [2]
+    assert found == ["q1"] and proof.leaf_index == 0 and proof.checkpoint.checkpoint
