@@ -4,7 +4,10 @@ Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
 ``checkpoint_seconds`` (default 5), ``synchronous`` (SQLite, default ``FULL``),
 ``encode_threads`` (threads that encode a batch of 256 events or more, default 2),
 ``retention`` (a table of event type -> seconds after which raw values are
-pruned, until the control plane provides retention rules).
+pruned, until the control plane provides retention rules); exports:
+``export_max_events`` (default 100000) and ``export_max_bytes`` (stored bytes of
+leaves, raw values and salts, default 64 MiB) per bundle, ``export_max_per_tenant``
+(default 2) and ``export_max_concurrent`` (default 4) built at once (:mod:`.export`).
 State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
 (the append-only segment file) beside it, and the checkpoint signing key
 ``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it), made with
@@ -26,6 +29,7 @@ from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.secrets import secret_missing
 from planes.kernel.tokens import SigningKey, key_id, load_public_key
 
+from .export import ExportLimits
 from .log import EvidenceLog
 from .plane import Evidence
 from .store import SqliteEvidenceStore
@@ -109,7 +113,12 @@ class EvidencePlugin(Plugin):
         settings = dict(kernel.settings.plugin_settings(self.name))
         self.log = open_log(kernel.state_dir, settings)
         self.retention = {str(k): float(v) for k, v in dict(settings.get("retention", {})).items()}
-        self.plane = Evidence(self.log)
+        try:
+            limits = ExportLimits.from_settings(settings)
+        except BaseException:
+            self.log.close()
+            raise
+        self.plane = Evidence(self.log, limits)
         self._ticker: asyncio.Task | None = None
 
     def implementation(self, provision: Provision) -> Evidence:

@@ -7,14 +7,23 @@ signed with the evidence key every ``checkpoint_every`` events or
 ``checkpoint_seconds`` seconds. Corrections and redactions are events
 themselves; the original leaf never changes.
 
-Methods are synchronous and not thread-safe: the plugin runs them all on one
-thread, so appends are serialized without locks.
+Methods are synchronous. Everything that writes (appends, checkpoints,
+corrections, redactions, retention) and everything that reads the writer's
+state (``size``, ``head``, ``frontier``, the store's event-id index) runs on
+the plugin's one log thread, so appends are serialized without locks. The
+readers (:meth:`query`, :meth:`to_events`, :meth:`prove_inclusion_at`,
+:meth:`prove_consistency`, :meth:`inclusion_proofs` and an export,
+:mod:`.export`) may run on other threads at the same time: they read the
+store through their own thread's SQLite connection and segment cache and the
+segment file by ``pread``, never past a tree size a signed checkpoint fixed
+when they started, and share only the proofs cache, which a lock guards.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from array import array
@@ -182,6 +191,7 @@ class EvidenceLog:
         self._checkpointed_size = last[0] if last else 0
         self._valid_types: set[str] = set()
         self._proofs: OrderedDict[int, InclusionProofs] = OrderedDict()
+        self._proofs_lock = threading.Lock()  # readers on other threads share the cache (module docstring)
         self._checkpointed_at = clock()
         self._encoder = ProcessLocalWorker("evidence-encode")  # encodes a pipelined batch ahead
 
@@ -532,6 +542,7 @@ class EvidenceLog:
         return pb.SignedCheckpoint(checkpoint=body, signature=signature, key_id=self.key.kid)
 
     def checkpoint(self, tree_size: int = 0) -> pb.SignedCheckpoint:
+        """The signed checkpoint at ``tree_size`` (0: the latest, signed now when there is none: log thread)."""
         row = self.store.checkpoint(tree_size)
         if row is None:
             if tree_size:
@@ -554,10 +565,22 @@ class EvidenceLog:
     # -- proofs -----------------------------------------------------------------
 
     def prove_inclusion(self, tenant: str, event_id: str, tree_size: int = 0) -> pb.ProveInclusionResponse:
+        return self.prove_inclusion_at(*self.inclusion_target(tenant, event_id, tree_size))
+
+    def inclusion_target(self, tenant: str, event_id: str,
+                         tree_size: int = 0) -> tuple[StoredEvent, int, pb.SignedCheckpoint]:
+        """The event and the signed checkpoint a proof of its inclusion is against (log thread: it reads the
+        event-id index, and signs a checkpoint when none covers the event yet)."""
         stored = self._own_event(tenant, event_id)
         size, signed = self._covering_checkpoint(stored.sequence, tree_size)
         if stored.sequence > size:
             raise FailedPrecondition(f"event {event_id} is not in the tree of size {size}")
+        return stored, size, signed
+
+    def prove_inclusion_at(self, stored: StoredEvent, size: int,
+                           signed: pb.SignedCheckpoint) -> pb.ProveInclusionResponse:
+        """The audit path of ``stored`` in the tree of ``size`` (any thread: the first proof against a tree
+        reads and hashes all of its leaves)."""
         index = stored.sequence - 1
         path = self.inclusion_proofs(size).path(index)
         return pb.ProveInclusionResponse(leaf_index=index, leaf_hash=stored.leaf_hash, audit_path=path,
@@ -571,16 +594,24 @@ class EvidenceLog:
         the first proof against a checkpoint costs about n hashes, the next
         ones about log2(n) lookups.
         """
-        proofs = self._proofs.get(size)
-        if proofs is None:
-            proofs = self._proofs[size] = InclusionProofs(self.store.leaf_hashes(size), size)
+        with self._proofs_lock:
+            proofs = self._proofs.get(size)
+            if proofs is not None:
+                self._proofs.move_to_end(size)
+                return proofs
+        # Read outside the lock: two threads asking for a new size at once each read it (the same tree), rather
+        # than one waiting on the other's read of every leaf hash. Subtree roots are memoized per tree in a
+        # plain dict: a race there computes a root twice, the same root.
+        made = InclusionProofs(self.store.leaf_hashes(size), size)
+        with self._proofs_lock:
+            proofs = self._proofs.setdefault(size, made)
+            self._proofs.move_to_end(size)
             while len(self._proofs) > CACHED_TREES:
                 self._proofs.popitem(last=False)
-        else:
-            self._proofs.move_to_end(size)
         return proofs
 
     def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
+        """Any thread: both sizes must have signed checkpoints already, so this only reads."""
         if not 0 < first <= second:
             raise InvalidArgument(f"need 0 < first_tree_size <= second_tree_size, got {first} and {second}")
         first_checkpoint, second_checkpoint = self.checkpoint(first), self.checkpoint(second)

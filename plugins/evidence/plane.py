@@ -1,7 +1,15 @@
 """The evidence plane's servicer: thin, over :class:`~.log.EvidenceLog`.
 
-Every log operation runs on one dedicated thread, so SQLite commits never
-block the event loop and appends are serialized without locks.
+Every write (append, checkpoint, correction, redaction) runs on one
+dedicated log thread, so SQLite commits never block the event loop and
+appends are serialized without locks. Long reads must never hold that
+thread, or one tenant's reviewer stalls every tenant's appends (four
+exports of 278 MB once held an append for 31 s): query pages and proofs run
+on a small reader pool, and exports on their own pool (one thread per
+export allowed at once, :mod:`.export`). A reader only does the log's
+any-thread reads (:mod:`.log`): anything that needs the log thread (picking
+or signing a checkpoint, looking an event up by id) is a short step there
+first, and the reader goes on from the tree size it fixed.
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.call import CallContext
 from planes.kernel.contract import Encoded, wire_tenant
 from planes.kernel.contracts.evidence import EvidencePlane
-from planes.kernel.errors import InvalidArgument, LimitExceeded
 
-from . import bundle
+from . import export
+from .export import ExportLimits, ExportSlots
 from .log import EvidenceLog, _ns
 
 PAGE = 500
 EXPORT_CHUNK = 1024 * 1024
-MAX_EXPORT_EVENTS = 100_000
+#: Threads for query pages and proofs (exports have their own, ExportLimits.process of them).
+READ_THREADS = 2
 
 
 def _tenant_and_bytes(request) -> tuple[str, bytes]:
@@ -59,14 +68,27 @@ class Evidence(EvidencePlane):
     #: has checked (or filled) their tenant field already.
     wire_requests = frozenset({"append_events", "append_event_stream"})
 
-    def __init__(self, log: EvidenceLog):
+    def __init__(self, log: EvidenceLog, export_limits: ExportLimits | None = None):
         self.log = log
+        self.export_limits = export_limits or ExportLimits()
+        self._exports = ExportSlots(self.export_limits)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence-log")
+        self._readers = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="evidence-read")
+        self._exporters = ThreadPoolExecutor(max_workers=self.export_limits.process,
+                                             thread_name_prefix="evidence-export")
 
     async def _run(self, function, *args):
+        """On the log thread: writes, and reads of the writer's state."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
+    async def _read(self, function, *args):
+        """On a reader thread: only the log's any-thread reads (:mod:`.log`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, function, *args)
+
     def close(self) -> None:
+        """Wait for every thread; before the log is closed (it closes every reader's connection)."""
+        self._exporters.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._thread.shutdown(wait=True)
 
     async def append_events(self, request: pb.AppendEventsRequest, call: CallContext) -> pb.AppendEventsResponse:
@@ -94,7 +116,7 @@ class Evidence(EvidencePlane):
         end = _ns(request.end_time) if request.HasField("end_time") else None
         while remaining is None or remaining > 0:
             page = PAGE if remaining is None else min(PAGE, remaining)
-            events = await self._run(partial(
+            events = await self._read(partial(
                 self.log.query, request.tenant, correlation_id=request.correlation_id,
                 event_types=tuple(request.event_types), start_ns=start, end_ns=end, after_sequence=after, limit=page))
             if not events:
@@ -110,11 +132,14 @@ class Evidence(EvidencePlane):
         return pb.GetCheckpointResponse(checkpoint=await self._run(self.log.checkpoint, request.tree_size))
 
     async def prove_inclusion(self, request: pb.ProveInclusionRequest, call: CallContext) -> pb.ProveInclusionResponse:
-        return await self._run(self.log.prove_inclusion, request.tenant, request.event_id, request.tree_size)
+        # The lookup by id and any checkpoint to sign on the log thread; the path (the first proof against a tree
+        # reads and hashes every leaf) on a reader.
+        target = await self._run(self.log.inclusion_target, request.tenant, request.event_id, request.tree_size)
+        return await self._read(self.log.prove_inclusion_at, *target)
 
     async def prove_consistency(self, request: pb.ProveConsistencyRequest,
                                 call: CallContext) -> pb.ProveConsistencyResponse:
-        return await self._run(self.log.prove_consistency, request.first_tree_size, request.second_tree_size)
+        return await self._read(self.log.prove_consistency, request.first_tree_size, request.second_tree_size)
 
     async def correct_event(self, request: pb.CorrectEventRequest, call: CallContext) -> pb.CorrectEventResponse:
         correction = await self._run(self.log.correct, request.tenant, request.event_id, list(request.fields),
@@ -127,29 +152,22 @@ class Evidence(EvidencePlane):
         return pb.RedactFieldResponse(redaction=redaction, event=event)
 
     async def export_bundle(self, request: pb.ExportBundleRequest, call: CallContext) -> AsyncIterator[pb.ExportBundleResponse]:
-        data, count, size = await self._run(self._export, request)
-        for offset in range(0, len(data), EXPORT_CHUNK):
-            yield pb.ExportBundleResponse(offset=offset, data=data[offset:offset + EXPORT_CHUNK])
-        yield pb.ExportBundleResponse(offset=len(data), summary=pb.BundleSummary(
-            event_count=count, tree_size=size,
-            digest=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
-                                     value=hashlib.sha256(data).digest())))
+        """Admitted under the export caps, for as long as it is built and streamed (its memory is held that
+        long); the checkpoint is picked on the log thread, the bundle built on an export thread."""
+        chosen = export.selection(request)
+        with self._exports.slot(request.tenant):
+            signed = await self._run(export.choose_checkpoint, self.log, request.tree_size)
+            data, count, size = await asyncio.get_running_loop().run_in_executor(
+                self._exporters, export.build, self.log, request.tenant, chosen, signed, self.export_limits)
+            for offset in range(0, len(data), EXPORT_CHUNK):
+                yield pb.ExportBundleResponse(offset=offset, data=data[offset:offset + EXPORT_CHUNK])
+            yield pb.ExportBundleResponse(offset=len(data), summary=pb.BundleSummary(
+                event_count=count, tree_size=size,
+                digest=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
+                                         value=hashlib.sha256(data).digest())))
 
     def _export(self, request: pb.ExportBundleRequest) -> tuple[bytes, int, int]:
-        log = self.log
-        if not request.correlation_id and not request.HasField("start_time") and not request.HasField("end_time"):
-            raise InvalidArgument("export needs a correlation_id or a time range")
-        start = _ns(request.start_time) if request.HasField("start_time") else None
-        end = _ns(request.end_time) if request.HasField("end_time") else None
-        rows = log.store.query(request.tenant, correlation_id=request.correlation_id, start_ns=start, end_ns=end,
-                               limit=MAX_EXPORT_EVENTS + 1)
-        if len(rows) > MAX_EXPORT_EVENTS:
-            raise LimitExceeded("export_events", MAX_EXPORT_EVENTS, len(rows),
-                                message=f"more than {MAX_EXPORT_EVENTS} events selected; narrow the time range")
-        signed = log.checkpoint(request.tree_size) if request.tree_size else log.checkpoint_now()
-        size = pb.Checkpoint.FromString(signed.checkpoint).tree_size
-        rows = [row for row in rows if row.sequence <= size]
-        selection = {"correlation_id": request.correlation_id, "start_ns": start, "end_ns": end}
-        data = bundle.build(log=log, tenant=request.tenant, selection=selection, rows=rows, tree_size=size,
-                            signed=signed)
-        return data, len(rows), size
+        """An export on the calling thread, without admission (in-process use and tests)."""
+        chosen = export.selection(request)
+        signed = export.choose_checkpoint(self.log, request.tree_size)
+        return export.build(self.log, request.tenant, chosen, signed, self.export_limits)

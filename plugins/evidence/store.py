@@ -637,6 +637,24 @@ class SqliteEvidenceStore:
                     found.setdefault(sequence, {})[name] = StoredValue(sequence, name, salt, value)
         return found
 
+    def value_bytes(self, sequences: list[int]) -> int:
+        """The bytes of raw values and salts that :meth:`values` would return for ``sequences``, counted from
+        the records' lengths without copying a value (what an export's byte limit is checked against)."""
+        wanted = set(sequences)
+        segments: dict[int, Segment] = {}
+        for sequence in wanted:
+            segment = self._segment_of(sequence)
+            if segment is not None:
+                segments[segment.first_sequence] = segment
+        total = 0
+        for first in sorted(segments):
+            segment = segments[first]
+            gone = self._removed(segment) if segment.values else set()
+            for sequence, name, salt, value in value_spans(segment.values):
+                if sequence in wanted and (sequence, name) not in gone:
+                    total += salt[1] - salt[0] + value[1] - value[0]
+        return total
+
     def segment_values(self, segment: Segment) -> list[tuple[int, str, bytes, bytes]]:
         """The raw values a segment still holds (removed ones left out)."""
         if not segment.values:
@@ -646,18 +664,21 @@ class SqliteEvidenceStore:
         return [record for record in records if (record[0], record[1]) not in gone] if gone else records
 
     def _candidates(self, tenant: str, correlation_id: str, start_ns: int | None, end_ns: int | None,
-                    after_sequence: int) -> Iterator[int]:
-        """Sequences in order that may match (the caller filters each event exactly)."""
+                    after_sequence: int, through_sequence: int | None = None) -> Iterator[int]:
+        """Sequences in order that may match (the caller filters each event exactly), none past
+        ``through_sequence`` (a snapshot's tree size: what is appended meanwhile is not even read)."""
+        bound = through_sequence if through_sequence is not None else (1 << 63) - 1
         if correlation_id:
             rows = self._read.execute(
                 "SELECT first_sequence, last_sequence, runs FROM correlation_runs WHERE tenant = ? "
-                "AND correlation_id = ? AND last_sequence > ? ORDER BY first_sequence",
-                (tenant, correlation_id, after_sequence)).fetchall()
+                "AND correlation_id = ? AND last_sequence > ? AND first_sequence <= ? ORDER BY first_sequence",
+                (tenant, correlation_id, after_sequence, bound)).fetchall()
             for first, last, runs in rows:
-                yield from (sequence for sequence in correlation_sequences(first, last, runs)
-                            if sequence > after_sequence)
+                yield from (sequence for sequence in correlation_sequences(first, min(last, bound), runs)
+                            if after_sequence < sequence <= bound)
             return
-        clauses, params = ["tenant = ?", "first_sequence + count - 1 > ?"], [tenant, after_sequence]
+        clauses = ["tenant = ?", "first_sequence + count - 1 > ?", "first_sequence <= ?"]
+        params = [tenant, after_sequence, bound]
         if start_ns is not None:
             clauses.append("max_time >= ?")
             params.append(start_ns)
@@ -668,16 +689,17 @@ class SqliteEvidenceStore:
             f"SELECT first_sequence, count FROM segments WHERE {' AND '.join(clauses)} ORDER BY first_sequence",
             params).fetchall()
         for first, count in segments:
-            yield from range(max(first, after_sequence + 1), first + count)
+            yield from range(max(first, after_sequence + 1), min(first + count, bound + 1))
 
     def query(self, tenant: str, *, correlation_id: str = "", event_types: tuple[str, ...] = (),
               start_ns: int | None = None, end_ns: int | None = None, after_sequence: int = 0,
-              limit: int = 1000) -> list[StoredEvent]:
+              limit: int = 1000, through_sequence: int | None = None) -> list[StoredEvent]:
         found: list[StoredEvent] = []
         if limit <= 0:
             return found
         types = set(event_types)
-        for sequence in self._candidates(tenant, correlation_id, start_ns, end_ns, after_sequence):
+        for sequence in self._candidates(tenant, correlation_id, start_ns, end_ns, after_sequence,
+                                         through_sequence):
             event = self.event_at(sequence)
             if event is None or event.tenant != tenant:
                 continue
