@@ -34,8 +34,10 @@ class ExportLimits:
     ``export_max_concurrent``."""
 
     max_events: int = 100_000
-    #: Stored bytes (leaves, values, salts): a 64 MiB selection is a bundle of about 86 MB.
-    max_bytes: int = 64 << 20
+    #: Stored bytes (leaves, values, salts): a 32 MiB selection is a bundle of about 43 MB. A bundle is
+    #: built whole, so an export holds some 3-4 times this while it runs; with ``process`` exports at
+    #: once, the default bounds them near 0.5 GB together.
+    max_bytes: int = 32 << 20
     per_tenant: int = 2
     process: int = 4
     #: What a caller over the concurrency caps is told to wait before retrying, in seconds.
