@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,7 @@ from planes.kernel.kernel import Kernel
 from planes.plugins.data import DataPlugin
 from planes.plugins.evidence import EvidencePlugin
 from tests.conftest import make_settings
+from tests.plugins.evidence.conftest import in_forked_child
 
 SECRET = os.urandom(3 << 20)
 PLAIN = b"plain bytes" * 1000
@@ -212,13 +216,44 @@ def test_a_data_directory_that_is_not_a_directory_is_named(tmp_path):
     assert str(tmp_path / "data") in message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
-def test_a_read_only_data_directory_is_named(stored):
-    state, _, _ = stored
-    data = state / "data"
-    data.chmod(0o500)
+def _refusal_message(state) -> str:
     try:
-        message = _refusal(state)
+        _open(state)
+    except PluginError as exc:
+        return str(exc)
+    return ""
+
+
+def _refusal_as_nobody(state) -> str:
+    os.setgid(65534)
+    os.setuid(65534)
+    return _refusal_message(state)
+
+
+def test_a_read_only_data_directory_is_named(stored):
+    """Root writes anywhere: as root, the state is handed to user nobody, who then starts over it."""
+    state, _, _ = stored
+    visible = Path(tempfile.mkdtemp(prefix="planes-ro-"))
+    try:
+        visible.chmod(0o711)  # nobody may pass through to its own state directory
+        copy = visible / "state"
+        shutil.copytree(state, copy, symlinks=True)
+        data = copy / "data"
+        if os.geteuid() == 0:
+            for path in (copy, *copy.rglob("*")):
+                os.chown(path, 65534, 65534, follow_symlinks=False)
+        for path in (data, *data.rglob("*")):
+            path.chmod(0o500 if path.is_dir() else 0o400)
+        before = sorted((path.name, path.stat().st_size) for path in data.rglob("*"))
+        if os.geteuid() == 0:
+            message, exitcode = in_forked_child(_refusal_as_nobody, copy)
+            assert exitcode == 0
+        else:
+            message = _refusal_message(copy)
+        assert message.startswith("plugin 'data': ") and "\n" not in message, message
+        assert str(data) in message, message
+        assert sorted((path.name, path.stat().st_size) for path in data.rglob("*")) == before
     finally:
-        data.chmod(0o700)
-    assert str(data) in message
+        for path in (visible, *visible.rglob("*")):
+            path.chmod(0o700)
+        shutil.rmtree(visible)
