@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from planes.common.v1 import common_pb2
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.kernel.errors import Cancelled, DeadlineExceeded, EvidenceUnavailable, Internal, Unavailable
+from planes.kernel.errors import (AlreadyExists, Cancelled, DeadlineExceeded, EvidenceUnavailable, FailedPrecondition,
+                                  Internal, InvalidArgument, Unavailable)
 from planes.kernel.files import fsync_dir
 
 __all__ = ["EvidenceUnavailable", "EvidenceWriter", "call_event", "Gap", "Spool", "SpoolCorrupted"]
@@ -54,6 +55,8 @@ GENESIS = bytes(32)
 _GAPS_AAD = b"planes evidence spool gaps v1"
 
 log = logging.getLogger(__name__)
+#: Answers that no retry changes: a spooled record that gets one is counted as lost, not retried forever.
+REFUSED = (AlreadyExists, FailedPrecondition, InvalidArgument)
 
 
 class SpoolCorrupted(Internal):
@@ -340,6 +343,9 @@ class EvidenceWriter:
         if self.spool.fits(len(payload)):
             self.spool.append(payload)
             return
+        self._count_lost(request, cause)
+
+    def _count_lost(self, request: pb.AppendEventsRequest, cause: str) -> None:
         now = int(self.clock() * 1e9)
         gap = self.gaps.setdefault(request.tenant, Gap())
         gap.first_ns = gap.first_ns or now
@@ -372,8 +378,18 @@ class EvidenceWriter:
                 try:
                     for plaintext in self.spool.records():
                         request = pb.AppendEventsRequest.FromString(plaintext)
-                        await self.client.append_events(request, timeout=self.timeout)
-                        sent += len(request.events)
+                        try:
+                            await self.client.append_events(request, timeout=self.timeout)
+                        except REFUSED as exc:
+                            # The log will never take this record (a replay it cannot confirm, a changed
+                            # one, a malformed one): kept, it would block every record behind it, and so
+                            # every evidence-required event, for good. It leaves as a counted gap instead.
+                            log.error("evidence spool: the log refused a spooled batch of %d events for tenant "
+                                      "%s (%s: %s); it is counted in a gap event and dropped",
+                                      len(request.events), request.tenant, type(exc).__name__, exc.message)
+                            self._count_lost(request, f"refused on replay: {type(exc).__name__}: {exc.message}")
+                        else:
+                            sent += len(request.events)
                         delivered += 1
                 finally:
                     self.spool.drop(delivered)

@@ -135,11 +135,18 @@ class ExecutionPlugin(Plugin):
                 log.exception("lease reaper failed")
 
     async def _replay(self) -> None:
+        said = None  # one log line per distinct failure, not one a second while an outage lasts
         while True:
             await asyncio.sleep(1.0)
             if self.buffered.backlog:
-                with contextlib.suppress(Exception):
+                try:
                     await self.buffered.replay()
+                    said = None
+                except Exception as exc:
+                    text = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                    if text != said:
+                        log.warning("evidence spool not replayed yet (retrying every second): %s", text)
+                        said = text
 
     async def stop(self) -> None:
         for task in self._background:

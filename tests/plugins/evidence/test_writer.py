@@ -10,6 +10,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.identity import Identity
 from planes.plugins.evidence.plane import Evidence
@@ -370,3 +371,25 @@ def test_a_gap_event_whose_acknowledgement_was_lost_is_resent_unchanged_after_a_
     gaps = [{f.name: f.string_value for f in e.fields} for e in log.query("acme") if e.event_type == "gap"]
     assert len(gaps) == 1 and gaps[0]["lost_events"] == "1"
     assert gaps[0]["policy"] == "buffer, spool bound 10 bytes", "the bound in force when the event was lost"
+
+
+def test_a_spooled_batch_the_log_refuses_becomes_a_gap_and_does_not_block_the_rest(run, plane, tmp_path, log):
+    """A spooled record the log will never take (here: its id now stored with other content) must not hold
+    every later record, and every evidence-required event, behind it for good."""
+    async def scenario():
+        writer = EvidenceWriter(plane, tmp_path / "spool")
+        plane.up = False
+        await writer.record("acme", [event("e1", note="as spooled")])
+        await writer.record("acme", [event("e2", note="behind it")])
+        plane.up = True
+        await plane.append_events(pb.AppendEventsRequest(tenant="acme", events=[event("e1", note="other")]))
+        sent = await writer.replay()
+        return sent, writer.backlog
+    sent, backlog = run(scenario())
+    assert sent == 1 and not backlog
+    stored = {e.event_id: e for e in log.query("acme")}
+    assert "e2" in stored, "the record behind the refused one was delivered"
+    gaps = [{f.name: f.string_value for f in e.fields} for e in stored.values() if e.event_type == "gap"]
+    assert len(gaps) == 1 and gaps[0]["lost_events"] == "1"
+    assert gaps[0]["cause"].startswith("refused on replay: AlreadyExists: event 0: event id 'e1' was already "
+                                       "appended")
