@@ -377,7 +377,7 @@ class AuthenticateFirst(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == AUTHORIZATION_KEY:
                 authorization = value  # the last one, as the guard takes it
-        if authorization is None and authenticator.mtls:
+        if not authorization and authenticator.mtls:  # an empty header too: the guard reads the certificate
             return await continuation(details)
         try:
             authenticator.identify(authorization)

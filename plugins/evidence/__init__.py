@@ -6,7 +6,7 @@ Settings (``[plugin.evidence]``): ``checkpoint_every`` (events, default 1000),
 ``retention`` (a table of event type -> seconds after which raw values are
 pruned, until the control plane provides retention rules); exports:
 ``export_max_events`` (default 100000) and ``export_max_bytes`` (stored bytes of
-leaves, raw values and salts, default 64 MiB) per bundle, ``export_max_per_tenant``
+leaves, raw values and salts, default 32 MiB) per bundle, ``export_max_per_tenant``
 (default 2) and ``export_max_concurrent`` (default 4) built at once (:mod:`.export`).
 State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
 (the append-only segment file) beside it, and the checkpoint signing key

@@ -20,7 +20,8 @@ def add_commands(commands) -> None:
     worker.add_argument("--config", help="settings TOML file")
     worker.add_argument("--state-dir", help="state directory (default: ./var)")
     worker.add_argument("--name", help="worker name: its control-plane identity and config cache, kept across "
-                        "restarts (default: the host name, or host-2, host-3, ... beside running ones)")
+                        "restarts (default: the host name and a tag of the machine id and state directory, "
+                        "with -2, -3, ... beside running ones)")
     worker.add_argument("--tenant", default="*", help="tenant whose tasks to run ('*': every tenant)")
     worker.add_argument("--slots", type=int, default=8, help="tasks run at once (default 8)")
     worker.add_argument("--python-module", action="append", default=[],
@@ -138,6 +139,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 _WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def _machine_tag(root: Path) -> str:
+    """Six hex digits from the machine's id (systemd's /etc/machine-id, else the host name) and ``root``."""
+    import hashlib
+    import socket
+
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = ""
+    seed = f"{machine or socket.gethostname()}\0{root.resolve()}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:6]
+
+
 def claim_worker_dir(root: Path, name: str | None):
     """The worker's name and the lock on its directory under ``root`` (its config cache lives there).
 
@@ -157,7 +171,9 @@ def claim_worker_dir(root: Path, name: str | None):
         raise InvalidArgument(f"--name {name!r}: a worker name is 1-64 letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit")
     host = _WORKER_NAME.match(re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "worker")
-    host = host.group(0) if host else "worker"
+    # Host names repeat (cloned VMs, containers with a fixed hostname): the machine's id and this state
+    # directory make the default name one no other worker host picks, and the same at every restart.
+    host = f"{(host.group(0) if host else 'worker')[:50]}-{_machine_tag(root)}"
     names = [name] if name else [host, *(f"{host}-{index}" for index in range(2, 65))]
     for candidate in names:
         lock = DirectoryLock(ensure_private_dir(root / candidate), "worker.lock")

@@ -255,7 +255,9 @@ def test_an_unnamed_worker_gets_the_host_name_back_after_a_restart_and_a_second_
 
     from planes.plugins.execution.cli import claim_worker_dir
 
-    host = socket.gethostname()
+    from planes.plugins.execution.cli import _machine_tag
+
+    host = f"{socket.gethostname()}-{_machine_tag(tmp_path)}"
     first, first_lock = claim_worker_dir(tmp_path, None)
     second, second_lock = claim_worker_dir(tmp_path, None)
     assert (first, second) == (host, f"{host}-2")
@@ -266,6 +268,9 @@ def test_an_unnamed_worker_gets_the_host_name_back_after_a_restart_and_a_second_
     assert oct((tmp_path / host).stat().st_mode & 0o777) == "0o700"
     again_lock.release()
     second_lock.release()
+    elsewhere, elsewhere_lock = claim_worker_dir(tmp_path / "other-state", None)
+    assert elsewhere != host, "another state directory (or machine) gets another name for the same host name"
+    elsewhere_lock.release()
 
 
 def test_a_named_worker_already_running_is_refused(tmp_path):
