@@ -155,16 +155,37 @@ class Evidence(EvidencePlane):
         """Admitted under the export caps, for as long as it is built and streamed (its memory is held that
         long); the checkpoint is picked on the log thread, the bundle built on an export thread."""
         chosen = export.selection(request)
-        with self._exports.slot(request.tenant):
+        slot = self._exports.slot(request.tenant)
+        slot.__enter__()  # LimitExceeded over the caps
+        released = False
+
+        def release(build: asyncio.Future | None = None) -> None:
+            nonlocal released
+            if build is not None and not build.cancelled():
+                build.exception()  # a build nobody awaits any more: its error is read, not warned about
+            if not released:
+                released = True
+                slot.__exit__(None, None, None)
+
+        building = None
+        try:
             signed = await self._run(export.choose_checkpoint, self.log, request.tree_size)
-            data, count, size = await asyncio.get_running_loop().run_in_executor(
+            building = asyncio.get_running_loop().run_in_executor(
                 self._exporters, export.build, self.log, request.tenant, chosen, signed, self.export_limits)
+            data, count, size = await asyncio.shield(building)
             for offset in range(0, len(data), EXPORT_CHUNK):
                 yield pb.ExportBundleResponse(offset=offset, data=data[offset:offset + EXPORT_CHUNK])
             yield pb.ExportBundleResponse(offset=len(data), summary=pb.BundleSummary(
                 event_count=count, tree_size=size,
                 digest=common_pb2.Digest(algorithm=common_pb2.DIGEST_ALGORITHM_SHA256,
                                          value=hashlib.sha256(data).digest())))
+        finally:
+            if building is not None and not building.done():
+                # The caller left mid-build, but a thread cannot be stopped: the slot stays taken until the
+                # build ends, or a caller cancelling and retrying would pile builds up past the caps.
+                building.add_done_callback(release)
+            else:
+                release()
 
     def _export(self, request: pb.ExportBundleRequest) -> tuple[bytes, int, int]:
         """An export on the calling thread, without admission (in-process use and tests)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import queue
@@ -275,3 +276,32 @@ def test_an_append_is_acknowledged_while_a_query_page_and_a_proof_are_held(run, 
     assert held == ["proof", "query"] and pending == [True, True]
     assert list(appended.sequences) == [2]
     assert found == ["q1"] and proof.leaf_index == 0 and proof.checkpoint.checkpoint
+
+
+def test_a_caller_that_leaves_mid_build_keeps_its_slot_until_the_build_ends(run, tmp_path, monkeypatch):
+    """A build thread cannot be stopped: cancelling and retrying must not pile builds up past the caps."""
+    held = HeldBuilds(monkeypatch)
+
+    async def scenario(client):
+        await client("service").append_events(pb.AppendEventsRequest(events=[event("a1", correlation="c")]),
+                                              timeout=10)
+        acme = client("reviewer")
+        leaving = asyncio.ensure_future(_export(acme, correlation_id="c"))
+        assert await held.wait_entered() == "acme"
+        leaving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+        with pytest.raises(errors.LimitExceeded) as still_held:
+            await _export(acme, correlation_id="c")
+        held.release.set()
+        for _ in range(100):  # the abandoned build ends on its thread, then its slot comes back
+            try:
+                _, summary = await _export(acme, correlation_id="c")
+                return still_held.value, summary.event_count
+            except errors.LimitExceeded:
+                await asyncio.sleep(0.05)
+        raise AssertionError("the slot never came back")
+
+    still_held, count = _serve(run, tmp_path, scenario, export_max_per_tenant=1, export_max_concurrent=1)
+    assert (still_held.limit, still_held.actual) == (1, 2)
+    assert count == 1
