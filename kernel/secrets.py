@@ -81,6 +81,15 @@ def write_public(path: Path, data: bytes) -> None:
     write_replacing(path, data, 0o644)
 
 
+def write_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Publish ``data`` as a new file at ``path`` (``mode`` whatever the umask), all or nothing; False if it exists.
+
+    A reader sees no file or the whole one, and an existing file is never
+    replaced (the temporary file is linked into place, not renamed).
+    """
+    return _publish(path, data, mode, exclusive=True)
+
+
 def write_replacing(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` all or nothing (temporary file, fsync, rename, fsync of the directory)."""
     _publish(path, data, mode, exclusive=False)
@@ -90,9 +99,10 @@ def _publish(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
     """Write a temporary file in ``path``'s directory, fsync it, then link (or rename) it into place."""
     directory = path.parent
     temporary = directory / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
+            os.fchmod(fd, mode)  # whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -109,8 +119,8 @@ def _publish(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
             except OSError as exc:
                 if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
                     raise SettingsError(
-                        f"cannot create secret file {path}: its filesystem does not support hard links, "
-                        "which are needed to create it atomically; put the state directory on another filesystem"
+                        f"cannot create {path}: its filesystem does not support hard links, which are needed to "
+                        "create it atomically without ever replacing a file; put it on another filesystem"
                     ) from None
                 raise
     finally:

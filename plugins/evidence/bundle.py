@@ -18,10 +18,8 @@ against the key it carries.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from planes.evidence.v1 import evidence_service_pb2 as pb
-from planes.kernel.errors import PlanesError
-from planes.kernel.files import fsync_dir
+from planes.kernel import secrets
 from planes.kernel.tokens import key_id
 from planes.native import load
 
@@ -91,34 +88,9 @@ def write_new(path: Path, data: bytes) -> bool:
     """Publish ``data`` as a new owner-only (0600) file at ``path``, all or nothing; False if ``path`` exists.
 
     A bundle holds raw field values, so it is never readable by others, not
-    even while being written: a temporary file beside ``path`` (created
-    0600) is written and synced, then linked into place, which fails rather
-    than replace an existing file. A reader sees no file or the whole bundle.
+    even while being written (:func:`planes.kernel.secrets.write_new`).
     """
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-                raise PlanesError(f"cannot create {path}: its filesystem has no hard links, which writing it "
-                                  "without ever replacing a file needs; choose a path on another filesystem") from None
-            raise
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return True
+    return secrets.write_new(path, data, 0o600)
 
 
 @dataclass

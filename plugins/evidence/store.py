@@ -623,16 +623,20 @@ class SqliteEvidenceStore:
         sequence = self.known_event_ids(tenant, [event_id]).get(event_id)
         return self.event_at(sequence) if sequence is not None else None
 
-    def values(self, sequences: list[int]) -> dict[int, dict[str, StoredValue]]:
-        wanted = set(sequences)
+    def _segments_holding(self, wanted: set[int]) -> list[Segment]:
+        """The segments that hold any of ``wanted``, in log order."""
         segments: dict[int, Segment] = {}
         for sequence in wanted:
             segment = self._segment_of(sequence)
             if segment is not None:
                 segments[segment.first_sequence] = segment
+        return [segments[first] for first in sorted(segments)]
+
+    def values(self, sequences: list[int]) -> dict[int, dict[str, StoredValue]]:
+        wanted = set(sequences)
         found: dict[int, dict[str, StoredValue]] = {}
-        for first in sorted(segments):
-            for sequence, name, salt, value in self.segment_values(segments[first]):
+        for segment in self._segments_holding(wanted):
+            for sequence, name, salt, value in self.segment_values(segment):
                 if sequence in wanted:
                     found.setdefault(sequence, {})[name] = StoredValue(sequence, name, salt, value)
         return found
@@ -641,14 +645,8 @@ class SqliteEvidenceStore:
         """The bytes of raw values and salts that :meth:`values` would return for ``sequences``, counted from
         the records' lengths without copying a value (what an export's byte limit is checked against)."""
         wanted = set(sequences)
-        segments: dict[int, Segment] = {}
-        for sequence in wanted:
-            segment = self._segment_of(sequence)
-            if segment is not None:
-                segments[segment.first_sequence] = segment
         total = 0
-        for first in sorted(segments):
-            segment = segments[first]
+        for segment in self._segments_holding(wanted):
             gone = self._removed(segment) if segment.values else set()
             for sequence, name, salt, value in value_spans(segment.values):
                 if sequence in wanted and (sequence, name) not in gone:
