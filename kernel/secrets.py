@@ -82,7 +82,7 @@ def write_public(path: Path, data: bytes) -> None:
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Publish ``data`` as a new file at ``path`` (``mode`` whatever the umask), all or nothing; False if it exists.
+    """Publish ``data`` as a new file at ``path`` (``mode``, less what the umask takes), all or nothing; False if it exists.
 
     A reader sees no file or the whole one, and an existing file is never
     replaced (the temporary file is linked into place, not renamed).
@@ -102,7 +102,6 @@ def _publish(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
-            os.fchmod(fd, mode)  # whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
