@@ -48,3 +48,40 @@ def in_forked_child(work, argument, timeout: float = 60):
     if child.exitcode is None:
         child.kill()
     return (receive.recv() if child.exitcode == 0 else None), child.exitcode
+
+
+def serve_evidence(run, state_dir, scenario, **evidence_settings):
+    """``scenario(client)`` against the evidence plugin served over loopback gRPC; ``client(roles, tenant)`` makes
+    a remote client with a fresh token (``roles``: one role or several), closed at the end."""
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import EvidencePlane
+    from planes.kernel.host import Candidate, PluginHost
+    from planes.kernel.kernel import Kernel
+    from planes.kernel.server import KernelServer
+    from planes.kernel.tokens import issue_token
+    from planes.plugins.evidence import EvidencePlugin
+    from tests.conftest import make_settings
+
+    async def main():
+        settings = make_settings(state_dir, plugin={"evidence": evidence_settings})
+        plugin = EvidencePlugin()
+        kernel = Kernel(settings, PluginHost.load(settings, [Candidate(plugin.name, "test", plugin)])).open()
+        server = KernelServer(kernel)
+        port = await server.start()
+        clients = []
+
+        def client(roles, tenant="acme"):
+            roles = [roles] if isinstance(roles, str) else list(roles)
+            token = issue_token(kernel.signing_key, principal=f"{roles[0]}-{tenant}", tenant=tenant, roles=roles,
+                                ttl_seconds=120)
+            made = connect(f"127.0.0.1:{port}", EvidencePlane, token=token)
+            clients.append(made)
+            return made
+
+        try:
+            return await scenario(client)
+        finally:
+            for made in clients:
+                await made.close()
+            await server.stop(grace=1)
+    return run(main())

@@ -15,42 +15,10 @@ import pytest
 
 from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel import errors
-from planes.kernel.clients import connect
-from planes.kernel.contracts import EvidencePlane
-from planes.kernel.host import Candidate, PluginHost
-from planes.kernel.kernel import Kernel
-from planes.kernel.server import KernelServer
-from planes.kernel.tokens import issue_token
-from planes.plugins.evidence import EvidencePlugin, bundle
+from planes.plugins.evidence import bundle
 from planes.plugins.evidence.export import ExportLimits
 from planes.plugins.evidence.plane import Evidence
-from tests.conftest import make_settings
-from tests.plugins.evidence.conftest import SERVICE, event
-
-
-def _serve(run, tmp_path, scenario, **evidence_settings):
-    async def main():
-        settings = make_settings(tmp_path, plugin={"evidence": evidence_settings})
-        plugin = EvidencePlugin()
-        kernel = Kernel(settings, PluginHost.load(settings, [Candidate(plugin.name, "test", plugin)])).open()
-        server = KernelServer(kernel)
-        port = await server.start()
-        clients = []
-
-        def client(role, tenant="acme"):
-            token = issue_token(kernel.signing_key, principal=f"{role}-{tenant}", tenant=tenant, roles=[role],
-                                ttl_seconds=120)
-            made = connect(f"127.0.0.1:{port}", EvidencePlane, token=token)
-            clients.append(made)
-            return made
-
-        try:
-            return await scenario(client)
-        finally:
-            for made in clients:
-                await made.close()
-            await server.stop(grace=1)
-    return run(main())
+from tests.plugins.evidence.conftest import SERVICE, event, serve_evidence
 
 
 async def _export(reviewer, **request) -> tuple[bytes, pb.BundleSummary]:
@@ -109,7 +77,7 @@ def test_another_tenants_append_is_acknowledged_while_an_export_is_held_mid_way(
                  for e in page.events]
         return other, same, pending_when_acknowledged, data, summary, found
 
-    other, same, pending, data, summary, found = _serve(run, tmp_path, scenario)
+    other, same, pending, data, summary, found = serve_evidence(run, tmp_path, scenario)
     assert pending and list(other.sequences) == [21] and list(same.sequences) == [22]
     assert found == ["g1"], "the append was stored, not only acknowledged"
     assert (summary.event_count, summary.tree_size) == (20, 20), "the export's snapshot: the tree at its start"
@@ -141,7 +109,7 @@ def test_exports_over_the_caps_are_refused_with_retry_after_and_the_slots_come_b
                                      _export(client("reviewer", "initech"), correlation_id="c"))
         return entered, per_tenant.value, process.value, finished, [summary.event_count for _, summary in again]
 
-    entered, per_tenant, process, finished, again = _serve(run, tmp_path, scenario, export_max_per_tenant=2,
+    entered, per_tenant, process, finished, again = serve_evidence(run, tmp_path, scenario, export_max_per_tenant=2,
                                                            export_max_concurrent=3)
     assert entered == ["acme", "acme", "globex"]
     assert (per_tenant.name, per_tenant.limit, per_tenant.actual) == ("export_max_per_tenant", 2, 3)
@@ -164,7 +132,7 @@ def test_an_export_over_the_byte_limit_is_refused_over_the_wire_with_a_hint(run,
         data, summary = await _export(reviewer, correlation_id="one")
         return refused.value, small, summary
 
-    refused, small, summary = _serve(run, tmp_path, scenario, export_max_bytes=500_000)
+    refused, small, summary = serve_evidence(run, tmp_path, scenario, export_max_bytes=500_000)
     assert (refused.name, refused.limit) == ("export_max_bytes", 500_000)
     assert refused.actual > 600_000 and "narrow the time range" in refused.message
     assert list(small.sequences) == [11] and summary.event_count == 1, "a refused export leaves its slot free"
@@ -272,7 +240,7 @@ def test_an_append_is_acknowledged_while_a_query_page_and_a_proof_are_held(run, 
         found, proof = await asyncio.gather(*reads)
         return held, appended, pending, found, proof
 
-    held, appended, pending, found, proof = _serve(run, tmp_path, scenario)
+    held, appended, pending, found, proof = serve_evidence(run, tmp_path, scenario)
     assert held == ["proof", "query"] and pending == [True, True]
     assert list(appended.sequences) == [2]
     assert found == ["q1"] and proof.leaf_index == 0 and proof.checkpoint.checkpoint
@@ -302,6 +270,6 @@ def test_a_caller_that_leaves_mid_build_keeps_its_slot_until_the_build_ends(run,
                 await asyncio.sleep(0.05)
         raise AssertionError("the slot never came back")
 
-    still_held, count = _serve(run, tmp_path, scenario, export_max_per_tenant=1, export_max_concurrent=1)
+    still_held, count = serve_evidence(run, tmp_path, scenario, export_max_per_tenant=1, export_max_concurrent=1)
     assert (still_held.limit, still_held.actual) == (1, 2)
     assert count == 1

@@ -12,38 +12,7 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel import errors
 from planes.kernel.clients import connect
 from planes.kernel.contracts import EvidencePlane
-from planes.kernel.host import Candidate, PluginHost
-from planes.kernel.kernel import Kernel
-from planes.kernel.server import KernelServer
-from planes.kernel.tokens import issue_token
-from planes.plugins.evidence import EvidencePlugin
-from tests.conftest import make_settings
-from tests.plugins.evidence.conftest import event
-
-
-def _serve(run, tmp_path, scenario):
-    async def main():
-        settings = make_settings(tmp_path)
-        plugin = EvidencePlugin()
-        kernel = Kernel(settings, PluginHost.load(settings, [Candidate(plugin.name, "test", plugin)])).open()
-        server = KernelServer(kernel)
-        port = await server.start()
-        clients = []
-
-        def client(roles, tenant="acme"):
-            token = issue_token(kernel.signing_key, principal=f"{roles[0]}-1", tenant=tenant, roles=list(roles),
-                                ttl_seconds=60)
-            made = connect(f"127.0.0.1:{port}", EvidencePlane, token=token)
-            clients.append(made)
-            return made
-
-        try:
-            return await scenario(client)
-        finally:
-            for made in clients:
-                await made.close()
-            await server.stop(grace=1)
-    return run(main())
+from tests.plugins.evidence.conftest import event, serve_evidence
 
 
 def test_append_query_and_tenant_scope(run, tmp_path):
@@ -68,7 +37,7 @@ def test_append_query_and_tenant_scope(run, tmp_path):
             [p async for p in client(("admin",), tenant="*").query_events(pb.QueryEventsRequest(tenant="acme"))]
         return reply, streamed, found, other
 
-    reply, streamed, found, other = _serve(run, tmp_path, scenario)
+    reply, streamed, found, other = serve_evidence(run, tmp_path, scenario)
     assert list(reply.sequences) == [1] and len(reply.chain_head) == 32
     assert (streamed.appended, streamed.duplicates, streamed.last_sequence) == (3, 1, 4)
     assert found == ["e1", "e2", "e3", "e4"]
@@ -87,7 +56,7 @@ def test_a_changed_replay_reaches_a_remote_caller_as_already_exists(run, tmp_pat
                  for e in page.events]
         return first, caught.value, again, found
 
-    first, refused, again, found = _serve(run, tmp_path, scenario)
+    first, refused, again, found = serve_evidence(run, tmp_path, scenario)
     assert "event id 'e1' was already appended (sequence 1) with different content (field 'note')" in refused.message
     assert refused.metadata["event_id"] == "e1"
     assert list(again.sequences) == [1] and again.chain_head == first.chain_head
@@ -117,7 +86,7 @@ def test_a_stream_with_a_bad_batch_keeps_the_batches_before_it_and_names_the_bad
         resent = await service.append_event_stream(again(), timeout=10)
         return raised.value, stored, resent
 
-    error, stored, resent = _serve(run, tmp_path, scenario)
+    error, stored, resent = serve_evidence(run, tmp_path, scenario)
     assert error.message.startswith("batch 3: event 0: event_type must be"), error.message
     assert stored == [f"s{n}-{i}" for n in range(3) for i in range(100)], "the batches before the bad one, in order"
     assert (resent.appended, resent.duplicates, resent.last_sequence) == (1, 300, 301), "resending is harmless"
@@ -130,7 +99,7 @@ def test_limit_error_crosses_the_wire_with_its_numbers(run, tmp_path):
                 pb.AppendEventsRequest(events=[event("big", blob=b"x" * (64 * 1024 + 1))]), timeout=5)
         return raised.value
 
-    error = _serve(run, tmp_path, scenario)
+    error = serve_evidence(run, tmp_path, scenario)
     assert (error.name, error.limit, error.actual) == ("field_value_bytes", 65536, 65537)
 
 
@@ -149,7 +118,7 @@ def test_export_over_grpc_then_verify_offline_with_the_cli(run, tmp_path):
             [p async for p in client(("service",)).export_bundle(pb.ExportBundleRequest(correlation_id="order-9"))]
         return b"".join(chunks), summary
 
-    data, summary = _serve(run, tmp_path, scenario)
+    data, summary = serve_evidence(run, tmp_path, scenario)
     assert summary.event_count == 2
     path = tmp_path / "bundle.json"
     path.write_bytes(data)
@@ -169,7 +138,7 @@ def test_stopping_signs_a_checkpoint_covering_every_event(run, tmp_path):
         await client(("service",)).append_events(pb.AppendEventsRequest(events=[event("last-1"), event("last-2")]),
                                                  timeout=5)
 
-    _serve(run, tmp_path, scenario)
+    serve_evidence(run, tmp_path, scenario)
     from planes.plugins.evidence import open_log
     reopened = open_log(tmp_path)
     assert reopened.store.checkpoint()[0] == 2
