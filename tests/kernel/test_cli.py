@@ -22,22 +22,34 @@ def planes(*args: str, state=None, stdin: str | None = None, env: dict | None = 
                           input=stdin, env=environment, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A real `planes serve` on a free loopback port."""
-    state = tmp_path_factory.mktemp("served")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def serving(state, port: int) -> subprocess.Popen:
+    """A real `planes serve` on ``port``, once it says it serves; its output stays readable."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
     environment.update(PLANES_STATE_DIR=str(state), PLANES_SERVER__BIND=f"127.0.0.1:{port}")
     process = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve"], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = process.stdout.readline()
-        if "serving on" in line or not line:
+        if "serving on" in line:
+            return process
+        if not line:
             break
+    process.kill()
+    raise AssertionError(f"planes serve did not start: {process.communicate()[0]}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real `planes serve` on a free loopback port."""
+    state = tmp_path_factory.mktemp("served")
+    port = free_port()
+    process = serving(state, port)
     yield state, f"127.0.0.1:{port}"
     process.terminate()
     process.communicate(timeout=30)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -17,7 +14,7 @@ from planes.kernel.kernel import SIGNING_KEY_FILE, Kernel
 from planes.kernel.server import KernelServer
 from planes.kernel.settings import ServerSettings, load_settings
 from tests.conftest import RecordingPlugin, candidates, make_settings
-from tests.kernel.test_cli import planes
+from tests.kernel.test_cli import free_port, planes, serving
 
 
 @pytest.fixture
@@ -136,34 +133,13 @@ def test_a_kernel_whose_open_fails_gives_the_state_directory_back(run, tmp_path)
     run(kernel.stop())
 
 
-def _serving(state, port: int) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("PLANES_")}
-    environment.update(PLANES_STATE_DIR=str(state), PLANES_SERVER__BIND=f"127.0.0.1:{port}")
-    process = subprocess.Popen([sys.executable, "-m", "planes.kernel.cli", "serve"], env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "serving on" in line:
-            return process
-        if not line:
-            break
-    process.kill()
-    raise AssertionError(f"planes serve did not start: {process.communicate()[0]}")
-
-
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
-
-
-def test_planes_serve_on_a_state_directory_in_use_fails_in_one_line_and_leaves_the_first_serving(tmp_path):
+def test_planes_serve_on_a_state_directory_in_use_fails_in_one_line_and_leaves_the_firstserving(tmp_path):
     """Two real processes, two ports, one state directory: the second stops at start-up, the first serves on."""
     state = tmp_path / "state"
-    first = _serving(state, _free_port())
+    first = serving(state, free_port())
     try:
         evidence_before = sorted(path.name for path in state.rglob("*"))
-        result = planes("serve", "--bind", f"127.0.0.1:{_free_port()}", state=state)
+        result = planes("serve", "--bind", f"127.0.0.1:{free_port()}", state=state)
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
             f"planes: error: state directory {state} is in use by another kernel (pid {first.pid}): "
@@ -174,7 +150,7 @@ def test_planes_serve_on_a_state_directory_in_use_fails_in_one_line_and_leaves_t
         first.kill()
         first.communicate(timeout=30)
     # Killed, not stopped: the lock went with the process, so the next start needs no clean-up.
-    again = _serving(state, _free_port())
+    again = serving(state, free_port())
     again.send_signal(signal.SIGTERM)
     out, _ = again.communicate(timeout=30)
     assert again.returncode == 0, out
