@@ -118,13 +118,19 @@ def test_offline_restart_within_and_beyond_the_lease(tmp_path, key, clock):
     assert CachedConfig(directory, keys, clock=clock).state()[0] is ConfigState.STOP_ADMITTING
 
 
-def test_restart_refuses_a_cache_rolled_back_on_disk(tmp_path, key, clock):
+def _at_revision_2(tmp_path, key, clock):
+    """A cache that applied revisions 1 then 2: its directory, the keys it trusts, and revision 1's snapshot."""
     directory = tmp_path / "config"
     keys = {key.kid: key.public_key}
     cache = CachedConfig(directory, keys, clock=clock)
     old = signed_snapshot(key, 1)
     cache.offer(old)
     cache.offer(signed_snapshot(key, 2))
+    return directory, keys, old
+
+
+def test_restart_refuses_a_cache_rolled_back_on_disk(tmp_path, key, clock):
+    directory, keys, old = _at_revision_2(tmp_path, key, clock)
     (directory / "snapshot.bin").write_bytes(old.SerializeToString())  # someone restores an old file
     restarted = CachedConfig(directory, keys, clock=clock)
     state, reason = restarted.state()
@@ -181,12 +187,7 @@ def test_damaged_cache_accepts_the_revision_it_trusted_again(tmp_path, key, cloc
 
 
 def test_rolled_back_cache_accepts_the_high_water_revision_only(tmp_path, key, clock):
-    directory = tmp_path / "config"
-    keys = {key.kid: key.public_key}
-    cache = CachedConfig(directory, keys, clock=clock)
-    old = signed_snapshot(key, 1)
-    cache.offer(old)
-    cache.offer(signed_snapshot(key, 2))
+    directory, keys, old = _at_revision_2(tmp_path, key, clock)
     (directory / "snapshot.bin").write_bytes(old.SerializeToString())
     restarted = CachedConfig(directory, keys, clock=clock)
     error = _rejected(restarted, old)

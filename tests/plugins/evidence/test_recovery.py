@@ -32,6 +32,21 @@ def _files(state):
     return index, index.with_name("log.sqlite3.segments")
 
 
+def _appended_past_the_index(state, *batches) -> bytes:
+    """Append ``batches``, then put back the index from before them: segments the index does not know.
+    Returns the segment file's bytes."""
+    index, segments = _files(state)
+    saved = state / "index-before"
+    shutil.copy(index, saved)
+    log = open_log(state)
+    for batch in batches:
+        log.append("acme", batch, SERVICE)
+    log.close()
+    written = segments.read_bytes()
+    shutil.copy(saved, index)
+    return written
+
+
 def _committed_end(index) -> int:
     connection = sqlite3.connect(index)
     try:
@@ -110,14 +125,8 @@ def test_an_uncommitted_tail_is_set_aside_before_the_file_is_cut(stopped):
 def test_a_torn_last_append_of_real_segment_bytes_is_set_aside(stopped):
     """The real thing: a whole segment written past the committed end (its commit never happened)."""
     index, segments = _files(stopped)
-    saved = stopped / "index-before"
-    shutil.copy(index, saved)
-    log = open_log(stopped)
-    log.append("acme", [event(f"g{i}", prompt="r") for i in range(4)], SERVICE)
-    log.close()
-    written = segments.read_bytes()
-    shutil.copy(saved, index)  # as if the last commit never happened
-    end = _committed_end(index)
+    written = _appended_past_the_index(stopped, [event(f"g{i}", prompt="r") for i in range(4)])
+    end = _committed_end(index)  # as if the last commit never happened
     log = open_log(stopped)
     try:
         assert log.size == 9 and segments.read_bytes() == written[:end]
@@ -130,14 +139,8 @@ def test_a_torn_last_append_of_real_segment_bytes_is_set_aside(stopped):
 def test_an_index_older_than_the_segment_file_refuses_start(stopped):
     """Two whole segments past the committed end are not a crash: the index was restored from an older backup."""
     index, segments = _files(stopped)
-    saved = stopped / "index-before"
-    shutil.copy(index, saved)
-    log = open_log(stopped)
-    log.append("acme", [event(f"g{i}", prompt="r") for i in range(4)], SERVICE)
-    log.append("acme", [event(f"h{i}") for i in range(2)], SERVICE)
-    log.close()
-    written = segments.read_bytes()
-    shutil.copy(saved, index)
+    written = _appended_past_the_index(stopped, [event(f"g{i}", prompt="r") for i in range(4)],
+                                       [event(f"h{i}") for i in range(2)])
     with pytest.raises(FailedPrecondition, match=f"{segments} holds events 10 to 14 and more past the "
                                                  f"{_committed_end(index)} bytes its index"):
         open_log(stopped)
