@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import stat
@@ -31,8 +32,11 @@ PUBLIC_KEY_FILE = "keys/kernel-signing.pub.pem"
 ADMIN_TOKEN_FILE = "admin.token"
 #: The bootstrap admin token lives 30 days; `planes token issue` makes others.
 ADMIN_TOKEN_TTL = 30 * 24 * 3600
-#: At start-up, an admin token with less than this left (or expired, or unverifiable) is replaced.
+#: An admin token with less than this left (or expired, or unverifiable) is replaced, at start-up and while
+#: the kernel runs.
 ADMIN_TOKEN_RENEW_BEFORE = 7 * 24 * 3600
+#: How often a running kernel looks at its admin token.
+ADMIN_TOKEN_CHECK_EVERY = 6 * 3600
 
 
 class Kernel:
@@ -43,14 +47,17 @@ class Kernel:
     async hooks.
     """
 
-    def __init__(self, settings: Settings, host: PluginHost | None = None):
+    def __init__(self, settings: Settings, host: PluginHost | None = None, *,
+                 admin_token_check_every: float = ADMIN_TOKEN_CHECK_EVERY):
         self.settings = settings
+        self.admin_token_check_every = admin_token_check_every
+        self._renewer: asyncio.Task | None = None
         self._host = host
         self.signing_key: SigningKey | None = None
         self.verifier: TokenVerifier | None = None
         self.guard: CallGuard | None = None
         self.created: list[Path] = []
-        #: (file, why) of each secret replaced at open (see :meth:`_provide_admin_token`).
+        #: (file, why) of each secret replaced, at open or since (see :meth:`renew_admin_token`).
         self.renewed: list[tuple[Path, str]] = []
         self._clients: dict[str, Any] = {}
         self._started: list[Any] = []
@@ -101,7 +108,7 @@ class Kernel:
                                       cache_size=self.settings.auth.token_cache_size)
         for path in self.settings.auth.trusted_public_keys:
             self.verifier.trust(load_public_key(Path(path)))
-        self._provide_admin_token(self.state_dir / ADMIN_TOKEN_FILE)
+        self.renew_admin_token()
         self.guard = CallGuard(Authenticator(self.verifier, mtls=bool(self.settings.tls.client_ca_file)))
         if self._host is None:
             self._host = PluginHost.load(self.settings)
@@ -119,14 +126,18 @@ class Kernel:
             loaded.status = "ready"
         return self
 
-    def _provide_admin_token(self, admin: Path) -> None:
-        """Create the bootstrap admin token, or renew one that has expired, will within a week, or no longer verifies.
+    def renew_admin_token(self) -> str | None:
+        """Create the bootstrap admin token, or renew one that has expired, will within a week, or no longer
+        verifies; why it was replaced (None: it was created or left alone).
 
         The token is what an operator on this host uses to administer the
-        kernel; without renewal a kernel running past 30 days would lock its
-        own operator out. A token that still verifies for over a week is left
-        alone (someone may have copied it).
+        kernel: :meth:`open` calls this, and :meth:`start` again every
+        ``admin_token_check_every`` seconds, so that neither a restart after
+        30 days nor a kernel running for months locks its own operator out. A
+        token that still verifies for over a week is left alone (someone may
+        have copied it).
         """
+        admin = self.state_dir / ADMIN_TOKEN_FILE
         def issue() -> bytes:
             return issue_token(self.signing_key, principal="admin", tenant=ALL_TENANTS,
                                roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL).encode() + b"\n"
@@ -134,7 +145,7 @@ class Kernel:
         if secret_missing(admin):
             if write_secret(admin, issue()):
                 self.created.append(admin)
-            return
+            return None
         why = None
         try:
             token = read_secret(admin).decode("ascii").strip()
@@ -150,6 +161,19 @@ class Kernel:
         if why is not None:
             write_replacing(admin, issue())
             self.renewed.append((admin, why))
+        return why
+
+    async def _renew_admin_token_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(self.admin_token_check_every)
+            try:
+                why = self.renew_admin_token()
+            except Exception as exc:  # a full disk, say: the old token still works until it expires
+                log.error("could not renew the admin token %s: %s: %s", self.state_dir / ADMIN_TOKEN_FILE,
+                          type(exc).__name__, exc)
+            else:
+                if why is not None:
+                    log.warning("renewed the admin token %s (%s)", self.state_dir / ADMIN_TOKEN_FILE, why)
 
     def _check_remote_planes(self) -> None:
         """Refuse, before anything is created, a remote plane that would get its tokens in clear text.
@@ -183,8 +207,14 @@ class Kernel:
                 raise PluginError(loaded.name, f"start failed: {type(exc).__name__}: {exc}") from exc
             loaded.status = "running"
             self._started.append(loaded)
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_admin_token_now_and_then(),
+                                                               name="admin token renewal")
 
     async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
         while self._started:
             loaded = self._started.pop()
             try:

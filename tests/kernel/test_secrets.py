@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import threading
@@ -14,7 +15,8 @@ from planes.kernel import secrets
 from planes.kernel.errors import SettingsError
 from planes.kernel.kernel import ADMIN_TOKEN_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, Kernel
 from planes.kernel.tokens import SigningKey, TokenVerifier, issue_token
-from tests.conftest import make_settings
+from planes.kernel.host import PluginHost
+from tests.conftest import RecordingPlugin, candidates, make_settings
 
 
 def test_a_starter_never_reads_the_key_another_is_still_writing(tmp_path, monkeypatch):
@@ -186,3 +188,55 @@ def test_an_admin_token_with_weeks_left_is_left_alone(tmp_path):
     kernel = Kernel(make_settings(state)).open()
     assert kernel.renewed == []
     assert secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip() == token
+
+
+def _small_kernel(state, check_every: float) -> Kernel:
+    settings = make_settings(state)
+    return Kernel(settings, PluginHost.load(settings, candidates(RecordingPlugin())),
+                  admin_token_check_every=check_every)
+
+
+def test_a_running_kernel_renews_its_admin_token_before_it_expires(tmp_path, caplog):
+    state = tmp_path / "state"
+
+    async def scenario():
+        kernel = _small_kernel(state, 0.05).open()
+        await kernel.start()
+        try:
+            old = _admin_token(state, kernel.signing_key, ttl=30 * 86400, issued=time.time() - 25 * 86400)
+            for _ in range(200):  # bounded: 10 s at most
+                await asyncio.sleep(0.05)
+                current = secrets.read_secret(state / ADMIN_TOKEN_FILE).decode().strip()
+                if current != old:
+                    return kernel, current
+            raise AssertionError("the admin token was not renewed while the kernel ran")
+        finally:
+            await kernel.stop()
+
+    with caplog.at_level(logging.WARNING, logger="planes.kernel"):
+        kernel, renewed = asyncio.run(scenario())
+    assert kernel.renewed == [(state / ADMIN_TOKEN_FILE, "it expires in 120 h")]
+    assert kernel.verifier.verify(renewed).roles == frozenset({"admin"})
+    assert kernel.verifier.expiry(renewed) > time.time() + 29 * 86400
+    assert oct((state / ADMIN_TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
+    assert f"renewed the admin token {state / ADMIN_TOKEN_FILE} (it expires in 120 h)" in caplog.text
+    assert renewed not in caplog.text, "the token itself is never logged"
+
+
+def test_a_running_kernel_leaves_a_good_admin_token_alone(tmp_path):
+    state = tmp_path / "state"
+
+    async def scenario():
+        kernel = _small_kernel(state, 0.02).open()
+        await kernel.start()
+        try:
+            token = secrets.read_secret(state / ADMIN_TOKEN_FILE)
+            await asyncio.sleep(0.2)  # about ten checks
+            return token, secrets.read_secret(state / ADMIN_TOKEN_FILE), kernel
+        finally:
+            await kernel.stop()
+
+    before, after, kernel = asyncio.run(scenario())
+    assert after == before
+    assert kernel.renewed == []
+    assert kernel._renewer is None, "stop() ended the renewal task"
