@@ -53,6 +53,7 @@ ChunkLimitError = _twin.ChunkLimitError
 cdef enum:
     H = 32                      # SHA-256 digest bytes
     MAX_DIGEST = 64             # = MAX_DIGEST_BYTES
+    MAX_FIELD_NUMBER = 536870911  # = the twin's MAX_FIELD_NUMBER, 2^29 - 1
     BLOCK = 65536               # copy-then-hash block: stays in L2 between the copy and the hash
     PARALLEL_BYTES = 262144     # a checked chunk this big hashes its own digest on a helper thread
     OK = 0
@@ -77,6 +78,7 @@ assert (TRUNCATED_VARINT, VARINT_OVERFLOW, ZERO_FIELD, UNEXPECTED_FIELD, WRONG_W
     _twin.WRONG_WIRE_TYPE, _twin.DUPLICATE_FIELD, _twin.LENGTH_BEYOND_END, _twin.UNSUPPORTED_WIRE_TYPE,
     _twin.MISSING_CHUNK, _twin.DATA_LIMIT, _twin.DIGEST_LIMIT, _twin.FIXED_BEYOND_END)
 assert MAX_DIGEST == MAX_DIGEST_BYTES
+assert MAX_FIELD_NUMBER == _twin.MAX_FIELD_NUMBER
 
 
 cdef struct Failure:
@@ -312,8 +314,8 @@ cdef int parse_inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, uint64_
         if status != OK:
             return status
         number, wire = key >> 3, key & 7
-        if number == 0:
-            return fail(failure, ZERO_FIELD, at, 0, 0, 0)
+        if number == 0 or number > MAX_FIELD_NUMBER:
+            return fail(failure, ZERO_FIELD, at, number, 0, 0)
         if 1 <= number <= 3:
             expected = 0 if number == 1 else 2
             if wire != expected:
@@ -373,8 +375,8 @@ cdef int parse(const uint8_t *buf, Py_ssize_t end, uint64_t field, uint64_t max_
         if status != OK:
             return status
         number, wire = key >> 3, key & 7
-        if number == 0:
-            return fail(failure, ZERO_FIELD, at, 0, 0, 0)
+        if number == 0 or number > MAX_FIELD_NUMBER:
+            return fail(failure, ZERO_FIELD, at, number, 0, 0)
         if number != field:
             return fail(failure, UNEXPECTED_FIELD, at, field, number, 0)
         if wire != 2:
@@ -440,7 +442,7 @@ def field_ends(message):
     cdef int wire
     ends = []
     while pos < size:
-        if read_varint(buf, &pos, size, &key, &failure) != OK or key >> 3 == 0:
+        if read_varint(buf, &pos, size, &key, &failure) != OK or key >> 3 == 0 or key >> 3 > MAX_FIELD_NUMBER:
             return _refuse_fields(message)
         wire = key & 7
         if wire == 0:

@@ -94,6 +94,8 @@ class ChunkLimitError(ValueError):
 TRUNCATED_VARINT, VARINT_OVERFLOW, ZERO_FIELD, UNEXPECTED_FIELD, WRONG_WIRE_TYPE = 1, 2, 3, 4, 5
 DUPLICATE_FIELD, LENGTH_BEYOND_END, UNSUPPORTED_WIRE_TYPE, MISSING_CHUNK, DATA_LIMIT = 6, 7, 8, 9, 10
 DIGEST_LIMIT, FIXED_BEYOND_END = 11, 12
+#: Protobuf's largest field number (2^29 - 1): a tag past it is corrupt, not an unknown field.
+MAX_FIELD_NUMBER = (1 << 29) - 1
 
 
 def _parse_error(code: int, position: int, field: int, a: int, b: int) -> ValueError:
@@ -103,8 +105,9 @@ def _parse_error(code: int, position: int, field: int, a: int, b: int) -> ValueE
         return ChunkFormatError(f"truncated varint {where}")
     if code == VARINT_OVERFLOW:
         return ChunkFormatError(f"varint {where} is longer than 64 bits")
-    if code == ZERO_FIELD:
-        return ChunkFormatError(f"field number 0 {where} is invalid")
+    if code == ZERO_FIELD:  # 0, or past MAX_FIELD_NUMBER
+        return ChunkFormatError(f"field number {field} {where} is invalid (field numbers run from 1 to "
+                                f"{MAX_FIELD_NUMBER})")
     if code == UNEXPECTED_FIELD:
         return ChunkFormatError(f"unexpected field {a} {where}: a chunk message must hold only its "
                                 f"chunk field {field}")
@@ -243,11 +246,12 @@ def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
 
 
 def _read_tag(view: memoryview, pos: int, end: int) -> tuple[int, int, int]:
-    """A field's number, wire type and the position after its tag; field number 0 is malformed."""
+    """A field's number, wire type and the position after its tag; field number 0, or one past
+    :data:`MAX_FIELD_NUMBER`, is malformed (protobuf refuses both as a corrupt wire format)."""
     at = pos
     key, pos = _read_varint(view, pos, end)
-    if key >> 3 == 0:
-        raise _ParseFailure(ZERO_FIELD, at)
+    if not 1 <= key >> 3 <= MAX_FIELD_NUMBER:
+        raise _ParseFailure(ZERO_FIELD, at, key >> 3)
     return key >> 3, key & 7, pos
 
 
@@ -346,7 +350,7 @@ def field_ends(message) -> list[int]:
 
     The offsets split a message into its fields (a repeated field's entries,
     each with its key and length) without parsing any. A malformed message
-    (field number 0, a group or unknown wire type, a truncated varint or
+    (field number 0 or past 2^29 - 1, a group or unknown wire type, a truncated varint or
     field) raises :class:`ChunkFormatError`, as :func:`decode_chunk` would.
     """
     view = _bytes_view(message, "message")

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
+from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 from planes.data.v1 import data_service_pb2 as pb
 
@@ -169,6 +170,9 @@ MALFORMED = {
     "chunk-twice": (wrap(b"") + wrap(b""), "field 2 at byte 2 appears more than once"),
     "chunk-wire-type": (key(2, 0) + b"\x01", "wire type 0, expected 2"),
     "field-zero": (b"\x02\x00", "field number 0"),
+    "field-past-2^29-inner": (wrap(key(1 << 29, 0) + b"\x00" + key(2, 2) + b"\x03abc"),
+                              r"field number 536870912 at byte 2 is invalid \(field numbers run from 1 to 536870911\)"),
+    "field-past-2^29-outer": (wrap(b"") + key(1 << 29, 0) + b"\x00", "field number 536870912 at byte 2 is invalid"),
     "truncated-key": (b"\x92", "truncated varint at byte 0"),
     "truncated-length": (b"\x12\x80", "truncated varint at byte 1"),
     "length-beyond-end": (b"\x12\x05\x08\x01", "claims 5 bytes but only 2 remain"),
@@ -196,6 +200,24 @@ def test_malformed_messages_are_clean_errors(codec, twin, name):
         codec.decode_chunk(message, max_chunk_bytes=100)
     assert outcome(lambda: codec.decode_chunk(message, max_chunk_bytes=100)) == \
         outcome(lambda: twin.decode_chunk(message, max_chunk_bytes=100))
+
+
+@pytest.mark.parametrize("number, accepted", [((1 << 29) - 1, True), (1 << 29, False), ((1 << 32) - 1, False)],
+                         ids=["2^29-1", "2^29", "2^32-1"])
+def test_field_numbers_are_accepted_exactly_where_protobuf_accepts_them(codec, number, accepted):
+    message = wrap(key(number, 0) + b"\x00" + key(2, 2) + b"\x03abc")
+    try:
+        pb.PutPayloadRequest.FromString(message)
+        protobuf_accepts = True
+    except DecodeError:
+        protobuf_accepts = False
+    assert protobuf_accepts is accepted
+    if accepted:  # an unknown field, skipped
+        offset, data, _ = codec.decode_chunk(message, max_chunk_bytes=10)
+        assert (offset, data.to_pybytes()) == (0, b"abc")
+    else:
+        with pytest.raises(codec.ChunkFormatError, match=f"field number {number} at byte 2 is invalid"):
+            codec.decode_chunk(message, max_chunk_bytes=10)
 
 
 @pytest.mark.parametrize("claimed", [2**31, 2**60, 2**64 - 1])
@@ -478,6 +500,7 @@ def test_field_ends_split_a_message_into_its_fields(codec):
     (key(3, 1) + bytes(4), "needs 8 bytes but only 4 remain"),
     (key(1, 3), "unsupported wire type 3"),
     (key(0, 0) + varint(1), "field number 0"),
+    (key((1 << 29) + 5, 0) + varint(1), "field number 536870917 at byte 0 is invalid"),
     (b"\x0a\x80", "truncated varint"),
     (b"\xff" * 11, "longer than 64 bits"),
 ])
