@@ -33,6 +33,8 @@ from typing import Any
 
 from .errors import SettingsError
 
+T = typing.TypeVar("T")
+
 ENV_PREFIX = "PLANES_"
 #: Environment variables with the prefix that are not setting overrides.
 #: The values of ``log_level`` (any case), as :mod:`logging` names its levels.
@@ -107,7 +109,20 @@ class Settings:
     source: str = "defaults"
 
     def plugin_settings(self, name: str) -> Mapping[str, Any]:
+        """The raw ``[plugin.NAME]`` table (empty when there is none); :meth:`plugin_settings_as` checks it."""
         return self.plugin.get(name, {})
+
+    def plugin_settings_as(self, name: str, cls: type[T]) -> T:
+        """The ``[plugin.NAME]`` table as the dataclass ``cls``, checked as the kernel's own settings are.
+
+        A key that is not a field of ``cls`` and a value of the wrong type are
+        :class:`SettingsError`\ s that name the key (``plugin.NAME.key``) and,
+        for an unknown key, the known ones. Fields may be ``str``, ``int``,
+        ``float``, ``bool``, ``Path``, ``tuple[str, ...]``, ``Mapping[str, X]``,
+        ``Any`` or nested dataclasses (sub-tables); missing keys take the
+        field's default.
+        """
+        return _build(cls, dict(self.plugin.get(name, {})), f"plugin.{name}")
 
     def state_path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,31 @@ def test_bad_settings_are_clear_errors(tmp_path, text, env, message):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "absent.toml", env={})
+
+
+@dataclass(frozen=True)
+class _EchoSettings:
+    greeting: str = "hi"
+    repeat: int = 1
+    targets: tuple[str, ...] = ()
+
+
+def test_plugin_settings_as_builds_the_plugin_table(tmp_path):
+    path = tmp_path / "planes.toml"
+    path.write_text('[plugin.echo]\ngreeting = "hello"\ntargets = ["a", "b"]\n')
+    settings = load_settings(path, env={})
+    assert settings.plugin_settings_as("echo", _EchoSettings) == _EchoSettings("hello", 1, ("a", "b"))
+    assert settings.plugin_settings_as("absent", _EchoSettings) == _EchoSettings()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('greetin = "x"', "unknown setting plugin.echo.greetin; known here: greeting, repeat, targets"),
+    ('repeat = "three"', "plugin.echo.repeat must be int, got 'three'"),
+    ("targets = [1]", "plugin.echo.targets must be a list of strings"),
+])
+def test_plugin_settings_as_names_the_bad_key(tmp_path, table, message):
+    path = tmp_path / "planes.toml"
+    path.write_text(f"[plugin.echo]\n{table}\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(path, env={}).plugin_settings_as("echo", _EchoSettings)
+    assert raised.value.message == message
