@@ -174,7 +174,8 @@ class DataClient:
         array = tensor.to_numpy() if isinstance(tensor, pa.Tensor) else np.asarray(tensor)
         if array.dtype.hasobject:
             raise TypeError("an object array has no fixed-size bytes to store")
-        array = np.ascontiguousarray(array)  # a copy only when it was not C-contiguous
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")  # the one copy a strided tensor costs; keeps a 0-d array 0-d
         info = pb.TensorInfo(dtype=array.dtype.str if array.dtype.byteorder == ">" else array.dtype.name,
                              shape=array.shape)
         return await self.put(array.reshape(-1).view(np.uint8) if array.size else b"",

@@ -66,6 +66,21 @@ def test_table_file_blob_and_strided_tensor(serve, tmp_path):
     assert np.array_equal(tensor.to_numpy(), strided)
 
 
+@pytest.mark.parametrize("make", [np.asarray, pa.Tensor.from_numpy], ids=["numpy", "arrow"])
+def test_a_scalar_tensor_keeps_its_empty_shape(serve, make):
+    scalar = np.array(3.5, dtype=np.float32)
+
+    async def scenario(served):
+        data = served.data()
+        info = await data.put_tensor(make(scalar), classification="internal")
+        return info, await data.get_tensor(info.ref.payload_id), await data.get_arrow_tensor(info.ref.payload_id)
+
+    info, back, arrow = serve(scenario)
+    assert list(info.tensor.shape) == [] and info.ref.size == 4
+    assert back.shape == () and back.dtype == np.float32 and back[()] == 3.5
+    assert arrow.shape == () and arrow.to_numpy()[()] == 3.5
+
+
 def test_received_tensor_is_a_view_of_one_buffer(serve):
     """No copy on the receive side beyond reassembly: the array points into the assembled buffer."""
     array = np.random.default_rng(1).standard_normal(MiB // 2).astype(np.float32)
