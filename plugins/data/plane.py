@@ -27,8 +27,10 @@ non-empty payload. Its partial file is removed, its budgets and slot come
 back, no payload row is made, and a ``data.abandoned`` evidence event
 (payload id, declared size, bytes and chunks received, reason) records the
 attempt. A cancelled put whose request stream merely ends (gRPC often reports
-a cancellation that way) after some chunks cannot be told from a short put,
-and is quarantined as a size mismatch, as before.
+a cancellation that way) after some chunks is abandoned too when the
+cancellation arrives before its bytes are all stored; if it arrives only
+after, the put cannot be told from a short one and is quarantined as a size
+mismatch.
 
 Where the digest is computed, and why: once, at ingest, on the hashing lane
 (it releases the GIL, so it runs beside the receiving loop and the storing
@@ -283,6 +285,14 @@ def _appender(writer: ObjectWriter) -> Callable:
     return append
 
 
+class _Abandoned(Exception):
+    """A put given up with nothing to keep: why (for its ``data.abandoned`` event) and the caller's error."""
+
+    def __init__(self, reason: str, error: errors.PlanesError):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
 class _Idle(Exception):
     """A put's producer sent nothing for ``put_idle_seconds``."""
 
@@ -515,44 +525,18 @@ class Data(DataPlane):
         ingest = _Ingest(self, header, writer)
         self._reserved[tenant] = self._reserved.get(tenant, 0) + header.declared_size
         committed = False
-        abandoned = None  # why, when the producer went silent or away before sending anything to keep
+        abandoned = None  # why, when the put is given up before anything was kept
         try:
-            while True:
-                try:
-                    message = await idle.read(stream)
-                except StopAsyncIteration:
-                    break
-                except _Idle:
-                    abandoned = f"the producer sent nothing for {idle.seconds:g} s"
-                    raise errors.DeadlineExceeded(
-                        f"payload {payload_id} abandoned: PutPayload sent nothing for {idle.seconds:g} s "
-                        f"({ingest.received} of {header.declared_size} bytes received); nothing was kept",
-                        metadata={"payload_id": payload_id}) from None
-                except asyncio.CancelledError:
-                    abandoned = "the call was cancelled"
-                    raise
-                kind, value = self._part(message)
-                if kind == "chunk":
-                    await ingest.chunk(*self._decode(value))
-                elif kind == "trailer":
-                    if ingest.trailer_digest is not None:
-                        raise errors.InvalidArgument("PutPayload carries a second trailer")
-                    ingest.trailer_digest = _check_digest(value.declared_digest, "trailer declared_digest")
-                    if ingest.trailer_digest.algorithm != algorithm:
-                        raise errors.InvalidArgument(
-                            f"the trailer's digest is {NAMES[ingest.trailer_digest.algorithm]}, but the "
-                            f"header announced {NAMES[algorithm]}")
-                else:
-                    raise errors.InvalidArgument("PutPayload carries a second header")
-            if ingest.chunks == 0 and header.declared_size > 0:
-                # Nothing arrived to review: no quarantine entry, only the attempt on record.
-                # (A cancelled call often ends its request stream this way, not with a cancellation.)
-                abandoned = "the stream ended before any chunk"
-                raise errors.InvalidArgument(
-                    f"payload {payload_id} abandoned: PutPayload ended after its header, before any of its "
-                    f"{header.declared_size} declared bytes; nothing was kept", metadata={"payload_id": payload_id})
-            declared = _declared_digest(header, ingest.trailer_digest)
-            digest = await ingest.finish()
+            try:
+                digest, declared = await self._receive(stream, idle, ingest, header, payload_id, algorithm)
+            except _Abandoned as given_up:
+                abandoned = given_up.reason
+                raise given_up.error from None
+            except asyncio.CancelledError:
+                # The client went away before everything it sent was stored: whether its stream
+                # ended first (gRPC often reports a cancellation so) or not, nothing is kept.
+                abandoned = "the call was cancelled"
+                raise
             record = await self._conclude(call, header, payload_id, ingest, common_pb2.Digest(
                 algorithm=algorithm, value=digest), declared, wrapped)
             committed = True
@@ -573,6 +557,46 @@ class Data(DataPlane):
                 metadata={"payload_id": payload_id,
                           "quarantine_reason": pb.QuarantineReason.Name(entry.reason)})
         return pb.PutPayloadResponse(payload=record.info)
+
+    async def _receive(self, stream, idle: _IdleWatch, ingest: _Ingest, header: pb.PayloadHeader, payload_id: str,
+                       algorithm: int) -> tuple[bytes, bytes]:
+        """Read a put's chunks and trailer into ``ingest`` until its stream ends; the content digest of what
+        was stored, and the one declared. A put given up with nothing to keep raises :class:`_Abandoned`."""
+        while True:
+            try:
+                message = await idle.read(stream)
+            except StopAsyncIteration:
+                break
+            except _Idle:
+                raise _Abandoned(f"the producer sent nothing for {idle.seconds:g} s", errors.DeadlineExceeded(
+                    f"payload {payload_id} abandoned: PutPayload sent nothing for {idle.seconds:g} s "
+                    f"({ingest.received} of {header.declared_size} bytes received); nothing was kept",
+                    metadata={"payload_id": payload_id})) from None
+            kind, value = self._part(message)
+            if kind == "chunk":
+                await ingest.chunk(*self._decode(value))
+            elif kind == "trailer":
+                if ingest.trailer_digest is not None:
+                    raise errors.InvalidArgument("PutPayload carries a second trailer")
+                ingest.trailer_digest = _check_digest(value.declared_digest, "trailer declared_digest")
+                if ingest.trailer_digest.algorithm != algorithm:
+                    raise errors.InvalidArgument(
+                        f"the trailer's digest is {NAMES[ingest.trailer_digest.algorithm]}, but the "
+                        f"header announced {NAMES[algorithm]}")
+            else:
+                raise errors.InvalidArgument("PutPayload carries a second header")
+        if ingest.chunks == 0 and header.declared_size > 0:
+            # Nothing arrived to review: no quarantine entry, only the attempt on record.
+            # (A cancelled call often ends its request stream this way, not with a cancellation.)
+            raise _Abandoned("the stream ended before any chunk", errors.InvalidArgument(
+                f"payload {payload_id} abandoned: PutPayload ended after its header, before any of its "
+                f"{header.declared_size} declared bytes; nothing was kept", metadata={"payload_id": payload_id}))
+        try:
+            declared = _declared_digest(header, ingest.trailer_digest)
+        except errors.InvalidArgument as refused:  # as a cancelled put's stream often ends: recorded, not kept
+            raise _Abandoned(f"the stream ended without a declared content digest, after {ingest.received} of "
+                             f"{header.declared_size} bytes", refused) from None
+        return await ingest.finish(), declared
 
     async def _record_abandoned(self, call: CallContext, header: pb.PayloadHeader, payload_id: str,
                                 ingest: _Ingest, reason: str) -> None:

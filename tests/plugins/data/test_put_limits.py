@@ -12,6 +12,7 @@ import asyncio
 import re
 import threading
 
+import blake3
 import pytest
 
 from planes.data.v1 import data_service_pb2 as pb
@@ -28,12 +29,12 @@ DATA = bytes(range(250)) * 4
 class Producer:
     """A put whose stream sends its header, then waits to be told to go on (or to stall for good)."""
 
-    def __init__(self, client, *, tenant="acme", first=()):
+    def __init__(self, client, *, tenant="acme", first=(), digest: bytes | None = None):
         self.go = asyncio.Event()
         self.first = first
 
         async def stream():
-            yield header(len(DATA), tenant=tenant)
+            yield header(len(DATA), tenant=tenant, digest=digest)
             for message in first:
                 yield message
             await self.go.wait()
@@ -213,6 +214,50 @@ def test_a_put_ended_or_cancelled_before_any_byte_is_abandoned_not_quarantined(s
     assert len(abandoned) == 2 and abandoned[0]["payload_id"] == ended.metadata["payload_id"]
     assert all(a["received"] == "0" and a["declared_size"] == "1000" for a in abandoned)
     assert not any(e.event_type == "data.quarantined" for e in events)
+
+
+@pytest.mark.parametrize("digest_in_header", [False, True], ids=["digest-in-trailer", "digest-in-header"])
+def test_a_put_cancelled_after_some_chunks_is_abandoned_not_lost_or_quarantined(serve, digest_in_header):
+    async def scenario(served):
+        plane = served.plugin.plane
+        decoded = asyncio.Event()
+        decode = plane._decode
+
+        def watched(value):  # observes the plane receiving the chunk; changes nothing
+            result = decode(value)
+            decoded.set()
+            return result
+
+        plane._decode = watched
+        cancelled = Producer(served.remote(), first=(chunk(DATA[:500], 0),),
+                             digest=blake3.blake3(DATA).digest() if digest_in_header else None)
+        await asyncio.wait_for(decoded.wait(), 20)
+        await asyncio.sleep(0.1)  # let the chunk reach its lanes; the outcome must not depend on it
+        cancelled.task.cancel()
+        await until(lambda: in_progress(served) == 0, "the cancelled put ends")
+        incoming = served.state_dir / "data" / "incoming"
+        await until(lambda: not any(incoming.iterdir()), "its partial file removed")
+        nothing_left(served)
+        for _ in range(200):  # the cancelled put's evidence is recorded after its call ended
+            events = await served.events()
+            if any(e.event_type == "data.abandoned" for e in events):
+                break
+            await asyncio.sleep(0.05)
+        quarantined = await served.remote(roles=("operator",)).list_quarantine(pb.ListQuarantineRequest(tenant="acme"))
+        return quarantined, events
+
+    quarantined, events = serve(scenario)
+    abandoned = [fields(e) for e in events if e.event_type == "data.abandoned"]
+    assert len(abandoned) == 1
+    assert abandoned[0]["received"] == "500" and abandoned[0]["chunks"] == "1"
+    assert abandoned[0]["declared_size"] == "1000"
+    # gRPC ends a cancelled call's request stream before it cancels the handler: with the digest still
+    # to come in the trailer, the put is refused for lacking one; with it in the header, the
+    # cancellation reaches the put while its bytes are being stored.
+    assert abandoned[0]["reason"] == ("the call was cancelled" if digest_in_header else
+                                      "the stream ended without a declared content digest, after 500 of 1000 bytes")
+    assert list(quarantined.payloads) == []
+    assert not any(e.event_type in ("data.quarantined", "data.stored") for e in events)
 
 
 @pytest.mark.parametrize("setting, value", [
