@@ -55,6 +55,7 @@ __all__ = ["DataClient", "EgressDenied", "IntegrityError", "TensorMismatch"]
 codec = load("codec")
 
 MiB = 1 << 20
+GiB = 1 << 30
 #: What gRPC holds beside the payload while a get's stream is read, in
 #: messages: 6-8 of them at 8-16 MiB (peak receive memory of 1.24x and 1.40x
 #: for 256 MiB), about 12 at 1-4 MiB (bench/RESULTS.md). Dividing a budget by
@@ -103,9 +104,15 @@ class DataClient:
 
     def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB,
                  digest_algorithm: str = "blake3", task_credential: str = "",
-                 receive_budget_bytes: int = 64 * MiB):
+                 receive_budget_bytes: int = 64 * MiB, max_payload_bytes: int = 4 * GiB):
         """``task_credential``: a worker's credential from its lease, sent with every request
         (the data plane requires one from callers acting only as workers).
+
+        ``max_payload_bytes``: the largest payload a get accepts. The size
+        comes from the server, and a reader must not trust its server with
+        its own memory or disk: a larger one is refused
+        (:class:`~planes.kernel.errors.LimitExceeded`) before anything is
+        allocated or written, and no get takes more bytes than the size said.
 
         ``receive_budget_bytes``: memory a get may hold in received messages
         beside the payload's own buffer (0: no bound). gRPC holds several
@@ -123,6 +130,7 @@ class DataClient:
         self.chunk_bytes = chunk_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.receive_budget_bytes = receive_budget_bytes
+        self.max_payload_bytes = max_payload_bytes
         self._put = client.wire("put_payload")
         self._get = client.wire("get_payload")
 
@@ -244,7 +252,7 @@ class DataClient:
         """
         info, stream = await self._chunks(
             self._request(payload_id, max_age, expected_digest, chunk_bytes, chunk_digests), timeout)
-        size = info.ref.size
+        size = self._admit(payload_id, info.ref.size)
         assembler = codec.PayloadAssembler(size, max_total_bytes=size, max_chunks=size + 1,
                                            max_chunk_bytes=self.max_chunk_bytes, content_digest=False)
         try:
@@ -257,6 +265,9 @@ class DataClient:
             payload, _ = assembler.finish()
         except (codec.ChunkFormatError, codec.ChunkLimitError) as exc:
             raise IntegrityError(f"payload {payload_id}: {exc}") from None
+        except MemoryError:  # pyarrow's ArrowMemoryError too
+            raise errors.Unavailable(f"payload {payload_id}: no memory for its {size} bytes in this process "
+                                     "(get_file writes a payload to disk one chunk at a time)") from None
         if verify and _content_digest(info.ref.digest.algorithm, payload) != info.ref.digest.value:
             raise IntegrityError(f"payload {payload_id}: received bytes do not match its content digest")
         return info, payload
@@ -300,6 +311,7 @@ class DataClient:
         """
         path = Path(path)
         info, stream = await self._chunks(self._request(payload_id, max_age, expected_digest, None, False), timeout)
+        size = self._admit(payload_id, info.ref.size)
         partial = path.with_name(f".{path.name}.partial")
         running = _hasher(info.ref.digest.algorithm)
         received = 0
@@ -310,6 +322,8 @@ class DataClient:
                     offset, data, _ = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
                     if offset != received:
                         raise IntegrityError(f"payload {payload_id}: chunk at offset {offset}, expected {received}")
+                    if received + data.size > size:
+                        raise IntegrityError(f"payload {payload_id}: more than its {size} declared bytes arrived")
                     running.update(data)
                     out.write(data)
                     received += data.size
@@ -319,6 +333,14 @@ class DataClient:
         finally:
             partial.unlink(missing_ok=True)
         return info
+
+    def _admit(self, payload_id: str, size: int) -> int:
+        """``size``, the server's word for a payload's size, if this client takes that much."""
+        if size > self.max_payload_bytes:
+            raise errors.LimitExceeded("max_payload_bytes", self.max_payload_bytes, size,
+                                       message=f"payload {payload_id} is {size} bytes, more than this client's "
+                                               f"max_payload_bytes ({self.max_payload_bytes})")
+        return size
 
     # -- the rest ------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A tensor is viewed in place, so a shape and strides that reach outside the
 bytes would read memory that is not the payload's. Each refusal here also
-checks that nothing was stored.
+checks that nothing was stored. The client takes neither the plane's
+strides nor its sizes on trust: the last tests lie about a payload's size.
 """
 
 from __future__ import annotations
@@ -154,3 +155,57 @@ def test_a_malformed_dtype_is_invalid_argument_naming_the_field(serve, dtype):
     assert budget == 0 and after.ref.size == 24, "the refused stream left no bytes held, and the plane goes on"
     if len(dtype) > MAX_DTYPE_CHARS:
         assert f"{len(dtype)} characters" in message
+
+
+def _lie_about_size(served, payload_id: str, size: int) -> None:
+    """Make the plane state ``size`` for a payload whose stored bytes are others, behind its back."""
+    store = served.plugin.plane.store
+    record = store.get(payload_id)
+    record.info.ref.size = size
+    store.update(record)
+
+
+def test_the_client_refuses_a_size_over_its_limit_before_allocating_or_writing(serve, tmp_path):
+    (tmp_path / "out").mkdir()
+
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(VALUES.tobytes(), classification="internal")
+        _lie_about_size(served, info.ref.payload_id, 1 << 40)
+        with pytest.raises(errors.LimitExceeded) as by_get:
+            await data.get(info.ref.payload_id)
+        with pytest.raises(errors.LimitExceeded) as by_file:
+            await data.get_file(info.ref.payload_id, tmp_path / "out" / "out.bin")
+        return by_get.value, by_file.value
+
+    for refused in serve(scenario):
+        assert (refused.name, refused.limit, refused.actual) == ("max_payload_bytes", 1 << 32, 1 << 40)
+        assert "more than this client's max_payload_bytes" in refused.message
+    assert list((tmp_path / "out").iterdir()) == [], "nothing written"
+
+
+def test_a_size_the_client_cannot_allocate_is_a_typed_error(serve):
+    async def scenario(served):
+        data = served.data()
+        data.max_payload_bytes = 1 << 63
+        info = await data.put(VALUES.tobytes(), classification="internal")
+        _lie_about_size(served, info.ref.payload_id, 1 << 62)
+        with pytest.raises(errors.Unavailable, match=f"payload {info.ref.payload_id}: no memory for its") as refused:
+            await data.get(info.ref.payload_id)
+        return refused.value
+
+    assert str(1 << 62) in serve(scenario).message
+
+
+def test_get_file_stops_at_the_declared_size(serve, tmp_path):
+    (tmp_path / "out").mkdir()
+
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(VALUES.tobytes(), classification="internal", chunk_bytes=8)
+        _lie_about_size(served, info.ref.payload_id, 8)
+        with pytest.raises(IntegrityError, match="more than its 8 declared bytes arrived"):
+            await data.get_file(info.ref.payload_id, tmp_path / "out" / "out.bin")
+
+    serve(scenario)
+    assert list((tmp_path / "out").iterdir()) == [], "no partial or final file left"
