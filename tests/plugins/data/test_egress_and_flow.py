@@ -140,6 +140,52 @@ def test_a_producer_faster_than_storage_waits_instead_of_growing_memory(serve, m
     assert size == total and used_after == 0, "everything arrives once the disk catches up"
 
 
+CHUNK = 64 * 1024
+
+
+@pytest.mark.parametrize(("bound", "streams", "past", "held"), [
+    ("stream_inflight_bytes", 1, -1, 2), ("stream_inflight_bytes", 1, 0, 3), ("stream_inflight_bytes", 1, 1, 3),
+    ("tenant_inflight_bytes", 2, -1, 2), ("tenant_inflight_bytes", 2, 0, 3), ("tenant_inflight_bytes", 2, 1, 3),
+], ids=["stream-limit-1", "stream-limit", "stream-limit+1", "tenant-limit-1", "tenant-limit", "tenant-limit+1"])
+def test_in_flight_bounds_at_limit_minus_one_limit_and_plus_one(serve, monkeypatch, bound, streams, past, held):
+    """With the disk stalled, a bound of three chunks' bytes holds three chunks, one byte less holds two, one
+    more still three: per stream with one stream, per tenant summed over two streams."""
+    limit = 3 * CHUNK + past
+    gate = threading.Event()
+    real_append = ObjectWriter.append
+
+    def stalled_append(self, data):
+        gate.wait(30)
+        return real_append(self, data)
+
+    monkeypatch.setattr(ObjectWriter, "append", stalled_append)
+    payload = bytes(range(256)) * (8 * CHUNK // 256)
+
+    async def scenario(served):
+        async def stream():
+            yield header(len(payload))
+            for offset in range(0, len(payload), CHUNK):
+                yield chunk(payload[offset:offset + CHUNK], offset)
+            yield trailer(payload)
+
+        client = served.remote()
+        puts = [asyncio.create_task(client.wire("put_payload")(stream(), timeout=60)) for _ in range(streams)]
+        budget = served.plugin.plane.tenant_budget("acme")
+        async with asyncio.timeout(20):  # only turns a hang into a failure
+            while budget.used < held * CHUNK:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # room for a wrong bound to let one more chunk in
+        stalled = budget.used
+        gate.set()
+        sizes = [pb.PutPayloadResponse.FromString(await put).payload.ref.size for put in puts]
+        return stalled, sizes, budget.used
+
+    other = "tenant_inflight_bytes" if bound == "stream_inflight_bytes" else "stream_inflight_bytes"
+    stalled, sizes, after = serve(scenario, data_settings={bound: limit, other: 64 * CHUNK})
+    assert stalled == held * CHUNK, f"{bound} = {limit} held {stalled // CHUNK} chunks in flight"
+    assert sizes == [len(payload)] * streams and after == 0, "every put completes once the disk catches up"
+
+
 def test_payload_bytes_never_reach_logs_errors_or_evidence(serve, caplog):
     caplog.set_level(logging.DEBUG)
     data_bytes = SECRET * 100
