@@ -66,13 +66,50 @@ class DataPlugin(Plugin):
             public = load_public_key(kernel.state_dir / path)
             keys[key_id(public)] = public
         self.plane = Data(self.store, settings, writer.record, credential_keys=keys)
+        self.settings = settings
         self._sweeper: asyncio.Task | None = None
+        self._subscriber: asyncio.Task | None = None
 
     def implementation(self, provision: Provision):
         return self.plane
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="data-expiry-sweeper")
+        self._follow_control_plane()
+
+    def _follow_control_plane(self) -> None:
+        """Subscribe to the control plane's configuration for its egress rules (:mod:`.control_egress`).
+
+        At start, not setup: the control plugin makes its key in its own setup.
+        Without a key (a kernel with no control plane) egress follows the
+        settings alone; a key named in the settings must exist.
+        """
+        from planes.common.v1 import common_pb2
+        from planes.kernel.contract import ContractVersion
+        from planes.kernel.contracts import ControlPlane
+        from planes.kernel.errors import PluginError
+        from planes.plugins.control import PUBLIC_KEY_FILE
+        from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
+
+        from .control_egress import ControlEgress
+
+        named = self.settings.control_public_key
+        key_path = self.kernel.state_dir / (named or PUBLIC_KEY_FILE)
+        if not key_path.exists():
+            if named:
+                raise PluginError(self.name, f"no control-plane public key at {key_path} "
+                                             "([plugin.data] control_public_key)")
+            log.info("no control-plane public key at %s: egress follows [plugin.data.egress] alone", key_path)
+            return
+        public = load_public_key(key_path)
+        cache = CachedConfig(self.kernel.state_dir / "data" / "config", {key_id(public): public},
+                             served={"data": ContractVersion(2, 0)})
+        self.plane.control_egress = ControlEgress(cache)
+        subscriber = SnapshotSubscriber(
+            self.kernel.client(ControlPlane, self.kernel.service_identity("data")), cache,
+            f"data@{self.kernel.settings.server.bind}",
+            contracts=[common_pb2.ContractVersion(plane="data", major=2, minor=0)])
+        self._subscriber = asyncio.create_task(subscriber.run(), name="data-config-subscriber")
 
     async def _sweep_forever(self) -> None:
         from planes.kernel.call import CallContext
@@ -93,8 +130,9 @@ class DataPlugin(Plugin):
         add_commands(commands)
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._subscriber):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.store.close()

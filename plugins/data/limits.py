@@ -16,6 +16,7 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     durable = true                      # fsync each payload before acknowledging it
     heap_keep_bytes = 67108864          # freed memory kept for reuse (glibc; 0: allocator defaults); see heap.py
     master_key_file = "keys/data-master.key"
+    control_public_key = ""             # follow the control plane's egress_rule resources ("": the kernel's own key)
     credential_keys = []                # PEM public keys of remote execution hosts
 
     [plugin.data.classification_max_bytes]   # per classification
@@ -28,6 +29,8 @@ Settings (``[plugin.data]``; sizes in bytes, times in seconds)::
     public = ["*"]
     internal = ["tool:*", "model_route:*"]
     confidential = ["model_route:local-*"]
+    # ... plus, per tenant, the kind:name destinations of the control plane's
+    # egress_rule resources in force (see control_egress.py)
     restricted = []
 
 Each put in progress holds two threads (from its first chunk) and a partial
@@ -142,6 +145,9 @@ class DataSettings:
     durable: bool = True
     heap_keep_bytes: int = 64 * MiB
     master_key_file: str = "keys/data-master.key"
+    #: The control plane's public key, to follow its egress_rule resources ("" for the kernel's own,
+    #: keys/control-signing.pub.pem, when there is one: see :mod:`.control_egress`).
+    control_public_key: str = ""
     credential_keys: tuple[str, ...] = ()
     classification_max_bytes: Mapping[int, int] = field(default_factory=dict)
     tenant_max_payload_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -153,7 +159,7 @@ class DataSettings:
         known = {"max_chunk_bytes", "max_chunks", "max_payload_bytes", "get_chunk_bytes", "quota_bytes",
                  "stream_inflight_bytes", "tenant_inflight_bytes", "max_concurrent_puts",
                  "max_concurrent_puts_total", "put_idle_seconds", "default_ttl_seconds", "durable",
-                 "heap_keep_bytes", "master_key_file", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
+                 "heap_keep_bytes", "master_key_file", "control_public_key", "credential_keys", "classification_max_bytes", "tenant_max_payload_bytes",
                  "tenant_quota_bytes", "egress"}
         unknown = sorted(set(settings) - known)
         if unknown:
@@ -184,6 +190,7 @@ class DataSettings:
             durable=bool(settings.get("durable", True)),
             heap_keep_bytes=_size(settings, "heap_keep_bytes", cls.heap_keep_bytes, minimum=0),
             master_key_file=str(settings.get("master_key_file", cls.master_key_file)),
+            control_public_key=str(settings.get("control_public_key", cls.control_public_key)),
             credential_keys=tuple(str(p) for p in settings.get("credential_keys", ())),
             classification_max_bytes={CLASSIFICATIONS[k]: v for k, v in per_class.items()},
             tenant_max_payload_bytes=_sizes(settings, "tenant_max_payload_bytes"),

@@ -352,6 +352,8 @@ class Data(DataPlane):
         credentials workers present (see :meth:`_worker_scope`)."""
         self.store = store
         self.credential_keys = dict(credential_keys or {})
+        #: Egress allowances from the control plane (set by the plugin when it follows one), beside the settings.
+        self.control_egress = None
         self.settings = settings
         self._record_events = record
         self.clock = clock
@@ -806,13 +808,17 @@ class Data(DataPlane):
         record = self._readable(request.tenant, request.payload_id)
         classification = record.info.ref.classification
         rule = self.settings.egress.decide(classification, kind, request.destination.name)
+        if rule is None and self.control_egress is not None:
+            rule = self.control_egress.decide(record.tenant, classification, kind, request.destination.name)
         transfer_id = f"tr_{os.urandom(12).hex()}"
         fields = {"payload_id": record.payload_id, "transfer_id": transfer_id, "destination": f"{kind}:"
                   f"{request.destination.name}", "classification": classification_name(classification),
                   "size": record.size, "digest": record.info.ref.digest.value.hex()}
         if rule is None:
             reason = (f"{classification_name(classification)} data may not go to {kind} "
-                      f"{request.destination.name!r}: no egress rule allows it")
+                      f"{request.destination.name!r}: no egress rule allows it (neither [plugin.data.egress] in "
+                      f"the kernel's settings nor an egress_rule resource of tenant {record.tenant!r} in force "
+                      f"listing '{kind}:{request.destination.name}' for {classification_name(classification)})")
             await self._record(call, record.tenant, "data.denied", **fields, reason=reason)
             return pb.TransferPayloadResponse(allowed=False, refusal_reason=reason, payload=record.info.ref,
                                               transfer_id=transfer_id)

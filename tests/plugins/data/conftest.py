@@ -14,6 +14,7 @@ from planes.kernel.host import Candidate, PluginHost
 from planes.kernel.kernel import Kernel
 from planes.kernel.server import KernelServer
 from planes.kernel.tokens import issue_token
+from planes.plugins.control import ControlPlugin
 from planes.plugins.data import DataPlugin
 from planes.plugins.data.client import DataClient
 from planes.plugins.evidence import EvidencePlugin
@@ -53,15 +54,17 @@ def fields(event) -> dict[str, str]:
 def serve(run, tmp_path):
     """``serve(scenario, data_settings={...})`` runs ``await scenario(served)`` against a fresh kernel."""
 
-    def go(scenario, data_settings=None, state_dir=None):
+    def go(scenario, data_settings=None, state_dir=None, control=False):
+        """``control``: with the control plane too, which the data plane then follows for egress rules."""
         async def main():
             state = state_dir or tmp_path
             settings = make_settings(state, plugin={"data": dict(data_settings or {})})
-            plugins = [EvidencePlugin(), DataPlugin()]
+            data = DataPlugin()
+            plugins = [EvidencePlugin(), *([ControlPlugin()] if control else []), data]
             kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "t", p) for p in plugins])).open()
             server = KernelServer(kernel)
             port = await server.start()
-            served = Served(kernel, port, plugins[1], state)
+            served = Served(kernel, port, data, state)
             try:
                 return await scenario(served)
             finally:

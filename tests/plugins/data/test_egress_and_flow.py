@@ -7,9 +7,12 @@ import logging
 import threading
 
 import pytest
+from google.protobuf import json_format, struct_pb2
 
+from planes.control.v1 import control_service_pb2 as cpb
 from planes.data.v1 import data_service_pb2 as pb
 from planes.kernel import errors
+from planes.kernel.contracts import ControlPlane
 from planes.kernel.errors import SettingsError
 from planes.plugins.data.client import EgressDenied
 from planes.plugins.data.limits import ByteBudget, DataSettings
@@ -290,3 +293,72 @@ def test_a_failed_disk_write_fails_the_put_keeps_nothing_and_frees_its_budget(se
     assert incoming == [] and objects == [], "nothing of the failed put stays on disk"
     assert used == 0, "its in-flight bytes went back to the tenant's budget"
     assert after.ref.size == total, "the next put goes through"
+
+
+async def _publish(served, *changes) -> int:
+    """Apply ``(name, spec or None to delete)`` egress_rule changes for tenant acme and publish them."""
+    admin = served.remote(ControlPlane, ("admin",), "*")
+    for name, spec in changes:
+        request = {"tenant": "acme", "kind": cpb.RESOURCE_KIND_EGRESS_RULE, "name": name}
+        if spec is None:
+            current = (await admin.get_resource(cpb.GetResourceRequest(**request))).resource
+            await admin.delete_resource(cpb.DeleteResourceRequest(
+                **request, expected_resource_version=current.resource_version))
+            continue
+        await admin.put_resource(cpb.PutResourceRequest(**request, spec=json_format.ParseDict(spec, struct_pb2.Struct())))
+    listed = await admin.list_snapshots(cpb.ListSnapshotsRequest())
+    latest = listed.snapshots[0].revision if listed.snapshots else 0
+    published = await admin.publish_snapshot(cpb.PublishSnapshotRequest(expected_revision=latest))
+    revision = published.snapshot.revision
+    cache = served.plugin.plane.control_egress.cache
+    async with asyncio.timeout(20):  # only turns a hang into a failure
+        while cache.current is None or cache.current.revision < revision:
+            await asyncio.sleep(0.02)
+    return revision
+
+
+def test_egress_rules_published_by_the_control_plane_allow_transfers_until_withdrawn(serve):
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(b"quarterly numbers", classification="confidential")
+        payload_id = info.ref.payload_id
+        before = await data.transfer(payload_id, "tool:push-conf", raise_on_denial=False)
+        first = await _publish(served, ("to-push", {"classification": "confidential",
+                                                    "destinations": ["tool:push-*", "10.0.0.5:443"]}),
+                               ("hosts-only", {"classification": "confidential", "destinations": ["sink.example"]}))
+        allowed = await data.transfer(payload_id, "tool:push-conf")
+        host_only = await data.transfer(payload_id, "sink:sink.example", raise_on_denial=False)
+        other_tenant = served.data("globex")
+        theirs = await other_tenant.put(b"theirs", classification="confidential")
+        globex = await other_tenant.transfer(theirs.ref.payload_id, "tool:push-conf", raise_on_denial=False)
+        await _publish(served, ("to-push", None))
+        withdrawn = await data.transfer(payload_id, "tool:push-conf", raise_on_denial=False)
+        return before, first, allowed, host_only, globex, withdrawn, await served.events()
+
+    before, first, allowed, host_only, globex, withdrawn, events = serve(scenario, control=True)
+    assert not before.allowed
+    assert "[plugin.data.egress]" in before.refusal_reason and "egress_rule resource of tenant 'acme'" in \
+        before.refusal_reason
+    assert allowed.allowed and allowed.rule == f"egress_rule/to-push@{first}:tool:push-*"
+    assert not host_only.allowed, "a host destination is for the execution plane, not a data destination"
+    assert not globex.allowed, "acme's rule allows nothing for globex"
+    assert not withdrawn.allowed, "a withdrawn rule allows nothing once its removal is in force"
+    decisions = [(e.event_type, fields(e).get("rule", "")) for e in events
+                 if e.event_type in ("data.transferred", "data.denied")]
+    assert decisions == [("data.denied", ""), ("data.transferred", allowed.rule), ("data.denied", ""),
+                         ("data.denied", "")]
+
+
+def test_control_plane_rules_count_only_while_the_configuration_is_in_force(serve):
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(b"numbers", classification="confidential")
+        await _publish(served, ("to-push", {"classification": "confidential", "destinations": ["tool:push"]}))
+        allowed = await data.transfer(info.ref.payload_id, "tool:push")
+        cache = served.plugin.plane.control_egress.cache
+        cache.clock = lambda: 2**40  # far past the revision's expiry: stop admitting
+        expired = await data.transfer(info.ref.payload_id, "tool:push", raise_on_denial=False)
+        return allowed, expired
+
+    allowed, expired = serve(scenario, control=True)
+    assert allowed.allowed and not expired.allowed, "an expired configuration allows nothing beyond the settings"

@@ -1,0 +1,78 @@
+"""Egress rules from the control plane: the ``egress_rule`` resources of the configuration in force.
+
+The data plane decides each transfer from two sources. ``[plugin.data.egress]``
+in the kernel's settings is the base (and all there is on a kernel without a
+control plane). The control plane's ``egress_rule`` resources add to it per
+tenant: ``{classification, destinations}``, where a destination of the form
+``kind:name`` (``tool:NAME``, ``model_route:NAME``, ``sink:NAME``, with
+``*`` patterns) is a data-plane destination. Destinations without a known kind
+(``host`` or ``host:port``) are network destinations for a tool's own
+connections, which the execution plane enforces; the data plane ignores them.
+
+The data plugin follows the configuration as every host does: a snapshot
+subscriber verifies each revision with the control plane's public key, keeps
+the last one on disk, and reports to the control plane as ``data@<bind>``.
+Control-plane rules only ever allow more, so they count only while the
+configuration is admitting (its lease is live, or the profile says degraded);
+when it has expired, transfers fall back to the settings alone: fail closed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from google.protobuf import json_format
+
+from planes.control.v1 import control_service_pb2 as cpb
+from planes.plugins.control.subscriber import CachedConfig
+
+from .limits import CLASSIFICATIONS, DESTINATION_KINDS
+
+#: The destination kinds of a transfer, as ``kind:name`` prefixes.
+KINDS = frozenset(DESTINATION_KINDS.values())
+
+
+def is_data_destination(pattern: str) -> bool:
+    """True for a ``kind:name`` pattern the data plane decides on (``tool:search``, ``sink:*``)."""
+    kind, sep, name = pattern.partition(":")
+    return bool(sep and name) and kind in KINDS
+
+
+class ControlEgress:
+    """Per-tenant egress allowances of the snapshot in ``cache``, parsed once per revision."""
+
+    def __init__(self, cache: CachedConfig):
+        self.cache = cache
+        self._revision = -1
+        self._rules: dict[tuple[str, int], list[tuple[str, str]]] = {}
+
+    def decide(self, tenant: str, classification: int, kind: str, name: str) -> str | None:
+        """The rule allowing the transfer (``egress_rule/NAME:pattern``, revision included), or None."""
+        if not self.cache.admitting():
+            return None
+        current = self.cache.current
+        if current is None:
+            return None
+        if current.revision != self._revision:
+            self._rules = _rules(current.content())
+            self._revision = current.revision
+        target = f"{kind}:{name}"
+        for resource, pattern in self._rules.get((tenant, classification), ()):
+            if fnmatch.fnmatchcase(target, pattern):
+                return f"egress_rule/{resource}@{current.revision}:{pattern}"
+        return None
+
+
+def _rules(content: cpb.SnapshotContent) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    rules: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for resource in content.resources:
+        if resource.kind != cpb.RESOURCE_KIND_EGRESS_RULE:
+            continue
+        spec = json_format.MessageToDict(resource.spec)
+        classification = CLASSIFICATIONS.get(str(spec.get("classification", "")))
+        if classification is None:
+            continue  # the control plane validates specs; a rule it let through unparsed allows nothing
+        for pattern in spec.get("destinations", []):
+            if isinstance(pattern, str) and is_data_destination(pattern):
+                rules.setdefault((resource.tenant, classification), []).append((resource.name, pattern))
+    return rules
