@@ -623,6 +623,12 @@ def _task_refs(task: pb.Task) -> tuple[common_pb2.PayloadRef, ...]:
     return tuple(refs)
 
 
+def _egress_hint(destination: str) -> str:
+    """Where a refused payload transfer is allowed: people look for it among the control plane's egress rules."""
+    return (f"payload egress is the data plane's [plugin.data.egress] in the kernel's settings (classification = "
+            f"[\"{destination}\", ...]), not the control plane's egress_rule resources (hosts a tool connects to)")
+
+
 def _correlated(tenant: str, correlation: common_pb2.Correlation | None):
     if correlation is None or not correlation.correlation_id:
         return contextlib.nullcontext()
@@ -654,11 +660,16 @@ class DataPlaneIO:
         The calls carry the task's ``correlation``, so the data plane's records
         (the egress decision above all) join the task's evidence.
         """
+        from planes.plugins.data.client import EgressDenied
+
         data = self._data(ref.tenant, credential)
         with _correlated(ref.tenant, correlation):
             if destination:
                 # Refused (EgressDenied) or allowed, the decision is recorded by the data plane.
-                await data.transfer(ref.payload_id, destination)
+                try:
+                    await data.transfer(ref.payload_id, destination)
+                except EgressDenied as denied:
+                    raise EgressDenied(f"{denied.message}; {_egress_hint(destination)}", denied.transfer_id) from None
             expected = ref.digest if ref.digest.value else None
             return await data.get_bytes(ref.payload_id, expected_digest=expected, verify=True, timeout=60)
 

@@ -154,3 +154,41 @@ def test_a_side_effect_that_blocked_the_loop_past_its_timeout_stays_open_for_rec
     assert adapter.calls == 1
     effects = [e.event_type for e in events if e.event_type.startswith("effect.")]
     assert effects == ["effect.intent", "effect.escalated"]
+
+
+class ReadsItsInput(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"size": len(await context.data.read(call.inputs[0]))})
+
+
+def test_a_payload_the_data_planes_egress_rules_refuse_is_tool_denied_naming_where_the_rule_lives(scenario):
+    from planes.kernel.contracts import DataPlane
+    from planes.plugins.data.client import DataClient
+    from planes.plugins.execution.worker import DataPlaneIO
+
+    async def body(cluster):
+        name = "reads-conf"
+        await cluster.publish([(cpb.RESOURCE_KIND_TOOL_CONTRACT, name, {
+            "version": "1", "adapter": "reads", "target": {}, "side_effect": "none",
+            "classification": "confidential"})])
+        data = DataClient(cluster.client(DataPlane, ("service",)), "acme")
+        info = await data.put(b"the secret plan", classification="confidential")
+        io = DataPlaneIO(cluster.client(DataPlane, ("worker",), "*", "worker-1"))
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="w", adapters={"reads": ReadsItsInput()},
+                        data_reader=io.read, data_writer=io.write)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        action = tool("a", name)
+        action.tool.inputs.append(info.ref)
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(action)))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        stop.set()
+        await running
+        return end, await cluster.events(submitted.task.spec.correlation.correlation_id)
+    end, events = scenario(body, data=True)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.denied", end.failure
+    message = end.failure.message
+    assert message.startswith("confidential data may not go to tool 'reads-conf': no egress rule allows it")
+    assert "[plugin.data.egress]" in message and '"tool:reads-conf"' in message and "egress_rule" in message
+    assert "data.denied" in [e.event_type for e in events], "the data plane recorded its refusal"
