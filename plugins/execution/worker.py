@@ -471,7 +471,12 @@ class Worker:
                                               f"{self.config.revision}", retry=True)
         adapter = self.adapters.get(contract.adapter)
         if adapter is None:
-            raise TaskProblem("tool.adapter_missing", f"this worker has no {contract.adapter!r} adapter")
+            # The plane leases a worker only tasks it has the adapters for, unless it does not know them (a
+            # worker with none, or a new revision changed the contract since the lease): another attempt may
+            # reach a worker that has it.
+            raise TaskProblem("tool.adapter_missing", f"no adapter {contract.adapter!r} on worker {self.name} "
+                                                      f"(it has: {', '.join(sorted(self.adapters)) or 'none'})",
+                              retry=True)
         key = f"{task.task_id}/{action.action_id}"
         call = ToolCall(action.action_id, contract.name, json_format.MessageToDict(action.tool.arguments),
                         tuple(action.tool.inputs), contract, key)

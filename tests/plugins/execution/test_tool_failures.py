@@ -192,3 +192,51 @@ def test_a_payload_the_data_planes_egress_rules_refuse_is_tool_denied_naming_whe
     assert message.startswith("confidential data may not go to tool 'reads-conf': no egress rule allows it")
     assert "[plugin.data.egress]" in message and '"tool:reads-conf"' in message and "egress_rule" in message
     assert "data.denied" in [e.event_type for e in events], "the data plane recorded its refusal"
+
+
+def test_a_task_whose_adapter_no_worker_has_says_so_on_the_task_and_waits(scenario):
+    from planes.plugins.execution.worker import load_adapters
+
+    async def body(cluster):
+        await cluster.publish([(cpb.RESOURCE_KIND_TOOL_CONTRACT, "reverse", {
+            "version": "1", "adapter": "revers", "target": {}, "side_effect": "none", "classification": "internal"})])
+        tools, models = load_adapters(cluster.kernel.settings)
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="w7", adapters=tools, models=models)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "reverse"))))
+        changes = []
+        async with asyncio.timeout(30):
+            async for change in tasks.watch_task(pb.WatchTaskRequest(task_id=submitted.task.task_id)):
+                changes.append(change)
+                if "no registered worker" in change.reason:
+                    break
+        stop.set()
+        await running
+        now = (await tasks.get_task(pb.GetTaskRequest(task_id=submitted.task.task_id))).task
+        return tools, changes[-1], now, await cluster.events(submitted.task.spec.correlation.correlation_id)
+    tools, change, now, events = scenario(body)
+    assert change.reason == ("waiting for a worker with adapter 'revers' (tool 'reverse'): no registered worker "
+                             f"has it; worker w7 has: {', '.join(sorted(tools))}")
+    assert now.state == pb.TASK_STATE_QUEUED, "a worker with the adapter may still register"
+    updated = [_fields(e) for e in events if e.event_type == "task.updated"]
+    assert len(updated) == 1, "said once, not at every lease"
+    assert (updated[0]["tool"], updated[0]["adapter"]) == ("reverse", "revers")
+
+
+def test_a_worker_that_leases_a_task_it_has_no_adapter_for_fails_it_naming_what_it_has(scenario):
+    async def body(cluster):
+        # A worker without tool adapters registers none, so the plane does not filter what it leases.
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="models-only", adapters={})
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        stop.set()
+        await running
+        return end
+    end = scenario(body)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.adapter_missing"
+    assert end.failure.message == "no adapter 'python' on worker models-only (it has: none)"
