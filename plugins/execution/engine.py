@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from .config import RunConfig
 from .credentials import issue_credential
 from .policy import PolicyEngine, action_digest
 from .store import LEASED_STATES, TERMINAL_STATES
+
+log = logging.getLogger("planes.execution.engine")
 
 S = pb
 EVENT_TYPES = {
@@ -114,6 +117,8 @@ class ExecutionEngine:
         self._workers: dict[str, tuple[str, str, str]] = {}
         #: worker_id -> the tool adapters it registered with (empty: not filtered).
         self._worker_adapters: dict[str, frozenset[str]] = {}
+        #: task_id -> the adapter it was last reported waiting for (once per task and adapter, not per lease).
+        self._waiting: dict[str, str] = {}
         #: (task_id, epoch) -> when the credential last issued for it expires.
         self._credentials_until: dict[tuple[str, int], float] = {}
 
@@ -490,11 +495,14 @@ class ExecutionEngine:
                 continue
             if worker_revision and task.config.revision > worker_revision:
                 continue  # decided under a configuration newer than the worker runs
-            if adapters and not self._runnable(task, adapters, config):
-                continue
             if task.spec.HasField("deadline") and _seconds(task.spec.deadline) <= tx.now:
+                # Before the adapter check: a task no worker can run still ends at its deadline.
                 task.failure.CopyFrom(pb.TaskFailure(code="deadline.exceeded", message="deadline passed in queue"))
                 self._transition(tx, task, pb.TASK_STATE_FAILED, "deadline exceeded", config)
+                continue
+            missing = self._missing_adapter(task, adapters, config) if adapters else None
+            if missing is not None:
+                self._report_waiting(tx, task, missing, name, adapters, config)
                 continue
             task.attempt_epoch += 1
             task.worker_id = worker_id
@@ -509,14 +517,41 @@ class ExecutionEngine:
         return leases
 
     @staticmethod
-    def _runnable(task: pb.Task, adapters: frozenset[str], config: RunConfig) -> bool:
-        """True if the worker has the adapter of every tool the task names."""
+    def _missing_adapter(task: pb.Task, adapters: frozenset[str], config: RunConfig) -> tuple[str, str] | None:
+        """``(tool, adapter)`` of the first tool of the task whose adapter the worker lacks; None if it has all."""
         for action in task.spec.actions:
             if action.WhichOneof("target") == "tool":
                 contract = config.tool(task.tenant, action.tool.tool)
                 if contract is not None and contract.adapter not in adapters:
-                    return False
-        return True
+                    return action.tool.tool, contract.adapter
+        return None
+
+    def _report_waiting(self, tx: Tx, task: pb.Task, missing: tuple[str, str], worker: str,
+                        adapters: frozenset[str], config: RunConfig) -> None:
+        """Say once, on the task, that no registered worker has an adapter it needs.
+
+        A worker is leased only tasks it has the adapters for, so a task
+        whose tool names an adapter no worker has (a typo, a plugin not
+        loaded) would wait unseen. It stays queued, since a worker with the
+        adapter may yet register, but its watchers, its evidence
+        (``task.updated``) and the kernel's log say what it waits for.
+        """
+        tool, adapter = missing
+        if self._waiting.get(task.task_id) == adapter:
+            return
+        if any(adapter in registered for registered in self._worker_adapters.values()):
+            return  # a worker that can run it is registered: it only has to get to it
+        reason = (f"waiting for a worker with adapter {adapter!r} (tool {tool!r}): no registered worker has it; "
+                  f"worker {worker} has: {', '.join(sorted(adapters))}")
+        self._transition(tx, task, pb.TASK_STATE_QUEUED, reason, config, fields={"tool": tool, "adapter": adapter})
+        task_id = task.task_id
+
+        def reported() -> None:
+            if len(self._waiting) > 100_000:
+                self._waiting.clear()  # only an optimisation: forgetting means reporting again
+            self._waiting[task_id] = adapter
+            log.warning("task %s of tenant %s is %s", task_id, task.tenant, reason)
+        tx.after.append(reported)
 
     def _credential(self, task: pb.Task, expires: float) -> pb.TaskCredential | None:
         """A credential for the attempt's payloads; None when the task references none (it would grant nothing)."""

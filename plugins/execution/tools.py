@@ -4,8 +4,15 @@ A tool adapter is a plugin extension (``planes.plugins`` entry point) that
 provides ``Provision(ToolAdapter, supports=("1.0", "2.0"), name="<adapter>")``.
 A tool contract in the control plane names its adapter (``adapter = "mcp"``)
 and the adapter's own settings (``target``). Workers load every adapter at
-start-up and validate it then; a tool contract naming an adapter the worker
-lacks fails that task with ``tool.adapter_missing``, never the worker.
+start-up and validate it then, and register with the names of the adapters
+they have: the execution plane leases a worker only tasks it has every
+adapter for. A task whose tool names an adapter no registered worker has
+stays queued (one may yet register) and says so once: a ``task.updated``
+change (seen by watchers and in evidence) and a kernel log warning name the
+tool and the missing adapter. A worker that still gets such a task (it
+registered no adapters, or a new revision changed the contract) fails that
+attempt with ``tool.adapter_missing``, never the worker, and the task is
+queued for another.
 
 See docs/tool-adapters.md for a complete example.
 """

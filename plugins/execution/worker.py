@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -49,7 +50,7 @@ from planes.kernel.errors import (
 from .config import RunConfig, class_rank
 from .models import ModelAdapter, ModelRequest, select_routes
 from .policy import action_digest
-from .tools import DataAccess, Reconciliation, Secrets, ToolAdapter, ToolCall, ToolContext
+from .tools import DataAccess, Reconciliation, Secrets, ToolAdapter, ToolCall, ToolContext, ToolResult
 
 log = logging.getLogger("planes.execution.worker")
 
@@ -104,8 +105,66 @@ def _digest(output: dict) -> common_pb2.Digest:
 
 
 def _error_code(exc: PlanesError) -> str:
-    return {"PermissionDenied": "tool.denied", "DeadlineExceeded": "deadline.exceeded",
-            "Unavailable": "tool.unavailable"}.get(type(exc).__name__, "tool.failed")
+    # By kind, not by class name: the data plane's EgressDenied is a PermissionDenied too.
+    for kind, code in ((PermissionDenied, "tool.denied"), (DeadlineExceeded, "deadline.exceeded"),
+                       (Unavailable, "tool.unavailable")):
+        if isinstance(exc, kind):
+            return code
+    return "tool.failed"
+
+
+class _BadResult(TaskProblem):
+    """``invoke`` returned, so the tool acted, but what it returned cannot be carried: the adapter is broken."""
+
+    def __init__(self, message: str, context: ToolContext, seconds: float):
+        super().__init__("tool.failed", message)
+        self.context = context
+        self.seconds = seconds
+
+
+_JSON_TYPES = "str, number, bool, null, list, dict"
+
+
+def _not_json(value, path: str) -> str | None:
+    """Where ``value`` stops being JSON-compatible (a protobuf Struct value), as ``path is TYPE, ...``; None if it is."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, not a finite number"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a {type(key).__name__} key {key!r}; JSON keys are strings"
+            found = _not_json(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _not_json(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return f"{path} is {type(value).__name__}, not JSON ({_JSON_TYPES})"
+
+
+def _check_result(result, call: ToolCall) -> str | None:
+    """Why ``result`` is not a usable ToolResult, or None: checked as soon as ``invoke`` returns."""
+    where = f"adapter {call.contract.adapter!r} action {call.action_id!r}"
+    if not isinstance(result, ToolResult):
+        return f"adapter {call.contract.adapter!r} returned {type(result).__name__}; expected ToolResult"
+    if not isinstance(result.output, dict):
+        return f"{where}: output is {type(result.output).__name__}, not a dict"
+    problem = _not_json(result.output, "output")
+    if problem is not None:
+        return f"{where}: {problem}"
+    try:
+        struct_pb2.Struct().update(result.output)
+    except (ValueError, TypeError) as exc:  # what the walk above missed, protobuf still refuses
+        return f"{where}: output cannot be a protobuf Struct: {exc}"
+    if not all(isinstance(ref, common_pb2.PayloadRef) for ref in result.outputs):
+        return f"{where}: outputs must be PayloadRef messages"
+    return None
 
 
 class Worker:
@@ -369,7 +428,20 @@ class Worker:
             context = self._context(attempt, call.contract, call.idempotency_key, call.contract.timeout)
             started = time.monotonic()
             try:
-                result = await _race(adapter.invoke(call, context), attempt.cancel, context.deadline)
+                result = await _race(adapter.invoke(call, context), attempt.cancel, context.deadline,
+                                     _timeout_message(call, context.deadline - started))
+                ended = time.monotonic()
+                if ended > context.deadline:
+                    # Only an invoke that blocked the event loop gets here: _race cuts any other at the
+                    # deadline. Its late result counts as the timeout it is, so a side effect stays open
+                    # for reconciliation as after any timeout.
+                    log.warning("adapter %r (tool %r) blocked the worker's event loop: its invoke returned after "
+                                "%.1f s against a limit of %.3g s; do blocking work in asyncio.to_thread",
+                                call.contract.adapter, call.tool, ended - started, context.deadline - started)
+                    raise DeadlineExceeded(_timeout_message(call, context.deadline - started))
+                problem = _check_result(result, call)
+                if problem is not None:
+                    raise _BadResult(problem, context, ended - started)
                 # What the call wrote through the data plane is its output, whichever adapter ran it.
                 known = {ref.payload_id for ref in result.outputs}
                 result.outputs.extend(ref for ref in context.data.written if ref.payload_id not in known)
@@ -399,7 +471,12 @@ class Worker:
                                               f"{self.config.revision}", retry=True)
         adapter = self.adapters.get(contract.adapter)
         if adapter is None:
-            raise TaskProblem("tool.adapter_missing", f"this worker has no {contract.adapter!r} adapter")
+            # The plane leases a worker only tasks it has the adapters for, unless it does not know them (a
+            # worker with none, or a new revision changed the contract since the lease): another attempt may
+            # reach a worker that has it.
+            raise TaskProblem("tool.adapter_missing", f"no adapter {contract.adapter!r} on worker {self.name} "
+                                                      f"(it has: {', '.join(sorted(self.adapters)) or 'none'})",
+                              retry=True)
         key = f"{task.task_id}/{action.action_id}"
         call = ToolCall(action.action_id, contract.name, json_format.MessageToDict(action.tool.arguments),
                         tuple(action.tool.inputs), contract, key)
@@ -452,6 +529,13 @@ class Worker:
         retries = contract.max_attempts if contract.side_effect == "idempotent" else 1
         try:
             result, context, seconds = await self._invoke(adapter, call, attempt, retries)
+        except _BadResult as bad:
+            # invoke returned, so the effect happened: the ledger says so (a later attempt must not
+            # repeat it), and the task fails rather than complete with an output it cannot carry.
+            notes.update(bad.context.notes)
+            notes["result"] = "unusable"
+            await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, None, notes, error=bad.message)
+            raise
         except (_TaskCancelled, _LeaseLost, PlanesError) as exc:
             await self._settle_interrupted(attempt, adapter, call, exc)
             raise
@@ -544,6 +628,12 @@ def _task_refs(task: pb.Task) -> tuple[common_pb2.PayloadRef, ...]:
     return tuple(refs)
 
 
+def _egress_hint(destination: str) -> str:
+    """Where a refused payload transfer is allowed: people look for it among the control plane's egress rules."""
+    return (f"payload egress is the data plane's [plugin.data.egress] in the kernel's settings (classification = "
+            f"[\"{destination}\", ...]), not the control plane's egress_rule resources (hosts a tool connects to)")
+
+
 def _correlated(tenant: str, correlation: common_pb2.Correlation | None):
     if correlation is None or not correlation.correlation_id:
         return contextlib.nullcontext()
@@ -575,11 +665,16 @@ class DataPlaneIO:
         The calls carry the task's ``correlation``, so the data plane's records
         (the egress decision above all) join the task's evidence.
         """
+        from planes.plugins.data.client import EgressDenied
+
         data = self._data(ref.tenant, credential)
         with _correlated(ref.tenant, correlation):
             if destination:
                 # Refused (EgressDenied) or allowed, the decision is recorded by the data plane.
-                await data.transfer(ref.payload_id, destination)
+                try:
+                    await data.transfer(ref.payload_id, destination)
+                except EgressDenied as denied:
+                    raise EgressDenied(f"{denied.message}; {_egress_hint(destination)}", denied.transfer_id) from None
             expected = ref.digest if ref.digest.value else None
             return await data.get_bytes(ref.payload_id, expected_digest=expected, verify=True, timeout=60)
 
@@ -593,7 +688,14 @@ class DataPlaneIO:
         return info.ref
 
 
-async def _race(coroutine, cancel: asyncio.Event, deadline: float):
+def _timeout_message(call: ToolCall, limit: float) -> str:
+    if limit < call.contract.timeout - 0.001:
+        return f"tool {call.tool!r} (adapter {call.contract.adapter!r}) ran past the task's deadline"
+    return f"tool {call.tool!r} (adapter {call.contract.adapter!r}) ran past its timeout of {call.contract.timeout:g} s"
+
+
+async def _race(coroutine, cancel: asyncio.Event, deadline: float,
+                timeout_message: str = "the call ran past its timeout"):
     """Await ``coroutine`` unless ``cancel`` is set or ``deadline`` (monotonic) passes first."""
     work = asyncio.ensure_future(coroutine)
     stopper = asyncio.ensure_future(cancel.wait())
@@ -612,7 +714,7 @@ async def _race(coroutine, cancel: asyncio.Event, deadline: float):
         await work
     if cancel.is_set():
         raise _TaskCancelled()
-    raise DeadlineExceeded("the call ran past its timeout")
+    raise DeadlineExceeded(timeout_message)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -163,10 +163,14 @@ async def wait_state(tasks: TaskPlane, task_id: str, *states: int, timeout: floa
 
 
 @asynccontextmanager
-async def cluster(state_dir: Path, *, execution: dict | None = None, seed=True):
+async def cluster(state_dir: Path, *, execution: dict | None = None, seed=True, data: bool = False):
+    """With ``data``, the data plane runs too (its default settings: egress rules included)."""
     settings = make_settings(state_dir, plugin={"execution": {**EXECUTION_SETTINGS, **(execution or {})},
                                                 "execution-adapters": {"python_modules": [FAULT_TOOLS]}})
     plugins = [EvidencePlugin(), ControlPlugin(), ExecutionPlugin(), BuiltinAdapters()]
+    if data:
+        from planes.plugins.data import DataPlugin
+        plugins.append(DataPlugin())
     kernel = Kernel(settings, PluginHost.load(settings, [Candidate(p.name, "test", p) for p in plugins])).open()
     server = KernelServer(kernel)
     port = await server.start()

@@ -72,3 +72,18 @@ def test_the_example_adapter_runs_a_task_end_to_end(scenario, example):
     assert end.result.summary["actions"]["a"]["words"] == 4
     invoked = [{f.name: f.string_value for f in e.fields} for e in events if e.event_type == "tool.invoked"]
     assert invoked[0]["adapter"] == "word_count" and invoked[0]["note.isolation"] == "in-process"
+
+
+def test_the_guides_task_spec_json_is_a_task_spec_that_planes_task_submit_reads():
+    import re
+
+    from google.protobuf import json_format
+
+    guide = (EXAMPLE.parents[1] / "tool-adapters.md").read_text()
+    (block,) = [b for b in re.findall(r"```json\n(.*?)```", guide, re.S) if "allowedTools" in b]
+    parsed = json_format.Parse(block, pb.TaskSpec())  # unknown or misspelt names raise
+    assert list(parsed.allowed_tools) == ["count-words"]
+    (action,) = parsed.actions
+    assert action.action_id == "count" and action.tool.tool == "count-words"
+    assert action.tool.inputs[0].classification == common_pb2.CLASSIFICATION_INTERNAL
+    assert parsed.inputs[0].payload_id == parsed.actions[0].tool.inputs[0].payload_id

@@ -1,0 +1,242 @@
+"""How a worker reports a tool call that goes wrong: broken results, a blocked event loop, timeouts.
+
+Each test runs the real kernel (evidence, control, execution) on a loopback
+port and an in-process worker over gRPC, with small adapters that misbehave
+one way each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+
+import pytest
+
+from planes.control.v1 import control_service_pb2 as cpb
+from planes.execution.v1 import execution_service_pb2 as pb
+from planes.plugins.execution.tools import ToolAdapter, ToolDescription, ToolResult
+from planes.plugins.execution.worker import Worker
+
+from .conftest import spec, tool, wait_state
+
+DONE = (pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED)
+
+
+class _Adapter(ToolAdapter):
+    """Counts its calls; ``result()`` says what each returns."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def describe(self, contract) -> ToolDescription:
+        return ToolDescription(type(self).__name__, "a test adapter")
+
+    async def invoke(self, call, context):
+        self.calls += 1
+        return await self.result(call, context)
+
+
+class NotJson(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"text": "ok", "when": datetime.datetime.now(), "obj": object()})
+
+
+class NestedNotJson(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"items": [1, {"at": {1, 2}}]})
+
+
+class PlainDict(_Adapter):
+    async def result(self, call, context):
+        return {"text": "a dict, not a ToolResult"}
+
+
+class BlocksTheLoop(_Adapter):
+    async def result(self, call, context):
+        time.sleep(float(call.arguments.get("seconds", 1.0)))  # the mistake under test: a blocking call
+        return ToolResult(output={"text": "late"})
+
+
+class Sleeps(_Adapter):
+    async def result(self, call, context):
+        await asyncio.sleep(60)
+        return ToolResult(output={"text": "never"})
+
+
+def _contract(adapter: str, side_effect: str = "none", **extra) -> tuple:
+    return (cpb.RESOURCE_KIND_TOOL_CONTRACT, f"{adapter}-{side_effect}".replace("_", "-"),
+            {"version": "1", "adapter": adapter, "target": {}, "side_effect": side_effect,
+             "classification": "internal", **extra})
+
+
+def _fields(event) -> dict[str, str]:
+    return {f.name: f.string_value for f in event.fields}
+
+
+def _run_one(scenario, adapters: dict[str, ToolAdapter], contract: tuple, **arguments):
+    """Publish ``contract``, run one task calling it on a worker with ``adapters``; the end state and events."""
+    async def body(cluster):
+        await cluster.publish([contract])
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="w", adapters=adapters)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", contract[1], **arguments))))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        stop.set()
+        await running
+        return end, await cluster.events(submitted.task.spec.correlation.correlation_id)
+    return scenario(body)
+
+
+@pytest.mark.parametrize("side_effect", ["none", "non_idempotent"])
+def test_output_that_is_not_json_fails_the_task_at_once_naming_the_key_and_type(scenario, side_effect):
+    adapter = NotJson()
+    end, events = _run_one(scenario, {"odd": adapter}, _contract("odd", side_effect))
+    assert end.state == pb.TASK_STATE_FAILED, "never COMPLETED with its output lost"
+    assert end.failure.code == "tool.failed"
+    assert end.failure.message == ("adapter 'odd' action 'a': output['when'] is datetime, not JSON "
+                                   "(str, number, bool, null, list, dict)")
+    assert adapter.calls == 1, "a broken adapter is not run again"
+    assert end.attempt_epoch == 1
+    effects = [e.event_type for e in events if e.event_type.startswith("effect.")]
+    if side_effect == "non_idempotent":
+        # The tool acted: the ledger says so, and says why the task still failed.
+        assert effects == ["effect.intent", "effect.committed"]
+        committed = _fields(next(e for e in events if e.event_type == "effect.committed"))
+        assert committed["note.result"] == "unusable" and "output['when'] is datetime" in committed["error"]
+    else:
+        assert effects == []
+
+
+def test_a_nested_value_that_is_not_json_is_named_by_its_path(scenario):
+    end, _ = _run_one(scenario, {"nested": NestedNotJson()}, _contract("nested"))
+    assert end.state == pb.TASK_STATE_FAILED
+    assert end.failure.message == ("adapter 'nested' action 'a': output['items'][1]['at'] is set, not JSON "
+                                   "(str, number, bool, null, list, dict)")
+
+
+def test_a_result_that_is_not_a_tool_result_fails_at_once_naming_the_adapter(scenario):
+    adapter = PlainDict()
+    end, _ = _run_one(scenario, {"plain": adapter}, _contract("plain"))
+    assert end.state == pb.TASK_STATE_FAILED
+    assert (end.failure.code, end.failure.message) == ("tool.failed", "adapter 'plain' returned dict; "
+                                                                      "expected ToolResult")
+    assert adapter.calls == 1 and end.attempt_epoch == 1
+
+
+def test_a_timeout_names_the_tool_the_adapter_and_the_limit(scenario):
+    end, _ = _run_one(scenario, {"sleeps": Sleeps()}, _contract("sleeps", timeout_seconds=0.2))
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "deadline.exceeded"
+    assert end.failure.message == "tool 'sleeps-none' (adapter 'sleeps') ran past its timeout of 0.2 s"
+
+
+def test_a_result_after_an_invoke_that_blocked_the_loop_past_its_timeout_is_the_timeout(scenario, caplog):
+    caplog.set_level(logging.WARNING, logger="planes.execution.worker")
+    adapter = BlocksTheLoop()
+    end, _ = _run_one(scenario, {"blocks": adapter}, _contract("blocks", timeout_seconds=0.2), seconds=0.6)
+    assert end.state == pb.TASK_STATE_FAILED, "not ok: the result came after the contract's timeout"
+    assert end.failure.code == "deadline.exceeded"
+    assert end.failure.message == "tool 'blocks-none' (adapter 'blocks') ran past its timeout of 0.2 s"
+    warnings = [r.getMessage() for r in caplog.records if "blocked the worker's event loop" in r.getMessage()]
+    assert warnings and "adapter 'blocks'" in warnings[0] and "asyncio.to_thread" in warnings[0]
+
+
+def test_a_side_effect_that_blocked_the_loop_past_its_timeout_stays_open_for_reconciliation(scenario):
+    adapter = BlocksTheLoop()
+    end, events = _run_one(scenario, {"blocks": adapter}, _contract("blocks", "non_idempotent", timeout_seconds=0.2),
+                           seconds=0.6)
+    # As after any timeout: the outcome is unknown, so the next attempt asks reconcile (here: cannot tell)
+    # and a person decides; the effect is never recorded as committed or repeated.
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "effect.escalated"
+    assert adapter.calls == 1
+    effects = [e.event_type for e in events if e.event_type.startswith("effect.")]
+    assert effects == ["effect.intent", "effect.escalated"]
+
+
+class ReadsItsInput(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"size": len(await context.data.read(call.inputs[0]))})
+
+
+def test_a_payload_the_data_planes_egress_rules_refuse_is_tool_denied_naming_where_the_rule_lives(scenario):
+    from planes.kernel.contracts import DataPlane
+    from planes.plugins.data.client import DataClient
+    from planes.plugins.execution.worker import DataPlaneIO
+
+    async def body(cluster):
+        name = "reads-conf"
+        await cluster.publish([(cpb.RESOURCE_KIND_TOOL_CONTRACT, name, {
+            "version": "1", "adapter": "reads", "target": {}, "side_effect": "none",
+            "classification": "confidential"})])
+        data = DataClient(cluster.client(DataPlane, ("service",)), "acme")
+        info = await data.put(b"the secret plan", classification="confidential")
+        io = DataPlaneIO(cluster.client(DataPlane, ("worker",), "*", "worker-1"))
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="w", adapters={"reads": ReadsItsInput()},
+                        data_reader=io.read, data_writer=io.write)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        action = tool("a", name)
+        action.tool.inputs.append(info.ref)
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(action)))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        stop.set()
+        await running
+        return end, await cluster.events(submitted.task.spec.correlation.correlation_id)
+    end, events = scenario(body, data=True)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.denied", end.failure
+    message = end.failure.message
+    assert message.startswith("confidential data may not go to tool 'reads-conf': no egress rule allows it")
+    assert "[plugin.data.egress]" in message and '"tool:reads-conf"' in message and "egress_rule" in message
+    assert "data.denied" in [e.event_type for e in events], "the data plane recorded its refusal"
+
+
+def test_a_task_whose_adapter_no_worker_has_says_so_on_the_task_and_waits(scenario):
+    from planes.plugins.execution.worker import load_adapters
+
+    async def body(cluster):
+        await cluster.publish([(cpb.RESOURCE_KIND_TOOL_CONTRACT, "reverse", {
+            "version": "1", "adapter": "revers", "target": {}, "side_effect": "none", "classification": "internal"})])
+        tools, models = load_adapters(cluster.kernel.settings)
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="w7", adapters=tools, models=models)
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "reverse"))))
+        changes = []
+        async with asyncio.timeout(30):
+            async for change in tasks.watch_task(pb.WatchTaskRequest(task_id=submitted.task.task_id)):
+                changes.append(change)
+                if "no registered worker" in change.reason:
+                    break
+        stop.set()
+        await running
+        now = (await tasks.get_task(pb.GetTaskRequest(task_id=submitted.task.task_id))).task
+        return tools, changes[-1], now, await cluster.events(submitted.task.spec.correlation.correlation_id)
+    tools, change, now, events = scenario(body)
+    assert change.reason == ("waiting for a worker with adapter 'revers' (tool 'reverse'): no registered worker "
+                             f"has it; worker w7 has: {', '.join(sorted(tools))}")
+    assert now.state == pb.TASK_STATE_QUEUED, "a worker with the adapter may still register"
+    updated = [_fields(e) for e in events if e.event_type == "task.updated"]
+    assert len(updated) == 1, "said once, not at every lease"
+    assert (updated[0]["tool"], updated[0]["adapter"]) == ("reverse", "revers")
+
+
+def test_a_worker_that_leases_a_task_it_has_no_adapter_for_fails_it_naming_what_it_has(scenario):
+    async def body(cluster):
+        # A worker without tool adapters registers none, so the plane does not filter what it leases.
+        worker = Worker(cluster.workers(), cache=cluster.plugin.cache, name="models-only", adapters={})
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop().create_task(worker.run(stop))
+        tasks = cluster.tasks()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        end = await wait_state(tasks, submitted.task.task_id, *DONE, timeout=60)
+        stop.set()
+        await running
+        return end
+    end = scenario(body)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.adapter_missing"
+    assert end.failure.message == "no adapter 'python' on worker models-only (it has: none)"
