@@ -629,9 +629,10 @@ def _task_refs(task: pb.Task) -> tuple[common_pb2.PayloadRef, ...]:
 
 
 def _egress_hint(destination: str) -> str:
-    """Where a refused payload transfer is allowed: people look for it among the control plane's egress rules."""
-    return (f"payload egress is the data plane's [plugin.data.egress] in the kernel's settings (classification = "
-            f"[\"{destination}\", ...]), not the control plane's egress_rule resources (hosts a tool connects to)")
+    """How a refused payload transfer is allowed: by a kind:name destination, which hosts do not match."""
+    return (f"allow it with the destination \"{destination}\" for the payload's classification, in the kernel's "
+            f"[plugin.data.egress] or in one of the tenant's egress_rule resources (where host destinations are "
+            f"for a tool's own connections and do not count)")
 
 
 def _correlated(tenant: str, correlation: common_pb2.Correlation | None):
