@@ -142,8 +142,38 @@ class AppendResult:
     chain_head: bytes
 
 
+#: The range of a stored time or sequence: SQLite keeps integers as signed 64 bits.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
 def _ns(stamp: timestamp_pb2.Timestamp) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def time_range(start: timestamp_pb2.Timestamp | None,
+               end: timestamp_pb2.Timestamp | None) -> tuple[int | None, int | None]:
+    """A half-open [start, end) of request timestamps as ns bounds a query can take (None: unbounded).
+
+    A valid Timestamp reaches years 1 to 9999, past what int64 ns holds (1677 to 2262), and every stored
+    time is within that: a bound beyond it on its open side is no bound, and one beyond it on its closed
+    side selects nothing (an empty range), rather than a number SQLite cannot take.
+    """
+    start_ns = _ns(start) if start is not None else None
+    end_ns = _ns(end) if end is not None else None
+    if start_ns is not None and start_ns < INT64_MIN:
+        start_ns = None
+    if end_ns is not None and end_ns > INT64_MAX:
+        end_ns = None
+    if (start_ns is not None and start_ns > INT64_MAX) or (end_ns is not None and end_ns < INT64_MIN):
+        return INT64_MAX, INT64_MAX  # after every stored time, or before: nothing
+    return start_ns, end_ns
+
+
+def checked_u64(name: str, value: int) -> int:
+    """A uint64 request field that the log keeps as a signed 64-bit integer: InvalidArgument past that."""
+    if value > INT64_MAX:
+        raise InvalidArgument(f"{name} must be at most {INT64_MAX} (2^63-1), got {value}")
+    return value
 
 
 def _stamp(ns: int) -> timestamp_pb2.Timestamp:

@@ -124,6 +124,9 @@ DIRECT_MIN = 256 << 10
 #: Larger segments go through the page cache too, rather than hold a stage that size.
 DIRECT_MAX = 32 << 20
 
+#: SQLite's largest integer: no sequence, tree size or stored time is past it.
+MAX_INTEGER = 2**63 - 1
+
 SEGMENT_COLUMNS = "first_sequence, count, tenant, min_time, max_time, file_offset, leaves_length, values_length"
 CACHED_SEGMENTS = 8
 
@@ -665,7 +668,12 @@ class SqliteEvidenceStore:
                     after_sequence: int, through_sequence: int | None = None) -> Iterator[int]:
         """Sequences in order that may match (the caller filters each event exactly), none past
         ``through_sequence`` (a snapshot's tree size: what is appended meanwhile is not even read)."""
-        bound = through_sequence if through_sequence is not None else (1 << 63) - 1
+        bound = min(through_sequence, MAX_INTEGER) if through_sequence is not None else MAX_INTEGER
+        if after_sequence >= bound:
+            return
+        # Stored times are int64: a bound past that range is none (SQLite cannot take it).
+        start_ns = start_ns if start_ns is not None and start_ns > -MAX_INTEGER - 1 else None
+        end_ns = end_ns if end_ns is not None and end_ns <= MAX_INTEGER else None
         if correlation_id:
             rows = self._read.execute(
                 "SELECT first_sequence, last_sequence, runs FROM correlation_runs WHERE tenant = ? "
@@ -761,6 +769,8 @@ class SqliteEvidenceStore:
             "(SELECT coalesce(max(first_sequence + count - 1), 0) FROM segments) OR sequence < 1")]
 
     def checkpoint(self, tree_size: int = 0) -> tuple[int, bytes, bytes, str] | None:
+        if tree_size > MAX_INTEGER:  # no tree is that large (and SQLite cannot take the number)
+            return None
         if tree_size:
             row = self._read.execute("SELECT * FROM checkpoints WHERE tree_size = ?", (tree_size,)).fetchone()
         else:
@@ -768,6 +778,8 @@ class SqliteEvidenceStore:
         return tuple(row) if row else None
 
     def checkpoint_at_or_after(self, tree_size: int) -> tuple[int, bytes, bytes, str] | None:
+        if tree_size > MAX_INTEGER:
+            return None
         row = self._read.execute("SELECT * FROM checkpoints WHERE tree_size >= ? ORDER BY tree_size LIMIT 1",
                                  (tree_size,)).fetchone()
         return tuple(row) if row else None
