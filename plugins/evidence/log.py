@@ -640,8 +640,14 @@ class EvidenceLog:
                 self._proofs.popitem(last=False)
         return proofs
 
-    def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
-        """Any thread: both sizes must have signed checkpoints already, so this only reads."""
+    def prove_consistency(self, first: int, second: int = 0) -> pb.ProveConsistencyResponse:
+        """Any thread: both sizes must have signed checkpoints already, so this only reads. ``second`` 0 is the
+        latest checkpoint's size (none is signed here: this may run off the log thread)."""
+        if not second:
+            latest = self.store.checkpoint()
+            if latest is None:
+                raise FailedPrecondition("the evidence log has no checkpoint yet")
+            second = latest[0]
         if not 0 < first <= second:
             raise InvalidArgument(f"need 0 < first_tree_size <= second_tree_size, got {first} and {second}")
         first_checkpoint, second_checkpoint = self.checkpoint(first), self.checkpoint(second)

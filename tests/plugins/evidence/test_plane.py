@@ -324,3 +324,24 @@ def test_request_numbers_past_int64_are_clamped_or_refused_by_name(run, tmp_path
     assert bundle.verify(data, public_key_pem=public).ok
     assert after == ["e1", "e2"], "nothing was changed or lost"
 
+
+def test_prove_consistency_to_size_0_means_the_latest_checkpoint(run, tmp_path):
+    from planes.native import load
+
+    chain = load("chain")
+
+    async def scenario(client):
+        service, reviewer = client(("service",)), client(("reviewer",))
+        sizes = []
+        for batch in range(3):
+            await service.append_events(pb.AppendEventsRequest(
+                events=[event(f"e{batch}-{i}") for i in range(4)]), timeout=5)
+            signed = (await reviewer.get_checkpoint(pb.GetCheckpointRequest(), timeout=5)).checkpoint
+            sizes.append(pb.Checkpoint.FromString(signed.checkpoint).tree_size)
+        return sizes, await reviewer.prove_consistency(pb.ProveConsistencyRequest(first_tree_size=4), timeout=5)
+
+    sizes, reply = serve_evidence(run, tmp_path, scenario, checkpoint_every=4)
+    first, second = (pb.Checkpoint.FromString(s.checkpoint) for s in (reply.first, reply.second))
+    assert sizes == [4, 8, 12] and (first.tree_size, second.tree_size) == (4, 12)
+    assert chain.verify_consistency(4, 12, first.root_hash, second.root_hash, list(reply.proof))
+    assert not chain.verify_consistency(4, 12, first.root_hash, bytes(32), list(reply.proof))
