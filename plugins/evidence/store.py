@@ -322,8 +322,18 @@ class SqliteEvidenceStore:
         for first, count, offset, leaves_length, tenant in self._write.execute(
                 "SELECT first_sequence, count, file_offset, leaves_length, tenant FROM segments "
                 "ORDER BY first_sequence"):
+            row = f"the segments row with first_sequence {first!r} (count {count!r}, file_offset {offset!r})"
+            if not all(isinstance(n, int) for n in (first, count, offset, leaves_length)) or not isinstance(
+                    tenant, str) or first < 1 or count < 1 or offset < 0 or leaves_length < 0:
+                raise FailedPrecondition(f"evidence index {path} is damaged: {row} is impossible (sequences start "
+                                         "at 1, counts at 1, offsets and lengths at 0): restore it from backup")
             start = offset + leaves_length + (count + 1) * 8 + count * 64
-            self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
+            try:
+                self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
+            except (ValueError, OverflowError) as exc:
+                raise FailedPrecondition(f"evidence index {path} is damaged: the event-id hashes of {row} cannot "
+                                         f"be read from {self.segment_path} ({exc}): restore it from backup, or "
+                                         "run `planes evidence fsck` to locate the damage") from None
 
     def _release(self) -> None:
         """Close whatever an open that failed had opened."""
@@ -750,6 +760,20 @@ class SqliteEvidenceStore:
             segment = self._load(row)
             yield segment
             after = segment.first_sequence
+
+    def segment_layout(self) -> list[tuple[int, int, int]]:
+        """(first sequence, file offset, recorded length) of every segment, in log order (fsck)."""
+        return [(first, offset, record_length(count, leaves_length, values_length))
+                for first, offset, count, leaves_length, values_length in self._read.execute(
+                    "SELECT first_sequence, file_offset, count, leaves_length, values_length FROM segments "
+                    "ORDER BY first_sequence")]
+
+    def file_bytes(self, offset: int, length: int) -> bytes:
+        """Raw bytes of the segment file (fsck)."""
+        return os.pread(self._fd, length, offset) if length > 0 else b""
+
+    def file_size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def correlation_runs(self, first_sequence: int,
                          last_sequence: int) -> list[tuple[str, str, int, int, bytes | None]]:
