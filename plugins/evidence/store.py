@@ -45,6 +45,7 @@ Leaves are the source of truth: fsck recomputes everything else from them.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import mmap
@@ -729,18 +730,51 @@ class SqliteEvidenceStore:
                 break
         return found
 
-    def expired_values(self, event_type: str, before_ns: int) -> dict[str, list[int]]:
-        """Sequences, by tenant, of events of ``event_type`` older than ``before_ns`` that still hold values."""
-        rows = self._read.execute("SELECT first_sequence FROM segments WHERE min_time < ? AND values_length > 0 "
-                                  "ORDER BY first_sequence", (before_ns,)).fetchall()
+    def retention_candidates(self, before_ns: int, *, after: int = 0, settled_before: int = -MAX_INTEGER - 1,
+                             settled_through: int = 0, limit: int = 8) -> list[int]:
+        """First sequences, in order and at most ``limit``, of the segments past ``after`` that may hold values
+        older than ``before_ns``, leaving out those an earlier scan settled: no values older than
+        ``settled_before`` were left in segments up to ``settled_through``, so one of those matters again only
+        if it holds an event at or after that cutoff."""
+        return [row[0] for row in self._read.execute(
+            "SELECT first_sequence FROM segments WHERE first_sequence > ? AND min_time < ? AND values_length > 0 "
+            "AND (max_time >= ? OR first_sequence > ?) ORDER BY first_sequence LIMIT ?",
+            (after, min(before_ns, MAX_INTEGER), max(settled_before, -MAX_INTEGER - 1), settled_through, limit))]
+
+    def expired_values(self, event_type: str, before_ns: int, firsts: Iterable[int]) -> dict[str, list[int]]:
+        """Sequences, by tenant, of events of ``event_type`` older than ``before_ns`` that still hold values,
+        in the segments starting at ``firsts`` (:meth:`retention_candidates`).
+
+        A segment's leaves are searched for the encoded type (its length and bytes, as a leaf holds it) and
+        only the leaves it occurs in are decoded: a segment without that type costs a read, no decoding."""
+        encoded = event_type.encode()
+        needle = len(encoded).to_bytes(4, "big") + encoded
         found: dict[str, list[int]] = {}
-        for (first,) in rows:
+        for first in firsts:
             segment = self._segment_of(first)
-            for sequence in sorted({record[0] for record in self.segment_values(segment)}):
-                event = segment.event(sequence)
+            if segment is None:
+                continue
+            hits = segment.leaves.find(needle)
+            if hits < 0:
+                continue
+            offsets = u64_array(segment.offsets)
+            indexes: set[int] = set()
+            while hits >= 0:
+                indexes.add(bisect.bisect_right(offsets, hits) - 1)
+                hits = segment.leaves.find(needle, hits + 1)
+            held = {record[0] for record in self.segment_values(segment)}
+            for index in sorted(indexes):
+                sequence = segment.first_sequence + index
+                if sequence not in held:
+                    continue
+                event = segment.event(sequence, offsets)
                 if event.event_type == event_type and event.time_ns < before_ns:
                     found.setdefault(event.tenant, []).append(sequence)
         return found
+
+    def last_segment(self) -> int:
+        """The first sequence of the last segment (0: none)."""
+        return self._read.execute("SELECT coalesce(max(first_sequence), 0) FROM segments").fetchone()[0]
 
     def leaf_hashes(self, size: int) -> bytes:
         """The first ``size`` leaf hashes, concatenated."""
