@@ -25,7 +25,7 @@ from planes.evidence.v1 import evidence_service_pb2 as pb
 from planes.kernel.errors import InvalidArgument, LimitExceeded
 
 from . import bundle
-from .log import EvidenceLog, _ns
+from .log import EvidenceLog, time_range
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ def selection(request: pb.ExportBundleRequest) -> dict:
     """What an export request selects (refused without a correlation id or a time range)."""
     if not request.correlation_id and not request.HasField("start_time") and not request.HasField("end_time"):
         raise InvalidArgument("export needs a correlation_id or a time range")
-    return {"correlation_id": request.correlation_id,
-            "start_ns": _ns(request.start_time) if request.HasField("start_time") else None,
-            "end_ns": _ns(request.end_time) if request.HasField("end_time") else None}
+    start_ns, end_ns = time_range(request.start_time if request.HasField("start_time") else None,
+                                  request.end_time if request.HasField("end_time") else None)
+    return {"correlation_id": request.correlation_id, "start_ns": start_ns, "end_ns": end_ns}
 
 
 def choose_checkpoint(log: EvidenceLog, tree_size: int) -> pb.SignedCheckpoint:

@@ -6,9 +6,14 @@ recomputed chain; damaged offsets do not cut the leaves into the counted
 events (or cut them differently, which changes leaf hashes); a changed
 event-id hash, tenant or time range disagrees with the leaves; a missing
 segment is a gap in the sequences. A changed raw value or salt no longer
-matches its commitment; a changed or missing correlation-index row
+matches its commitment; a string field with neither a raw value nor a
+recorded removal lost it (bytes fields may be withheld at the source, so
+a lost one shows instead in the file layout: recorded offsets and lengths
+must account for every byte of the segment file but page padding); a
+changed or missing correlation-index row
 disagrees with the runs recomputed from the leaves; a changed checkpoint
-fails its signature or its recomputed root and head. The first problem is
+fails its signature or its recomputed root and head, and each
+checkpoint's log id must be the ``log_id`` meta row's. The first problem is
 reported with where it is.
 """
 
@@ -25,6 +30,8 @@ from planes.native import eventbatch_py, load
 
 from . import leaf as leaves
 from .log import CHECKPOINT_CONTEXT, ZERO_HEAD
+from planes.kernel.files import align_up
+
 from .store import Segment, SqliteEvidenceStore, correlation_sequences, u64_array
 
 chain = load("chain")
@@ -82,6 +89,57 @@ def _indexed_correlations(segment: Segment, store: SqliteEvidenceStore) -> dict[
             return None
         found.setdefault(correlation, []).extend(sequences)
     return {correlation: sorted(sequences) for correlation, sequences in found.items()}
+
+
+def _check_values_held(segment: Segment, decoded: list, records: list, removed: set[tuple[int, str]],
+                       problem) -> None:
+    """Every committed field holds its raw value or has a recorded removal (redaction, retention).
+
+    A field withheld at the source is committed as bytes with no value stored, so a bytes field without
+    a value is not a problem by itself; a lost bytes value still shows in the file layout
+    (:func:`_check_file_layout`): the values part is the segment's last.
+    """
+    held = {(record[0], record[1]) for record in records}
+    for sequence, leaf in enumerate(decoded, segment.first_sequence):
+        if leaf is None:
+            continue
+        for committed in leaf.fields:
+            if (committed.kind == leaves.KIND_STRING and (sequence, committed.name) not in held
+                    and (sequence, committed.name) not in removed):
+                problem(f"event sequence {sequence} (id {leaf.event_id!r}): field {committed.name!r} has no raw "
+                        f"value and no recorded removal (segment at sequence {segment.first_sequence}: its "
+                        "values_length or values were changed)")
+
+
+def _allowed_between(data: bytes, end: int) -> bool:
+    """Whether ``data``, the file bytes after a segment ending at ``end``, are what appends leave there: zero
+    padding up to the next page (a direct write), then nothing or another batch (a leaf's magic; an append
+    not committed, or one the next segment overwrote only in part)."""
+    padding = align_up(end) - end
+    if data[:4] == leaves.MAGIC:
+        return True
+    if any(data[:padding]):
+        return False
+    rest = data[padding:]
+    return not rest or rest[:4] == leaves.MAGIC or not any(rest)
+
+
+def _check_file_layout(store: SqliteEvidenceStore, problem) -> None:
+    """The recorded lengths and offsets account for the segment file: segments do not overlap, and only
+    padding lies between them (a values_length or leaves_length cut short leaves their bytes there)."""
+    layout = store.segment_layout()
+    size = store.file_size()
+    for (first, offset, length), following in zip(layout, [*layout[1:], None]):
+        end = offset + length
+        stop = following[1] if following is not None else size
+        if stop < end:
+            if following is not None:
+                problem(f"segment at sequence {first}: it runs to byte {end} of the segment file, past the start "
+                        f"of the segment at sequence {following[0]} (byte {stop})")
+            continue  # a short file: the segment's parts are short, reported above
+        if not _allowed_between(store.file_bytes(end, min(stop - end, align_up(end) - end + 65536)), end):
+            problem(f"segment at sequence {first}: the segment file holds {stop - end} bytes after it that no "
+                    "segment accounts for (its recorded values_length or leaves_length is short)")
 
 
 def fsck(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, *, stop_at_first: bool = True) -> FsckReport:
@@ -158,14 +216,13 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
         all_hashes += hashes
         report.events += count
         expected = segment.first_sequence + count
-        if not segment.values:
-            continue
         try:
             records = eventbatch_py.decode_values(segment.values)
         except eventbatch_py.ValuesFormatError as exc:
             problem(f"{where_segment}: raw values do not parse: {exc}")
             continue
         removed = store.removed_values(segment)
+        _check_values_held(segment, decoded, records, removed, problem)
         for sequence, name, salt, value in records:
             index = sequence - segment.first_sequence
             leaf = decoded[index] if 0 <= index < count else None
@@ -178,6 +235,7 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
             report.values += 1
             if committed is None or leaves.commitment(salt, name, committed.kind, value) != committed.commitment:
                 problem(f"event sequence {sequence}: raw value of field {name!r} was altered")
+    _check_file_layout(store, problem)
     for sequence in store.stray_removals():
         problem(f"a removed value is recorded for sequence {sequence}, which the log does not hold")
 
@@ -198,6 +256,8 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
                             "leaves")
             # A frontier of another size is stale and rebuilt from the leaves when the log opens.
 
+    stored_log_id = store.meta("log_id")
+    log_id = stored_log_id.decode(errors="replace") if isinstance(stored_log_id, bytes) else stored_log_id
     expected_key_id = key_id(public_key)
     for tree_size, body, signature, stored_key_id in store.checkpoints():
         report.checkpoints += 1
@@ -208,6 +268,9 @@ def _check_segments(store: SqliteEvidenceStore, public_key: Ed25519PublicKey, re
             problem(f"{where}: signature does not verify")
             continue
         checkpoint = pb.Checkpoint.FromString(body)
+        if checkpoint.log_id != log_id:
+            # Every bundle carries the checkpoint and the log id it is checked against; they must agree.
+            problem(f"{where}: signed for log id {checkpoint.log_id!r}, the meta row log_id says {log_id!r}")
         if checkpoint.key_id != expected_key_id or stored_key_id != checkpoint.key_id:
             problem(f"{where}: key id {stored_key_id!r} (signed: {checkpoint.key_id!r}) is not the log key's "
                     f"{expected_key_id!r}")

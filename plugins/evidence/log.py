@@ -53,6 +53,8 @@ eventbatch = load("eventbatch")
 ZERO_HEAD = bytes(32)
 #: Trees whose subtree roots stay cached for inclusion proofs (a 1M-leaf tree: 32 MB of leaf hashes).
 CACHED_TREES = 2
+#: Segments (at most 10,000 events each) one retention rule reads per prune, :meth:`EvidenceLog.prune`.
+PRUNE_SEGMENTS = 8
 CHECKPOINT_CONTEXT = b"planes.evidence.v1.Checkpoint\x00"
 EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 
@@ -142,8 +144,38 @@ class AppendResult:
     chain_head: bytes
 
 
+#: The range of a stored time or sequence: SQLite keeps integers as signed 64 bits.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
 def _ns(stamp: timestamp_pb2.Timestamp) -> int:
     return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def time_range(start: timestamp_pb2.Timestamp | None,
+               end: timestamp_pb2.Timestamp | None) -> tuple[int | None, int | None]:
+    """A half-open [start, end) of request timestamps as ns bounds a query can take (None: unbounded).
+
+    A valid Timestamp reaches years 1 to 9999, past what int64 ns holds (1677 to 2262), and every stored
+    time is within that: a bound beyond it on its open side is no bound, and one beyond it on its closed
+    side selects nothing (an empty range), rather than a number SQLite cannot take.
+    """
+    start_ns = _ns(start) if start is not None else None
+    end_ns = _ns(end) if end is not None else None
+    if start_ns is not None and start_ns < INT64_MIN:
+        start_ns = None
+    if end_ns is not None and end_ns > INT64_MAX:
+        end_ns = None
+    if (start_ns is not None and start_ns > INT64_MAX) or (end_ns is not None and end_ns < INT64_MIN):
+        return INT64_MAX, INT64_MAX  # after every stored time, or before: nothing
+    return start_ns, end_ns
+
+
+def checked_u64(name: str, value: int) -> int:
+    """A uint64 request field that the log keeps as a signed 64-bit integer: InvalidArgument past that."""
+    if value > INT64_MAX:
+        raise InvalidArgument(f"{name} must be at most {INT64_MAX} (2^63-1), got {value}")
+    return value
 
 
 def _stamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -194,6 +226,9 @@ class EvidenceLog:
         self._proofs_lock = threading.Lock()  # readers on other threads share the cache (module docstring)
         self._checkpointed_at = clock()
         self._encoder = ProcessLocalWorker("evidence-encode")  # encodes a pipelined batch ahead
+        #: Segments one retention rule reads per prune (each tick): bounds how long a prune holds the log thread.
+        self.prune_segments = PRUNE_SEGMENTS
+        self._retention_scans: dict[str, _RetentionScan] = {}
 
     def _load_frontier(self):
         saved = self.store.meta("frontier")
@@ -610,8 +645,14 @@ class EvidenceLog:
                 self._proofs.popitem(last=False)
         return proofs
 
-    def prove_consistency(self, first: int, second: int) -> pb.ProveConsistencyResponse:
-        """Any thread: both sizes must have signed checkpoints already, so this only reads."""
+    def prove_consistency(self, first: int, second: int = 0) -> pb.ProveConsistencyResponse:
+        """Any thread: both sizes must have signed checkpoints already, so this only reads. ``second`` 0 is the
+        latest checkpoint's size (none is signed here: this may run off the log thread)."""
+        if not second:
+            latest = self.store.checkpoint()
+            if latest is None:
+                raise FailedPrecondition("the evidence log has no checkpoint yet")
+            second = latest[0]
         if not 0 < first <= second:
             raise InvalidArgument(f"need 0 < first_tree_size <= second_tree_size, got {first} and {second}")
         first_checkpoint, second_checkpoint = self.checkpoint(first), self.checkpoint(second)
@@ -676,19 +717,40 @@ class EvidenceLog:
 
     # -- retention -------------------------------------------------------------
 
-    def prune(self, rules: dict[str, float]) -> list[pb.Event]:
-        """Delete raw values of events older than their type's retention period.
+    def prune(self, rules: dict[str, float], *, max_segments: int | None = None) -> list[pb.Event]:
+        """Delete raw values of events older than their type's retention period, a bounded step at a time.
 
         ``rules`` maps an event type to a period in seconds. Each tenant whose
         values were pruned gets a ``retention.pruned`` event saying which type,
         up to when and how many events; leaves and proofs are untouched.
+
+        This runs on the log thread every tick, so each rule reads at most
+        ``max_segments`` (default :attr:`prune_segments`) segments a call and
+        goes on from there at the next; a segment without the type costs a
+        read and no decoding (:meth:`~.store.SqliteEvidenceStore.expired_values`).
+        Once a pass over the log ends, the next only reads segments appended
+        since and those holding events the moving cutoff has newly passed, so
+        a rule that matches nothing costs next to nothing.
         """
         recorded = []
         now = self.clock()
+        limit = max_segments or self.prune_segments
         for event_type, period in sorted(rules.items()):
-            before_ns = int((now - period) * 1e9)
-            for tenant, sequences in sorted(self.store.expired_values(event_type, before_ns).items()):
-                notice = pb.Event(event_id=f"retention:{tenant}:{event_type}:{before_ns}",
+            before_ns = min(int((now - period) * 1e9), INT64_MAX)
+            scan = self._retention_scans.setdefault(event_type, _RetentionScan())
+            if scan.cutoff is None:  # a new pass
+                scan.cutoff, scan.position = before_ns, 0
+            scan.cutoff = min(scan.cutoff, before_ns)  # what the whole pass is sure to have pruned
+            firsts = self.store.retention_candidates(before_ns, after=scan.position,
+                                                     settled_before=scan.settled_before,
+                                                     settled_through=scan.settled_through, limit=limit)
+            if firsts:
+                scan.position = firsts[-1]
+            if len(firsts) < limit:  # the pass is over: what it settled holds until the cutoff moves past it
+                scan.settled_before, scan.settled_through = scan.cutoff, self.store.last_segment()
+                scan.cutoff = None
+            for tenant, sequences in sorted(self.store.expired_values(event_type, before_ns, firsts).items()):
+                notice = pb.Event(event_id=f"retention:{tenant}:{event_type}:{before_ns}:{sequences[0]}",
                                   event_type="retention.pruned",
                                   correlation=common_pb2.Correlation(tenant=tenant, actor="evidence-retention"))
                 notice.fields.add(name="event_type", string_value=event_type)
@@ -701,6 +763,19 @@ class EvidenceLog:
                 self.store.delete_all_values(sequences)
                 recorded.append(self.to_events([self.store.event_at(result.sequences[0])])[0])
         return recorded
+
+
+@dataclass
+class _RetentionScan:
+    """Where one retention rule's pass over the segments is (:meth:`EvidenceLog.prune`)."""
+
+    #: The pass under way: its lowest cutoff, and the last segment it read (None: no pass under way).
+    cutoff: int | None = None
+    position: int = 0
+    #: The last finished pass: no value of the type older than ``settled_before`` is left in the segments up
+    #: to ``settled_through``.
+    settled_before: int = INT64_MIN
+    settled_through: int = 0
 
 
 def _replay_difference(event: pb.Event, original: leaves.Leaf, raw: dict[str, StoredValue],

@@ -28,7 +28,7 @@ from planes.kernel.contracts.evidence import EvidencePlane
 
 from . import export
 from .export import ExportLimits, ExportSlots
-from .log import EvidenceLog, _ns
+from .log import EvidenceLog, checked_u64, time_range
 
 PAGE = 500
 EXPORT_CHUNK = 1024 * 1024
@@ -111,9 +111,9 @@ class Evidence(EvidencePlane):
 
     async def query_events(self, request: pb.QueryEventsRequest, call: CallContext) -> AsyncIterator[pb.QueryEventsResponse]:
         remaining = request.limit or None
-        after = request.after_sequence
-        start = _ns(request.start_time) if request.HasField("start_time") else None
-        end = _ns(request.end_time) if request.HasField("end_time") else None
+        after = checked_u64("after_sequence", request.after_sequence)
+        start, end = time_range(request.start_time if request.HasField("start_time") else None,
+                                request.end_time if request.HasField("end_time") else None)
         while remaining is None or remaining > 0:
             page = PAGE if remaining is None else min(PAGE, remaining)
             events = await self._read(partial(

@@ -45,6 +45,7 @@ Leaves are the source of truth: fsck recomputes everything else from them.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import mmap
@@ -123,6 +124,9 @@ CREATE TABLE IF NOT EXISTS meta (
 DIRECT_MIN = 256 << 10
 #: Larger segments go through the page cache too, rather than hold a stage that size.
 DIRECT_MAX = 32 << 20
+
+#: SQLite's largest integer: no sequence, tree size or stored time is past it.
+MAX_INTEGER = 2**63 - 1
 
 SEGMENT_COLUMNS = "first_sequence, count, tenant, min_time, max_time, file_offset, leaves_length, values_length"
 CACHED_SEGMENTS = 8
@@ -319,8 +323,18 @@ class SqliteEvidenceStore:
         for first, count, offset, leaves_length, tenant in self._write.execute(
                 "SELECT first_sequence, count, file_offset, leaves_length, tenant FROM segments "
                 "ORDER BY first_sequence"):
+            row = f"the segments row with first_sequence {first!r} (count {count!r}, file_offset {offset!r})"
+            if not all(isinstance(n, int) for n in (first, count, offset, leaves_length)) or not isinstance(
+                    tenant, str) or first < 1 or count < 1 or offset < 0 or leaves_length < 0:
+                raise FailedPrecondition(f"evidence index {path} is damaged: {row} is impossible (sequences start "
+                                         "at 1, counts at 1, offsets and lengths at 0): restore it from backup")
             start = offset + leaves_length + (count + 1) * 8 + count * 64
-            self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
+            try:
+                self._ids.add(os.pread(self._fd, count * 8, start), first, id_scope(tenant))
+            except (ValueError, OverflowError) as exc:
+                raise FailedPrecondition(f"evidence index {path} is damaged: the event-id hashes of {row} cannot "
+                                         f"be read from {self.segment_path} ({exc}): restore it from backup, or "
+                                         "run `planes evidence fsck` to locate the damage") from None
 
     def _release(self) -> None:
         """Close whatever an open that failed had opened."""
@@ -665,7 +679,12 @@ class SqliteEvidenceStore:
                     after_sequence: int, through_sequence: int | None = None) -> Iterator[int]:
         """Sequences in order that may match (the caller filters each event exactly), none past
         ``through_sequence`` (a snapshot's tree size: what is appended meanwhile is not even read)."""
-        bound = through_sequence if through_sequence is not None else (1 << 63) - 1
+        bound = min(through_sequence, MAX_INTEGER) if through_sequence is not None else MAX_INTEGER
+        if after_sequence >= bound:
+            return
+        # Stored times are int64: a bound past that range is none (SQLite cannot take it).
+        start_ns = start_ns if start_ns is not None and start_ns > -MAX_INTEGER - 1 else None
+        end_ns = end_ns if end_ns is not None and end_ns <= MAX_INTEGER else None
         if correlation_id:
             rows = self._read.execute(
                 "SELECT first_sequence, last_sequence, runs FROM correlation_runs WHERE tenant = ? "
@@ -711,18 +730,51 @@ class SqliteEvidenceStore:
                 break
         return found
 
-    def expired_values(self, event_type: str, before_ns: int) -> dict[str, list[int]]:
-        """Sequences, by tenant, of events of ``event_type`` older than ``before_ns`` that still hold values."""
-        rows = self._read.execute("SELECT first_sequence FROM segments WHERE min_time < ? AND values_length > 0 "
-                                  "ORDER BY first_sequence", (before_ns,)).fetchall()
+    def retention_candidates(self, before_ns: int, *, after: int = 0, settled_before: int = -MAX_INTEGER - 1,
+                             settled_through: int = 0, limit: int = 8) -> list[int]:
+        """First sequences, in order and at most ``limit``, of the segments past ``after`` that may hold values
+        older than ``before_ns``, leaving out those an earlier scan settled: no values older than
+        ``settled_before`` were left in segments up to ``settled_through``, so one of those matters again only
+        if it holds an event at or after that cutoff."""
+        return [row[0] for row in self._read.execute(
+            "SELECT first_sequence FROM segments WHERE first_sequence > ? AND min_time < ? AND values_length > 0 "
+            "AND (max_time >= ? OR first_sequence > ?) ORDER BY first_sequence LIMIT ?",
+            (after, min(before_ns, MAX_INTEGER), max(settled_before, -MAX_INTEGER - 1), settled_through, limit))]
+
+    def expired_values(self, event_type: str, before_ns: int, firsts: Iterable[int]) -> dict[str, list[int]]:
+        """Sequences, by tenant, of events of ``event_type`` older than ``before_ns`` that still hold values,
+        in the segments starting at ``firsts`` (:meth:`retention_candidates`).
+
+        A segment's leaves are searched for the encoded type (its length and bytes, as a leaf holds it) and
+        only the leaves it occurs in are decoded: a segment without that type costs a read, no decoding."""
+        encoded = event_type.encode()
+        needle = len(encoded).to_bytes(4, "big") + encoded
         found: dict[str, list[int]] = {}
-        for (first,) in rows:
+        for first in firsts:
             segment = self._segment_of(first)
-            for sequence in sorted({record[0] for record in self.segment_values(segment)}):
-                event = segment.event(sequence)
+            if segment is None:
+                continue
+            hits = segment.leaves.find(needle)
+            if hits < 0:
+                continue
+            offsets = u64_array(segment.offsets)
+            indexes: set[int] = set()
+            while hits >= 0:
+                indexes.add(bisect.bisect_right(offsets, hits) - 1)
+                hits = segment.leaves.find(needle, hits + 1)
+            held = {record[0] for record in self.segment_values(segment)}
+            for index in sorted(indexes):
+                sequence = segment.first_sequence + index
+                if sequence not in held:
+                    continue
+                event = segment.event(sequence, offsets)
                 if event.event_type == event_type and event.time_ns < before_ns:
                     found.setdefault(event.tenant, []).append(sequence)
         return found
+
+    def last_segment(self) -> int:
+        """The first sequence of the last segment (0: none)."""
+        return self._read.execute("SELECT coalesce(max(first_sequence), 0) FROM segments").fetchone()[0]
 
     def leaf_hashes(self, size: int) -> bytes:
         """The first ``size`` leaf hashes, concatenated."""
@@ -743,6 +795,20 @@ class SqliteEvidenceStore:
             yield segment
             after = segment.first_sequence
 
+    def segment_layout(self) -> list[tuple[int, int, int]]:
+        """(first sequence, file offset, recorded length) of every segment, in log order (fsck)."""
+        return [(first, offset, record_length(count, leaves_length, values_length))
+                for first, offset, count, leaves_length, values_length in self._read.execute(
+                    "SELECT first_sequence, file_offset, count, leaves_length, values_length FROM segments "
+                    "ORDER BY first_sequence")]
+
+    def file_bytes(self, offset: int, length: int) -> bytes:
+        """Raw bytes of the segment file (fsck)."""
+        return os.pread(self._fd, length, offset) if length > 0 else b""
+
+    def file_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
     def correlation_runs(self, first_sequence: int,
                          last_sequence: int) -> list[tuple[str, str, int, int, bytes | None]]:
         """The ``correlation_runs`` rows that start from ``first_sequence`` to ``last_sequence`` (fsck)."""
@@ -761,6 +827,8 @@ class SqliteEvidenceStore:
             "(SELECT coalesce(max(first_sequence + count - 1), 0) FROM segments) OR sequence < 1")]
 
     def checkpoint(self, tree_size: int = 0) -> tuple[int, bytes, bytes, str] | None:
+        if tree_size > MAX_INTEGER:  # no tree is that large (and SQLite cannot take the number)
+            return None
         if tree_size:
             row = self._read.execute("SELECT * FROM checkpoints WHERE tree_size = ?", (tree_size,)).fetchone()
         else:
@@ -768,6 +836,8 @@ class SqliteEvidenceStore:
         return tuple(row) if row else None
 
     def checkpoint_at_or_after(self, tree_size: int) -> tuple[int, bytes, bytes, str] | None:
+        if tree_size > MAX_INTEGER:
+            return None
         row = self._read.execute("SELECT * FROM checkpoints WHERE tree_size >= ? ORDER BY tree_size LIMIT 1",
                                  (tree_size,)).fetchone()
         return tuple(row) if row else None

@@ -326,3 +326,91 @@ def test_a_read_only_check_of_an_empty_log_and_of_a_format_1_log(tmp_path):
     connection.close()
     with pytest.raises(PlanesError, match="format 1"):
         SqliteEvidenceStore(tmp_path / "old" / "log.sqlite3", writer=False)
+
+
+def _all_problems(log) -> list[str]:
+    return fsck(log.store, log.key.public_key, stop_at_first=False).problems
+
+
+def test_a_zeroed_values_length_is_located_by_event_and_field(filled):
+    """With values_length 0 every field would read as redacted, with no removal recorded and no event."""
+    _sql(filled, "UPDATE segments SET values_length = 0 WHERE first_sequence = 1")
+    problems = _all_problems(filled)
+    assert problems[0] == ("event sequence 1 (id 'e0'): field 'prompt' has no raw value and no recorded removal "
+                           "(segment at sequence 1: its values_length or values were changed)")
+    assert [p for p in problems if "'prompt' has no raw value" in p] == [
+        p for p in problems if p.startswith("event sequence")] and len(problems) == 7
+    assert problems[-1].startswith("segment at sequence 1: the segment file holds")
+    assert "values_length or leaves_length is short" in problems[-1]
+
+
+def test_a_zeroed_values_length_of_the_last_segment_is_located(filled):
+    _sql(filled, "UPDATE segments SET values_length = 0 WHERE first_sequence = 7")
+    assert _problems(filled) == ["event sequence 7 (id 'f0'): field 'prompt' has no raw value and no recorded "
+                                 "removal (segment at sequence 7: its values_length or values were changed)"]
+
+
+def test_lost_bytes_values_are_located_by_the_file_layout(log):
+    """A bytes field with no value may be withheld at the source, so its loss shows where the bytes are left."""
+    log.append("acme", [event(f"b{i}", blob=bytes([i + 1]) * 8) for i in range(3)], SERVICE)
+    log.append("acme", [event("c0", prompt="x")], SERVICE)
+    assert fsck(log.store, log.key.public_key).ok
+    _sql(log, "UPDATE segments SET values_length = 0 WHERE first_sequence = 1")
+    assert _all_problems(log) == ["segment at sequence 1: the segment file holds 144 bytes after it that no segment "
+                                  "accounts for (its recorded values_length or leaves_length is short)"]
+
+
+def test_fields_withheld_at_the_source_and_removed_values_are_not_problems(log):
+    from planes.common.v1 import common_pb2
+
+    withheld = event("w1", prompt="kept")
+    withheld.fields.add(name="secret", commitment=common_pb2.Digest(value=bytes(range(32))))
+    log.append("acme", [withheld, event("w2", prompt="gone", blob=b"b")], SERVICE)
+    log.append("acme", [event("w3", prompt="after")], SERVICE)
+    log.redact("acme", "w2", "prompt", "privacy request", SERVICE)
+    log.checkpoint_now()
+    report = fsck(log.store, log.key.public_key, stop_at_first=False)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_a_values_length_off_by_one_is_located(filled, delta):
+    _sql(filled, "UPDATE segments SET values_length = values_length + ? WHERE first_sequence = 1", delta)
+    problems = _problems(filled)
+    assert problems[0].startswith("segment at sequence 1: "), problems
+
+
+def test_a_changed_log_id_is_located_in_every_checkpoint(filled):
+    """Bundles carry the log id beside the checkpoint: a changed meta row made every later export fail."""
+    _sql(filled, "UPDATE meta SET value = ? WHERE key = 'log_id'", b"0" * 32)
+    signed = filled.store.checkpoints()
+    problems = _all_problems(filled)
+    assert len(problems) == len(signed) == 2
+    for (size, _body, _signature, _kid), text in zip(signed, problems):
+        assert text == (f"checkpoint at tree size {size}: signed for log id {filled.log_id!r}, the meta row log_id "
+                        f"says {'0' * 32!r}")
+
+
+def test_an_impossible_segment_row_is_one_located_line_for_fsck_and_start_up(tmp_path, filled):
+    import subprocess
+    import sys
+
+    filled.close()
+    connection = sqlite3.connect(tmp_path / "evidence" / "log.sqlite3")
+    connection.execute("UPDATE segments SET first_sequence = 0 WHERE first_sequence = 1")
+    connection.commit()
+    connection.close()
+    checked = subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "fsck", "--state-dir",
+                              str(tmp_path)], capture_output=True, text=True, cwd="/")
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+    lines = checked.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "evidence" / "log.sqlite3") in lines[0]
+    assert "the segments row with first_sequence 0 (count 6" in lines[0]
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        open_log(tmp_path)
+    assert "evidence index" in caught.value.message and "first_sequence 0 (count 6" in caught.value.message
+    connection = sqlite3.connect(tmp_path / "evidence" / "log.sqlite3")
+    connection.execute("UPDATE segments SET first_sequence = 1 WHERE first_sequence = 0")
+    connection.commit()
+    connection.close()
+    filled.store = open_log(tmp_path).store  # for the fixture's teardown

@@ -438,3 +438,92 @@ def test_a_field_withheld_at_the_source_is_compared_by_its_commitment(log):
     other.fields.add(name="doc", commitment=common_pb2.Digest(value=b"d" * 32))
     with pytest.raises(errors.AlreadyExists, match=r"\(field 'doc'\)"):
         log.append("acme", [other], SERVICE)
+
+
+class _Reads:
+    """Counts the store's segment reads and leaf decodes."""
+
+    def __init__(self, monkeypatch, store):
+        from planes.plugins.evidence import leaf
+
+        self.loads = self.decodes = 0
+        load_segment, decode = store._load, leaf.decode
+
+        def counted_load(row):
+            self.loads += 1
+            return load_segment(row)
+
+        def counted_decode(data):
+            self.decodes += 1
+            return decode(data)
+
+        monkeypatch.setattr(store, "_load", counted_load)
+        monkeypatch.setattr(leaf, "decode", counted_decode)
+
+
+def _aged(log, seconds: float) -> None:
+    start = log.clock()
+    log.clock = lambda: start + seconds
+
+
+def test_a_retention_rule_that_matches_nothing_decodes_no_leaf(log, monkeypatch):
+    """A rule for a type the log does not hold once decoded every leaf of the log on every tick."""
+    for batch in range(30):
+        log.append("acme", [event(f"e{batch}-{i}", prompt="p", blob=b"b") for i in range(3)], SERVICE)
+    _aged(log, 3600)
+    log.store._local.segments.clear()
+    reads = _Reads(monkeypatch, log.store)
+    calls = 0
+    while True:
+        calls += 1
+        loads = reads.loads
+        assert log.prune({"model.called": 1}, max_segments=4) == []
+        assert reads.loads - loads <= 4, "a prune reads a bounded number of segments"
+        if log._retention_scans["model.called"].cutoff is None:
+            break
+    assert calls == 8 and reads.decodes == 0
+    reads.loads = 0
+    _aged(log, 60)
+    assert log.prune({"model.called": 1}, max_segments=4) == []
+    assert (reads.loads, reads.decodes) == (0, 0), "a finished pass is not read again"
+
+
+def test_a_bounded_prune_prunes_every_match_over_successive_ticks(log, monkeypatch):
+    from google.protobuf import timestamp_pb2
+
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    from planes.plugins.evidence.fsck import fsck
+
+    for batch in range(20):
+        log.append("acme", [event(f"m{batch}-{i}", event_type="model.called", prompt=f"secret-{batch}-{i}")
+                            for i in range(2)] + [event(f"t{batch}", prompt="kept")], SERVICE)
+    fresh = event("late", event_type="model.called", prompt="fresh")
+    _aged(log, 3600)
+    reads = _Reads(monkeypatch, log.store)
+    pruned, calls = [], 0
+    while True:
+        calls += 1
+        notices = log.prune({"model.called": 60}, max_segments=3)
+        assert sum(int({f.name: f.string_value for f in n.fields}["events"]) for n in notices) <= 6
+        pruned += notices
+        if log._retention_scans["model.called"].cutoff is None:
+            break
+    assert calls == 7
+    assert reads.decodes <= 40 + 4 * len(pruned), "only leaves holding the type, and the notices, are decoded"
+    matched = [e for e in log.query("acme", event_types=("model.called",))]
+    assert len(matched) == 40 and all(f.redacted for e in matched for f in e.fields)
+    assert all(not f.redacted for e in log.query("acme", event_types=("tool.invoked",)) for f in e.fields)
+    counted = sorted(int({f.name: f.string_value for f in n.fields}["events"]) for n in pruned)
+    assert sum(counted) == 40 and all(n.event_type == "retention.pruned" for n in pruned)
+    # Appended later with an old time, into a log whose pass is over: still found.
+    fresh.time.CopyFrom(timestamp_pb2.Timestamp(seconds=int(log.clock()) - 7200))
+    log.append("acme", [fresh], SERVICE)
+    assert len(log.prune({"model.called": 60}, max_segments=3)) == 1
+    assert log.query("acme", event_types=("model.called",))[-1].fields[0].redacted
+    assert log.prune({"model.called": 60}, max_segments=3) == []
+    log.checkpoint_now()
+    assert fsck(log.store, log.key.public_key).ok
+    proof = log.prove_inclusion("acme", "m0-0")
+    checkpoint = pb.Checkpoint.FromString(proof.checkpoint.checkpoint)
+    assert chain.verify_inclusion(proof.leaf_hash, proof.leaf_index, checkpoint.tree_size, list(proof.audit_path),
+                                  checkpoint.root_hash)

@@ -267,3 +267,81 @@ def test_export_to_a_remote_kernel_needs_tls_before_any_connection(tmp_path):
     assert "--ca-file" in subprocess.run([sys.executable, "-m", "planes.kernel.cli", "evidence", "export", "--help"],
                                          env=env, capture_output=True, text=True, cwd="/").stdout
     assert not (tmp_path / "b.json").exists()
+
+
+def _export(reviewer, request):
+    async def collect():
+        chunks, summary = [], None
+        async for part in reviewer.export_bundle(request):
+            chunks.append(part.data)
+            if part.HasField("summary"):
+                summary = part.summary
+        return b"".join(chunks), summary
+    return collect()
+
+
+def test_request_numbers_past_int64_are_clamped_or_refused_by_name(run, tmp_path):
+    """Valid protobuf timestamps reach year 9999 and uint64 fields 2^64-1; the store keeps int64."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from planes.plugins.evidence import bundle
+
+    async def scenario(client):
+        await client(("service",)).append_events(
+            pb.AppendEventsRequest(events=[event("e1", prompt="p"), event("e2")]), timeout=5)
+        reviewer = client(("reviewer",))
+
+        async def ids(**fields):
+            return [e.event_id async for page in reviewer.query_events(pb.QueryEventsRequest(**fields))
+                    for e in page.events]
+
+        year_2300, year_9999 = Timestamp(seconds=10413792000), Timestamp(seconds=253402300799)
+        found = {"end 2300": await ids(end_time=year_2300), "start 9999": await ids(start_time=year_9999),
+                 "start 9999, end 2300": await ids(start_time=year_9999, end_time=year_2300),
+                 "end before 1677": await ids(end_time=Timestamp(seconds=-10**11))}
+        refused = {}
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await ids(after_sequence=2**63)
+        refused["after_sequence"] = caught.value
+        with pytest.raises(errors.NotFound) as caught:
+            await reviewer.get_checkpoint(pb.GetCheckpointRequest(tree_size=2**64 - 1), timeout=5)
+        refused["get_checkpoint"] = caught.value
+        with pytest.raises(errors.NotFound) as caught:
+            await reviewer.prove_inclusion(pb.ProveInclusionRequest(event_id="e1", tree_size=2**63 + 5), timeout=5)
+        refused["prove_inclusion"] = caught.value
+        exported = await _export(reviewer, pb.ExportBundleRequest(start_time=Timestamp(seconds=-10**11)))
+        after = await ids()
+        return found, refused, exported, after
+
+    found, refused, (data, summary), after = serve_evidence(run, tmp_path, scenario)
+    assert found == {"end 2300": ["e1", "e2"], "start 9999": [], "start 9999, end 2300": [], "end before 1677": []}
+    assert "after_sequence must be at most 9223372036854775807" in refused["after_sequence"].message
+    assert "got 9223372036854775808" in refused["after_sequence"].message
+    assert "no checkpoint at tree size 18446744073709551615" in refused["get_checkpoint"].message
+    assert "no checkpoint at tree size 9223372036854775813" in refused["prove_inclusion"].message
+    assert summary.event_count == 2
+    public = (tmp_path / "keys" / "evidence-signing.pub.pem").read_bytes()
+    assert bundle.verify(data, public_key_pem=public).ok
+    assert after == ["e1", "e2"], "nothing was changed or lost"
+
+
+def test_prove_consistency_to_size_0_means_the_latest_checkpoint(run, tmp_path):
+    from planes.native import load
+
+    chain = load("chain")
+
+    async def scenario(client):
+        service, reviewer = client(("service",)), client(("reviewer",))
+        sizes = []
+        for batch in range(3):
+            await service.append_events(pb.AppendEventsRequest(
+                events=[event(f"e{batch}-{i}") for i in range(4)]), timeout=5)
+            signed = (await reviewer.get_checkpoint(pb.GetCheckpointRequest(), timeout=5)).checkpoint
+            sizes.append(pb.Checkpoint.FromString(signed.checkpoint).tree_size)
+        return sizes, await reviewer.prove_consistency(pb.ProveConsistencyRequest(first_tree_size=4), timeout=5)
+
+    sizes, reply = serve_evidence(run, tmp_path, scenario, checkpoint_every=4)
+    first, second = (pb.Checkpoint.FromString(s.checkpoint) for s in (reply.first, reply.second))
+    assert sizes == [4, 8, 12] and (first.tree_size, second.tree_size) == (4, 12)
+    assert chain.verify_consistency(4, 12, first.root_hash, second.root_hash, list(reply.proof))
+    assert not chain.verify_consistency(4, 12, first.root_hash, bytes(32), list(reply.proof))
