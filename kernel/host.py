@@ -90,8 +90,9 @@ def unknown_plugin_tables(settings: Settings, candidates: list[Candidate] | None
 def check_plugin_tables(settings: Settings, candidates: list[Candidate] | None = None) -> None:
     """Refuse a ``[plugin.NAME]`` table that no plugin is named (:func:`unknown_plugin_tables`): a misspelt
     name would otherwise be ignored, and its settings with it."""
-    for problem in unknown_plugin_tables(settings, candidates).values():
-        raise SettingsError(problem)
+    problems = unknown_plugin_tables(settings, candidates)
+    if problems:
+        raise SettingsError(next(iter(problems.values())))
 
 
 def _describe(exc: BaseException) -> str:
