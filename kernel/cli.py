@@ -90,11 +90,12 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .errors import PluginError
-    from .host import PluginHost, discover, validate
+    from .host import PluginHost, discover, unknown_plugin_tables, validate
 
     settings = _settings(args)
     rows = []
-    for candidate in discover(settings):
+    found = discover(settings)
+    for candidate in found:
         if candidate.plugin is None:
             rows.append({"name": candidate.name, "version": "-", "status": "error", "detail": candidate.error})
             continue
@@ -108,6 +109,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             except PlanesError as exc:
                 status, detail = "invalid", exc.message
         rows.append({"name": plugin.name, "version": plugin.version, "status": status, "detail": detail})
+    for table, problem in unknown_plugin_tables(settings, found).items():  # `serve` and `worker` refuse these
+        rows.append({"name": f"[plugin.{table}]", "version": "-", "status": "invalid", "detail": problem})
     if not any(row["status"] in ("error", "invalid") for row in rows):
         # Each plugin is valid on its own; now the set, as `serve` loads it: a plane
         # provided twice, a required plane nobody provides, a dependency cycle.

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from .contract import PlaneContract, PlaneSpec
-from .errors import PluginError
+from .errors import PluginError, SettingsError
 from .plugin import Plugin, Provision
 from .settings import Settings
 
@@ -68,6 +68,31 @@ def discover(settings: Settings) -> list[Candidate]:
         except Exception as exc:
             found.append(Candidate(spec, origin, None, f"cannot load: {_describe(exc)}"))
     return found
+
+
+def unknown_plugin_tables(settings: Settings, candidates: list[Candidate] | None = None) -> dict[str, str]:
+    """Each ``[plugin.NAME]`` table that no plugin is named, by NAME, with the error it is.
+
+    Known are the plugins of ``candidates`` (default: :func:`discover`) and
+    every installed entry point, loaded or not, enabled or in ``[plugins]
+    disabled``: one settings file serves ``planes serve``, ``planes worker``
+    and hosts that disable some plugins. Each plugin checks its own table's
+    keys when it is set up.
+    """
+    candidates = discover(settings) if candidates is None else candidates
+    known = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    known.update(candidate.plugin.name if candidate.plugin else candidate.name for candidate in candidates)
+    return {name: f"unknown setting plugin.{name}: no plugin of that name is installed; "
+                  f"known here: {', '.join(sorted(known))}"
+            for name in sorted(set(settings.plugin) - known)}
+
+
+def check_plugin_tables(settings: Settings, candidates: list[Candidate] | None = None) -> None:
+    """Refuse a ``[plugin.NAME]`` table that no plugin is named (:func:`unknown_plugin_tables`): a misspelt
+    name would otherwise be ignored, and its settings with it."""
+    problems = unknown_plugin_tables(settings, candidates)
+    if problems:
+        raise SettingsError(next(iter(problems.values())))
 
 
 def _describe(exc: BaseException) -> str:
@@ -151,7 +176,10 @@ class PluginHost:
 
     @classmethod
     def load(cls, settings: Settings, candidates: list[Candidate] | None = None) -> PluginHost:
-        """Discover, validate and order the enabled plugins; raise on the first problem."""
+        """Discover, validate and order the enabled plugins; raise on the first problem.
+
+        A ``[plugin.NAME]`` table that names no plugin is one (:func:`check_plugin_tables`).
+        """
         candidates = discover(settings) if candidates is None else candidates
         disabled = set(settings.plugins.disabled)
         loaded: list[LoadedPlugin] = []
@@ -177,6 +205,7 @@ class PluginHost:
                         "provides too; disable one in [plugins] disabled",
                     )
                 providers[provision.key] = item.name
+        check_plugin_tables(settings, candidates)
         remote = {plane for plane, endpoint in settings.planes.items() if endpoint.endpoint}
         return cls(_order(loaded, providers, remote))
 

@@ -78,6 +78,9 @@ class Kernel:
     def open(self) -> Kernel:
         """Take the state directory (one kernel at a time), load keys and plugins, set each plugin up."""
         self._check_remote_planes()
+        if self._host is None:
+            # Before anything is created: a broken plugin or a misspelt [plugin.NAME] leaves no state behind.
+            self._host = PluginHost.load(self.settings)
         ensure_private_dir(self.state_dir)
         mode = stat.S_IMODE(self.state_dir.stat().st_mode)
         if mode & 0o077:
@@ -110,8 +113,6 @@ class Kernel:
             self.verifier.trust(load_public_key(Path(path)))
         self.renew_admin_token()
         self.guard = CallGuard(Authenticator(self.verifier, mtls=bool(self.settings.tls.client_ca_file)))
-        if self._host is None:
-            self._host = PluginHost.load(self.settings)
         for loaded in self._host.plugins:
             try:
                 loaded.plugin.setup(self)

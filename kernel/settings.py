@@ -17,7 +17,9 @@ Sections:
 * ``[planes.<plane>]`` endpoint, token_file, ca_file, allow_insecure_remote: reach
   that plane remotely (a non-loopback endpoint needs ca_file; see ``PlaneEndpoint``)
 * ``[plugins]`` disabled, modules (extra ``module:attribute`` plugins)
-* ``[plugin.<name>]`` free-form settings handed to that plugin
+* ``[plugin.<name>]`` settings of the plugin named ``<name>``, which checks its table with
+  :meth:`Settings.plugin_settings_as` when it is set up; a table that names no
+  installed plugin is refused at start-up (:func:`planes.kernel.host.check_plugin_tables`)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import dataclasses
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +118,31 @@ class Settings:
         """The ``[plugin.NAME]`` table as the dataclass ``cls``, checked as the kernel's own settings are.
 
         A key that is not a field of ``cls`` and a value of the wrong type are
-        :class:`SettingsError`\ s that name the key (``plugin.NAME.key``) and,
+        :class:`SettingsError` errors that name the key (``plugin.NAME.key``) and,
         for an unknown key, the known ones. Fields may be ``str``, ``int``,
         ``float``, ``bool``, ``Path``, ``tuple[str, ...]``, ``Mapping[str, X]``,
         ``Any`` or nested dataclasses (sub-tables); missing keys take the
         field's default.
         """
-        return _build(cls, dict(self.plugin.get(name, {})), f"plugin.{name}")
+        return _build(cls, self._plugin_table(name), f"plugin.{name}")
+
+    def plugin_settings_checked(self, name: str, types: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``[plugin.NAME]`` table with its keys and value types checked, for a table a dataclass does not fit.
+
+        ``types`` maps every known key to its type, as a dataclass field of
+        :meth:`plugin_settings_as` would declare it; the errors are the same.
+        Only the keys present are returned, so the plugin applies its own
+        defaults (one derived from another key, say).
+        """
+        where, table = f"plugin.{name}", self._plugin_table(name)
+        if not isinstance(table, dict):
+            raise SettingsError(f"[{where}] must be a table, got {type(table).__name__}")
+        _refuse_unknown(table, types, where)
+        return {key: _coerce(types[key], value, _join(where, key)) for key, value in table.items()}
+
+    def _plugin_table(self, name: str) -> Any:
+        table = self.plugin.get(name, {})
+        return dict(table) if isinstance(table, Mapping) else table
 
     def state_path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)
@@ -188,16 +208,18 @@ def _build(cls: type, raw: Any, where: str, **extra: Any) -> Any:
     if not isinstance(raw, dict):
         raise SettingsError(f"[{where}] must be a table, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SettingsError(
-            f"unknown setting {_join(where, unknown[0])}; known here: {', '.join(sorted(known))}"
-        )
+    _refuse_unknown(raw, {f.name for f in dataclasses.fields(cls) if f.name != "source"}, where)
     values = dict(extra)
     for name in raw:
         values[name] = _coerce(hints[name], raw[name], _join(where, name))
     return cls(**values)
+
+
+def _refuse_unknown(raw: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    known = set(known)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(f"unknown setting {_join(where, unknown[0])}; known here: {', '.join(sorted(known))}")
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

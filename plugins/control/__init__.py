@@ -13,12 +13,16 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from planes.kernel.contracts.control import ControlPlane
 from planes.kernel.contracts.evidence import EvidencePlane
 from planes.kernel.errors import PlanesError, PluginError, SettingsError
 from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.tokens import SigningKey
+
+if TYPE_CHECKING:
+    from .settings import ControlSettings
 
 __all__ = ["ControlPlugin"]
 
@@ -42,6 +46,8 @@ class ControlPlugin(Plugin):
     A store file the kernel cannot write (its permissions, a read-only mount) is served as with
     ``read_only``, with one warning naming it; one it cannot read fails start-up, naming it.
 
+    An unknown key or a value of the wrong type fails start-up naming the key (:mod:`.settings`).
+
     ``clock`` (wall-clock seconds) is for tests that judge rollout windows deterministically.
     """
 
@@ -54,12 +60,13 @@ class ControlPlugin(Plugin):
         self.clock = clock
 
     def setup(self, kernel) -> None:
+        from .settings import ControlSettings
         from .store import ControlStore
 
-        settings = dict(kernel.settings.plugin_settings(self.name))
+        settings = kernel.settings.plugin_settings_as(self.name, ControlSettings)
         path = kernel.state_dir / STORE_FILE
         try:
-            self.store = ControlStore(path, clock=self.clock, read_only=bool(settings.get("read_only", False)))
+            self.store = ControlStore(path, clock=self.clock, read_only=settings.read_only)
         except PlanesError as exc:  # names the file: which one is broken is the first thing to know
             raise PluginError(self.name, exc.message) from exc
         if self.store.read_only_reason:
@@ -72,10 +79,10 @@ class ControlPlugin(Plugin):
             self.store.close()
             raise PluginError(self.name, f"the control store {path} cannot be read: {exc}") from exc
 
-    def _setup_plane(self, kernel, settings: dict) -> None:
+    def _setup_plane(self, kernel, settings: ControlSettings) -> None:
         from planes.plugins.evidence.writer import EvidenceWriter
 
-        from .plane import DEFAULT_MAX_SUBSCRIBERS, DEFAULT_SUBSCRIBER_IDLE_SECONDS, Control
+        from .plane import Control
 
         key, key_problem = None, ""
         key_path = kernel.state_dir / KEY_FILE
@@ -101,11 +108,9 @@ class ControlPlugin(Plugin):
         writer = EvidenceWriter(evidence, kernel.state_dir / "control" / "evidence-spool",
                                 required=lambda event_type: True)
         self.plane = Control(self.store, key, writer.record, clock=self.clock, key_problem=key_problem,
-                             keepalive=float(settings.get("keepalive_seconds", 15.0)),
-                             deltas=bool(settings.get("deltas", True)),
-                             max_subscribers=int(settings.get("max_subscribers", DEFAULT_MAX_SUBSCRIBERS)),
-                             subscriber_idle_seconds=float(settings.get("subscriber_idle_seconds",
-                                                                        DEFAULT_SUBSCRIBER_IDLE_SECONDS)))
+                             keepalive=settings.keepalive_seconds, deltas=settings.deltas,
+                             max_subscribers=settings.max_subscribers,
+                             subscriber_idle_seconds=settings.subscriber_idle_seconds)
 
     def implementation(self, provision: Provision):
         return self.plane

@@ -8,6 +8,8 @@ pruned, until the control plane provides retention rules); exports:
 ``export_max_events`` (default 100000) and ``export_max_bytes`` (stored bytes of
 leaves, raw values and salts, default 32 MiB) per bundle, ``export_max_per_tenant``
 (default 2) and ``export_max_concurrent`` (default 4) built at once (:mod:`.export`).
+An unknown key or a value of the wrong type fails start-up naming the key
+(:class:`EvidenceSettings`).
 State: ``<state_dir>/evidence/log.sqlite3`` (the index) with ``log.sqlite3.segments``
 (the append-only segment file) beside it, and the checkpoint signing key
 ``<state_dir>/keys/evidence-signing.pem`` (0600; its public half beside it), made with
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from planes.kernel.contracts.evidence import EvidencePlane
-from planes.kernel.errors import FailedPrecondition, PlanesError
+from planes.kernel.errors import FailedPrecondition, PlanesError, SettingsError
 from planes.kernel.plugin import Plugin, Provision
 from planes.kernel.secrets import secret_missing
 from planes.kernel.tokens import SigningKey, key_id, load_public_key
@@ -34,16 +40,44 @@ from .log import EvidenceLog
 from .plane import Evidence
 from .store import SqliteEvidenceStore
 
-__all__ = ["Evidence", "EvidenceLog", "EvidencePlugin", "SqliteEvidenceStore"]
+__all__ = ["Evidence", "EvidenceLog", "EvidencePlugin", "EvidenceSettings", "SqliteEvidenceStore"]
 
 KEY_FILE = "keys/evidence-signing.pem"
 PUBLIC_KEY_FILE = "keys/evidence-signing.pub.pem"
 STORE_FILE = "evidence/log.sqlite3"
 
 
-def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
-    settings = settings or {}
-    store = SqliteEvidenceStore(state_dir / STORE_FILE, synchronous=str(settings.get("synchronous", "FULL")))
+#: The SQLite ``synchronous`` levels an acknowledged event survives a crash under (OFF would lose it).
+SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """``[plugin.evidence]``, as the module docstring describes it."""
+
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 5.0
+    synchronous: str = "FULL"
+    encode_threads: int = 2
+    #: Event type -> seconds after which raw values are pruned.
+    retention: Mapping[str, float] = field(default_factory=dict)
+    export_max_events: int = ExportLimits.max_events
+    export_max_bytes: int = ExportLimits.max_bytes
+    export_max_per_tenant: int = ExportLimits.per_tenant
+    export_max_concurrent: int = ExportLimits.process
+
+    def __post_init__(self) -> None:
+        # Checked here: SQLite takes a value it does not know (FUL, say) as NORMAL, silently.
+        if self.synchronous.upper() not in SYNCHRONOUS:
+            raise SettingsError(f"plugin.evidence.synchronous must be one of {', '.join(SYNCHRONOUS)}, "
+                                f"got {self.synchronous!r}")
+
+
+def open_log(state_dir: Path, settings: EvidenceSettings | Mapping[str, Any] | None = None) -> EvidenceLog:
+    """The log under ``state_dir``; ``settings`` as :class:`EvidenceSettings` or its fields by name."""
+    if not isinstance(settings, EvidenceSettings):
+        settings = EvidenceSettings(**(settings or {}))
+    store = SqliteEvidenceStore(state_dir / STORE_FILE, synchronous=settings.synchronous.upper())
     try:
         key = signing_key(state_dir, store)
         log_id = store.meta("log_id")
@@ -53,10 +87,8 @@ def open_log(state_dir: Path, settings: dict | None = None) -> EvidenceLog:
     except BaseException:
         store.close()
         raise
-    return EvidenceLog(store, key, log_id=log_id.decode(),
-                       checkpoint_every=int(settings.get("checkpoint_every", 1000)),
-                       checkpoint_seconds=float(settings.get("checkpoint_seconds", 5.0)),
-                       encode_threads=int(settings.get("encode_threads", 2)))
+    return EvidenceLog(store, key, log_id=log_id.decode(), checkpoint_every=settings.checkpoint_every,
+                       checkpoint_seconds=settings.checkpoint_seconds, encode_threads=settings.encode_threads)
 
 
 def signing_key(state_dir: Path, store: SqliteEvidenceStore) -> SigningKey:
@@ -110,14 +142,10 @@ class EvidencePlugin(Plugin):
     provides = (Provision(EvidencePlane, supports=("1.0", "2.0")),)
 
     def setup(self, kernel) -> None:
-        settings = dict(kernel.settings.plugin_settings(self.name))
+        settings = kernel.settings.plugin_settings_as(self.name, EvidenceSettings)
+        limits = ExportLimits.from_settings(dataclasses.asdict(settings))  # before the log opens: nothing to undo
         self.log = open_log(kernel.state_dir, settings)
-        self.retention = {str(k): float(v) for k, v in dict(settings.get("retention", {})).items()}
-        try:
-            limits = ExportLimits.from_settings(settings)
-        except BaseException:
-            self.log.close()
-            raise
+        self.retention = dict(settings.retention)
         self.plane = Evidence(self.log, limits)
         self._ticker: asyncio.Task | None = None
 

@@ -54,7 +54,7 @@ class ExecutionPlugin(Plugin):
     def setup(self, kernel) -> None:
         from planes.kernel.contract import ContractVersion
         from planes.kernel.contracts import ControlPlane, EvidencePlane
-        from planes.kernel.errors import PluginError
+        from planes.kernel.errors import PluginError, SettingsError
         from planes.plugins.control.subscriber import CachedConfig
         from planes.plugins.evidence.writer import EvidenceWriter
 
@@ -63,7 +63,13 @@ class ExecutionPlugin(Plugin):
         from .plane import Tasks, Workers
         from .store import SqliteTaskStore
 
-        settings = dict(kernel.settings.plugin_settings(self.name))
+        # Checked, not a dataclass: heartbeat_seconds and reap_seconds default to fractions of lease_seconds.
+        settings = kernel.settings.plugin_settings_checked(self.name, {
+            "lease_seconds": float, "heartbeat_seconds": float, "max_attempts": int, "max_spec_bytes": int,
+            "reap_seconds": float, "synchronous": str, "control_public_key": str})
+        if settings.get("synchronous", "FULL").upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise SettingsError(f"plugin.execution.synchronous must be one of FULL, NORMAL, EXTRA, "
+                                f"got {settings['synchronous']!r}")
         self.kernel = kernel
         lease = float(settings.get("lease_seconds", 30.0))
         self.engine_settings = EngineSettings(

@@ -760,8 +760,10 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
     Plugins that load and provide no adapter (the planes) are left alone:
     their ``setup`` is the kernel's to call.
     """
+    import typing
+
     from planes.kernel.errors import PluginError
-    from planes.kernel.host import check_implementation, discover, validate
+    from planes.kernel.host import check_implementation, check_plugin_tables, discover, validate
 
     from .adapters.python_tool import PythonAdapter
 
@@ -805,7 +807,10 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
             found[provision.name] = implementation
             owners[provision.key] = plugin.name
     python = tools.get("python")
-    configured = settings.plugin_settings("execution-adapters").get("python_modules", ())
+    # Checked at worker start: [plugin.execution-adapters] is the worker's to read, and so is each table's name.
+    check_plugin_tables(settings)
+    configured = settings.plugin_settings_checked("execution-adapters", {"python_modules": typing.Any}).get(
+        "python_modules", ())
     if isinstance(configured, str) or not all(isinstance(name, str) and name for name in configured):
         raise PluginError("execution-adapters", "[plugin.execution-adapters] python_modules must be a list of "
                                                 "module names")

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from planes.kernel.errors import PluginError
+from planes.kernel.errors import PluginError, SettingsError
 from planes.kernel.host import PluginHost, discover
 from planes.kernel.kernel import Kernel
 from planes.kernel.plugin import Plugin, Provision
@@ -128,6 +128,42 @@ def test_plugin_from_settings_modules(tmp_path, monkeypatch):
     settings = make_settings(tmp_path / "s", plugins=PluginSettings(disabled=builtin, modules=("local_plugin:Good",)))
     loaded = Kernel(settings).open().host.plugins
     assert [(lp.name, lp.origin) for lp in loaded] == [("good", "setting plugins.modules local_plugin:Good")]
+
+
+BUILTIN = "control, data, diagnostics, evidence, execution, execution-adapters"
+
+
+def test_a_table_for_no_installed_plugin_is_refused_before_anything_is_created(tmp_path):
+    state = tmp_path / "state"
+    settings = make_settings(state, plugin={"rev-tool": {"colour": "blue"}})
+    with pytest.raises(SettingsError) as raised:
+        Kernel(settings).open()
+    assert raised.value.message == ("unknown setting plugin.rev-tool: no plugin of that name is installed; "
+                                    f"known here: {BUILTIN}")
+    assert not state.exists(), "no key, token or store was made"
+
+
+def test_a_table_names_any_installed_plugin_even_disabled_or_not_loaded_here(tmp_path):
+    from planes.kernel.settings import PluginSettings
+    # The same file serves hosts that disable plugins and hosts given their plugins directly (tests, embedders).
+    disabled = make_settings(tmp_path / "a", plugins=PluginSettings(disabled=("diagnostics",)),
+                             plugin={"diagnostics": {}, "execution-adapters": {}})
+    assert "diagnostics" not in [lp.name for lp in PluginHost.load(disabled).plugins]
+    given = make_settings(tmp_path / "b", plugin={"recording-diagnostics": {}, "data": {}})
+    loaded = PluginHost.load(given, candidates(RecordingPlugin())).plugins
+    assert [lp.name for lp in loaded] == ["recording-diagnostics"]
+
+
+def test_planes_plugins_reports_a_table_for_no_installed_plugin(tmp_path):
+    config = tmp_path / "planes.toml"
+    config.write_text('[plugin.rev-tool]\ncolour = "blue"\n')
+    result = planes("plugins", "--json", "--config", str(config), state=tmp_path / "state")
+    assert result.returncode == 1
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["[plugin.rev-tool]"] == {
+        "name": "[plugin.rev-tool]", "version": "-", "status": "invalid",
+        "detail": f"unknown setting plugin.rev-tool: no plugin of that name is installed; known here: {BUILTIN}"}
+    assert rows["execution"]["status"] == "ok", "the plugins themselves are fine"
 
 
 class Consumer(Plugin):

@@ -99,3 +99,27 @@ def test_plugin_settings_as_names_the_bad_key(tmp_path, table, message):
     with pytest.raises(SettingsError) as raised:
         load_settings(path, env={}).plugin_settings_as("echo", _EchoSettings)
     assert raised.value.message == message
+
+
+_CHECKED = {"lease_seconds": float, "max_attempts": int, "modules": tuple[str, ...]}
+
+
+def test_plugin_settings_checked_returns_the_keys_given_with_their_types(tmp_path):
+    path = tmp_path / "planes.toml"
+    path.write_text('[plugin.echo]\nlease_seconds = 30\nmodules = ["a"]\n')
+    settings = load_settings(path, env={})
+    assert settings.plugin_settings_checked("echo", _CHECKED) == {"lease_seconds": 30.0, "modules": ("a",)}
+    assert settings.plugin_settings_checked("absent", _CHECKED) == {}, "defaults are the plugin's to apply"
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("max_attempt = 1", "unknown setting plugin.echo.max_attempt; known here: lease_seconds, max_attempts, modules"),
+    ('max_attempts = "three"', "plugin.echo.max_attempts must be int, got 'three'"),
+    ("lease_seconds = true", "plugin.echo.lease_seconds must be float, got True"),
+])
+def test_plugin_settings_checked_names_the_bad_key(tmp_path, table, message):
+    path = tmp_path / "planes.toml"
+    path.write_text(f"[plugin.echo]\n{table}\n")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(path, env={}).plugin_settings_checked("echo", _CHECKED)
+    assert raised.value.message == message
