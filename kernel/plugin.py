@@ -75,7 +75,8 @@ class Plugin:
     def setup(self, kernel: Kernel) -> None:
         """Called once at start-up, after validation, in dependency order.
 
-        Open stores and read ``kernel.settings.plugin_settings(self.name)`` here.
+        Open stores and read your ``[plugin.NAME]`` table here, checked:
+        ``kernel.settings.plugin_settings_as(self.name, YourSettings)`` (docs/plugins.md).
         Raise :class:`~planes.kernel.errors.PluginError` (or any exception) to
         stop the start-up; the kernel reports it with the plugin's name.
         """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from planes.kernel import CallContext, Kernel, LimitExceeded, Plugin, Provision
 from planes.kernel.contracts.diagnostics import DiagnosticsPlane, pb
@@ -47,14 +48,21 @@ class QuotaEcho(DiagnosticsPlane):
                                  source=call.identity.source)
 
 
+@dataclass(frozen=True)
+class QuotaEchoSettings:
+    """``[plugin.quota-echo]``: a typo or a wrongly typed value fails start-up, naming the key."""
+
+    max_bytes: int = 1024
+
+
 class QuotaEchoPlugin(Plugin):
     name = "quota-echo"
     version = "1.0.0"
     provides = (Provision(DiagnosticsPlane, supports=("1.0", "2.0")),)
 
     def setup(self, kernel: Kernel) -> None:
-        settings = kernel.settings.plugin_settings(self.name)
-        self.plane = QuotaEcho(max_bytes=int(settings.get("max_bytes", 1024)))
+        settings = kernel.settings.plugin_settings_as(self.name, QuotaEchoSettings)  # [plugin.quota-echo]
+        self.plane = QuotaEcho(max_bytes=settings.max_bytes)
 
     def implementation(self, provision: Provision) -> QuotaEcho:
         return self.plane

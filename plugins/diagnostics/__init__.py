@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from planes.common.v1 import common_pb2
 from planes.kernel.call import CallContext
@@ -48,6 +49,11 @@ class Diagnostics(DiagnosticsPlane):
         )
 
 
+@dataclass(frozen=True)
+class _NoSettings:
+    """The diagnostics plane has no settings."""
+
+
 class DiagnosticsPlugin(Plugin):
     name = "diagnostics"
     version = "0.1.0"
@@ -55,6 +61,9 @@ class DiagnosticsPlugin(Plugin):
 
     def __init__(self) -> None:
         self._plane = Diagnostics()
+
+    def setup(self, kernel) -> None:
+        kernel.settings.plugin_settings_as(self.name, _NoSettings)  # a [plugin.diagnostics] key is a typo
 
     def implementation(self, provision: Provision) -> Diagnostics:
         return self._plane

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "quota_ech
 def example():
     spec = importlib.util.spec_from_file_location("quota_echo", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def test_quota_echo_plugin_over_grpc(run, tmp_path, example):

@@ -120,3 +120,11 @@ def test_a_table_for_no_installed_plugin_fails_the_worker_and_the_kernel(tmp_pat
         Kernel(settings).open()
     assert by_worker.value.message == by_kernel.value.message == message
     assert not (tmp_path / "state").exists()
+
+
+def test_the_diagnostics_plugin_has_no_settings_so_any_key_is_refused(tmp_path):
+    settings = _settings(tmp_path, '[plugin.diagnostics]\ncolour = "blue"\n')
+    with pytest.raises(PluginError) as raised:
+        Kernel(settings).open()
+    assert raised.value.message == ("plugin 'diagnostics': setup failed: SettingsError: unknown setting "
+                                    "plugin.diagnostics.colour; known here: ")
