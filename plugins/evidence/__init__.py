@@ -196,6 +196,23 @@ class EvidencePlugin(Plugin):
         export.add_argument("--timeout", type=float, default=60.0)
         add_tls_arguments(export)
         export.set_defaults(handler=_cmd_export)
+        query = actions.add_parser(
+            "query", help="print events of a running kernel's log (a token that may read the tenant's evidence)")
+        query.add_argument("--correlation-id", default="", help="only this correlation's events")
+        query.add_argument("--type", action="append", default=[], dest="event_types", metavar="EVENT_TYPE",
+                           help="only events of this type (repeat for several), e.g. tool.invoked")
+        query.add_argument("--since", help="only events at or after this UTC time (ISO 8601, e.g. 2026-11-27T10:00)")
+        query.add_argument("--until", help="only events before this UTC time (ISO 8601)")
+        query.add_argument("--limit", type=int, default=100, help="at most this many events (0: all; default 100)")
+        query.add_argument("--json", action="store_true", help="one JSON object per line, as the proto has it")
+        query.add_argument("--tenant", default="", help="tenant (default: the token's)")
+        query.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+        query.add_argument("--token-file", help="token file (default: $PLANES_TOKEN)")
+        query.add_argument("--config", help="settings TOML file")
+        query.add_argument("--state-dir", help="state directory (default: ./var)")
+        query.add_argument("--timeout", type=float, default=60.0)
+        add_tls_arguments(query)
+        query.set_defaults(handler=_cmd_query)
         check = actions.add_parser("fsck", help="recompute the chain and tree of this host's log")
         check.add_argument("--config", help="settings TOML file")
         check.add_argument("--state-dir", help="state directory (default: ./var)")
@@ -267,6 +284,80 @@ def _cmd_export(args) -> int:
         raise InvalidArgument(f"{out} exists; choose another path")
     print(f"wrote {out} (mode 0600): {summary.event_count} events, checkpoint tree size {summary.tree_size}")
     return 0
+
+
+def _cmd_query(args) -> int:
+    from google.protobuf import json_format, timestamp_pb2
+
+    from planes.evidence.v1 import evidence_service_pb2 as pb
+    from planes.kernel.cli import client_address, client_tls, client_token
+    from planes.kernel.clients import connect
+    from planes.kernel.contracts import EvidencePlane
+    from planes.kernel.errors import InvalidArgument
+    from planes.kernel.runtime import run
+    from planes.kernel.settings import load_settings
+
+    if args.limit < 0:
+        raise InvalidArgument(f"--limit must be 0 (all) or more, got {args.limit}")
+    request = pb.QueryEventsRequest(tenant=args.tenant, correlation_id=args.correlation_id,
+                                    event_types=args.event_types, limit=args.limit)
+    for flag, field_name in (("since", "start_time"), ("until", "end_time")):
+        text = getattr(args, flag)
+        if text:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(_utc(text, flag))
+            getattr(request, field_name).CopyFrom(stamp)
+    settings = load_settings(args.config, overrides={"state_dir": args.state_dir})
+    address = client_address(args, settings)
+    # Reading evidence needs a tenant's reader: the state directory's admin token is never tried.
+    token = client_token(args, settings, admin_fallback=False, address=address)
+
+    async def query() -> int:
+        client = connect(address, EvidencePlane, token=token, **client_tls(args))
+        shown = 0
+        try:
+            async for page in client.query_events(request, timeout=args.timeout):
+                for event in page.events:
+                    print(json_format.MessageToJson(event, indent=None) if args.json else _event_line(event),
+                          flush=True)
+                    shown += 1
+        finally:
+            await client.close()
+        return shown
+
+    if not run(query()) and not args.json:
+        print(f"no events for {_tenant_named(args.tenant, token)} match", file=sys.stderr)
+    return 0
+
+
+def _utc(text: str, flag: str):
+    """An ISO 8601 time from the command line, as UTC when it names no zone."""
+    from datetime import datetime, timezone
+
+    from planes.kernel.errors import InvalidArgument
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(f"--{flag} {text!r} is not an ISO 8601 time such as 2026-11-27T10:00") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _event_line(event) -> str:
+    """One event for a terminal: sequence, time, type, correlation, actor, then its fields."""
+    parts = []
+    for item in event.fields:
+        which = item.WhichOneof("value")
+        if which == "string_value":
+            value = item.string_value if len(item.string_value) <= 80 else item.string_value[:77] + "..."
+            parts.append(f"{item.name}={value!r}")
+        elif which == "bytes_value":
+            parts.append(f"{item.name}=0x{item.bytes_value[:16].hex()}{'...' if len(item.bytes_value) > 16 else ''}")
+        else:
+            parts.append(f"{item.name}=<{'redacted' if item.redacted else 'withheld'}>")
+    correlation = event.correlation
+    return (f"{event.sequence:>8} {event.time.ToJsonString()} {event.event_type:<20} "
+            f"corr={correlation.correlation_id or '-'} actor={correlation.actor or '-'} {' '.join(parts)}").rstrip()
 
 
 def _tenant_named(tenant: str, token: str) -> str:

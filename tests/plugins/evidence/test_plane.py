@@ -209,6 +209,40 @@ def test_export_and_verify_with_the_cli_against_a_real_server(tmp_path):
         assert verified.returncode == 0, verified.stderr
 
 
+def test_the_cli_prints_a_tenants_events_by_correlation_type_and_time(tmp_path):
+    """``planes evidence query``: what a plugin author reads to see which tool ran, as lines or JSON."""
+    import json
+
+    with _cli_kernel(tmp_path) as (cli, env, tokens, port):
+        _append_over_grpc(port, tokens["service"], [
+            event("x1", correlation="case-7", tool="search", digest=bytes(range(20))),
+            event("x2", correlation="case-7", event_type="tool.failed", tool="search"),
+            event("x3", correlation="case-8")])
+
+        def query(*extra, token="reviewer"):
+            return subprocess.run([*cli, "evidence", "query", "--token-file", str(tmp_path / f"{token}.token"),
+                                   *extra], env=env, capture_output=True, text=True)
+
+        lines = query("--correlation-id", "case-7")
+        failed = query("--correlation-id", "case-7", "--type", "tool.failed", "--json")
+        later = query("--since", "2999-01-01T00:00")
+        malformed = query("--since", "yesterday")
+        by_service = query("--correlation-id", "case-7", token="service")
+
+    assert lines.returncode == 0, lines.stderr
+    printed = lines.stdout.splitlines()
+    assert len(printed) == 2 and all("corr=case-7" in line for line in printed)
+    assert "tool.invoked" in printed[0] and "tool='search'" in printed[0]
+    assert "digest=0x000102030405060708090a0b0c0d0e0f..." in printed[0], "bytes shown short, in hex"
+    assert failed.returncode == 0, failed.stderr
+    [record] = [json.loads(line) for line in failed.stdout.splitlines()]
+    assert (record["eventId"], record["eventType"]) == ("x2", "tool.failed")
+    assert later.returncode == 0 and later.stdout == "" and "no events for tenant 'acme' match" in later.stderr
+    assert malformed.returncode == 1 and "--since 'yesterday' is not an ISO 8601 time" in malformed.stderr
+    assert "Traceback" not in malformed.stderr
+    assert by_service.returncode == 1 and "needs one of the roles" in by_service.stderr, "a service cannot read"
+
+
 def test_the_cli_exports_nothing_as_an_error_and_a_bundle_owner_only_never_over_a_file(tmp_path):
     """No matching events: one line, exit 1, no file. A bundle (raw values) is 0600, whole, and never replaces a file."""
     import base64
