@@ -587,7 +587,7 @@ class Worker:
             # repeat it), and the task fails rather than complete with an output it cannot carry.
             notes.update(bad.context.notes)
             notes["result"] = "unusable"
-            await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, None, notes, error=bad.message)
+            await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, None, notes, error=bad.evidence)
             raise
         except (_TaskCancelled, _LeaseLost, PlanesError) as exc:
             await self._settle_interrupted(attempt, adapter, call, exc)
@@ -610,7 +610,8 @@ class Worker:
             # repeats an idempotent tool with the same key, or asks reconcile about another;
             # recorded as failed, it would only fail the task once it was re-queued.
             return
-        state, error = pb.EFFECT_STATE_FAILED, getattr(exc, "message", type(exc).__name__)
+        # The outcome's error is evidence: the worker's words, not the adapter's (which may quote arguments).
+        state, error = pb.EFFECT_STATE_FAILED, _call_failure(exc, call)[2]
         if isinstance(exc, _TaskCancelled):
             error = "cancelled mid-call"
             if call.contract.side_effect != "idempotent":
