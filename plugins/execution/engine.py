@@ -62,6 +62,11 @@ _PLAIN_REASONS = frozenset(("submitted", "queued", "started", "completed", "allo
                             "transform"))
 _EPOCH_STATES = frozenset((S.TASK_STATE_LEASED, S.TASK_STATE_RUNNING, S.TASK_STATE_COMPLETED, S.TASK_STATE_FAILED,
                            S.TASK_STATE_CANCELLED))
+#: Largest call record accepted, serialized (its notes and error message are evidence field values).
+MAX_CALL_RECORD_BYTES = 16 << 10
+#: Notes one call record may carry: each is an evidence field, and an event has at most 64.
+MAX_CALL_NOTES = 32
+MAX_NOTE_NAME_CHARS = 64
 OUTCOMES = (S.EFFECT_STATE_COMMITTED, S.EFFECT_STATE_FAILED, S.EFFECT_STATE_COMPENSATED, S.EFFECT_STATE_ESCALATED)
 SUPPORTED_MAJOR = 1
 #: How many queued tasks a lease looks past, for ones the worker has the adapters to run.
@@ -94,6 +99,10 @@ class EngineSettings:
     #: Largest task spec accepted, serialized. Every transition stores the task again and every
     #: worker lease carries it, so bulk data belongs in payloads (``inputs``), not in arguments.
     max_spec_bytes: int = 1 << 20
+    #: Call records one CompleteTask or FailTask may carry: each becomes an evidence event, so a
+    #: worker must not be able to flood the log. A worker sends one per tool or model call of
+    #: the attempt.
+    max_call_records: int = 1024
 
 
 @dataclass(frozen=True)
@@ -693,6 +702,63 @@ class ExecutionEngine:
 
     # -- ending an attempt -----------------------------------------------------------------
 
+    def check_calls(self, calls) -> None:
+        """Refuse call records a worker should not send: too many, too large, or not a tool or model call.
+
+        Each record becomes an evidence event, so the count and size are
+        bounded before anything is recorded (:class:`LimitExceeded` carries
+        the limit and the actual value).
+        """
+        limit = self.settings.max_call_records
+        if len(calls) > limit:
+            raise LimitExceeded("call records", limit, len(calls),
+                                message=f"{len(calls)} call records in one request, over the limit of {limit}: a "
+                                        "worker sends one per tool or model call of the attempt; nothing was "
+                                        "recorded")
+        for index, record in enumerate(calls):
+            if record.kind not in ("tool", "model"):
+                raise InvalidArgument(f"call record {index}: kind must be 'tool' or 'model', got {record.kind[:20]!r}")
+            if not record.outcome:
+                raise InvalidArgument(f"call record {index} has no outcome ('ok' or an error code)")
+            size = record.ByteSize()
+            if size > MAX_CALL_RECORD_BYTES:
+                raise LimitExceeded("call record bytes", MAX_CALL_RECORD_BYTES, size,
+                                    message=f"call record {index} is {size} bytes, over the limit of "
+                                            f"{MAX_CALL_RECORD_BYTES}: notes and errors name things, they do not "
+                                            "carry data")
+            if len(record.notes) > MAX_CALL_NOTES:
+                raise LimitExceeded("call record notes", MAX_CALL_NOTES, len(record.notes),
+                                    message=f"call record {index} has {len(record.notes)} notes, over the limit of "
+                                            f"{MAX_CALL_NOTES}")
+            for name in record.notes:
+                if not name or len(name) > MAX_NOTE_NAME_CHARS:
+                    raise InvalidArgument(f"call record {index}: note names must be 1 to {MAX_NOTE_NAME_CHARS} "
+                                          "characters")
+
+    def _record_calls(self, tx: Tx, task: pb.Task, epoch: int, calls, config: RunConfig) -> None:
+        """One evidence event per call record of attempt ``epoch``: what ran, where, how long, how it ended.
+
+        A tool call that did not end "ok" is ``tool.failed``, with the error
+        kind and the worker's message (names and limits, never argument or
+        output values) and the attempt, since a task may fail several.
+        """
+        for index, record in enumerate(calls):
+            fields = {"action_id": record.action_id, "target": record.target, "adapter": record.adapter,
+                      "outcome": record.outcome, "duration_ms": str(record.duration.ToMilliseconds())}
+            fields.update({f"note.{k}": v for k, v in sorted(record.notes.items())})
+            if record.result_digest.value:
+                fields["result_digest"] = record.result_digest.value.hex()
+            if record.kind == "model":
+                kind = "model.called"
+            elif record.outcome == "ok":
+                kind = "tool.invoked"
+            else:
+                kind = "tool.failed"
+                fields.update(attempt_epoch=str(epoch), error_kind=record.error_kind or "unknown",
+                              error=record.error[:500])
+            tx.emit(task.tenant, self._event(task, kind, fields, config, suffix=f":call:{epoch}:{index}"),
+                    task.spec.evidence_required)
+
     def _complete(self, tx: Tx, request: pb.CompleteTaskRequest, config: RunConfig, principal: str) -> pb.Task:
         task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
         unsettled = [e.idempotency_key for e in tx.store.effects(task.task_id) if e.state == pb.EFFECT_STATE_INTENDED]
@@ -707,16 +773,7 @@ class ExecutionEngine:
                 raise LimitExceeded(name, limit, actual)
         if task.state == pb.TASK_STATE_LEASED:
             self._transition(tx, task, pb.TASK_STATE_RUNNING, "started", config)
-        for index, record in enumerate(request.calls):
-            fields = {"action_id": record.action_id, "target": record.target, "adapter": record.adapter,
-                      "outcome": record.outcome, "duration_ms": str(record.duration.ToMilliseconds())}
-            fields.update({f"note.{k}": v for k, v in sorted(record.notes.items())})
-            if record.result_digest.value:
-                fields["result_digest"] = record.result_digest.value.hex()
-            kind = "model.called" if record.kind == "model" else "tool.invoked"
-            tx.emit(task.tenant, self._event(task, kind, fields, config,
-                                             suffix=f":call:{request.attempt_epoch}:{index}"),
-                    task.spec.evidence_required)
+        self._record_calls(tx, task, request.attempt_epoch, request.calls, config)
         task.result.CopyFrom(request.result)
         ran_under = request.config.revision
         self._transition(tx, task, pb.TASK_STATE_COMPLETED, "completed", config,
@@ -724,6 +781,7 @@ class ExecutionEngine:
         return task
 
     async def complete(self, request: pb.CompleteTaskRequest, principal: str) -> pb.Task:
+        self.check_calls(request.calls)
         config = self.config().config
         return await self.committer.run(lambda tx: self._complete(tx, request, config, principal))
 
@@ -737,9 +795,10 @@ class ExecutionEngine:
 
         async def one(completion: pb.CompleteTaskRequest) -> pb.CompletionResult:
             try:
+                self.check_calls(completion.calls)
                 await self.committer.run(lambda tx: self._complete(tx, completion, config, principal))
                 return pb.CompletionResult(task_id=completion.task_id, completed=True)
-            except (FailedPrecondition, NotFound, LimitExceeded, PermissionDenied) as exc:
+            except (FailedPrecondition, NotFound, LimitExceeded, PermissionDenied, InvalidArgument) as exc:
                 return pb.CompletionResult(task_id=completion.task_id, error=exc.message, code=exc.code.name)
         # Queued together, so they share one batch and one commit.
         results = await asyncio.gather(*(one(c) for c in request.completions))
@@ -748,10 +807,13 @@ class ExecutionEngine:
     async def fail(self, request: pb.FailTaskRequest, principal: str) -> pb.Task:
         if not request.failure.code:
             raise InvalidArgument("a failure needs a code")
+        self.check_calls(request.calls)
         config = self.config().config
 
         def fail(tx: Tx) -> pb.Task:
             task = self._fenced(tx, request.tenant, request.task_id, request.attempt_epoch, principal)
+            # The tools ran even though the attempt failed: evidence says which, and how each ended.
+            self._record_calls(tx, task, request.attempt_epoch, request.calls, config)
             task.failure.CopyFrom(request.failure)
             task.failure.message = task.failure.message[:500]
             if task.cancel_requested:

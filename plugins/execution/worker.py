@@ -113,28 +113,64 @@ def _error_code(exc: PlanesError) -> str:
     return "tool.failed"
 
 
-class _BadResult(TaskProblem):
-    """``invoke`` returned, so the tool acted, but what it returned cannot be carried: the adapter is broken."""
+class _TimedOut(DeadlineExceeded):
+    """The worker cut a call at its limit (the contract's timeout, the task's deadline): not the adapter's error."""
 
-    def __init__(self, message: str, context: ToolContext, seconds: float):
+
+class _BadResult(TaskProblem):
+    """``invoke`` returned, so the tool acted, but what it returned cannot be carried: the adapter is broken.
+
+    ``message`` names where in the output (for the task's failure);
+    ``evidence`` says the same without the output's keys, which may be data.
+    """
+
+    def __init__(self, message: str, evidence: str, context: ToolContext, seconds: float):
         super().__init__("tool.failed", message)
+        self.evidence = evidence
         self.context = context
         self.seconds = seconds
+
+
+def _call_failure(exc: Exception, call: ToolCall) -> tuple[str, str, str]:
+    """``(outcome, error kind, message)`` of a tool call that raised ``exc``, for its call record.
+
+    The message is composed here from names and limits: an adapter's own
+    message may quote its arguments or output, and evidence keeps it for
+    good, so only the error's class is taken from it.
+    """
+    named = f"tool {call.tool!r} (adapter {call.contract.adapter!r})"
+    if isinstance(exc, _BadResult):
+        return exc.code, "result.unusable", exc.evidence
+    if isinstance(exc, _TimedOut):
+        return "deadline.exceeded", "timeout", exc.message
+    if isinstance(exc, _TaskCancelled):
+        return "cancelled", "cancelled", f"{named} was cancelled mid-call"
+    if isinstance(exc, _LeaseLost):
+        return "lease.lost", "lease.lost", f"{named} was stopped: the lease was lost"
+    if isinstance(exc, PlanesError):
+        return _error_code(exc), type(exc).__name__, f"{named} raised {type(exc).__name__}"
+    return "worker.error", "exception", f"{named} raised {type(exc).__name__}"
 
 
 _JSON_TYPES = "str, number, bool, null, list, dict"
 
 
-def _not_json(value, path: str) -> str | None:
-    """Where ``value`` stops being JSON-compatible (a protobuf Struct value), as ``path is TYPE, ...``; None if it is."""
+def _not_json(value, path: str) -> tuple[str, str] | None:
+    """Where ``value`` stops being JSON-compatible (a protobuf Struct value); None if it is.
+
+    Two ways: ``path is TYPE, ...`` and, for evidence, the same without the
+    path (its keys are the output's) or the value.
+    """
     if value is None or isinstance(value, (str, bool, int)):
         return None
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{path} is {value!r}, not a finite number"
+        return None if math.isfinite(value) else (f"{path} is {value!r}, not a finite number",
+                                                  "output holds a number that is not finite")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path} has a {type(key).__name__} key {key!r}; JSON keys are strings"
+                return (f"{path} has a {type(key).__name__} key {key!r}; JSON keys are strings",
+                        f"output has a {type(key).__name__} key; JSON keys are strings")
             found = _not_json(item, f"{path}[{key!r}]")
             if found:
                 return found
@@ -145,25 +181,32 @@ def _not_json(value, path: str) -> str | None:
             if found:
                 return found
         return None
-    return f"{path} is {type(value).__name__}, not JSON ({_JSON_TYPES})"
+    kind = type(value).__name__
+    return f"{path} is {kind}, not JSON ({_JSON_TYPES})", f"output holds a {kind}, not JSON ({_JSON_TYPES})"
 
 
-def _check_result(result, call: ToolCall) -> str | None:
-    """Why ``result`` is not a usable ToolResult, or None: checked as soon as ``invoke`` returns."""
+def _check_result(result, call: ToolCall) -> tuple[str, str] | None:
+    """Why ``result`` is not a usable ToolResult, or None: checked as soon as ``invoke`` returns.
+
+    Two ways, as :func:`_not_json`: for the task's failure, and for evidence.
+    """
     where = f"adapter {call.contract.adapter!r} action {call.action_id!r}"
     if not isinstance(result, ToolResult):
-        return f"adapter {call.contract.adapter!r} returned {type(result).__name__}; expected ToolResult"
+        problem = f"adapter {call.contract.adapter!r} returned {type(result).__name__}; expected ToolResult"
+        return problem, problem
     if not isinstance(result.output, dict):
-        return f"{where}: output is {type(result.output).__name__}, not a dict"
-    problem = _not_json(result.output, "output")
-    if problem is not None:
-        return f"{where}: {problem}"
+        problem = f"{where}: output is {type(result.output).__name__}, not a dict"
+        return problem, problem
+    found = _not_json(result.output, "output")
+    if found is not None:
+        return f"{where}: {found[0]}", f"{where}: {found[1]}"
     try:
         struct_pb2.Struct().update(result.output)
     except (ValueError, TypeError) as exc:  # what the walk above missed, protobuf still refuses
-        return f"{where}: output cannot be a protobuf Struct: {exc}"
+        return f"{where}: output cannot be a protobuf Struct: {exc}", f"{where}: output cannot be a protobuf Struct"
     if not all(isinstance(ref, common_pb2.PayloadRef) for ref in result.outputs):
-        return f"{where}: outputs must be PayloadRef messages"
+        problem = f"{where}: outputs must be PayloadRef messages"
+        return problem, problem
     return None
 
 
@@ -338,7 +381,7 @@ class Worker:
         try:
             await self.client.fail_task(pb.FailTaskRequest(
                 **self._request_base(attempt), failure=pb.TaskFailure(code=code, message=message[:300]),
-                retry=retry, usage=attempt.usage, config=self.config.stamp), timeout=10)
+                retry=retry, usage=attempt.usage, config=self.config.stamp, calls=attempt.calls), timeout=10)
         except PlanesError as exc:
             log.warning("could not fail task %s: %s", attempt.task.task_id, exc.message)
 
@@ -421,43 +464,58 @@ class Worker:
                            idempotency_key=key)
 
     async def _invoke(self, adapter: ToolAdapter, call: ToolCall, attempt: Attempt, retries: int):
-        """Invoke with the contract's timeout and retry policy; cancellation stops the call."""
+        """Invoke with the contract's timeout and retry policy; cancellation stops the call.
+
+        A call that fails, however it fails, leaves its call record (the
+        failure code as outcome, the error kind, how long it ran) for the
+        attempt's FailTask; a successful one is recorded by the caller.
+        """
         tries = 0
-        while True:
-            tries += 1
-            context = self._context(attempt, call.contract, call.idempotency_key, call.contract.timeout)
-            started = time.monotonic()
-            try:
-                result = await _race(adapter.invoke(call, context), attempt.cancel, context.deadline,
-                                     _timeout_message(call, context.deadline - started))
-                ended = time.monotonic()
-                if ended > context.deadline:
-                    # Only an invoke that blocked the event loop gets here: _race cuts any other at the
-                    # deadline. Its late result counts as the timeout it is, so a side effect stays open
-                    # for reconciliation as after any timeout.
-                    log.warning("adapter %r (tool %r) blocked the worker's event loop: its invoke returned after "
-                                "%.1f s against a limit of %.3g s; do blocking work in asyncio.to_thread",
-                                call.contract.adapter, call.tool, ended - started, context.deadline - started)
-                    raise DeadlineExceeded(_timeout_message(call, context.deadline - started))
-                problem = _check_result(result, call)
-                if problem is not None:
-                    raise _BadResult(problem, context, ended - started)
-                # What the call wrote through the data plane is its output, whichever adapter ran it.
-                known = {ref.payload_id for ref in result.outputs}
-                result.outputs.extend(ref for ref in context.data.written if ref.payload_id not in known)
-                if result.outputs:
-                    context.notes["outputs"] = ",".join(ref.payload_id for ref in result.outputs)
-                attempt.outputs.extend(result.outputs)
-                return result, context, time.monotonic() - started
-            except RETRYABLE:
-                if tries >= retries or attempt.cancel.is_set():
-                    raise
-                await asyncio.sleep(min(2.0, 0.1 * 2 ** tries))
+        first = time.monotonic()
+        context: ToolContext | None = None
+        try:
+            while True:
+                tries += 1
+                context = self._context(attempt, call.contract, call.idempotency_key, call.contract.timeout)
+                started = time.monotonic()
+                try:
+                    result = await _race(adapter.invoke(call, context), attempt.cancel, context.deadline,
+                                         _timeout_message(call, context.deadline - started))
+                    ended = time.monotonic()
+                    if ended > context.deadline:
+                        # Only an invoke that blocked the event loop gets here: _race cuts any other at the
+                        # deadline. Its late result counts as the timeout it is, so a side effect stays open
+                        # for reconciliation as after any timeout.
+                        log.warning("adapter %r (tool %r) blocked the worker's event loop: its invoke returned "
+                                    "after %.1f s against a limit of %.3g s; do blocking work in asyncio.to_thread",
+                                    call.contract.adapter, call.tool, ended - started, context.deadline - started)
+                        raise _TimedOut(_timeout_message(call, context.deadline - started))
+                    problem = _check_result(result, call)
+                    if problem is not None:
+                        raise _BadResult(*problem, context, ended - started)
+                    # What the call wrote through the data plane is its output, whichever adapter ran it.
+                    known = {ref.payload_id for ref in result.outputs}
+                    result.outputs.extend(ref for ref in context.data.written if ref.payload_id not in known)
+                    if result.outputs:
+                        context.notes["outputs"] = ",".join(ref.payload_id for ref in result.outputs)
+                    attempt.outputs.extend(result.outputs)
+                    return result, context, time.monotonic() - started
+                except RETRYABLE:
+                    if tries >= retries or attempt.cancel.is_set():
+                        raise
+                    await asyncio.sleep(min(2.0, 0.1 * 2 ** tries))
+        except Exception as exc:
+            outcome, kind, message = _call_failure(exc, call)
+            self._record(attempt, call.action_id, "tool", call.tool, call.contract.adapter, outcome,
+                         time.monotonic() - first, dict(context.notes) if context is not None else {}, None,
+                         error_kind=kind, error=message)
+            raise
 
     def _record(self, attempt: Attempt, action_id: str, kind: str, target: str, adapter: str, outcome: str,
-                seconds: float, notes: dict[str, str], output: dict | None) -> None:
+                seconds: float, notes: dict[str, str], output: dict | None, *, error_kind: str = "",
+                error: str = "") -> None:
         record = pb.CallRecord(action_id=action_id, kind=kind, target=target, adapter=adapter, outcome=outcome,
-                               notes=notes)
+                               notes=notes, error_kind=error_kind, error=error[:300])
         record.duration.FromNanoseconds(int(seconds * 1e9))
         if output is not None:
             record.result_digest.CopyFrom(_digest(output))
@@ -482,12 +540,7 @@ class Worker:
                         tuple(action.tool.inputs), contract, key)
         attempt.usage.tool_calls += 1
         if contract.side_effect == "none":
-            try:
-                result, context, seconds = await self._invoke(adapter, call, attempt, contract.max_attempts)
-            except PlanesError as exc:
-                self._record(attempt, action.action_id, "tool", contract.name, contract.adapter, _error_code(exc),
-                             0.0, {}, None)
-                raise
+            result, context, seconds = await self._invoke(adapter, call, attempt, contract.max_attempts)
             self._record(attempt, action.action_id, "tool", contract.name, contract.adapter, "ok", seconds,
                          context.notes, result.output)
             return result.output
@@ -534,15 +587,16 @@ class Worker:
             # repeat it), and the task fails rather than complete with an output it cannot carry.
             notes.update(bad.context.notes)
             notes["result"] = "unusable"
-            await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, None, notes, error=bad.message)
+            await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, None, notes, error=bad.evidence)
             raise
         except (_TaskCancelled, _LeaseLost, PlanesError) as exc:
             await self._settle_interrupted(attempt, adapter, call, exc)
             raise
         notes.update(context.notes)
-        await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, result.output, notes, outputs=result.outputs)
+        # Recorded first: the call ran and returned even if recording its outcome fails the attempt.
         self._record(attempt, action.action_id, "tool", contract.name, contract.adapter, "ok", seconds, notes,
                      result.output)
+        await self._outcome(attempt, call, pb.EFFECT_STATE_COMMITTED, result.output, notes, outputs=result.outputs)
         return result.output
 
     async def _settle_interrupted(self, attempt: Attempt, adapter: ToolAdapter, call: ToolCall,
@@ -556,7 +610,8 @@ class Worker:
             # repeats an idempotent tool with the same key, or asks reconcile about another;
             # recorded as failed, it would only fail the task once it was re-queued.
             return
-        state, error = pb.EFFECT_STATE_FAILED, getattr(exc, "message", type(exc).__name__)
+        # The outcome's error is evidence: the worker's words, not the adapter's (which may quote arguments).
+        state, error = pb.EFFECT_STATE_FAILED, _call_failure(exc, call)[2]
         if isinstance(exc, _TaskCancelled):
             error = "cancelled mid-call"
             if call.contract.side_effect != "idempotent":
@@ -715,7 +770,7 @@ async def _race(coroutine, cancel: asyncio.Event, deadline: float,
         await work
     if cancel.is_set():
         raise _TaskCancelled()
-    raise DeadlineExceeded(timeout_message)
+    raise _TimedOut(timeout_message)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -416,3 +416,48 @@ def test_a_task_spec_over_the_size_limit_is_refused_before_it_is_stored(scenario
     assert (refused.name, refused.limit, refused.actual) == ("task spec bytes", limit, limit + 1)
     assert "pass bulk data as payloads" in refused.message
     assert at_limit.task.task_id and small.created
+
+
+def test_call_records_past_the_limits_are_refused_and_nothing_is_recorded(scenario):
+    """A worker cannot flood evidence: each call record becomes an event, so their count and size are bounded."""
+    async def body(cluster):
+        cluster.plugin.engine.settings.max_call_records = 3
+        tasks, workers = cluster.tasks(), cluster.workers()
+        submitted = await tasks.submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "noop"))))
+        task_id, correlation = submitted.task.task_id, submitted.task.spec.correlation.correlation_id
+        worker_id, (lease,) = await _lease_one(workers)
+        base = dict(tenant="acme", task_id=task_id, attempt_epoch=lease.attempt_epoch)
+        failed = pb.CallRecord(action_id="a", kind="tool", target="noop", adapter="python", outcome="tool.failed",
+                               error_kind="InvalidArgument", error="tool 'noop' (adapter 'python') raised it")
+        ok = pb.CallRecord(action_id="a", kind="tool", target="noop", adapter="python", outcome="ok")
+        failure = pb.TaskFailure(code="tool.failed")
+        refused = []
+        for call in (workers.fail_task(pb.FailTaskRequest(**base, failure=failure, calls=[failed] * 4)),
+                     workers.complete_task(pb.CompleteTaskRequest(**base, calls=[ok] * 4))):
+            with pytest.raises(errors.LimitExceeded) as raised:
+                await call
+            refused.append(raised.value)
+        big = pb.CallRecord(action_id="a", kind="tool", target="noop", adapter="python", outcome="tool.failed",
+                            notes={"padding": "x" * (20 << 10)})
+        with pytest.raises(errors.LimitExceeded) as too_big:
+            await workers.fail_task(pb.FailTaskRequest(**base, failure=failure, calls=[big]))
+        with pytest.raises(errors.InvalidArgument, match="kind must be 'tool' or 'model'"):
+            await workers.fail_task(pb.FailTaskRequest(**base, failure=failure, calls=[pb.CallRecord(outcome="ok")]))
+        batch = await workers.complete_tasks(pb.CompleteTasksRequest(
+            worker_id=worker_id, completions=[pb.CompleteTaskRequest(**base, calls=[ok] * 4)]))
+        unchanged = (await tasks.get_task(pb.GetTaskRequest(task_id=task_id))).task
+        before = await cluster.events(correlation)
+        # At the limit: accepted, one event per record.
+        ended = await workers.fail_task(pb.FailTaskRequest(**base, failure=failure, calls=[failed] * 3))
+        return refused, too_big.value, batch, unchanged, before, ended.task, await cluster.events(correlation)
+    refused, too_big, batch, unchanged, before, ended, events = scenario(body)
+    for error in refused:
+        assert (error.name, error.limit, error.actual) == ("call records", 3, 4)
+        assert "4 call records in one request, over the limit of 3" in error.message
+    assert (too_big.name, too_big.limit) == ("call record bytes", 16 << 10) and too_big.actual > 20 << 10
+    (result,) = batch.results
+    assert not result.completed and result.code == "RESOURCE_EXHAUSTED" and "limit of 3" in result.error
+    assert unchanged.state == pb.TASK_STATE_LEASED, "a refused request changes nothing"
+    assert not [e for e in before if e.event_type.startswith(("tool.", "model."))], "and records nothing"
+    assert ended.state == pb.TASK_STATE_FAILED
+    assert [e.event_type for e in events if e.event_type.startswith("tool.")] == ["tool.failed"] * 3

@@ -106,7 +106,10 @@ def test_output_that_is_not_json_fails_the_task_at_once_naming_the_key_and_type(
         # The tool acted: the ledger says so, and says why the task still failed.
         assert effects == ["effect.intent", "effect.committed"]
         committed = _fields(next(e for e in events if e.event_type == "effect.committed"))
-        assert committed["note.result"] == "unusable" and "output['when'] is datetime" in committed["error"]
+        # Evidence: what went wrong, not where in the output (its keys may be data).
+        assert committed["note.result"] == "unusable"
+        assert committed["error"] == ("adapter 'odd' action 'a': output holds a datetime, not JSON "
+                                      "(str, number, bool, null, list, dict)")
     else:
         assert effects == []
 
@@ -240,3 +243,132 @@ def test_a_worker_that_leases_a_task_it_has_no_adapter_for_fails_it_naming_what_
     end = scenario(body)
     assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.adapter_missing"
     assert end.failure.message == "no adapter 'python' on worker models-only (it has: none)"
+
+
+# -- what a failed tool call leaves in evidence ---------------------------------------------------------
+
+#: An argument value and output keys and values no evidence event may carry.
+SECRET_ARGUMENT = "argument-value-7f3a"
+SECRET_OUTPUT = "output-value-91c2"
+
+
+class RaisesTyped(_Adapter):
+    async def result(self, call, context):
+        from planes.kernel.errors import InvalidArgument
+
+        context.notes["isolation"] = "in-process"
+        raise InvalidArgument(f"cannot use {call.arguments['secret']!r}")  # quotes its argument: the mistake
+
+
+class RaisesPlain(_Adapter):
+    async def result(self, call, context):
+        raise RuntimeError(call.arguments["secret"])
+
+
+class LeakyNotJson(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"text": SECRET_OUTPUT, SECRET_OUTPUT: datetime.datetime.now()})
+
+
+class Echoes(_Adapter):
+    async def result(self, call, context):
+        return ToolResult(output={"text": SECRET_OUTPUT})
+
+
+#: Fields of tool.invoked (without result_digest, which a failed call has not) and what tool.failed adds.
+CALL_FIELDS = {"task_id", "action_id", "target", "adapter", "outcome", "duration_ms"}
+FAILED_FIELDS = CALL_FIELDS | {"attempt_epoch", "error_kind", "error"}
+
+
+def _failed_calls(events) -> list[dict[str, str]]:
+    return [_fields(e) for e in events if e.event_type == "tool.failed"]
+
+
+def _assert_no_values(events) -> None:
+    for event in events:
+        for name, value in _fields(event).items():
+            assert SECRET_ARGUMENT not in value and SECRET_OUTPUT not in value, (event.event_type, name, value)
+
+
+def _assert_failed_call(fields: dict[str, str], contract: tuple, *, outcome: str, kind: str) -> None:
+    assert CALL_FIELDS <= set(fields) <= FAILED_FIELDS | {f for f in fields if f.startswith("note.")}
+    assert (fields["action_id"], fields["target"], fields["adapter"]) == ("a", contract[1], contract[2]["adapter"])
+    assert (fields["outcome"], fields["error_kind"]) == (outcome, kind)
+    assert int(fields["duration_ms"]) >= 0 and fields["error"]
+
+
+@pytest.mark.parametrize("side_effect", ["none", "non_idempotent"])
+def test_an_adapter_error_leaves_one_tool_failed_naming_tool_adapter_and_kind_never_the_argument(scenario,
+                                                                                                   side_effect):
+    adapter = RaisesTyped()
+    contract = _contract("typed", side_effect)
+    end, events = _run_one(scenario, {"typed": adapter}, contract, secret=SECRET_ARGUMENT)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.failed"
+    assert SECRET_ARGUMENT in end.failure.message, "the task's failure still says what the adapter said"
+    failed = _failed_calls(events)
+    assert adapter.calls == 1 and len(failed) == 1
+    _assert_failed_call(failed[0], contract, outcome="tool.failed", kind="InvalidArgument")
+    assert failed[0]["error"] == f"tool {contract[1]!r} (adapter 'typed') raised InvalidArgument"
+    assert failed[0]["attempt_epoch"] == "1" and failed[0]["note.isolation"] == "in-process"
+    assert "tool.invoked" not in [e.event_type for e in events]
+    _assert_no_values(events)
+
+
+@pytest.mark.parametrize("side_effect", ["none", "non_idempotent"])
+def test_a_plain_exception_leaves_one_tool_failed_per_attempt_that_ran_the_tool(scenario, side_effect):
+    adapter = RaisesPlain()
+    contract = _contract("plain-error", side_effect)
+    end, events = _run_one(scenario, {"plain-error": adapter}, contract, secret=SECRET_ARGUMENT)
+    assert end.state == pb.TASK_STATE_FAILED
+    failed = _failed_calls(events)
+    # Re-queued until the cluster's 4 attempts ran out; a side effect whose outcome was lost is not
+    # repeated: the next attempt asks reconcile (here: cannot tell) and escalates, without a call.
+    attempts = ["1", "2", "3", "4"] if side_effect == "none" else ["1"]
+    assert adapter.calls == len(attempts)
+    assert [f["attempt_epoch"] for f in failed] == attempts
+    for fields in failed:
+        _assert_failed_call(fields, contract, outcome="worker.error", kind="exception")
+        assert fields["error"] == f"tool {contract[1]!r} (adapter 'plain-error') raised RuntimeError"
+    _assert_no_values(events)
+
+
+def test_a_timeout_leaves_one_tool_failed_per_attempt_with_how_long_it_ran(scenario):
+    adapter = Sleeps()
+    # Two tries within each attempt: still one record per attempt, timed from the first try.
+    contract = _contract("sleeps", timeout_seconds=0.2, max_attempts=2)
+    end, events = _run_one(scenario, {"sleeps": adapter}, contract, secret=SECRET_ARGUMENT)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "deadline.exceeded"
+    failed = _failed_calls(events)
+    assert [f["attempt_epoch"] for f in failed] == ["1", "2", "3", "4"] and adapter.calls == 8
+    for fields in failed:
+        _assert_failed_call(fields, contract, outcome="deadline.exceeded", kind="timeout")
+        assert fields["error"] == "tool 'sleeps-none' (adapter 'sleeps') ran past its timeout of 0.2 s"
+        assert int(fields["duration_ms"]) >= 400, "two tries of 0.2 s"
+    _assert_no_values(events)
+
+
+@pytest.mark.parametrize("side_effect", ["none", "non_idempotent"])
+def test_an_unusable_result_leaves_one_tool_failed_without_the_outputs_keys_or_values(scenario, side_effect):
+    adapter = LeakyNotJson()
+    contract = _contract("leaky", side_effect)
+    end, events = _run_one(scenario, {"leaky": adapter}, contract)
+    assert end.state == pb.TASK_STATE_FAILED and end.failure.code == "tool.failed"
+    failed = _failed_calls(events)
+    assert adapter.calls == 1 and len(failed) == 1
+    _assert_failed_call(failed[0], contract, outcome="tool.failed", kind="result.unusable")
+    assert failed[0]["error"] == ("adapter 'leaky' action 'a': output holds a datetime, not JSON "
+                                  "(str, number, bool, null, list, dict)")
+    assert "result_digest" not in failed[0]
+    _assert_no_values(events)
+
+
+@pytest.mark.parametrize("side_effect", ["none", "non_idempotent"])
+def test_a_successful_call_is_still_tool_invoked_and_nothing_failed(scenario, side_effect):
+    contract = _contract("echoes", side_effect)
+    end, events = _run_one(scenario, {"echoes": Echoes()}, contract, secret=SECRET_ARGUMENT)
+    assert end.state == pb.TASK_STATE_COMPLETED
+    assert _failed_calls(events) == []
+    (invoked,) = [_fields(e) for e in events if e.event_type == "tool.invoked"]
+    assert set(invoked) == CALL_FIELDS | {"result_digest"}
+    assert (invoked["target"], invoked["adapter"], invoked["outcome"]) == (contract[1], "echoes", "ok")
+    _assert_no_values(events)
