@@ -183,6 +183,11 @@ class BuiltinAdapters(Plugin):
         Provision(ModelAdapter, supports=("1.0", "2.0"), name="openai"),
     )
 
+    def setup(self, kernel) -> None:
+        from .worker import adapter_modules
+
+        adapter_modules(kernel.settings)  # the worker reads the table; a typo fails serve as early
+
     def implementation(self, provision: Provision):
         from .adapters.http_tool import HttpAdapter
         from .adapters.mcp_tool import McpAdapter

@@ -79,6 +79,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from planes.kernel.clients import connect
     from planes.kernel.contract import ContractVersion
     from planes.kernel.contracts import ControlPlane, DataPlane, WorkerPlane
+    from planes.kernel.errors import SettingsError
     from planes.kernel.runtime import run
     from planes.kernel.settings import load_settings
     from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
@@ -94,12 +95,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     token = client_token(args, settings, admin_fallback=False, address=address)
     tls = client_tls(args)
     key_path = Path(args.control_public_key or settings.state_dir / CONTROL_PUBLIC_KEY)
+    if not key_path.is_file():  # checked before the worker makes anything under the state directory
+        raise SettingsError(
+            f"no control-plane public key at {key_path}: the worker verifies the configuration it runs with it. "
+            + ("Check --control-public-key." if args.control_public_key else
+               "Give the kernel's state directory (--state-dir, or state_dir in --config) if this host shares "
+               "it, or copy the kernel's keys/control-signing.pub.pem here and pass --control-public-key."))
+    keys = control_keys(key_path)
     name = args.name
 
     worker_name, held = claim_worker_dir(settings.state_dir / "workers", name)
 
     async def main() -> None:
-        cache = CachedConfig(settings.state_dir / "workers" / worker_name / "config", control_keys(key_path),
+        cache = CachedConfig(settings.state_dir / "workers" / worker_name / "config", keys,
                              served={"execution": ContractVersion(1, 0)})
         client = connect(address, WorkerPlane, token=token, **tls)
         control = connect(address, ControlPlane, token=token, **tls)

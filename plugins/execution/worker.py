@@ -782,11 +782,26 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 ADAPTER_POINTS = ("tool_adapter", "model_route")
 
 
+def adapter_modules(settings) -> tuple[str, ...]:
+    """``[plugin.execution-adapters] python_modules``, checked: the modules the python adapter may call
+    beyond its defaults. A misspelt key or a wrongly typed value is refused by name."""
+    import typing
+
+    from planes.kernel.errors import PluginError
+
+    configured = settings.plugin_settings_checked("execution-adapters", {"python_modules": typing.Any}).get(
+        "python_modules", ())
+    if isinstance(configured, str) or not all(isinstance(name, str) and name for name in configured):
+        raise PluginError("execution-adapters", "[plugin.execution-adapters] python_modules must be a list of "
+                                                "module names")
+    return tuple(configured)
+
+
 class WorkerKernel:
     """What ``setup(kernel)`` gets in a worker: the settings, not the kernel's planes.
 
     A worker hosts no planes and holds no signing key, so a plugin's setup
-    there may read ``kernel.settings`` (``plugin_settings(name)`` above all)
+    there may read ``kernel.settings`` (``plugin_settings_as(name, ...)`` above all)
     and ``kernel.state_dir``; ``kernel.client(...)`` is refused with a
     FailedPrecondition, which stops the worker naming the plugin.
     """
@@ -815,8 +830,6 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
     Plugins that load and provide no adapter (the planes) are left alone:
     their ``setup`` is the kernel's to call.
     """
-    import typing
-
     from planes.kernel.errors import PluginError
     from planes.kernel.host import check_implementation, check_plugin_tables, discover, validate
 
@@ -864,12 +877,7 @@ def load_adapters(settings, python_modules: tuple[str, ...] = ()) -> tuple[dict,
     python = tools.get("python")
     # Checked at worker start: [plugin.execution-adapters] is the worker's to read, and so is each table's name.
     check_plugin_tables(settings)
-    configured = settings.plugin_settings_checked("execution-adapters", {"python_modules": typing.Any}).get(
-        "python_modules", ())
-    if isinstance(configured, str) or not all(isinstance(name, str) and name for name in configured):
-        raise PluginError("execution-adapters", "[plugin.execution-adapters] python_modules must be a list of "
-                                                "module names")
-    extra = tuple(configured) + tuple(python_modules)
+    extra = adapter_modules(settings) + tuple(python_modules)
     if isinstance(python, PythonAdapter) and extra:
         python.allowed_modules = tuple(python.allowed_modules) + extra
     return tools, models

@@ -292,3 +292,25 @@ def test_a_worker_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
     with pytest.raises(InvalidArgument, match="a worker name is 1-64 letters"):
         claim_worker_dir(tmp_path / "workers", name)
     assert not (tmp_path / "workers").exists() and not (tmp_path / "escape").exists()
+
+
+def test_a_worker_without_the_control_key_says_where_to_find_it_and_makes_nothing(run, tmp_path):
+    token = tmp_path / "worker.token"
+    write_secret(token, b"t")
+    elsewhere = tmp_path / "not-the-kernels"
+
+    class Local:
+        state_dir = elsewhere
+
+    async def main():
+        return await asyncio.gather(
+            _planes(Local, "worker", "--address", "127.0.0.1:1", "--token-file", str(token)),
+            _planes(Local, "worker", "--address", "127.0.0.1:1", "--token-file", str(token),
+                    "--control-public-key", str(tmp_path / "typo.pem")))
+    (code, _, err), (named_code, _, named_err) = run(main())
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"no control-plane public key at {elsewhere}/keys/control-signing.pub.pem" in err
+    assert "--state-dir" in err and "--control-public-key" in err
+    assert named_code == 1 and f"no control-plane public key at {tmp_path}/typo.pem" in named_err
+    assert "Check --control-public-key." in named_err
+    assert not (elsewhere / "workers").exists(), "nothing made under a state directory that is not the kernel's"

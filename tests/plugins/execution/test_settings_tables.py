@@ -103,12 +103,15 @@ def test_a_bad_execution_key_fails_the_kernel_naming_it(tmp_path, table, problem
     assert not (tmp_path / "state" / STORE_FILE).exists(), "refused before the task store was made"
 
 
-def test_a_misspelt_execution_adapters_key_fails_the_worker_naming_it(tmp_path):
+def test_a_misspelt_execution_adapters_key_fails_the_worker_and_the_kernel_naming_it(tmp_path):
     settings = _settings(tmp_path, '[plugin.execution-adapters]\npython_module = ["my_tools"]\n')
-    with pytest.raises(SettingsError) as raised:
+    problem = ("plugin 'execution-adapters': setup failed: SettingsError: unknown setting "
+               "plugin.execution-adapters.python_module; known here: python_modules")
+    with pytest.raises(PluginError) as by_worker:
         load_adapters(settings)
-    assert raised.value.message == ("unknown setting plugin.execution-adapters.python_module; "
-                                    "known here: python_modules")
+    with pytest.raises(PluginError) as by_kernel:
+        Kernel(settings).open()
+    assert by_worker.value.message == by_kernel.value.message == problem
 
 
 def test_a_table_for_no_installed_plugin_fails_the_worker_and_the_kernel(tmp_path):
