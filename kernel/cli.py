@@ -359,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_client_arguments(parser: argparse.ArgumentParser, *, token: str, timeout: float) -> None:
+    """What every command that calls a running kernel takes: --address, --token-file (``token`` says whose
+    and the default), --config, --state-dir, --timeout (``timeout`` seconds by default) and the TLS options."""
+    parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
+    parser.add_argument("--token-file", help=token)
+    parser.add_argument("--config", help="settings TOML file")
+    parser.add_argument("--state-dir", help="state directory (default: ./var)")
+    parser.add_argument("--timeout", type=float, default=timeout)
+    add_tls_arguments(parser)
+
+
 def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     """--ca-file and --allow-insecure-remote, for every command that connects to a kernel."""
     parser.add_argument("--ca-file", help="PEM CA certificate of the kernel's TLS certificate "

@@ -41,19 +41,15 @@ from .store import canonical_spec, digest_of
 
 
 def add_commands(commands) -> None:
-    from planes.kernel.cli import add_tls_arguments
+    from planes.kernel.cli import add_client_arguments
 
     config = commands.add_parser("config", help="manage desired state through the control plane")
     actions = config.add_subparsers(dest="config_command", metavar="ACTION")
 
     def action(name: str, help_text: str, handler):
         parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
-        parser.add_argument("--token-file", help="admin token file (default: $PLANES_TOKEN, else admin.token)")
-        parser.add_argument("--config", help="settings TOML file")
-        parser.add_argument("--state-dir", help="state directory (default: ./var)")
-        parser.add_argument("--timeout", type=float, default=30.0)
-        add_tls_arguments(parser)
+        add_client_arguments(parser, token="admin token file (default: $PLANES_TOKEN, else admin.token)",
+                             timeout=30.0)
         parser.set_defaults(handler=handler)
         return parser
 

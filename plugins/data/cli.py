@@ -33,20 +33,15 @@ from .limits import CLASSIFICATIONS
 
 
 def add_commands(commands) -> None:
-    from planes.kernel.cli import add_tls_arguments
+    from planes.kernel.cli import add_client_arguments
 
     data = commands.add_parser("data", help="put, get and inspect data-plane payloads")
     actions = data.add_subparsers(dest="data_command", metavar="ACTION")
 
     def action(parent, name: str, help_text: str, handler):
         parser = parent.add_parser(name, help=help_text)
-        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
-        parser.add_argument("--token-file", help="token file (default: $PLANES_TOKEN)")
-        parser.add_argument("--config", help="settings TOML file")
-        parser.add_argument("--state-dir", help="state directory (default: ./var)")
-        parser.add_argument("--timeout", type=float, default=600.0)
+        add_client_arguments(parser, token="token file (default: $PLANES_TOKEN)", timeout=600.0)
         parser.add_argument("--tenant", help="tenant (default: the token's)")
-        add_tls_arguments(parser)
         parser.set_defaults(handler=handler)
         return parser
 

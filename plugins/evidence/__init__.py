@@ -175,7 +175,7 @@ class EvidencePlugin(Plugin):
         self.log.close()
 
     def add_cli_commands(self, commands) -> None:
-        from planes.kernel.cli import add_tls_arguments
+        from planes.kernel.cli import add_client_arguments
 
         evidence = commands.add_parser("evidence", help="verify evidence bundles and check the evidence log")
         actions = evidence.add_subparsers(dest="evidence_command", metavar="ACTION")
@@ -189,12 +189,7 @@ class EvidencePlugin(Plugin):
         export.add_argument("--tenant", default="", help="tenant (default: the token's)")
         export.add_argument("--out", required=True,
                             help="bundle file to create (mode 0600: it holds raw values; never replaced)")
-        export.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
-        export.add_argument("--token-file", help="reviewer token file (default: $PLANES_TOKEN)")
-        export.add_argument("--config", help="settings TOML file")
-        export.add_argument("--state-dir", help="state directory (default: ./var)")
-        export.add_argument("--timeout", type=float, default=60.0)
-        add_tls_arguments(export)
+        add_client_arguments(export, token="reviewer token file (default: $PLANES_TOKEN)", timeout=60.0)
         export.set_defaults(handler=_cmd_export)
         query = actions.add_parser(
             "query", help="print events of a running kernel's log (a token that may read the tenant's evidence)")
@@ -206,12 +201,7 @@ class EvidencePlugin(Plugin):
         query.add_argument("--limit", type=int, default=100, help="at most this many events (0: all; default 100)")
         query.add_argument("--json", action="store_true", help="one JSON object per line, as the proto has it")
         query.add_argument("--tenant", default="", help="tenant (default: the token's)")
-        query.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
-        query.add_argument("--token-file", help="token file (default: $PLANES_TOKEN)")
-        query.add_argument("--config", help="settings TOML file")
-        query.add_argument("--state-dir", help="state directory (default: ./var)")
-        query.add_argument("--timeout", type=float, default=60.0)
-        add_tls_arguments(query)
+        add_client_arguments(query, token="token file (default: $PLANES_TOKEN)", timeout=60.0)
         query.set_defaults(handler=_cmd_query)
         check = actions.add_parser("fsck", help="recompute the chain and tree of this host's log")
         check.add_argument("--config", help="settings TOML file")

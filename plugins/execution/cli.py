@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_commands(commands) -> None:
-    from planes.kernel.cli import add_tls_arguments
+    from planes.kernel.cli import add_client_arguments, add_tls_arguments
 
     worker = commands.add_parser("worker", help="run a worker that leases and runs tasks")
     worker.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
@@ -56,11 +56,7 @@ def add_commands(commands) -> None:
         else:
             parser.add_argument("task_id")
         parser.add_argument("--tenant", default="", help="tenant (default: the token's)")
-        parser.add_argument("--address", help="host:port of the kernel (default: $PLANES_ADDRESS or server.bind)")
-        parser.add_argument("--token-file", help="token file (default: $PLANES_TOKEN, else the admin token)")
-        parser.add_argument("--config", help="settings TOML file")
-        parser.add_argument("--state-dir", help="state directory (default: ./var)")
-        parser.add_argument("--timeout", type=float, default=10.0)
+        add_client_arguments(parser, token="token file (default: $PLANES_TOKEN)", timeout=10.0)
         if name in ("approve", "deny"):
             parser.add_argument("--action-id", required=True)
             parser.add_argument("--digest", required=True,
@@ -68,7 +64,6 @@ def add_commands(commands) -> None:
             parser.add_argument("--comment", default="", help="comment or reason")
         if name == "cancel":
             parser.add_argument("--reason", default="")
-        add_tls_arguments(parser)
         parser.set_defaults(handler=cmd_task, task_action=name)
     task.set_defaults(handler=lambda args: (task.print_usage(sys.stderr), 2)[1])
 
