@@ -88,19 +88,6 @@ def test_plugin_settings_as_builds_the_plugin_table(tmp_path):
     assert settings.plugin_settings_as("absent", _EchoSettings) == _EchoSettings()
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ('greetin = "x"', "unknown setting plugin.echo.greetin; known here: greeting, repeat, targets"),
-    ('repeat = "three"', "plugin.echo.repeat must be int, got 'three'"),
-    ("targets = [1]", "plugin.echo.targets must be a list of strings"),
-])
-def test_plugin_settings_as_names_the_bad_key(tmp_path, table, message):
-    path = tmp_path / "planes.toml"
-    path.write_text(f"[plugin.echo]\n{table}\n")
-    with pytest.raises(SettingsError) as raised:
-        load_settings(path, env={}).plugin_settings_as("echo", _EchoSettings)
-    assert raised.value.message == message
-
-
 _CHECKED = {"lease_seconds": float, "max_attempts": int, "modules": tuple[str, ...]}
 
 
@@ -112,14 +99,26 @@ def test_plugin_settings_checked_returns_the_keys_given_with_their_types(tmp_pat
     assert settings.plugin_settings_checked("absent", _CHECKED) == {}, "defaults are the plugin's to apply"
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ("max_attempt = 1", "unknown setting plugin.echo.max_attempt; known here: lease_seconds, max_attempts, modules"),
-    ('max_attempts = "three"', "plugin.echo.max_attempts must be int, got 'three'"),
-    ("lease_seconds = true", "plugin.echo.lease_seconds must be float, got True"),
+def _as_dataclass(settings):
+    return settings.plugin_settings_as("echo", _EchoSettings)
+
+
+def _checked(settings):
+    return settings.plugin_settings_checked("echo", _CHECKED)
+
+
+@pytest.mark.parametrize(("read", "table", "message"), [
+    (_as_dataclass, 'greetin = "x"', "unknown setting plugin.echo.greetin; known here: greeting, repeat, targets"),
+    (_as_dataclass, 'repeat = "three"', "plugin.echo.repeat must be int, got 'three'"),
+    (_as_dataclass, "targets = [1]", "plugin.echo.targets must be a list of strings"),
+    (_checked, "max_attempt = 1", "unknown setting plugin.echo.max_attempt; known here: lease_seconds, max_attempts, "
+                                  "modules"),
+    (_checked, 'max_attempts = "three"', "plugin.echo.max_attempts must be int, got 'three'"),
+    (_checked, "lease_seconds = true", "plugin.echo.lease_seconds must be float, got True"),
 ])
-def test_plugin_settings_checked_names_the_bad_key(tmp_path, table, message):
+def test_a_plugin_table_read_either_way_names_the_bad_key(tmp_path, read, table, message):
     path = tmp_path / "planes.toml"
     path.write_text(f"[plugin.echo]\n{table}\n")
     with pytest.raises(SettingsError) as raised:
-        load_settings(path, env={}).plugin_settings_checked("echo", _CHECKED)
+        read(load_settings(path, env={}))
     assert raised.value.message == message
