@@ -14,7 +14,7 @@ import grpc
 
 from .auth import Authenticator
 from .clients import LocalPlaneClient, RemotePlaneClient, TokenSource, channel_options, is_loopback
-from .contract import PlaneContract, PlaneSpec
+from .contract import ContractVersion, PlaneContract, PlaneSpec
 from .errors import FailedPrecondition, PluginError, SettingsError, Unauthenticated
 from .files import DirectoryInUse, DirectoryLock
 from .guard import CallGuard
@@ -175,6 +175,12 @@ class Kernel:
             else:
                 if why is not None:
                     log.warning("renewed the admin token %s (%s)", self.state_dir / ADMIN_TOKEN_FILE, why)
+
+    def served_contracts(self) -> dict[str, ContractVersion]:
+        """The plane contracts this kernel serves, by plane: what its configuration subscribers report and
+        check a snapshot's ``required_contracts`` against (a host applies a snapshot if it serves them)."""
+        return {provision.key: provision.contract.version for loaded in self.host.plugins
+                for provision in loaded.plugin.provides if provision.is_plane}
 
     def _check_remote_planes(self) -> None:
         """Refuse, before anything is created, a remote plane that would get its tokens in clear text.

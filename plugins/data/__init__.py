@@ -85,7 +85,6 @@ class DataPlugin(Plugin):
         settings alone; a key named in the settings must exist.
         """
         from planes.common.v1 import common_pb2
-        from planes.kernel.contract import ContractVersion
         from planes.kernel.contracts import ControlPlane
         from planes.kernel.errors import PluginError
         from planes.plugins.control import PUBLIC_KEY_FILE
@@ -103,12 +102,13 @@ class DataPlugin(Plugin):
             return
         public = load_public_key(key_path)
         cache = CachedConfig(self.kernel.state_dir / "data" / "config", {key_id(public): public},
-                             served={"data": ContractVersion(2, 0)})
+                             served=self.kernel.served_contracts())
         self.plane.control_egress = ControlEgress(cache)
         subscriber = SnapshotSubscriber(
             self.kernel.client(ControlPlane, self.kernel.service_identity("data")), cache,
             f"data@{self.kernel.settings.server.bind}",
-            contracts=[common_pb2.ContractVersion(plane="data", major=2, minor=0)])
+            contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
+                       for plane, version in self.kernel.served_contracts().items()])
         self._subscriber = asyncio.create_task(subscriber.run(), name="data-config-subscriber")
 
     async def _sweep_forever(self) -> None:

@@ -52,7 +52,6 @@ class ExecutionPlugin(Plugin):
     requires = ("evidence", "control")
 
     def setup(self, kernel) -> None:
-        from planes.kernel.contract import ContractVersion
         from planes.kernel.contracts import ControlPlane, EvidencePlane
         from planes.kernel.errors import PluginError, SettingsError
         from planes.plugins.control.subscriber import CachedConfig
@@ -82,7 +81,7 @@ class ExecutionPlugin(Plugin):
             raise PluginError(self.name, f"no control-plane public key at {key_path}: snapshots cannot be verified "
                                          "(set [plugin.execution] control_public_key)")
         self.cache = CachedConfig(kernel.state_dir / "execution" / "config", control_keys(key_path),
-                                  served={"execution": ContractVersion(1, 0)})
+                                  served=kernel.served_contracts())
         self.store = SqliteTaskStore(kernel.state_dir / STORE_FILE,
                                      synchronous=str(settings.get("synchronous", "FULL")))
         evidence = kernel.client(EvidencePlane, kernel.service_identity("execution"))
@@ -121,7 +120,8 @@ class ExecutionPlugin(Plugin):
         self.committer.start()
         subscriber = SnapshotSubscriber(
             self.control, self.cache, f"execution@{self.kernel.settings.server.bind}",
-            contracts=[common_pb2.ContractVersion(plane="execution", major=1, minor=0)])
+            contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
+                       for plane, version in self.kernel.served_contracts().items()])
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(subscriber.run()), loop.create_task(self._reap()),
                             loop.create_task(self._replay())]

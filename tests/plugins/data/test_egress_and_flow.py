@@ -362,3 +362,31 @@ def test_control_plane_rules_count_only_while_the_configuration_is_in_force(serv
 
     allowed, expired = serve(scenario, control=True)
     assert allowed.allowed and not expired.allowed, "an expired configuration allows nothing beyond the settings"
+
+
+def test_the_data_planes_subscriber_serves_the_kernels_contracts(serve):
+    """It applies a snapshot that requires a contract this kernel serves, and refuses one it does not."""
+    from planes.common.v1 import common_pb2
+
+    async def scenario(served):
+        admin = served.remote(ControlPlane, ("admin",), "*")
+        cache = served.plugin.plane.control_egress.cache
+        outcomes = []
+        for revision, (plane, minor) in enumerate((("evidence", 0), ("data", 5)), start=1):
+            await admin.publish_snapshot(cpb.PublishSnapshotRequest(
+                expected_revision=revision - 1,
+                required_contracts=[common_pb2.ContractVersion(plane=plane, major=1, minor=minor)]))
+            async with asyncio.timeout(20):  # only turns a hang into a failure
+                while True:
+                    status = await admin.get_rollout_status(cpb.GetRolloutStatusRequest())
+                    mine = [s for s in status.subscribers if s.subscriber_id.startswith("data@")]
+                    if mine and mine[0].last_outcome_revision == revision:
+                        break
+                    await asyncio.sleep(0.02)
+            outcomes.append((mine[0].last_outcome, mine[0].error, cache.current.revision))
+        return outcomes, sorted(f"{c.plane}={c.major}.{c.minor}" for c in mine[0].contract_versions)
+
+    outcomes, contracts = serve(scenario, control=True)
+    assert outcomes[0] == (cpb.APPLY_OUTCOME_ACK, "", 1), "evidence 1.0 is served by this kernel"
+    assert outcomes[1] == (cpb.APPLY_OUTCOME_NACK, "revision 2 needs the data contract 1.5; this host serves 1.0", 1)
+    assert contracts == ["control=1.0", "data=1.0", "evidence=1.0"]
