@@ -62,11 +62,11 @@ _PLAIN_REASONS = frozenset(("submitted", "queued", "started", "completed", "allo
                             "transform"))
 _EPOCH_STATES = frozenset((S.TASK_STATE_LEASED, S.TASK_STATE_RUNNING, S.TASK_STATE_COMPLETED, S.TASK_STATE_FAILED,
                            S.TASK_STATE_CANCELLED))
-#: Largest call record accepted, serialized (its notes and error message are evidence field values).
-MAX_CALL_RECORD_BYTES = 16 << 10
-#: Notes one call record may carry: each is an evidence field, and an event has at most 64.
+#: Notes of one call record that are recorded: each is an evidence field, and an event has at most 64.
 MAX_CALL_NOTES = 32
 MAX_NOTE_NAME_CHARS = 64
+#: A recorded note value's length; a longer one is cut, saying how long it was.
+MAX_NOTE_CHARS = 512
 OUTCOMES = (S.EFFECT_STATE_COMMITTED, S.EFFECT_STATE_FAILED, S.EFFECT_STATE_COMPENSATED, S.EFFECT_STATE_ESCALATED)
 SUPPORTED_MAJOR = 1
 #: How many queued tasks a lease looks past, for ones the worker has the adapters to run.
@@ -703,37 +703,44 @@ class ExecutionEngine:
     # -- ending an attempt -----------------------------------------------------------------
 
     def check_calls(self, calls) -> None:
-        """Refuse call records a worker should not send: too many, too large, or not a tool or model call.
+        """Refuse call records no worker makes: a kind other than tool or model, or no outcome.
 
-        Each record becomes an evidence event, so the count and size are
-        bounded before anything is recorded (:class:`LimitExceeded` carries
-        the limit and the actual value).
+        What a tool influences (how many calls, their notes) is bounded when
+        recorded (:meth:`_bounded`), never refused: a refused completion would
+        leave the task neither completed nor failed, and its tools run again.
         """
-        limit = self.settings.max_call_records
-        if len(calls) > limit:
-            raise LimitExceeded("call records", limit, len(calls),
-                                message=f"{len(calls)} call records in one request, over the limit of {limit}: a "
-                                        "worker sends one per tool or model call of the attempt; nothing was "
-                                        "recorded")
         for index, record in enumerate(calls):
             if record.kind not in ("tool", "model"):
                 raise InvalidArgument(f"call record {index}: kind must be 'tool' or 'model', got {record.kind[:20]!r}")
             if not record.outcome:
                 raise InvalidArgument(f"call record {index} has no outcome ('ok' or an error code)")
-            size = record.ByteSize()
-            if size > MAX_CALL_RECORD_BYTES:
-                raise LimitExceeded("call record bytes", MAX_CALL_RECORD_BYTES, size,
-                                    message=f"call record {index} is {size} bytes, over the limit of "
-                                            f"{MAX_CALL_RECORD_BYTES}: notes and errors name things, they do not "
-                                            "carry data")
-            if len(record.notes) > MAX_CALL_NOTES:
-                raise LimitExceeded("call record notes", MAX_CALL_NOTES, len(record.notes),
-                                    message=f"call record {index} has {len(record.notes)} notes, over the limit of "
-                                            f"{MAX_CALL_NOTES}")
-            for name in record.notes:
-                if not name or len(name) > MAX_NOTE_NAME_CHARS:
-                    raise InvalidArgument(f"call record {index}: note names must be 1 to {MAX_NOTE_NAME_CHARS} "
-                                          "characters")
+
+    def _bounded(self, calls) -> tuple[list, int]:
+        """The call records to record as evidence events, and how many beyond ``max_call_records`` were left out.
+
+        Each record's notes are cut to :data:`MAX_CALL_NOTES` well-named ones
+        (``notes_omitted`` counts the rest) and each value to
+        :data:`MAX_NOTE_CHARS` characters, so an event stays small whatever
+        the tool did.
+        """
+        limit = self.settings.max_call_records
+        kept = []
+        for record in list(calls)[:limit]:
+            names = sorted(name for name in record.notes if 0 < len(name) <= MAX_NOTE_NAME_CHARS)
+            omitted = len(record.notes) - min(len(names), MAX_CALL_NOTES)
+            if omitted or any(len(record.notes[name]) > MAX_NOTE_CHARS for name in names):
+                bounded = pb.CallRecord()
+                bounded.CopyFrom(record)
+                bounded.ClearField("notes")
+                for name in names[:MAX_CALL_NOTES]:
+                    value = record.notes[name]
+                    bounded.notes[name] = value if len(value) <= MAX_NOTE_CHARS else (
+                        f"{value[:MAX_NOTE_CHARS - 40]}... ({len(value)} characters in all)")
+                if omitted:
+                    bounded.notes["notes_omitted"] = str(omitted)
+                record = bounded
+            kept.append(record)
+        return kept, max(0, len(calls) - limit)
 
     def _record_calls(self, tx: Tx, task: pb.Task, epoch: int, calls, config: RunConfig) -> None:
         """One evidence event per call record of attempt ``epoch``: what ran, where, how long, how it ended.
@@ -742,10 +749,13 @@ class ExecutionEngine:
         kind and the worker's message (names and limits, never argument or
         output values) and the attempt, since a task may fail several.
         """
+        calls, omitted = self._bounded(calls)
         for index, record in enumerate(calls):
             fields = {"action_id": record.action_id, "target": record.target, "adapter": record.adapter,
                       "outcome": record.outcome, "duration_ms": str(record.duration.ToMilliseconds())}
             fields.update({f"note.{k}": v for k, v in sorted(record.notes.items())})
+            if omitted and index == len(calls) - 1:
+                fields["calls_omitted"] = str(omitted)  # over max_call_records: counted, not each recorded
             if record.result_digest.value:
                 fields["result_digest"] = record.result_digest.value.hex()
             if record.kind == "model":
