@@ -43,6 +43,17 @@ SCHEMAS: dict[int, dict[str, tuple[str, bool, tuple[str, ...] | None]]] = {
 GLOBAL_KINDS = {pb.RESOURCE_KIND_TENANT, pb.RESOURCE_KIND_DEPLOYMENT_PROFILE}
 
 
+#: The destination kinds of a data-plane transfer, as ``kind:name`` prefixes in an egress_rule.
+DATA_DESTINATION_KINDS = frozenset(("tool", "model_route", "sink"))
+
+
+def is_data_destination(destination: str) -> bool:
+    """True for an egress_rule destination about payloads (``kind:name``, e.g. ``tool:push-*``: the data
+    plane decides these), False for a network one (``host`` or ``host:port``: the execution plane's)."""
+    kind, sep, name = destination.partition(":")
+    return bool(sep and name) and kind in DATA_DESTINATION_KINDS
+
+
 def kind_name(kind: int) -> str:
     return pb.ResourceKind.Name(kind).removeprefix("RESOURCE_KIND_").lower()
 

@@ -24,18 +24,12 @@ import fnmatch
 from google.protobuf import json_format
 
 from planes.control.v1 import control_service_pb2 as cpb
+from planes.plugins.control.schema import DATA_DESTINATION_KINDS, is_data_destination
 from planes.plugins.control.subscriber import CachedConfig
 
 from .limits import CLASSIFICATIONS, DESTINATION_KINDS
 
-#: The destination kinds of a transfer, as ``kind:name`` prefixes.
-KINDS = frozenset(DESTINATION_KINDS.values())
-
-
-def is_data_destination(pattern: str) -> bool:
-    """True for a ``kind:name`` pattern the data plane decides on (``tool:search``, ``sink:*``)."""
-    kind, sep, name = pattern.partition(":")
-    return bool(sep and name) and kind in KINDS
+assert DATA_DESTINATION_KINDS == frozenset(DESTINATION_KINDS.values())
 
 
 class ControlEgress:

@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from planes.common.v1 import common_pb2
 from planes.control.v1 import control_service_pb2 as cpb
+from planes.plugins.control.schema import is_data_destination
 
 CLASS_ORDER = {"public": 1, "internal": 2, "confidential": 3, "restricted": 4}
 CLASS_NAMES = {value: name for name, value in CLASS_ORDER.items()}
@@ -123,8 +124,11 @@ class RunConfig:
             elif kind == cpb.RESOURCE_KIND_QUOTA:
                 tenant.quota_tasks = int(spec.get("tasks", 0))
             elif kind == cpb.RESOURCE_KIND_EGRESS_RULE:
-                rank = CLASS_ORDER[str(spec["classification"])]
-                tenant.egress.setdefault(rank, []).extend(str(d) for d in spec.get("destinations", []))
+                # Network destinations only: a kind:name one (tool:NAME, model_route:NAME, sink:NAME) is
+                # the data plane's, about which payloads may reach a tool, not where a tool may connect.
+                hosts = [str(d) for d in spec.get("destinations", []) if not is_data_destination(str(d))]
+                if hosts:
+                    tenant.egress.setdefault(CLASS_ORDER[str(spec["classification"])], []).extend(hosts)
 
     @classmethod
     def from_verified(cls, verified) -> RunConfig:

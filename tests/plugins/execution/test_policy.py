@@ -109,3 +109,22 @@ def test_an_action_id_is_a_plain_name(action_id, ok):
     else:
         with pytest.raises(errors.InvalidArgument, match="action_id must be 1-64 letters"):
             engine.check_spec("acme", spec)
+
+
+def test_egress_rules_for_payloads_do_not_switch_on_network_egress_checks():
+    """An egress_rule's kind:name destinations are the data plane's: they neither allow a host nor make a
+    tenant's network egress subject to rules at all."""
+    def rule(name, tenant, classification, destinations):
+        spec = json_format.ParseDict({"classification": classification, "destinations": destinations},
+                                     struct_pb2.Struct())
+        return cpb.Resource(kind=cpb.RESOURCE_KIND_EGRESS_RULE, tenant=tenant, name=name, spec=spec)
+
+    content = cpb.SnapshotContent(resources=[
+        rule("payloads", "acme", "confidential", ["tool:push-conf", "sink:*"]),
+        rule("mixed", "globex", "internal", ["api.example.com", "model_route:local-*"]),
+    ])
+    config = RunConfig(1, b"", content)
+    assert config.tenant("acme").egress == {}, "acme's rules are about payloads only"
+    internal = common_pb2.CLASSIFICATION_INTERNAL
+    assert config.egress_allowed("globex", internal, "api.example.com:443")
+    assert not config.egress_allowed("globex", internal, "model_route:local-1")
