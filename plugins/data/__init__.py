@@ -81,18 +81,28 @@ class DataPlugin(Plugin):
         """Subscribe to the control plane's configuration for its egress rules (:mod:`.control_egress`).
 
         At start, not setup: the control plugin makes its key in its own setup.
-        Without a key (a kernel with no control plane) egress follows the
-        settings alone; a key named in the settings must exist.
+        Without a control plane (no plugin here, no ``[planes.control]``
+        endpoint) or without its key, egress follows the settings alone; a
+        key named in the settings must exist.
         """
         from planes.common.v1 import common_pb2
         from planes.kernel.contracts import ControlPlane
-        from planes.kernel.errors import PluginError
+        from planes.kernel.errors import FailedPrecondition, PluginError
         from planes.plugins.control import PUBLIC_KEY_FILE
         from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
 
         from .control_egress import ControlEgress
 
         named = self.settings.control_public_key
+        try:
+            control = self.kernel.client(ControlPlane, self.kernel.service_identity("data"))
+        except FailedPrecondition:  # no control plugin here and no [planes.control] endpoint
+            if named:
+                raise PluginError(self.name, "[plugin.data] control_public_key is set, but this kernel has no "
+                                             "control plane (enable its plugin or set [planes.control] "
+                                             "endpoint)") from None
+            log.info("no control plane: egress follows [plugin.data.egress] alone")
+            return
         key_path = self.kernel.state_dir / (named or PUBLIC_KEY_FILE)
         if not key_path.exists():
             if named:
@@ -105,7 +115,7 @@ class DataPlugin(Plugin):
                              served=self.kernel.served_contracts())
         self.plane.control_egress = ControlEgress(cache)
         subscriber = SnapshotSubscriber(
-            self.kernel.client(ControlPlane, self.kernel.service_identity("data")), cache,
+            control, cache,
             f"data@{self.kernel.settings.server.bind}",
             contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
                        for plane, version in self.kernel.served_contracts().items()])

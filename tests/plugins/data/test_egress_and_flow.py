@@ -390,3 +390,19 @@ def test_the_data_planes_subscriber_serves_the_kernels_contracts(serve):
     assert outcomes[0] == (cpb.APPLY_OUTCOME_ACK, "", 1), "evidence 1.0 is served by this kernel"
     assert outcomes[1] == (cpb.APPLY_OUTCOME_NACK, "revision 2 needs the data contract 1.5; this host serves 1.0", 1)
     assert contracts == ["control=1.0", "data=1.0", "evidence=1.0"]
+
+
+def test_a_kernel_without_a_control_plane_follows_the_settings_even_with_a_control_key_left(serve, tmp_path):
+    """A state directory that once ran the control plane keeps its key; without the plugin, data still starts."""
+    from planes.kernel.secrets import ensure_private_dir
+
+    ensure_private_dir(tmp_path / "keys")
+    (tmp_path / "keys" / "control-signing.pub.pem").write_bytes(b"left by an earlier kernel")
+
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(b"numbers", classification="internal")
+        return served.plugin.plane.control_egress, await data.transfer(info.ref.payload_id, "tool:search")
+
+    following, allowed = serve(scenario, state_dir=tmp_path)
+    assert following is None and allowed.allowed and allowed.rule == "internal:tool:*"
