@@ -89,9 +89,9 @@ class DataPlugin(Plugin):
         from planes.kernel.contracts import ControlPlane
         from planes.kernel.errors import FailedPrecondition, PluginError
         from planes.plugins.control import PUBLIC_KEY_FILE
-        from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
+        from planes.plugins.control.subscriber import CachedConfig
 
-        from .control_egress import ControlEgress
+        from .control_egress import ControlEgress, EgressSubscriber
 
         named = self.settings.control_public_key
         try:
@@ -113,10 +113,9 @@ class DataPlugin(Plugin):
         public = load_public_key(key_path)
         cache = CachedConfig(self.kernel.state_dir / "data" / "config", {key_id(public): public},
                              served=self.kernel.served_contracts())
-        self.plane.control_egress = ControlEgress(cache)
-        subscriber = SnapshotSubscriber(
-            control, cache,
-            f"data@{self.kernel.settings.server.bind}",
+        egress = self.plane.control_egress = ControlEgress(cache)
+        subscriber = EgressSubscriber(
+            control, cache, f"data@{self.kernel.settings.server.bind}", egress=egress,
             contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
                        for plane, version in self.kernel.served_contracts().items()])
         self._subscriber = asyncio.create_task(subscriber.run(), name="data-config-subscriber")

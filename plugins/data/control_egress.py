@@ -13,8 +13,10 @@ The data plugin follows the configuration as every host does: a snapshot
 subscriber verifies each revision with the control plane's public key, keeps
 the last one on disk, and reports to the control plane as ``data@<bind>``.
 Control-plane rules only ever allow more, so they count only while the
-configuration is admitting (its lease is live, or the profile says degraded);
-when it has expired, transfers fall back to the settings alone: fail closed.
+configuration is admitting (its lease is live, or the profile says degraded)
+and is the revision the control plane wants this host on: when it has
+expired, or the host is behind its target (it refused the newer revision, or
+has not got it yet), transfers fall back to the settings alone: fail closed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from google.protobuf import json_format
 
 from planes.control.v1 import control_service_pb2 as cpb
 from planes.plugins.control.schema import DATA_DESTINATION_KINDS, is_data_destination
-from planes.plugins.control.subscriber import CachedConfig
+from planes.plugins.control.subscriber import CachedConfig, SnapshotSubscriber
 
 from .limits import CLASSIFICATIONS, DESTINATION_KINDS
 
@@ -37,6 +39,8 @@ class ControlEgress:
 
     def __init__(self, cache: CachedConfig):
         self.cache = cache
+        #: The revision the control plane last said this host should run (None before first contact).
+        self.target_revision: int | None = None
         self._revision = -1
         self._rules: dict[tuple[str, int], list[tuple[str, str]]] = {}
 
@@ -45,7 +49,7 @@ class ControlEgress:
         if not self.cache.admitting():
             return None
         current = self.cache.current
-        if current is None:
+        if current is None or (self.target_revision is not None and current.revision < self.target_revision):
             return None
         if current.revision != self._revision:
             self._rules = _rules(current.content())
@@ -70,3 +74,16 @@ def _rules(content: cpb.SnapshotContent) -> dict[tuple[str, int], list[tuple[str
             if isinstance(pattern, str) and is_data_destination(pattern):
                 rules.setdefault((resource.tenant, classification), []).append((resource.name, pattern))
     return rules
+
+
+class EgressSubscriber(SnapshotSubscriber):
+    """The data plugin's snapshot subscriber: tells its :class:`ControlEgress` the revision it should run."""
+
+    def __init__(self, *args, egress: ControlEgress, **options):
+        super().__init__(*args, **options)
+        self.egress = egress
+
+    async def report(self, revision: int = 0, rejected=None) -> int:
+        target = await super().report(revision, rejected)
+        self.egress.target_revision = target
+        return target

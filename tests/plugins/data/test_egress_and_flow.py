@@ -406,3 +406,33 @@ def test_a_kernel_without_a_control_plane_follows_the_settings_even_with_a_contr
 
     following, allowed = serve(scenario, state_dir=tmp_path)
     assert following is None and allowed.allowed and allowed.rule == "internal:tool:*"
+
+
+def test_a_data_plane_behind_its_target_revision_applies_no_control_plane_rule(serve):
+    """Rules only allow more: a host that refused the newer revision (here: a contract it does not serve)
+    must not go on allowing what the newer one withdrew."""
+    from planes.common.v1 import common_pb2
+
+    async def scenario(served):
+        data = served.data()
+        info = await data.put(b"numbers", classification="confidential")
+        first = await _publish(served, ("to-push", {"classification": "confidential", "destinations": ["tool:push"]}))
+        allowed = await data.transfer(info.ref.payload_id, "tool:push")
+        admin = served.remote(ControlPlane, ("admin",), "*")
+        current = (await admin.get_resource(cpb.GetResourceRequest(
+            tenant="acme", kind=cpb.RESOURCE_KIND_EGRESS_RULE, name="to-push"))).resource
+        await admin.delete_resource(cpb.DeleteResourceRequest(
+            tenant="acme", kind=cpb.RESOURCE_KIND_EGRESS_RULE, name="to-push",
+            expected_resource_version=current.resource_version))
+        await admin.publish_snapshot(cpb.PublishSnapshotRequest(
+            expected_revision=first, required_contracts=[common_pb2.ContractVersion(plane="data", major=1, minor=9)]))
+        egress = served.plugin.plane.control_egress
+        async with asyncio.timeout(20):  # only turns a hang into a failure
+            while egress.target_revision != first + 1:
+                await asyncio.sleep(0.02)
+        behind = await data.transfer(info.ref.payload_id, "tool:push", raise_on_denial=False)
+        return allowed, behind, egress.cache.current.revision
+
+    allowed, behind, applied = serve(scenario, control=True)
+    assert allowed.allowed and applied == 1, "revision 2 was refused: the host stays on 1"
+    assert not behind.allowed, "behind its target, the host applies no control-plane rule"
