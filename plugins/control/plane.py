@@ -706,9 +706,14 @@ class Control(ControlPlane):
             if cohort.subscriber_ids:
                 canaries = sorted(set(cohort.subscriber_ids))
             elif 0 < cohort.fraction <= 1:
-                # Those watching now; a host known only from before a restart may be gone.
-                known = sorted(s for s, status in self.subscribers.items() if status.watching) \
-                    or sorted(self.subscribers)
+                # Those watching now (a host known only from before a restart may be gone), hosts that run
+                # tasks first: a canary should exercise what the configuration is mostly about.
+                def runs_tasks_first(subscriber: str) -> tuple[bool, str]:
+                    reported = self.subscribers[subscriber].contract_versions
+                    return (not any(c.plane == "execution" for c in reported), subscriber)
+
+                known = sorted((s for s, status in self.subscribers.items() if status.watching),
+                               key=runs_tasks_first) or sorted(self.subscribers, key=runs_tasks_first)
                 canaries = known[:max(1, math.ceil(cohort.fraction * len(known)))] if known else []
             else:
                 raise InvalidArgument("a canary cohort needs subscriber_ids or a fraction in (0, 1]")

@@ -116,8 +116,10 @@ class DataPlugin(Plugin):
         egress = self.plane.control_egress = ControlEgress(cache)
         subscriber = EgressSubscriber(
             control, cache, f"data@{self.kernel.settings.server.bind}", egress=egress,
-            contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
-                       for plane, version in self.kernel.served_contracts().items()])
+            # What it reports is the plane it follows the configuration for; what it applies is checked
+            # against every contract this kernel serves (served= above).
+            contracts=[common_pb2.ContractVersion(plane="data", major=DataPlane.version.major,
+                                                  minor=DataPlane.version.minor)])
         self._subscriber = asyncio.create_task(subscriber.run(), name="data-config-subscriber")
 
     async def _sweep_forever(self) -> None:

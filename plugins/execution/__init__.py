@@ -120,8 +120,7 @@ class ExecutionPlugin(Plugin):
         self.committer.start()
         subscriber = SnapshotSubscriber(
             self.control, self.cache, f"execution@{self.kernel.settings.server.bind}",
-            contracts=[common_pb2.ContractVersion(plane=plane, major=version.major, minor=version.minor)
-                       for plane, version in self.kernel.served_contracts().items()])
+            contracts=[common_pb2.ContractVersion(plane="execution", major=1, minor=0)])
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(subscriber.run()), loop.create_task(self._reap()),
                             loop.create_task(self._replay())]

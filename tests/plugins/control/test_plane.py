@@ -170,6 +170,28 @@ def test_canary_nack_rolls_the_rollout_back_automatically(run, tmp_path):
                                               "rollout.rolled_back"]
 
 
+def test_a_fraction_cohort_takes_hosts_that_run_tasks_first(run, tmp_path):
+    """A kernel's data plane follows the configuration too; "data@..." sorts first, but a canary should be a
+    host that runs tasks."""
+    async def scenario(client, kernel, plugin):
+        admin = client(ControlPlane, ("admin",))
+        worker = client(ControlPlane, ("worker",))
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD), timeout=5)
+        await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=0), timeout=5)
+        for host, plane in (("data@k", "data"), ("execution@k", "execution"), ("aardvark", "data")):
+            await worker.report_status(pb.ReportStatusRequest(
+                subscriber_id=host, applied_revision=1,
+                contract_versions=[common_pb2.ContractVersion(plane=plane, major=1)]), timeout=5)
+        await admin.put_resource(pb.PutResourceRequest(tenant="acme", kind=ROUTE, name="gpt", spec=GOOD,
+                                                       expected_resource_version=1), timeout=5)
+        staged = await admin.publish_snapshot(pb.PublishSnapshotRequest(expected_revision=1, staged=True), timeout=5)
+        one = await admin.start_rollout(pb.StartRolloutRequest(
+            revision=staged.snapshot.revision, cohort=pb.CanaryCohort(fraction=0.3)), timeout=5)
+        return one.rollout.canary_subscribers
+
+    assert _serve(run, tmp_path, scenario) == ["execution@k"]
+
+
 def test_promote_and_abort(run, tmp_path):
     async def scenario(client, kernel, plugin):
         admin = client(ControlPlane, ("admin",))
