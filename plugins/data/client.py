@@ -104,15 +104,17 @@ class DataClient:
 
     def __init__(self, client, tenant: str, *, chunk_bytes: int = MiB, max_chunk_bytes: int = 16 * MiB,
                  digest_algorithm: str = "blake3", task_credential: str = "",
-                 receive_budget_bytes: int = 64 * MiB, max_payload_bytes: int = 4 * GiB):
+                 receive_budget_bytes: int = 64 * MiB, max_payload_bytes: int = 64 * GiB):
         """``task_credential``: a worker's credential from its lease, sent with every request
         (the data plane requires one from callers acting only as workers).
 
-        ``max_payload_bytes``: the largest payload a get accepts. The size
-        comes from the server, and a reader must not trust its server with
-        its own memory or disk: a larger one is refused
-        (:class:`~planes.kernel.errors.LimitExceeded`) before anything is
-        allocated or written, and no get takes more bytes than the size said.
+        ``max_payload_bytes``: the largest payload :meth:`get` (and the
+        tensor and table gets built on it) takes into memory: 64 GiB, a
+        tenant's whole default quota. The size comes from the server, and a
+        reader must not trust its server with its own memory: a larger one is
+        refused (:class:`~planes.kernel.errors.LimitExceeded`) before anything
+        is allocated. :meth:`get_file` streams to disk and takes any size,
+        but no get takes more bytes than the size said.
 
         ``receive_budget_bytes``: memory a get may hold in received messages
         beside the payload's own buffer (0: no bound). gRPC holds several
@@ -311,7 +313,7 @@ class DataClient:
         """
         path = Path(path)
         info, stream = await self._chunks(self._request(payload_id, max_age, expected_digest, None, False), timeout)
-        size = self._admit(payload_id, info.ref.size)
+        size = info.ref.size  # to disk, a chunk at a time: not bounded by max_payload_bytes
         partial = path.with_name(f".{path.name}.partial")
         running = _hasher(info.ref.digest.algorithm)
         received = 0
@@ -335,7 +337,7 @@ class DataClient:
         return info
 
     def _admit(self, payload_id: str, size: int) -> int:
-        """``size``, the server's word for a payload's size, if this client takes that much."""
+        """``size``, the server's word for a payload's size, if this client takes that much into memory."""
         if size > self.max_payload_bytes:
             raise errors.LimitExceeded("max_payload_bytes", self.max_payload_bytes, size,
                                        message=f"payload {payload_id} is {size} bytes, more than this client's "

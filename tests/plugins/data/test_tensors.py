@@ -165,22 +165,28 @@ def _lie_about_size(served, payload_id: str, size: int) -> None:
     store.update(record)
 
 
-def test_the_client_refuses_a_size_over_its_limit_before_allocating_or_writing(serve, tmp_path):
+def test_the_client_refuses_a_size_over_its_limit_before_allocating(serve, tmp_path):
     (tmp_path / "out").mkdir()
 
     async def scenario(served):
         data = served.data()
         info = await data.put(VALUES.tobytes(), classification="internal")
         _lie_about_size(served, info.ref.payload_id, 1 << 40)
-        with pytest.raises(errors.LimitExceeded) as by_get:
+        with pytest.raises(errors.LimitExceeded) as by_default:
             await data.get(info.ref.payload_id)
-        with pytest.raises(errors.LimitExceeded) as by_file:
+        data.max_payload_bytes = 1 << 20
+        _lie_about_size(served, info.ref.payload_id, (1 << 20) + 1)
+        with pytest.raises(errors.LimitExceeded) as by_setting:
+            await data.get(info.ref.payload_id)
+        # To disk a chunk at a time, any size is taken: the lie shows as bytes missing, and nothing is kept.
+        with pytest.raises(IntegrityError, match="not matching its info"):
             await data.get_file(info.ref.payload_id, tmp_path / "out" / "out.bin")
-        return by_get.value, by_file.value
+        return by_default.value, by_setting.value
 
-    for refused in serve(scenario):
-        assert (refused.name, refused.limit, refused.actual) == ("max_payload_bytes", 1 << 32, 1 << 40)
-        assert "more than this client's max_payload_bytes" in refused.message
+    by_default, by_setting = serve(scenario)
+    assert (by_default.name, by_default.limit, by_default.actual) == ("max_payload_bytes", 64 << 30, 1 << 40)
+    assert (by_setting.limit, by_setting.actual) == (1 << 20, (1 << 20) + 1)
+    assert "more than this client's max_payload_bytes" in by_setting.message
     assert list((tmp_path / "out").iterdir()) == [], "nothing written"
 
 
