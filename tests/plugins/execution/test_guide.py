@@ -87,3 +87,4 @@ def test_the_guides_task_spec_json_is_a_task_spec_that_planes_task_submit_reads(
     assert action.action_id == "count" and action.tool.tool == "count-words"
     assert action.tool.inputs[0].classification == common_pb2.CLASSIFICATION_INTERNAL
     assert parsed.inputs[0].payload_id == parsed.actions[0].tool.inputs[0].payload_id
+    assert re.fullmatch(r"pl_[0-9a-f]{32}", parsed.inputs[0].payload_id), "an id the data plane would accept"
