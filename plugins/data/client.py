@@ -254,17 +254,24 @@ class DataClient:
         """
         info, stream = await self._chunks(
             self._request(payload_id, max_age, expected_digest, chunk_bytes, chunk_digests), timeout)
-        size = self._admit(payload_id, info.ref.size)
+        try:
+            size = self._admit(payload_id, info.ref.size)
+        except errors.LimitExceeded:
+            await stream.aclose()  # ends the call: the server stops sending what will not be read
+            raise
         assembler = codec.PayloadAssembler(size, max_total_bytes=size, max_chunks=size + 1,
                                            max_chunk_bytes=self.max_chunk_bytes, content_digest=False)
         try:
-            async for raw in stream:
-                offset, data, sent = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
-                assembler.add(offset, data, sent)
-                # Let the message go now, not when the next one has arrived: one
-                # chunk less held at the peak.
-                del raw, data
-            payload, _ = assembler.finish()
+            try:
+                async for raw in stream:
+                    offset, data, sent = codec.decode_chunk(raw, max_chunk_bytes=self.max_chunk_bytes)
+                    assembler.add(offset, data, sent)
+                    # Let the message go now, not when the next one has arrived: one
+                    # chunk less held at the peak.
+                    del raw, data
+                payload, _ = assembler.finish()
+            finally:
+                await stream.aclose()  # ends the call when left early, rather than leave it to the collector
         except (codec.ChunkFormatError, codec.ChunkLimitError) as exc:
             raise IntegrityError(f"payload {payload_id}: {exc}") from None
         except MemoryError:  # pyarrow's ArrowMemoryError too
@@ -334,6 +341,7 @@ class DataClient:
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+            await stream.aclose()  # ends the call when left early
         return info
 
     def _admit(self, payload_id: str, size: int) -> int:
