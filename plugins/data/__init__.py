@@ -74,8 +74,8 @@ class DataPlugin(Plugin):
         return self.plane
 
     async def start(self) -> None:
+        self._follow_control_plane()  # first: it may refuse, and then nothing of this plugin is left running
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="data-expiry-sweeper")
-        self._follow_control_plane()
 
     def _follow_control_plane(self) -> None:
         """Subscribe to the control plane's configuration for its egress rules (:mod:`.control_egress`).
