@@ -25,15 +25,20 @@ async def _planes(cluster, *args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+async def _held_for_approval(cluster) -> tuple[tuple[str, ...], str, tuple[int, str, str], str]:
+    """A task held for approval, shown by ``planes task get`` to operator alice: (her CLI options, task id,
+    what the command printed, the action digest it showed)."""
+    token = cluster.state_dir / "alice.token"
+    write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
+    common = ("--address", cluster.address, "--token-file", str(token))
+    held = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
+    shown = await _planes(cluster, "task", "get", held.task.task_id, *common)
+    return common, held.task.task_id, shown, re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
+
+
 def test_task_get_then_approve_with_the_digest_shown(scenario):
     async def body(cluster):
-        token = cluster.state_dir / "alice.token"
-        write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
-        common = ("--address", cluster.address, "--token-file", str(token))
-        held = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
-        task_id = held.task.task_id
-        shown = await _planes(cluster, "task", "get", task_id, *common)
-        digest = re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
+        common, task_id, shown, digest = await _held_for_approval(cluster)
         wrong = await _planes(cluster, "task", "approve", task_id, "--action-id", "a", "--digest", "00" * 32, *common)
         approved = await _planes(cluster, "task", "approve", task_id, "--action-id", "a", "--digest", digest, *common)
         return shown, wrong, approved
@@ -47,13 +52,8 @@ def test_task_get_then_approve_with_the_digest_shown(scenario):
 
 def test_task_deny_says_denied_by_whom(scenario):
     async def body(cluster):
-        token = cluster.state_dir / "alice.token"
-        write_secret(token, cluster.token(("operator",), "acme", "alice").encode())
-        common = ("--address", cluster.address, "--token-file", str(token))
-        held = await cluster.tasks().submit_task(pb.SubmitTaskRequest(task=spec(tool("a", "deploy", text="v2"))))
-        shown = await _planes(cluster, "task", "get", held.task.task_id, *common)
-        digest = re.search(r"digest ([0-9a-f]{64})", shown[1]).group(1)
-        return await _planes(cluster, "task", "deny", held.task.task_id, "--action-id", "a", "--digest", digest,
+        common, task_id, _, digest = await _held_for_approval(cluster)
+        return await _planes(cluster, "task", "deny", task_id, "--action-id", "a", "--digest", digest,
                              "--comment", "not today", *common)
     code, out, err = scenario(body)
     assert code == 0, err
