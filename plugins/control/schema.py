@@ -51,7 +51,7 @@ def is_data_destination(destination: str) -> bool:
     """True for an egress_rule destination about payloads (``kind:name``, e.g. ``tool:push-*``: the data
     plane decides these), False for a network one (``host`` or ``host:port``: the execution plane's)."""
     kind, sep, name = destination.partition(":")
-    return bool(sep and name) and kind in DATA_DESTINATION_KINDS
+    return bool(sep and name) and kind in DATA_DESTINATION_KINDS and not name.isdigit()  # sink:9000 is a host
 
 
 def kind_name(kind: int) -> str:

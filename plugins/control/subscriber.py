@@ -127,13 +127,14 @@ def verify_snapshot(signed: pb.SignedSnapshot, keys: dict[str, Ed25519PublicKey]
     if now is not None and now >= _seconds(header.expires_at):
         raise SnapshotRejected(pb.NACK_REASON_EXPIRED, f"revision {header.revision} has expired")
     for needed in header.required_contracts:
+        # A requirement on a plane this host serves must be met by the version it serves; one on a plane
+        # it does not serve (a worker and the data plane, say) is the concern of the hosts that do.
         have = (served or {}).get(needed.plane)
         want = ContractVersion(needed.major, needed.minor)
-        if have is None or not have.serves(want):
+        if have is not None and not have.serves(want):
             raise SnapshotRejected(
                 pb.NACK_REASON_MISSING_CONTRACT,
-                f"revision {header.revision} needs the {needed.plane} contract {want}; "
-                f"this host serves {have if have is not None else 'none'}")
+                f"revision {header.revision} needs the {needed.plane} contract {want}; this host serves {have}")
     return VerifiedSnapshot(header, signed)
 
 

@@ -14,9 +14,10 @@ subscriber verifies each revision with the control plane's public key, keeps
 the last one on disk, and reports to the control plane as ``data@<bind>``.
 Control-plane rules only ever allow more, so they count only while the
 configuration is admitting (its lease is live, or the profile says degraded)
-and is the revision the control plane wants this host on: when it has
-expired, or the host is behind its target (it refused the newer revision, or
-has not got it yet), transfers fall back to the settings alone: fail closed.
+and is the revision the control plane last said this host should run: when it
+has expired, when the host is not on its target (it refused the newer
+revision, or has not got it yet), and after a restart until the control plane
+has answered, transfers fall back to the settings alone: fail closed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ControlEgress:
 
     def __init__(self, cache: CachedConfig):
         self.cache = cache
-        #: The revision the control plane last said this host should run (None before first contact).
+        #: The revision the control plane last said this host should run (None until it has said, since start).
         self.target_revision: int | None = None
         self._revision = -1
         self._rules: dict[tuple[str, int], list[tuple[str, str]]] = {}
@@ -49,8 +50,8 @@ class ControlEgress:
         if not self.cache.admitting():
             return None
         current = self.cache.current
-        if current is None or (self.target_revision is not None and current.revision < self.target_revision):
-            return None
+        if current is None or current.revision != self.target_revision:
+            return None  # the target unknown (no answer from the control plane since start) counts as behind
         if current.revision != self._revision:
             self._rules = _rules(current.content())
             self._revision = current.revision

@@ -67,6 +67,8 @@ MAX_CALL_NOTES = 32
 MAX_NOTE_NAME_CHARS = 64
 #: A recorded note value's length; a longer one is cut, saying how long it was.
 MAX_NOTE_CHARS = 512
+#: Notes the worker itself sets on a call record, kept before any of the adapter's.
+WORKER_NOTES = frozenset(("outputs", "result", "resolved", "fallback_from"))
 OUTCOMES = (S.EFFECT_STATE_COMMITTED, S.EFFECT_STATE_FAILED, S.EFFECT_STATE_COMPENSATED, S.EFFECT_STATE_ESCALATED)
 SUPPORTED_MAJOR = 1
 #: How many queued tasks a lease looks past, for ones the worker has the adapters to run.
@@ -726,7 +728,9 @@ class ExecutionEngine:
         limit = self.settings.max_call_records
         kept = []
         for record in list(calls)[:limit]:
-            names = sorted(name for name in record.notes if 0 < len(name) <= MAX_NOTE_NAME_CHARS)
+            # The worker's own notes first (the payloads a call wrote), then the adapter's by name.
+            names = sorted((name for name in record.notes if 0 < len(name) <= MAX_NOTE_NAME_CHARS),
+                           key=lambda name: (name not in WORKER_NOTES, name))
             omitted = len(record.notes) - min(len(names), MAX_CALL_NOTES)
             if omitted or any(len(record.notes[name]) > MAX_NOTE_CHARS for name in names):
                 bounded = pb.CallRecord()

@@ -310,9 +310,10 @@ async def _publish(served, *changes) -> int:
     latest = listed.snapshots[0].revision if listed.snapshots else 0
     published = await admin.publish_snapshot(cpb.PublishSnapshotRequest(expected_revision=latest))
     revision = published.snapshot.revision
-    cache = served.plugin.plane.control_egress.cache
+    egress = served.plugin.plane.control_egress
     async with asyncio.timeout(20):  # only turns a hang into a failure
-        while cache.current is None or cache.current.revision < revision:
+        while egress.cache.current is None or egress.cache.current.revision < revision \
+                or egress.target_revision != revision:  # applied, and the control plane told so
             await asyncio.sleep(0.02)
     return revision
 
@@ -355,13 +356,18 @@ def test_control_plane_rules_count_only_while_the_configuration_is_in_force(serv
         info = await data.put(b"numbers", classification="confidential")
         await _publish(served, ("to-push", {"classification": "confidential", "destinations": ["tool:push"]}))
         allowed = await data.transfer(info.ref.payload_id, "tool:push")
-        cache = served.plugin.plane.control_egress.cache
-        cache.clock = lambda: 2**40  # far past the revision's expiry: stop admitting
+        egress = served.plugin.plane.control_egress
+        egress.target_revision = None  # as after a restart, before the control plane has answered
+        unanswered = await data.transfer(info.ref.payload_id, "tool:push", raise_on_denial=False)
+        egress.target_revision = egress.cache.current.revision
+        egress.cache.clock = lambda: 2**40  # far past the revision's expiry: stop admitting
         expired = await data.transfer(info.ref.payload_id, "tool:push", raise_on_denial=False)
-        return allowed, expired
+        return allowed, unanswered, expired
 
-    allowed, expired = serve(scenario, control=True)
-    assert allowed.allowed and not expired.allowed, "an expired configuration allows nothing beyond the settings"
+    allowed, unanswered, expired = serve(scenario, control=True)
+    assert allowed.allowed
+    assert not unanswered.allowed, "whether the cached revision is still the one to run is unknown: fail closed"
+    assert not expired.allowed, "an expired configuration allows nothing beyond the settings"
 
 
 def test_the_data_planes_subscriber_serves_the_kernels_contracts(serve):

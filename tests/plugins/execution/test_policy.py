@@ -121,10 +121,11 @@ def test_egress_rules_for_payloads_do_not_switch_on_network_egress_checks():
 
     content = cpb.SnapshotContent(resources=[
         rule("payloads", "acme", "confidential", ["tool:push-conf", "sink:*"]),
-        rule("mixed", "globex", "internal", ["api.example.com", "model_route:local-*"]),
+        rule("mixed", "globex", "internal", ["api.example.com", "model_route:local-*", "sink:9000"]),
     ])
     config = RunConfig(1, b"", content)
     assert config.tenant("acme").egress == {}, "acme's rules are about payloads only"
     internal = common_pb2.CLASSIFICATION_INTERNAL
     assert config.egress_allowed("globex", internal, "api.example.com:443")
     assert not config.egress_allowed("globex", internal, "model_route:local-1")
+    assert config.egress_allowed("globex", internal, "sink:9000"), "a host named sink, port 9000, is a host"
