@@ -138,6 +138,14 @@ def verify_snapshot(signed: pb.SignedSnapshot, keys: dict[str, Ed25519PublicKey]
     return VerifiedSnapshot(header, signed)
 
 
+def control_keys(path: Path) -> dict[str, Ed25519PublicKey]:
+    """The control plane's public key in a PEM file, by key id: what a :class:`CachedConfig` verifies with."""
+    from planes.kernel.tokens import key_id, load_public_key
+
+    public = load_public_key(path)
+    return {key_id(public): public}
+
+
 class CachedConfig:
     """The subscriber's current configuration, its lease, and its disk cache."""
 

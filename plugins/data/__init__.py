@@ -89,7 +89,7 @@ class DataPlugin(Plugin):
         from planes.kernel.contracts import ControlPlane
         from planes.kernel.errors import FailedPrecondition, PluginError
         from planes.plugins.control import PUBLIC_KEY_FILE
-        from planes.plugins.control.subscriber import CachedConfig
+        from planes.plugins.control.subscriber import CachedConfig, control_keys
 
         from .control_egress import ControlEgress, EgressSubscriber
 
@@ -110,8 +110,7 @@ class DataPlugin(Plugin):
                                              "([plugin.data] control_public_key)")
             log.info("no control-plane public key at %s: egress follows [plugin.data.egress] alone", key_path)
             return
-        public = load_public_key(key_path)
-        cache = CachedConfig(self.kernel.state_dir / "data" / "config", {key_id(public): public},
+        cache = CachedConfig(self.kernel.state_dir / "data" / "config", control_keys(key_path),
                              served=self.kernel.served_contracts())
         egress = self.plane.control_egress = ControlEgress(cache)
         subscriber = EgressSubscriber(

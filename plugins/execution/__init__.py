@@ -26,6 +26,8 @@ from pathlib import Path
 
 from planes.kernel.contracts.execution import TaskPlane, WorkerPlane
 from planes.kernel.plugin import Plugin, Provision
+from planes.plugins.control import PUBLIC_KEY_FILE
+from planes.plugins.control.subscriber import control_keys
 
 from .models import EchoModel, ModelAdapter, OpenAIChatModel
 from .tools import ToolAdapter
@@ -35,14 +37,8 @@ __all__ = ["BuiltinAdapters", "ExecutionPlugin", "ModelAdapter", "ToolAdapter"]
 log = logging.getLogger("planes.execution")
 
 STORE_FILE = "execution/tasks.sqlite3"
-CONTROL_PUBLIC_KEY = "keys/control-signing.pub.pem"
-
-
-def control_keys(path: Path) -> dict:
-    from planes.kernel.tokens import key_id, load_public_key
-
-    public = load_public_key(path)
-    return {key_id(public): public}
+#: Where the kernel's control plane keeps its public key; workers and the data plane verify snapshots with it.
+CONTROL_PUBLIC_KEY = PUBLIC_KEY_FILE
 
 
 class ExecutionPlugin(Plugin):
